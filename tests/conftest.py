@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny, randomly initialised models written in the real file layouts."""
+
+import argparse
+
+import pytest
+import torch
+
+from arrag.vq import VQModel
+
+
+@pytest.fixture(scope="session")
+def tiny_vq() -> VQModel:
+    torch.manual_seed(0)
+    return VQModel("VQ-tiny-16").eval()
+
+
+@pytest.fixture(scope="session")
+def llamagen_pt(tmp_path_factory, tiny_vq) -> str:
+    """A LlamaGen-style training checkpoint: weights under 'model' plus optimizer, steps and argparse args."""
+    path = tmp_path_factory.mktemp("vq") / "vq_tiny_t2i.pt"
+    torch.save({"model": tiny_vq.state_dict(), "optimizer": {"state": {}, "param_groups": []}, "steps": 7,
+                "args": argparse.Namespace(vq_model="VQ-16", image_size=256)}, path)
+    return str(path)
