@@ -27,3 +27,13 @@ def seeded_generator(seed: int, device: str | torch.device = "cpu") -> torch.Gen
     g = torch.Generator(device=device)
     g.manual_seed(int(seed))
     return g
+
+
+def parse_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' | 'fp32' | 'bf16' | 'fp16' -> a torch dtype ('auto' = default_dtype(device))."""
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name == "auto":
+        return default_dtype(device)
+    if name not in table:
+        raise ArragError(f"--dtype {name}: choose auto, fp32, bf16 or fp16")
+    return table[name]

@@ -484,8 +484,11 @@ def _short(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
-    """load_state_dict(strict=True) whose failure is one ArragError line naming the first bad keys."""
+def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, assign: bool = False) -> None:
+    """load_state_dict(strict=True) whose failure is one ArragError line naming the first bad keys.
+
+    assign=True adopts the given tensors (for modules built on the meta device).
+    """
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -500,7 +503,7 @@ def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what
         if tuple(v.shape) != tuple(own[k].shape):
             raise ArragError(f"{what}: key {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}; "
                              "is this the right preset/config?")
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=assign)
 
 
 def load_vq(path: str | Path, preset: str | VQConfig | Mapping | None = None,

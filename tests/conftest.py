@@ -21,3 +21,20 @@ def llamagen_pt(tmp_path_factory, tiny_vq) -> str:
     torch.save({"model": tiny_vq.state_dict(), "optimizer": {"state": {}, "param_groups": []}, "steps": 7,
                 "args": argparse.Namespace(vq_model="VQ-16", image_size=256)}, path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_janus_dir(tmp_path_factory):
+    """A tiny random Janus-Pro checkpoint folder in the original layout, with a word-level tokenizer."""
+    from arrag.demo.presets import make_tiny_janus
+
+    folder = tmp_path_factory.mktemp("janus")
+    make_tiny_janus(folder, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_janus(tiny_janus_dir):
+    from arrag.janus import JanusPro
+
+    return JanusPro.from_pretrained(tiny_janus_dir, device="cpu", quiet=True)

@@ -1,0 +1,161 @@
+"""Janus-Pro's config.json, as deepseek-ai writes it, read into typed configs.
+
+The language model part is a LlamaConfig: fields missing from `language_config` take the Llama
+defaults, as the original does. FAiD adds `num_SmoothPatchBlender` and `num_hop` to language_config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from arrag.errors import ArragError
+from arrag.vq import VQ_PRESETS, VQConfig, vq_config
+
+
+@dataclass
+class LlamaConfig:
+    """The decoder's shape. Defaults are transformers' LlamaConfig defaults (what Janus inherits)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: same as num_attention_heads
+    head_dim: int | None = None             # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    hidden_act: str = "silu"
+    # FAiD (None when the checkpoint has no blenders): a blender sits in every layer whose index is a
+    # multiple of num_SmoothPatchBlender (= num_layers // num_blender); num_hop is e.g. "1,2".
+    num_SmoothPatchBlender: int | None = None
+    num_hop: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # other keys, written back unchanged
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.hidden_act != "silu":
+            raise ArragError(f"language_config.hidden_act={self.hidden_act!r}: only 'silu' (Llama) is supported")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ArragError("language_config: num_attention_heads must be a multiple of num_key_value_heads")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        d = dict(d)
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if "rope_theta" not in d and isinstance(rope, dict) and "rope_theta" in rope:
+            d["rope_theta"] = rope["rope_theta"]
+        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ArragError(f"language_config: rope scaling {rope} is not supported")
+        return cls(**{k: v for k, v in d.items() if k in known},
+                   extra={k: v for k, v in d.items() if k not in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        if d["num_SmoothPatchBlender"] is None:
+            del d["num_SmoothPatchBlender"], d["num_hop"]
+        return {**self.extra, **d}
+
+    @property
+    def hops(self) -> list[int]:
+        """FAiD hop sizes, e.g. [1, 2] for num_hop "1,2"; [] without FAiD."""
+        if not self.num_hop:
+            return []
+        return [int(h) for h in str(self.num_hop).split(",") if h.strip()]
+
+    def blender_layers(self) -> list[int]:
+        """Indices of the layers that hold a FAiD blender (layer_idx % num_SmoothPatchBlender == 0)."""
+        if not self.num_SmoothPatchBlender:
+            return []
+        return [i for i in range(self.num_hidden_layers) if i % self.num_SmoothPatchBlender == 0]
+
+
+@dataclass
+class JanusConfig:
+    """The generation path of Janus-Pro: language model, VQ, gen_aligner, gen_head, gen_embed."""
+
+    language: LlamaConfig
+    vq: VQConfig
+    vq_name: str = "VQ-16"
+    image_token_size: int = 16384
+    image_token_embed: int = 0  # gen_head's inner width (Janus: = hidden size)
+    aligner_input_dim: int = 8
+    raw: dict[str, Any] = field(default_factory=dict)  # the whole original config.json
+
+    @property
+    def hidden_size(self) -> int:
+        return self.language.hidden_size
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> JanusConfig:
+        for key in ("language_config", "gen_vision_config", "gen_aligner_config", "gen_head_config"):
+            if key not in d:
+                raise ArragError(f"{source} has no {key!r}: is this a Janus-Pro checkpoint (deepseek-ai layout)?")
+        language = LlamaConfig.from_dict(d["language_config"])
+        vision = d["gen_vision_config"]
+        vq_name = vision.get("cls", "VQ-16")
+        params = vision.get("params", {})
+        if "arrag_vq_config" in params:  # tiny presets written by arrag carry their full VQ config
+            vq = vq_config(params["arrag_vq_config"])
+        elif vq_name in VQ_PRESETS:
+            vq = vq_config(vq_name)
+        else:
+            raise ArragError(f"{source}: gen_vision_config.cls={vq_name!r} is not a known VQ "
+                             f"({', '.join(VQ_PRESETS)})")
+        vq.codebook_size = params.get("image_token_size", vq.codebook_size)
+        vq.codebook_embed_dim = params.get("n_embed", vq.codebook_embed_dim)
+        head = d["gen_head_config"].get("params", {})
+        aligner = d["gen_aligner_config"].get("params", {})
+        if aligner.get("projector_type", "mlp_gelu") != "mlp_gelu" or aligner.get("depth", 2) != 2:
+            raise ArragError(f"{source}: gen_aligner must be an MlpProjector 'mlp_gelu' of depth 2")
+        cfg = cls(language=language, vq=vq, vq_name=vq_name,
+                  image_token_size=head.get("image_token_size", vq.codebook_size),
+                  image_token_embed=head.get("image_token_embed", language.hidden_size),
+                  aligner_input_dim=aligner.get("input_dim", vq.codebook_embed_dim), raw=d)
+        if cfg.image_token_size != vq.codebook_size:
+            raise ArragError(f"{source}: gen_head image_token_size {cfg.image_token_size} differs from the VQ "
+                             f"codebook size {vq.codebook_size}")
+        for what, n in (("gen_head n_embed", head.get("n_embed")), ("gen_aligner n_embed", aligner.get("n_embed"))):
+            if n is not None and n != language.hidden_size:
+                raise ArragError(f"{source}: {what}={n} differs from language_config.hidden_size "
+                                 f"{language.hidden_size}")
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> JanusConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ArragError(f"no config.json at {path}; pass a Janus-Pro checkpoint folder")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArragError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """config.json in the original layout (unknown keys from the source are kept)."""
+        d = dict(self.raw)
+        d.setdefault("model_type", "multi_modality")
+        d.setdefault("architectures", ["MultiModalityCausalLM"])
+        d["language_config"] = {**d.get("language_config", {}), **self.language.to_dict()}
+        d["language_config"].setdefault("model_type", "llama")
+        params = {"image_token_size": self.vq.codebook_size, "n_embed": self.vq.codebook_embed_dim}
+        if self.vq_name not in VQ_PRESETS or vq_config(self.vq_name) != self.vq:
+            params["arrag_vq_config"] = dataclasses.asdict(self.vq)
+        d["gen_vision_config"] = {"cls": self.vq_name, "model_type": "gen_vision", "params": params}
+        d["gen_aligner_config"] = {"cls": "MlpProjector", "model_type": "gen_aligner",
+                                   "params": {"depth": 2, "input_dim": self.aligner_input_dim,
+                                              "n_embed": self.hidden_size, "projector_type": "mlp_gelu"}}
+        d["gen_head_config"] = {"cls": "vision_head", "model_type": "gen_head",
+                                "params": {"image_token_embed": self.image_token_embed,
+                                           "image_token_size": self.image_token_size, "n_embed": self.hidden_size}}
+        return d

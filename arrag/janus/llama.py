@@ -1,0 +1,180 @@
+"""A compact decoder-only Llama with a preallocated static KV cache and one FAiD hook point per layer.
+
+Parameter names are transformers' Llama names, so Janus-Pro's `language_model.model.*` weights load
+unchanged. Attention is grouped-query through scaled_dot_product_attention. The cache is allocated
+once per generation; each step writes one slot per row and attends over a view, never concatenating.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arrag.janus.config import LlamaConfig
+
+# hook(hidden after attention [B,T,D], normed layer input [B,T,D], layer index) -> new hidden [B,T,D]
+AfterAttentionHook = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [B, 1, T, head_dim] for integer positions [B, T] (Llama's 'default' rope, computed in fp32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values for every layer, preallocated: [layers, B, kv_heads, max_len, head_dim].
+
+    `key_mask[b, s]` says whether slot s of row b holds a real token (left padding does not);
+    `next_pos[b]` is the rotary position of row b's next real token.
+    """
+
+    def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0
+        self.padded = False  # any masked slot so far: decode steps can skip the mask when False
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, layer_idx: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            s0 = cache.length
+            cache.k[layer_idx, :, :, s0:s0 + t] = k
+            cache.v[layer_idx, :, :, s0:s0 + t] = v
+            k, v = cache.k[layer_idx, :, :, :s0 + t], cache.v[layer_idx, :, :, :s0 + t]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False,
+                                             enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        # The hook point: called after attention and before the MLP. FAiD adds its features here.
+        self.after_attention: AfterAttentionHook | None = None
+
+    def forward(self, x, cos, sin, attn_mask, cache):
+        normed = self.input_layernorm(x)
+        h = x + self.self_attn(normed, cos, sin, attn_mask, cache, self.layer_idx)
+        if self.after_attention is not None:
+            h = self.after_attention(h, normed, self.layer_idx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    """Token embeddings, decoder layers and the final norm; returns final-normed hidden states."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        w = self.embed_tokens.weight
+        return KVCache(self.config, batch, max_len, w.device, w.dtype)
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """inputs_embeds [B, T, D], attention_mask bool [B, T] (False = left padding) -> hidden [B, T, D].
+
+        With a cache, the T tokens go to the next T slots and attend to everything cached before them.
+        Rotary positions count only real tokens, so a left-padded row equals the same prompt run alone.
+        """
+        b, t, _ = inputs_embeds.shape
+        dev = inputs_embeds.device
+        mask = torch.ones(b, t, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
+        start = cache.next_pos[:, None] if cache is not None else 0
+        positions = (start + mask.long().cumsum(1) - 1).clamp_min(0)
+        s0 = cache.length if cache is not None else 0
+        if cache is not None:
+            if s0 + t > cache.max_len:
+                raise RuntimeError(f"KV cache full: {s0} + {t} tokens > {cache.max_len} slots")
+            cache.key_mask[:, s0:s0 + t] = mask
+            cache.next_pos += mask.long().sum(1)
+            cache.padded = cache.padded or attention_mask is not None and not bool(mask.all())
+            key_mask, padded = cache.key_mask[:, :s0 + t], cache.padded
+        else:
+            key_mask, padded = mask, attention_mask is not None and not bool(mask.all())
+        attn_mask = None
+        if t > 1 or padded:
+            # Causal over slots, masked keys dropped; each query always sees itself (no empty softmax rows).
+            q_slot = torch.arange(s0, s0 + t, device=dev)[:, None]
+            k_slot = torch.arange(s0 + t, device=dev)[None, :]
+            attn_mask = ((k_slot <= q_slot)[None] & key_mask[:, None, :]) | (k_slot == q_slot)[None]
+            attn_mask = attn_mask[:, None]  # [B, 1, T, S]
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        h = inputs_embeds
+        for layer in self.layers:
+            h = layer(h, cos, sin, attn_mask, cache)
+        if cache is not None:
+            cache.length += t
+        return self.norm(h)
+
+
+class LlamaCausalLM(nn.Module):
+    """Holder that gives the decoder Janus's key prefix `language_model.model.*` (lm_head is not used for T2I)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.model = LlamaModel(cfg)

@@ -1,0 +1,203 @@
+"""JanusPro: the text-to-image generation path of deepseek-ai's Janus-Pro, in the original key layout.
+
+Image token id -> gen_embed (a learned [16384, 8] table, not the VQ codebook) -> gen_aligner (Linear,
+GELU, Linear) -> the Llama decoder -> gen_head (Linear, GELU, Linear) -> logits over 16384 image codes.
+The VQ (gen_vision_model) turns a finished code grid into pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arrag.errors import ArragError
+from arrag.janus.config import JanusConfig
+from arrag.janus.llama import LlamaCausalLM
+from arrag.vq import VQModel, load_state_strict
+
+# Keys of the full Janus-Pro checkpoint that the generation path does not use.
+SKIPPED_PREFIXES = ("vision_model.", "aligner.", "language_model.lm_head.")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+class MlpProjector(nn.Module):
+    """Janus's 'mlp_gelu' projector of depth 2: `layers.0` Linear(in, D), exact GELU, `layers.2` Linear(D, D)."""
+
+    def __init__(self, input_dim: int, n_embed: int):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(input_dim, n_embed), nn.GELU(), nn.Linear(n_embed, n_embed))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class VisionHead(nn.Module):
+    """Janus's gen_head: output_mlp_projector Linear(D, E), GELU, vision_head Linear(E, image_token_size)."""
+
+    def __init__(self, n_embed: int, image_token_embed: int, image_token_size: int):
+        super().__init__()
+        self.output_mlp_projector = nn.Linear(n_embed, image_token_embed)
+        self.vision_head = nn.Linear(image_token_embed, image_token_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vision_head(F.gelu(self.output_mlp_projector(x)))
+
+
+class JanusPro(nn.Module):
+    def __init__(self, config: JanusConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.language_model = LlamaCausalLM(config.language)
+        self.gen_vision_model = VQModel(config.vq)
+        self.gen_aligner = MlpProjector(config.aligner_input_dim, d)
+        self.gen_head = VisionHead(d, config.image_token_embed, config.image_token_size)
+        self.gen_embed = nn.Embedding(config.image_token_size, config.aligner_input_dim)
+        self.source_folder: Path | None = None
+
+    # -- pieces the sampler and FAiD use ------------------------------------------------------------------
+    @property
+    def llm(self):
+        return self.language_model.model
+
+    @property
+    def vq(self) -> VQModel:
+        return self.gen_vision_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.gen_head.vision_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.gen_head.vision_head.weight.dtype
+
+    def text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Long [B, T] -> [B, T, D] (the language model's own token table)."""
+        return self.llm.embed_tokens(input_ids)
+
+    def image_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
+        """Image codes Long [...] -> [..., D]: gen_aligner(gen_embed(code))."""
+        return self.gen_aligner(self.gen_embed(codes))
+
+    def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden [..., D] -> fp32 logits [..., image_token_size]."""
+        return self.gen_head(hidden).float()
+
+    # -- files --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None, quiet: bool = False) -> JanusPro:
+        """Load the original deepseek-ai layout (config.json + safetensors or .bin, single or sharded).
+
+        `path` is the checkpoint folder, or a weights file with config.json beside it. The understanding
+        tower and lm_head are skipped (one notice); everything else loads strictly. dtype defaults to
+        bf16 on CUDA and fp32 on CPU; device defaults to CUDA when available.
+        """
+        from arrag.runtime import default_dtype, resolve_device
+
+        path = Path(path)
+        if not path.exists():
+            raise ArragError(f"model not found: {path}; pass a Janus-Pro checkpoint folder (config.json + weights)")
+        folder = path if path.is_dir() else path.parent
+        config = JanusConfig.from_file(folder / "config.json")
+        files = _weight_files(path)
+        device = resolve_device(device or "auto")
+        dtype = dtype or default_dtype(device)
+        with torch.device("meta"):
+            model = cls(config)
+        state, skipped = {}, 0
+        for key, tensor in _iter_tensors(files):
+            if key.startswith(SKIPPED_PREFIXES):
+                skipped += 1
+                continue
+            state[key] = tensor
+        load_state_strict(model, state, f"Janus checkpoint {folder}", assign=True)
+        if skipped and not quiet:
+            print(f"arrag: {folder}: skipped {skipped} tensors not used for text-to-image "
+                  f"(understanding tower, aligner, lm_head)", file=sys.stderr)
+        model.source_folder = folder  # where the tokenizer lives
+        return model.to(device=device, dtype=dtype).eval()
+
+    def save_pretrained(self, folder: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
+        """Write config.json + model.safetensors (sharded with an index past max_shard_bytes), original keys."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        shards, current, size = [], {}, 0
+        for k, v in state.items():
+            nbytes = v.numel() * v.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[k] = v
+            size += nbytes
+        shards.append(current)
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        for name, shard in zip(names, shards, strict=True):
+            tmp = folder / (name + ".tmp")
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+            tmp.replace(folder / name)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                     "weight_map": {k: n for n, s in zip(names, shards, strict=True) for k in s}}
+            (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        cfg = self.config.to_dict()
+        cfg["torch_dtype"] = str(self.dtype).removeprefix("torch.")
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+        return folder
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint folder (or the given file), shards resolved through their index."""
+    if path.is_file():
+        candidates = [path]
+    else:
+        candidates = [path / n for n in WEIGHT_FILES if (path / n).exists()]
+        if not candidates:
+            raise ArragError(f"no weights in {path}: expected one of {', '.join(WEIGHT_FILES)}")
+    first = candidates[0]
+    if first.name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(first.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ArragError(f"{first} is not a valid shard index ({e})") from None
+        files = [first.parent / n for n in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise ArragError(f"{first} names shard {missing[0]}, which is missing; download all shards")
+        return files
+    return [first]
+
+
+def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(f), framework="pt") as sf:
+                    for k in sf.keys():
+                        yield k, sf.get_tensor(k)
+            except (OSError, RuntimeError, ValueError) as e:
+                raise ArragError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
+            except Exception as e:  # safetensors' own SafetensorError
+                raise ArragError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
+        else:
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise ArragError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
+            if not isinstance(state, dict):
+                raise ArragError(f"{f} does not hold a state dict")
+            yield from state.items()

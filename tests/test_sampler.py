@@ -1,0 +1,95 @@
+"""The sampling loop: determinism, batch independence, filters, errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from arrag.cli import main
+from arrag.decoding.sampler import filter_probs, generate, image_seeds, sample_codes, sample_from
+from arrag.errors import ArragError
+
+
+def test_same_seed_same_images_different_seed_different(tiny_janus):
+    kw = dict(parallel_size=2, image_size=32, progress=False)
+    a = generate(tiny_janus, ["a red circle"], seed=5, **kw)
+    b = generate(tiny_janus, ["a red circle"], seed=5, **kw)
+    c = generate(tiny_janus, ["a red circle"], seed=6, **kw)
+    assert a.shape == (2, 32, 32, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert not np.array_equal(a[0], a[1])  # the two samples of one prompt differ
+
+
+def test_batch_composition_does_not_change_an_image(tiny_janus):
+    """Left-padded mixed-length batches, chunking and index offsets give each image its own result."""
+    prompts = ["a square", "two red circles left of a blue triangle", "an orange diamond"]
+    kw = dict(image_size=64, seed=11, progress=False, top_k=50)
+    together = sample_codes(tiny_janus, prompts, parallel_size=2, **kw)
+    chunked = sample_codes(tiny_janus, prompts, parallel_size=2, batch_size=3, **kw)
+    torch.testing.assert_close(chunked, together, rtol=0, atol=0)
+    for j, p in enumerate(prompts):
+        alone = sample_codes(tiny_janus, [p], parallel_size=2, image_index_offset=2 * j, **kw)
+        torch.testing.assert_close(alone, together[2 * j:2 * j + 2], rtol=0, atol=0)
+
+
+def test_image_seeds_are_distinct_and_offsettable():
+    s = image_seeds(0, 6)
+    assert len(set(s)) == 6 and image_seeds(0, 3, offset=3) == s[3:]
+    assert image_seeds(1, 1) != image_seeds(0, 2)[1:]  # (seed 1, image 0) is not (seed 0, image 1)
+
+
+def test_filter_probs_against_hand_computation():
+    p = torch.tensor([[0.1, 0.4, 0.2, 0.3]])
+    torch.testing.assert_close(filter_probs(p, top_k=2), torch.tensor([[0.0, 4 / 7, 0.0, 3 / 7]]))
+    # top_p=0.6: sorted 0.4, 0.3 reaches 0.7 >= 0.6, so 0.2 and 0.1 go.
+    torch.testing.assert_close(filter_probs(p, top_p=0.6), torch.tensor([[0.0, 4 / 7, 0.0, 3 / 7]]))
+    torch.testing.assert_close(filter_probs(p, top_p=0.3), torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+    torch.testing.assert_close(filter_probs(p), p)
+
+
+def test_inverse_cdf_sampling():
+    p = torch.tensor([[0.0, 0.5, 0.0, 0.5], [0.25, 0.25, 0.25, 0.25]])
+    u = torch.tensor([1e-9, 0.5], dtype=torch.float64)
+    assert sample_from(p, u).tolist() == [1, 1]  # zero-probability codes are never drawn
+    assert sample_from(p, torch.tensor([1.0, 1.0], dtype=torch.float64)).tolist() == [3, 3]
+    # Frequencies follow the distribution.
+    g = torch.Generator().manual_seed(0)
+    draws = sample_from(torch.tensor([[0.2, 0.5, 0.3]]).expand(20000, 3),
+                        1 - torch.rand(20000, generator=g, dtype=torch.float64))
+    freq = torch.bincount(draws, minlength=3).float() / 20000
+    torch.testing.assert_close(freq, torch.tensor([0.2, 0.5, 0.3]), atol=0.015, rtol=0)
+
+
+def test_greedy_is_deterministic_without_seed_effect(tiny_janus):
+    a = sample_codes(tiny_janus, ["a circle"], temperature=0, seed=1, image_size=32, progress=False)
+    b = sample_codes(tiny_janus, ["a circle"], temperature=0, seed=2, image_size=32, progress=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sampler_errors(tiny_janus):
+    with pytest.raises(ArragError, match="not a positive multiple of the VQ downsample factor 16"):
+        generate(tiny_janus, ["a"], image_size=100, progress=False)
+    with pytest.raises(ArragError, match="--method 'daid' is not available"):
+        generate(tiny_janus, ["a"], method="daid", image_size=32)
+    with pytest.raises(ArragError, match="parallel-size must be >= 1"):
+        generate(tiny_janus, ["a"], parallel_size=0, image_size=32)
+
+
+def test_cli_generate_writes_images_and_settings(tmp_path, tiny_janus_dir, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\ntwo squares\n")
+    out = tmp_path / "out"
+    rc = main(["generate", "--model", str(tiny_janus_dir), "--prompts", str(prompts), "--parallel-size", "2",
+               "--image-size", "32", "--seed", "3", "--out", str(out), "--device", "cpu",
+               "--grid", str(tmp_path / "grid.jpg")])
+    assert rc == 0
+    files = sorted(p.name for p in out.glob("*.png"))
+    assert files == ["0000_00.png", "0000_01.png", "0001_00.png", "0001_01.png"]
+    meta = json.loads((out / "settings.json").read_text())["settings"]
+    assert meta["seed"] == 3 and meta["prompts"] == ["a red circle", "two squares"] and meta["cfg_weight"] == 5.0
+    assert meta["files"] == files and len(meta["vq_fingerprint"]) == 16
+    assert (tmp_path / "grid.jpg").exists() and (tmp_path / "grid.jpg.json").exists()
+    rc = main(["generate", "--model", str(tiny_janus_dir), "--out", str(out)])
+    assert rc == 2 and "no prompts" in capsys.readouterr().err
