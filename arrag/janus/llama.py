@@ -19,6 +19,24 @@ from arrag.janus.config import LlamaConfig
 AfterAttentionHook = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
+class DecodeLinear(nn.Linear):
+    """nn.Linear with a faster CPU path for the few rows of a decode step.
+
+    For x with <= 16 rows, MKL's sgemm for [rows, K] @ W^T is 2-3x slower than W @ x^T when W does not
+    fit in cache (measured on a 2-core x86 machine: a 16384x512 head takes 12.2 ms as F.linear and
+    5.7 ms as W @ x^T). Same parameters and names; other devices and shapes use F.linear.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.numel() else 0
+        if x.device.type != "cpu" or rows == 0 or rows > 16:
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(rows, x.shape[-1])
+        y = torch.mm(self.weight, flat.T) if self.bias is None else torch.addmm(self.bias[:, None], self.weight, flat.T)
+        # Back to row-major: attention kernels need a unit last-dim stride (else SDPA falls back to its slow path).
+        return y.T.contiguous().reshape(*x.shape[:-1], self.out_features)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -69,10 +87,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = DecodeLinear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = DecodeLinear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = DecodeLinear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = DecodeLinear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, layer_idx: int) -> torch.Tensor:
         b, t, _ = x.shape
@@ -93,9 +111,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = DecodeLinear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = DecodeLinear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = DecodeLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -18,7 +18,7 @@ from torch import nn
 
 from arrag.errors import ArragError
 from arrag.janus.config import JanusConfig
-from arrag.janus.llama import LlamaCausalLM
+from arrag.janus.llama import DecodeLinear, LlamaCausalLM
 from arrag.vq import VQModel, load_state_strict
 
 # Keys of the full Janus-Pro checkpoint that the generation path does not use.
@@ -43,8 +43,8 @@ class VisionHead(nn.Module):
 
     def __init__(self, n_embed: int, image_token_embed: int, image_token_size: int):
         super().__init__()
-        self.output_mlp_projector = nn.Linear(n_embed, image_token_embed)
-        self.vision_head = nn.Linear(image_token_embed, image_token_size)
+        self.output_mlp_projector = DecodeLinear(n_embed, image_token_embed)
+        self.vision_head = DecodeLinear(image_token_embed, image_token_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.vision_head(F.gelu(self.output_mlp_projector(x)))
