@@ -85,6 +85,55 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encode(args: argparse.Namespace) -> int:
+    from arrag.build_retriever.encode import encode
+
+    r = encode(args.source, args.out, args.vq, vq_preset=args.vq_preset, image_size=args.image_size,
+               batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers,
+               save_latents=args.save_latents, shard=args.shard, device=args.device, min_size=args.min_size,
+               max_images=args.max_images)
+    state = "complete: manifest.json written" if r.complete else "other shards still pending (rerun to finish)"
+    print(f"encoded {r.encoded} images into {len(r.shards_written)} new shards, skipped {r.skipped}; "
+          f"store {r.folder} {state}")
+    return 0
+
+
+def _build_index(args: argparse.Namespace) -> int:
+    from arrag.build_retriever.build_index import build_index
+
+    build_index(args.store, args.out, shape=args.shape, key_source=args.key_source, factory=args.factory,
+                memory_budget=args.memory_budget, nprobe=args.nprobe, train_size=args.train_size, seed=args.seed,
+                chunk_images=args.chunk_images, gpus=args.gpus, overwrite=args.overwrite)
+    return 0
+
+
+def _search_stats(args: argparse.Namespace) -> int:
+    from arrag.provenance import write_json
+    from arrag.retrieval import index as fx
+    from arrag.retrieval.codestore import CodeStore
+    from arrag.retrieval.recall import queries_per_second, recall_at_k, sample_queries
+    from arrag.retrieval.retriever import PatchRetriever
+
+    r = PatchRetriever.load(args.index, device=args.device, nprobe=args.nprobe)
+    m = r.manifest
+    stats = {"index": str(args.index), "entries": r.entries, "type": m.get("index_type"),
+             "factory": m.get("factory"), "nlist": m.get("nlist"), "nprobe": r.nprobe,
+             "memory_bytes": fx.index_memory_bytes(r.index) if not r.gpus else None,
+             "key_source": m.get("key_source"), "neighborhood": m["neighborhood"]["shape"],
+             "vq_fingerprint": m.get("vq_fingerprint")}
+    store_dir = args.store or m.get("store")
+    if args.queries > 0 and store_dir:
+        store = CodeStore.open(store_dir)
+        queries = sample_queries(store, args.queries, args.seed, r.neighborhood, m["key_source"])
+        stats[f"recall@{args.k}"] = recall_at_k(r, store, queries, args.k)
+        stats["queries_per_s"] = {b: queries_per_second(r, queries, args.k, b) for b in (1, 16, 64)}
+    for key, value in stats.items():
+        print(f"{key:16} {value}")
+    if args.json:
+        write_json(args.json, stats)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from arrag.demo.pipeline import run_demo
     from arrag.runtime import resolve_device
@@ -142,6 +191,58 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                      help="weights dtype (default auto: bf16 on CUDA, fp32 on CPU)")
     gen.set_defaults(func=_generate)
+
+    enc = sub.add_parser(
+        "encode", help="encode images into a code store (first half of build_retriever.sh)",
+        description="Images -> resize + centre crop -> VQ codes, written as a sharded code store (manifest.json, "
+                    "codes-*.npy). Resumable: finished shards are skipped on rerun.")
+    enc.add_argument("source", help="a folder of images (recursive), webdataset .tar shards (file, folder or "
+                                    "shard-{000..009}.tar), a saved HF dataset folder, or a hub dataset name")
+    enc.add_argument("--out", required=True, help="code store folder")
+    enc.add_argument("--vq", required=True, help="tokenizer weights (vq_ds16_t2i.pt or .safetensors)")
+    enc.add_argument("--vq-preset", default=None, help="VQ architecture preset (default: from the file, else VQ-16)")
+    enc.add_argument("--image-size", type=int, default=384, help="crop size in pixels (default 384 = 24x24)")
+    enc.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (default 32)")
+    enc.add_argument("--shard-size", type=int, default=4096, help="images per shard file (default 4096)")
+    enc.add_argument("--workers", type=int, default=4, help="DataLoader workers for decoding (default 4)")
+    enc.add_argument("--save-latents", action="store_true", help="also store float16 latents (for latent keys)")
+    enc.add_argument("--shard", default=None, help="process i of n (i/n); default from RANK/WORLD_SIZE")
+    enc.add_argument("--min-size", type=int, default=64, help="skip images with a side below this (default 64)")
+    enc.add_argument("--max-images", type=int, default=None, help="encode only the first N images")
+    enc.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    enc.set_defaults(func=_encode)
+
+    bi = sub.add_parser(
+        "build-index", help="build the FAISS patch index from a code store (second half of build_retriever.sh)",
+        description="Code store -> (neighbourhood key, target code) for every valid position -> FAISS index. "
+                    "Writes manifest.json, index.faiss and values.npy to --out.")
+    bi.add_argument("store", help="code store folder written by `arrag encode`")
+    bi.add_argument("--out", required=True, help="index folder (e.g. data/retriever/index_L)")
+    bi.add_argument("--shape", default="L", help="neighbourhood: L (default), 2hop or ring")
+    bi.add_argument("--key-source", default="code", choices=["code", "latent"],
+                    help="keys from normalised codebook rows (default) or stored latents (original project)")
+    bi.add_argument("--factory", default="auto", help="'auto' (by size and budget) or a FAISS factory string")
+    bi.add_argument("--memory-budget", default="16G", help="index memory budget for --factory auto (default 16G)")
+    bi.add_argument("--nprobe", type=int, default=None, help="default nprobe stored in the manifest")
+    bi.add_argument("--train-size", type=int, default=None, help="training sample size (default by index type)")
+    bi.add_argument("--seed", type=int, default=0, help="seed of the training sample (default 0)")
+    bi.add_argument("--chunk-images", type=int, default=1024, help="images per streaming add (default 1024)")
+    bi.add_argument("--gpus", default="auto", help="GPU FAISS for training: auto, cpu, or ids such as 0,1")
+    bi.add_argument("--overwrite", action="store_true", help="replace an existing index in --out")
+    bi.set_defaults(func=_build_index)
+
+    ss = sub.add_parser("search-stats", help="entries, memory, index type, nprobe and recall of a patch index",
+                        description="Describe a patch index and estimate recall@k against exact search on a "
+                                    "seeded sample of entries of its code store, plus queries/s at batch 1/16/64.")
+    ss.add_argument("index", help="index folder")
+    ss.add_argument("--store", default=None, help="code store for recall (default: the one in the manifest)")
+    ss.add_argument("--queries", type=int, default=200, help="sampled queries for recall; 0 skips (default 200)")
+    ss.add_argument("--k", type=int, default=10, help="k for recall@k (default 10)")
+    ss.add_argument("--nprobe", type=int, default=None, help="override the manifest's nprobe")
+    ss.add_argument("--seed", type=int, default=0, help="seed of the query sample (default 0)")
+    ss.add_argument("--device", default="cpu", help="cpu, cuda or GPU ids (default cpu)")
+    ss.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ss.set_defaults(func=_search_stats)
 
     demo = sub.add_parser(
         "demo", help="run the main job on the embedded default (ShapesWorld)",

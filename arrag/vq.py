@@ -413,14 +413,8 @@ class VQModel(nn.Module):
         return VQOutput(rec, q.codes, q.vq_loss, q.commit_loss, q.entropy_loss)
 
     def fingerprint(self) -> str:
-        """Stable hash of the normalised fp32 codebook: an index and a model must share it.
-
-        16 hex digits of sha256 over the codebook bytes (little-endian fp32, row-major) and its shape.
-        """
-        book = self.quantize.codebook().detach().to("cpu", torch.float32).contiguous()
-        h = hashlib.sha256(f"{tuple(book.shape)}".encode())
-        h.update(book.numpy().astype("<f4").tobytes())
-        return h.hexdigest()[:16]
+        """Stable hash of the normalised fp32 codebook: an index and a model must share it."""
+        return codebook_fingerprint(self.quantize.codebook())
 
     def save(self, path: str | Path) -> None:
         """Write safetensors with the LlamaGen key names and the config in the metadata."""
@@ -433,6 +427,20 @@ class VQModel(nn.Module):
         tmp = path.with_name(path.name + ".tmp")
         save_file(state, str(tmp), metadata=meta)
         tmp.replace(path)
+
+
+def codebook_fingerprint(book) -> str:
+    """16 hex digits of sha256 over a normalised codebook [K, e] (little-endian fp32, row-major) and its shape.
+
+    Accepts a tensor or an array, so a code store's saved codebook.npy hashes the same as the live model.
+    """
+    import numpy as np
+
+    arr = book.detach().to("cpu", torch.float32).numpy() if isinstance(book, torch.Tensor) else np.asarray(book)
+    arr = np.ascontiguousarray(arr, dtype="<f4")
+    h = hashlib.sha256(f"{tuple(arr.shape)}".encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------------

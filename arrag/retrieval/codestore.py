@@ -1,0 +1,190 @@
+"""The code store: encoded images on disk, in shards, with a manifest.
+
+Layout of a store folder:
+  manifest.json          written last, once every shard is done (format, VQ fingerprint, sizes, shards)
+  codebook.npy           the VQ's normalised codebook [K, e] float32 (keys are built from it)
+  codes-00000.npy        uint16 [n, h, w] code grids of shard 0
+  latents-00000.npy      float16 [n, h, w, e] normalised pre-quantisation latents (optional)
+  captions-00000.jsonl   one JSON string per image (optional)
+  shard-00000.json       shard metadata (count, image ids, skipped items); its presence marks the shard done
+Every file is written to a temporary name and renamed, so an interrupted run leaves only whole shards.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from arrag.errors import ArragError
+
+STORE_FORMAT = "arrag-codestore/1"
+
+
+def _atomic_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    tmp.replace(path)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def shard_meta_path(folder: Path, k: int) -> Path:
+    return folder / f"shard-{k:05d}.json"
+
+
+def shard_done(folder: str | Path, k: int) -> bool:
+    return shard_meta_path(Path(folder), k).exists()
+
+
+def write_shard(folder: str | Path, k: int, codes: np.ndarray, ids: list[str], latents: np.ndarray | None = None,
+                captions: list[str] | None = None, skipped: list[dict] | None = None) -> None:
+    """Write shard k (codes uint16 [n, h, w], optional latents and captions); the metadata file goes last."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if codes.size and int(codes.max()) > np.iinfo(np.uint16).max:
+        raise ValueError("codes do not fit in uint16")
+    meta = {"shard": k, "count": int(len(codes)), "ids": list(ids), "skipped": list(skipped or [])}
+    _atomic_npy(folder / f"codes-{k:05d}.npy", codes.astype(np.uint16))
+    meta["codes"] = f"codes-{k:05d}.npy"
+    if latents is not None:
+        _atomic_npy(folder / f"latents-{k:05d}.npy", latents.astype(np.float16))
+        meta["latents"] = f"latents-{k:05d}.npy"
+    if captions is not None:
+        _atomic_text(folder / f"captions-{k:05d}.jsonl", "".join(json.dumps(c) + "\n" for c in captions))
+        meta["captions"] = f"captions-{k:05d}.jsonl"
+    _atomic_text(shard_meta_path(folder, k), json.dumps(meta) + "\n")
+
+
+def write_codebook(folder: str | Path, codebook: np.ndarray) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "codebook.npy").exists():
+        _atomic_npy(folder / "codebook.npy", np.asarray(codebook, dtype=np.float32))
+
+
+def finalize(folder: str | Path, num_shards: int, info: dict) -> bool:
+    """Write manifest.json when all `num_shards` shards are done; False (and nothing written) otherwise."""
+    folder = Path(folder)
+    if not all(shard_done(folder, k) for k in range(num_shards)):
+        return False
+    shards, skipped = [], []
+    for k in range(num_shards):
+        meta = json.loads(shard_meta_path(folder, k).read_text())
+        skipped += meta.pop("skipped")
+        meta.pop("ids")
+        shards.append(meta)
+    manifest = {
+        "format": STORE_FORMAT,
+        **info,
+        "num_images": sum(s["count"] for s in shards),
+        "num_skipped": len(skipped),
+        "skipped": skipped[:1000],  # the first 1000 with reasons; every shard file lists its own
+        "has_latents": all("latents" in s for s in shards),
+        "has_captions": all("captions" in s for s in shards),
+        "shards": shards,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _atomic_text(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return True
+
+
+@dataclass
+class CodeStore:
+    """Read access to a finished code store (memory-mapped shards)."""
+
+    folder: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, folder: str | Path) -> CodeStore:
+        folder = Path(folder)
+        path = folder / "manifest.json"
+        if not path.is_file():
+            hint = " (encoding unfinished: rerun `arrag encode` to complete it)" if any(folder.glob("shard-*.json")) \
+                else ""
+            raise ArragError(f"no code store at {folder}: manifest.json is missing{hint}")
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != STORE_FORMAT:
+            raise ArragError(f"{path}: format {manifest.get('format')!r} is not {STORE_FORMAT!r}")
+        return cls(folder, manifest)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.manifest["num_images"])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        h, w = self.manifest["grid"]
+        return int(h), int(w)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["vq_fingerprint"]
+
+    @property
+    def has_latents(self) -> bool:
+        return bool(self.manifest.get("has_latents"))
+
+    @property
+    def has_captions(self) -> bool:
+        return bool(self.manifest.get("has_captions"))
+
+    def codebook(self) -> np.ndarray:
+        """The normalised VQ codebook [K, e] float32 the codes refer to."""
+        return np.load(self.folder / "codebook.npy")
+
+    def _shard_arrays(self, key: str) -> Iterator[np.ndarray]:
+        for s in self.manifest["shards"]:
+            if key not in s:
+                raise ArragError(f"code store {self.folder} has no {key} (encode with --save-latents for latents)")
+            yield np.load(self.folder / s[key], mmap_mode="r")
+
+    def iter_chunks(self, chunk: int, key: str = "codes", start: int = 0, stop: int | None = None
+                    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (first image index, array [<=chunk, h, w, ...]) over images start..stop across shards."""
+        stop = self.num_images if stop is None else min(stop, self.num_images)
+        offset = 0
+        for arr in self._shard_arrays(key):
+            n = len(arr)
+            lo, hi = max(start, offset), min(stop, offset + n)
+            for s in range(lo, hi, chunk):
+                e = min(s + chunk, hi)
+                yield s, np.asarray(arr[s - offset:e - offset])
+            offset += n
+            if offset >= stop:
+                break
+
+    def gather(self, indices: np.ndarray, key: str = "codes") -> np.ndarray:
+        """Arrays for the given image indices (any order): [len(indices), h, w, ...]."""
+        indices = np.asarray(indices, dtype=np.int64)
+        bounds = np.cumsum([0] + [s["count"] for s in self.manifest["shards"]])
+        out = None
+        for k, arr in enumerate(self._shard_arrays(key)):
+            sel = np.flatnonzero((indices >= bounds[k]) & (indices < bounds[k + 1]))
+            if len(sel) == 0:
+                continue
+            part = np.asarray(arr[indices[sel] - bounds[k]])
+            if out is None:
+                out = np.empty((len(indices), *part.shape[1:]), dtype=part.dtype)
+            out[sel] = part
+        if out is None:
+            raise ArragError(f"image indices out of range for code store {self.folder} ({self.num_images} images)")
+        return out
+
+    def captions(self) -> list[str]:
+        out: list[str] = []
+        for s in self.manifest["shards"]:
+            if "captions" not in s:
+                raise ArragError(f"code store {self.folder} has no captions")
+            out += [json.loads(line) for line in (self.folder / s["captions"]).read_text().splitlines()]
+        return out

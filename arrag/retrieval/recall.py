@@ -1,0 +1,78 @@
+"""Search quality and speed of a retriever: recall@k against exact search, queries per second.
+
+Patch keys are concatenated codebook rows, so many entries share a key exactly and the "true" top-k is
+ambiguous among ties. Recall is therefore measured on distances: a returned hit counts when its true
+distance is within the exact k-th distance (+1e-5). True distances are recomputed from the code store
+for every returned id, so approximate (PQ) distances never flatter the figure.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from faiss.contrib.exhaustive_search import knn_ground_truth
+
+from arrag.build_retriever.build_index import chunk_keys
+from arrag.errors import ArragError
+from arrag.retrieval.codestore import CodeStore
+from arrag.retrieval.neighborhood import get_neighborhood
+from arrag.retrieval.retriever import PatchRetriever
+
+
+def entry_keys(store: CodeStore, entries: np.ndarray, shape, key_source: str = "code") -> np.ndarray:
+    """True keys [len(entries), d] for entry ids of `store` (entry e = image e // P, valid position e % P)."""
+    p = len(get_neighborhood(shape).positions(*store.grid))
+    images, inverse = np.unique(entries // p, return_inverse=True)
+    codes = store.gather(images)
+    latents = store.gather(images, "latents") if key_source == "latent" else None
+    keys, _ = chunk_keys(codes, latents, shape, store.codebook(), key_source)
+    return keys.reshape(len(images), p, -1)[inverse, entries % p]
+
+
+def sample_queries(store: CodeStore, n: int, seed: int, shape="L", key_source: str = "code") -> np.ndarray:
+    """Keys of n random entries of `store` (seeded) as queries [n, d]."""
+    total = store.num_images * len(get_neighborhood(shape).positions(*store.grid))
+    entries = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
+    return entry_keys(store, entries, shape, key_source)
+
+
+def recall_at_k(retriever: PatchRetriever, store: CodeStore, queries: np.ndarray, k: int = 10,
+                chunk_images: int = 1024) -> float:
+    """Tie-aware recall@k of `retriever` against exact search over the keys of its own code store."""
+    if store.num_images * int(retriever.manifest["entries_per_image"]) != retriever.entries:
+        raise ArragError(f"code store {store.folder} does not match the index ({retriever.entries} entries)")
+
+    key_source, codebook = retriever.manifest["key_source"], store.codebook()
+
+    def blocks():
+        lat_iter = store.iter_chunks(chunk_images, "latents") if key_source == "latent" else None
+        for _, codes in store.iter_chunks(chunk_images):
+            latents = next(lat_iter)[1] if lat_iter is not None else None
+            yield chunk_keys(codes, latents, retriever.neighborhood, codebook, key_source)[0]
+
+    exact_d, _ = knn_ground_truth(np.ascontiguousarray(queries, dtype=np.float32), blocks(), k)
+    _, ids = retriever.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    found = ids >= 0
+    true_d = np.full(ids.shape, np.inf, dtype=np.float32)
+    if found.any():
+        keys = entry_keys(store, ids[found], retriever.neighborhood, key_source)
+        q_rep = np.repeat(queries, found.sum(1), axis=0)
+        true_d[found] = ((keys - q_rep) ** 2).sum(1)
+    good = true_d <= exact_d[:, k - 1:k] + 1e-5
+    return float(good.sum() / (len(queries) * k))
+
+
+def queries_per_second(retriever: PatchRetriever, queries: np.ndarray, k: int, batch: int,
+                       min_seconds: float = 0.5) -> float:
+    """Throughput of retriever.search at a given batch size (queries/s), timed for at least min_seconds."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    done, t0, i = 0, time.perf_counter(), 0
+    while True:
+        s = (i * batch) % max(1, len(q) - batch + 1)
+        retriever.search(q[s:s + batch], k)
+        done += batch
+        i += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_seconds and i >= 3:
+            return done / elapsed

@@ -1,0 +1,158 @@
+"""PatchRetriever: load a patch index (ours or the original AR-RAG prebuilt one) and search it in batches.
+
+search(queries [Q, D], k) -> (distances [Q, k] float32, codes [Q, k] int64), code -1 where fewer than k
+entries exist. NumPy in, NumPy out; torch in, torch out on the same device. With GPU FAISS and CUDA
+tensors, the search and the id -> code lookup stay on the GPU (no host round trip).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from arrag.errors import ArragError
+from arrag.retrieval import index as fx
+from arrag.retrieval.neighborhood import Neighborhood, get_neighborhood
+
+ORIGINAL_INDEX, ORIGINAL_VALUES = "faiss_ivf_pq_opq.index", "next_codes.npy"
+
+
+class PatchRetriever:
+    def __init__(self, index, values: np.ndarray, manifest: dict, folder: Path, gpus: list[int]):
+        self.index = index
+        self.values = values
+        self.manifest = manifest
+        self.folder = folder
+        self.gpus = gpus
+        self.nprobe = fx.set_nprobe(index, manifest.get("nprobe"))
+        self._values_torch: dict[str, torch.Tensor] = {}
+
+    # -- loading ------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, folder: str | Path, device: str | int | list[int] = "cpu", nprobe: int | None = None,
+             mmap_values: bool = True) -> PatchRetriever:
+        """Load from `folder`: our layout (manifest.json, index.faiss, values.npy) or the original prebuilt one.
+
+        device: "cpu", "cuda" (every GPU, sharded), "cuda:1", or a list of GPU ids. nprobe overrides the
+        manifest's default.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ArragError(f"retriever not found: {folder} (build one with `arrag build-index`)")
+        if (folder / "manifest.json").exists():
+            manifest = json.loads((folder / "manifest.json").read_text())
+            index = fx.read_index(folder / "index.faiss")
+            values_path = folder / manifest.get("values", "values.npy")
+        elif (folder / ORIGINAL_INDEX).exists():
+            warnings.warn(f"{folder} is the original AR-RAG prebuilt database: its tokenizer cannot be verified "
+                          "(no fingerprint); it was built with LlamaGen's vq_ds16_t2i.pt and latent keys",
+                          stacklevel=2)
+            index = fx.read_index(folder / ORIGINAL_INDEX)
+            values_path = folder / ORIGINAL_VALUES
+            nlist = fx.nlist_of(index)
+            manifest = {"format": "ar-rag-original", "neighborhood": {"shape": "L"}, "key_source": "latent",
+                        "dim": index.d, "metric": "L2", "entries": int(index.ntotal), "nlist": nlist,
+                        "nprobe": fx.default_nprobe(nlist) if nlist else None, "vq_fingerprint": None,
+                        "index_type": fx.describe(index)}
+        else:
+            raise ArragError(f"{folder} holds no index: expected manifest.json + index.faiss, or the original "
+                             f"{ORIGINAL_INDEX} + {ORIGINAL_VALUES}")
+        if not values_path.exists():
+            raise ArragError(f"{folder}: values file {values_path.name} is missing")
+        values = np.load(values_path, mmap_mode="r" if mmap_values else None)
+        if len(values) != index.ntotal:
+            raise ArragError(f"{folder}: {values_path.name} has {len(values)} values but the index has "
+                             f"{index.ntotal} entries")
+        if nprobe is not None:
+            manifest = {**manifest, "nprobe": int(nprobe)}
+        gpus = fx.parse_gpus(_gpu_spec(device))
+        if gpus:
+            index = fx.to_gpus(index, gpus, shard=True)
+        return cls(index, values, manifest, folder, gpus)
+
+    # -- facts --------------------------------------------------------------------------------------------
+    @property
+    def neighborhood(self) -> Neighborhood:
+        return get_neighborhood(self.manifest["neighborhood"]["shape"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def entries(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.manifest.get("vq_fingerprint")
+
+    def set_nprobe(self, nprobe: int) -> None:
+        self.nprobe = fx.set_nprobe(self.index, nprobe)
+
+    def check_compatible(self, vq, allow_unknown: bool = False) -> None:
+        """Refuse a retriever whose VQ fingerprint differs from the model's (or is unknown, unless allowed)."""
+        mine, theirs = self.fingerprint, vq.fingerprint()
+        if mine is None:
+            if not allow_unknown:
+                raise ArragError(f"retriever {self.folder} has no VQ fingerprint (original prebuilt database); "
+                                 "pass --allow-unknown-vq if it was built with this model's tokenizer")
+            return
+        if mine != theirs:
+            raise ArragError(f"retriever {self.folder} was built with another tokenizer (VQ fingerprint {mine}, "
+                             f"model {theirs}); rebuild it with this model's VQ")
+
+    # -- search -------------------------------------------------------------------------------------------
+    def search(self, queries, k: int):
+        """Batched k-NN: queries [Q, D] -> (squared-L2 distances [Q, k], codes [Q, k] int64; -1 = no entry)."""
+        if k < 1:
+            raise ArragError(f"k must be >= 1, got {k}")
+        if queries.shape[-1] != self.dim:
+            raise ArragError(f"queries have dimension {queries.shape[-1]}, the index expects {self.dim}")
+        if isinstance(queries, torch.Tensor):
+            return self._search_torch(queries, k)
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        dist, ids = self.index.search(q, k)
+        return dist, self._codes_np(ids)
+
+    def _codes_np(self, ids: np.ndarray) -> np.ndarray:
+        codes = np.full(ids.shape, -1, dtype=np.int64)
+        hit = ids >= 0
+        if hit.any():
+            flat = ids[hit]
+            order = np.argsort(flat, kind="stable")  # sorted reads from a memory-mapped values file
+            got = np.empty(len(flat), dtype=np.int64)
+            got[order] = np.asarray(self.values[flat[order]], dtype=np.int64)
+            codes[hit] = got
+        return codes
+
+    def _search_torch(self, queries: torch.Tensor, k: int):
+        if queries.is_cuda and self.gpus:
+            import faiss.contrib.torch_utils  # noqa: F401  (lets GPU indexes take CUDA tensors directly)
+
+            dist, ids = self.index.search(queries.float().contiguous(), k)
+            values = self._values_on(queries.device)
+            codes = torch.where(ids >= 0, values[ids.clamp_min(0)], torch.full_like(ids, -1))
+            return dist, codes
+        dist, codes = self.search(queries.detach().float().cpu().numpy(), k)
+        return torch.from_numpy(dist).to(queries.device), torch.from_numpy(codes).to(queries.device)
+
+    def _values_on(self, device: torch.device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._values_torch:
+            self._values_torch[key] = torch.from_numpy(np.asarray(self.values, dtype=np.int64)).to(device)
+        return self._values_torch[key]
+
+
+def _gpu_spec(device):
+    if isinstance(device, (list, tuple)):
+        return list(device)
+    if isinstance(device, int):
+        return [device]
+    if device in (None, "cpu"):
+        return None
+    return str(device)

@@ -1,0 +1,301 @@
+"""Code store, index building, search, the original prebuilt layout, encode resumption and errors."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import warnings
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from arrag.build_retriever import encode as enc
+from arrag.build_retriever.build_index import build_index
+from arrag.cli import main
+from arrag.demo.shapes import ShapesWorld
+from arrag.errors import ArragError
+from arrag.image_io import save_image
+from arrag.retrieval import codestore
+from arrag.retrieval.codestore import CodeStore
+from arrag.retrieval.neighborhood import key_vectors, keys_for_grid
+from arrag.retrieval.recall import recall_at_k, sample_queries
+from arrag.retrieval.retriever import PatchRetriever
+from arrag.vq import VQModel, codebook_fingerprint
+
+
+def make_store(folder, n=30, grid=6, k=64, seed=0, shard_size=8):
+    """A code store from random codes (skipping the encoder), with a random normalised codebook."""
+    rng = np.random.default_rng(seed)
+    book = rng.normal(size=(k, 8)).astype(np.float32)
+    book /= np.linalg.norm(book, axis=1, keepdims=True)
+    codes = rng.integers(0, k, (n, grid, grid)).astype(np.uint16)
+    codestore.write_codebook(folder, book)
+    shards = range(0, n, shard_size)
+    for j, s in enumerate(shards):
+        codestore.write_shard(folder, j, codes[s:s + shard_size], [str(i) for i in range(s, min(n, s + shard_size))])
+    codestore.finalize(folder, len(shards), {"vq_fingerprint": codebook_fingerprint(book), "grid": [grid, grid],
+                                             "image_size": grid * 16})
+    return codes, book
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A folder of ShapesWorld images in two sub-folders, one caption file, one corrupt and one tiny image."""
+    root = tmp_path_factory.mktemp("images")
+    w = ShapesWorld("database", size=64)
+    for i in range(12):
+        save_image(w.image(i), root / f"{i % 2}" / f"{i:03d}.png")
+    (root / "0" / "000.txt").write_text("a caption")
+    (root / "1" / "corrupt.jpg").write_bytes(b"not a jpeg at all")
+    save_image(np.zeros((20, 20, 3), np.uint8), root / "1" / "tiny.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def vq_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vqw") / "vq.safetensors"
+    VQModel("VQ-tiny-16").save(path)
+    return path
+
+
+def test_index_entries_values_and_exact_search(tmp_path):
+    codes, book = make_store(tmp_path / "store")
+    m = build_index(tmp_path / "store", tmp_path / "idx", factory="Flat", chunk_images=7, progress=False)
+    p = m["entries_per_image"]
+    assert p == 5 * 4 and m["entries"] == 30 * p  # every entry, the last partial chunk included
+    r = PatchRetriever.load(tmp_path / "idx")
+    pos, nbr = keys_for_grid(codes, "L")
+    all_keys = key_vectors(nbr, book).reshape(-1, 32)
+    all_vals = codes.reshape(30, -1)[:, pos].reshape(-1)
+    np.testing.assert_array_equal(np.load(tmp_path / "idx" / "values.npy"), all_vals)
+    q = np.random.default_rng(5).normal(size=(9, 32)).astype(np.float32)
+    dist, got = r.search(q, 7)
+    brute = ((q[:, None, :] - all_keys[None]) ** 2).sum(-1)
+    order = np.argsort(brute, axis=1, kind="stable")[:, :7]
+    np.testing.assert_allclose(dist, np.take_along_axis(brute, order, 1), rtol=1e-4, atol=1e-4)
+    for i in range(9):  # each returned code belongs to an entry at exactly the returned distance (ties aside)
+        for j in range(7):
+            assert ((np.abs(brute[i] - dist[i, j]) < 1e-4) & (all_vals == got[i, j])).any()
+    # An exact index has recall 1.
+    assert recall_at_k(r, CodeStore.open(tmp_path / "store"), all_keys[::37], k=5) == 1.0
+
+
+def test_fewer_entries_than_k_pads_with_minus_one(tmp_path):
+    make_store(tmp_path / "store", n=1, grid=3)  # 2 valid positions at 3x3
+    build_index(tmp_path / "store", tmp_path / "idx", progress=False)
+    r = PatchRetriever.load(tmp_path / "idx")
+    dist, codes = r.search(np.zeros((2, 32), np.float32), 5)
+    assert (codes[:, 2:] == -1).all() and (codes[:, :2] >= 0).all()
+    tdist, tcodes = r.search(torch.zeros(2, 32), 5)  # torch in, torch out
+    assert isinstance(tcodes, torch.Tensor) and tcodes.dtype == torch.int64
+    np.testing.assert_array_equal(tcodes.numpy(), codes)
+
+
+def test_ivf_and_pq_builds_are_reproducible(tmp_path):
+    make_store(tmp_path / "store", n=120, grid=8)
+    m1 = build_index(tmp_path / "store", tmp_path / "a", factory="IVF16,Flat", seed=3, progress=False)
+    build_index(tmp_path / "store", tmp_path / "b", factory="IVF16,Flat", seed=3, progress=False)
+    assert m1["nlist"] == 16 and m1["nprobe"] == 16 and m1["entries"] == 120 * 42
+    assert (tmp_path / "a" / "index.faiss").read_bytes() == (tmp_path / "b" / "index.faiss").read_bytes()
+    m3 = build_index(tmp_path / "store", tmp_path / "c", factory="OPQ8,IVF16,PQ8", progress=False)
+    r = PatchRetriever.load(tmp_path / "c", nprobe=4)
+    assert r.nprobe == 4 and r.entries == m3["entries"] and "IndexIVFPQ" in m3["index_type"]
+    _, codes = r.search(np.random.default_rng(0).normal(size=(3, 32)).astype(np.float32), 4)
+    assert codes.shape == (3, 4) and (codes >= 0).all()
+
+
+def test_auto_factory_choice_and_budget():
+    from arrag.retrieval.index import choose_factory, parse_bytes
+
+    assert choose_factory(50_000, 32, parse_bytes("1G"))[0] == "Flat"
+    assert choose_factory(2_000_000, 32, parse_bytes("4G"))[0] == "IVF4096,Flat"
+    assert choose_factory(2_000_000, 32, parse_bytes("100M"))[0] == "OPQ8,IVF4096,PQ8"  # over budget for Flat
+    assert choose_factory(500_000_000, 32, parse_bytes("64G"))[0].startswith("OPQ8,IVF65536,PQ8")
+    with pytest.raises(ArragError, match="--memory-budget .* is too small"):
+        choose_factory(500_000_000, 32, parse_bytes("1G"))
+    with pytest.raises(ArragError, match="expected a size such as"):
+        parse_bytes("lots")
+
+
+def test_original_prebuilt_layout_loads(tmp_path):
+    rng = np.random.default_rng(0)
+    xb = rng.normal(size=(3000, 32)).astype(np.float32)
+    index = faiss.IndexPreTransform(faiss.OPQMatrix(32, 8), faiss.IndexIVFPQ(faiss.IndexFlatL2(32), 32, 16, 8, 8))
+    index.train(xb)
+    index.add(xb)
+    faiss.write_index(index, str(tmp_path / "faiss_ivf_pq_opq.index"))
+    np.save(tmp_path / "next_codes.npy", rng.integers(0, 16384, 3000))
+    with pytest.warns(UserWarning, match="original AR-RAG prebuilt database"):
+        r = PatchRetriever.load(tmp_path)
+    assert r.entries == 3000 and r.fingerprint is None and r.neighborhood.name == "L"
+    _, codes = r.search(xb[:4], 3)
+    assert (codes >= 0).all()
+    vq = VQModel("VQ-tiny-16")
+    with pytest.raises(ArragError, match="has no VQ fingerprint"):
+        r.check_compatible(vq)
+    r.check_compatible(vq, allow_unknown=True)
+
+
+def test_encode_folder_skips_bad_images_and_keeps_captions(tmp_path, images, vq_file):
+    res = enc.encode(str(images), tmp_path / "store", vq_file, image_size=64, batch_size=5, shard_size=4,
+                     num_workers=0, save_latents=True, progress=False)
+    assert res.complete and res.encoded == 12 and res.skipped == 2
+    st = CodeStore.open(tmp_path / "store")
+    man = st.manifest
+    assert st.num_images == 12 and st.grid == (4, 4) and man["num_skipped"] == 2
+    reasons = {s["id"]: s["reason"] for s in man["skipped"]}
+    assert reasons["1/corrupt.jpg"].startswith("unreadable") and reasons["1/tiny.png"].startswith("too small")
+    codes = np.concatenate([c for _, c in st.iter_chunks(5)])
+    assert codes.dtype == np.uint16 and codes.shape == (12, 4, 4)
+    assert os.path.getsize(tmp_path / "store" / "codes-00000.npy") - 128 == 4 * 16 * 2  # 2 bytes per token
+    from arrag.vq import load_vq
+
+    vq = load_vq(vq_file)
+    assert st.fingerprint == vq.fingerprint() == codebook_fingerprint(st.codebook())
+    # Same codes as encoding the first image directly.
+    from arrag.image_io import center_crop_arr, load_rgb, to_tensor
+
+    first = to_tensor(center_crop_arr(load_rgb(images / "0" / "000.png"), 64))
+    np.testing.assert_array_equal(codes[0], vq.encode_to_codes(first)[0].numpy())
+    assert not st.has_captions  # only one image had a caption file
+    assert st.has_latents and st.gather(np.array([3, 0]), "latents").shape == (2, 4, 4, 8)
+
+
+def test_interrupted_encode_resumes_to_identical_output(tmp_path, images, vq_file, monkeypatch):
+    kw = dict(image_size=64, batch_size=3, shard_size=4, num_workers=0, progress=False)
+    enc.encode(str(images), tmp_path / "clean", vq_file, **kw)
+    real = codestore.write_shard
+    calls = {"n": 0}
+
+    def crash_on_second(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the process dies while writing shard 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(codestore, "write_shard", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        enc.encode(str(images), tmp_path / "resumed", vq_file, **kw)
+    assert not (tmp_path / "resumed" / "manifest.json").exists()
+    monkeypatch.setattr(codestore, "write_shard", real)
+    res = enc.encode(str(images), tmp_path / "resumed", vq_file, **kw)
+    assert res.complete and res.shards_written == [1, 2, 3]  # shard 0 was kept, not redone
+    for name in sorted(os.listdir(tmp_path / "clean")):
+        if name.endswith(".npy"):
+            np.testing.assert_array_equal(np.load(tmp_path / "clean" / name), np.load(tmp_path / "resumed" / name))
+    a = json.loads((tmp_path / "clean" / "manifest.json").read_text())
+    b = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    a.pop("created"), b.pop("created")
+    assert a == b
+
+
+def test_split_processes_build_the_same_store(tmp_path, images, vq_file):
+    kw = dict(image_size=64, batch_size=4, shard_size=4, num_workers=0, progress=False)
+    r0 = enc.encode(str(images), tmp_path / "split", vq_file, shard="0/2", **kw)
+    assert not r0.complete and r0.shards_written == [0, 2]
+    r1 = enc.encode(str(images), tmp_path / "split", vq_file, shard="1/2", **kw)
+    assert r1.complete and r1.shards_written == [1, 3]
+    enc.encode(str(images), tmp_path / "one", vq_file, **kw)
+    for k in range(4):
+        np.testing.assert_array_equal(np.load(tmp_path / "split" / f"codes-{k:05d}.npy"),
+                                      np.load(tmp_path / "one" / f"codes-{k:05d}.npy"))
+    with pytest.raises(ArragError, match="started with other settings \\(image_size"):
+        enc.encode(str(images), tmp_path / "one", vq_file, **{**kw, "image_size": 32})
+
+
+def test_webdataset_tar_source_with_captions(tmp_path, vq_file):
+    tar_path = tmp_path / "shard-000.tar"
+    w = ShapesWorld("train", size=64)
+    with tarfile.open(tar_path, "w") as tf:
+        for i in range(3):
+            buf = io.BytesIO()
+            from PIL import Image
+
+            Image.fromarray(w.image(i)).save(buf, format="PNG")
+            for ext, data in (("png", buf.getvalue()), ("txt", w.scene(i).caption.encode())):
+                info = tarfile.TarInfo(f"sample{i:04d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    res = enc.encode(str(tmp_path / "shard-{000..000}.tar"), tmp_path / "store", vq_file, image_size=64,
+                     num_workers=0, progress=False)
+    st = CodeStore.open(res.folder)
+    assert st.num_images == 3 and st.captions() == [w.scene(i).caption for i in range(3)]
+
+
+def test_fingerprint_mismatch_is_refused(tmp_path, images, vq_file):
+    enc.encode(str(images), tmp_path / "store", vq_file, image_size=64, num_workers=0, progress=False)
+    build_index(tmp_path / "store", tmp_path / "idx", progress=False)
+    r = PatchRetriever.load(tmp_path / "idx")
+    from arrag.vq import load_vq
+
+    r.check_compatible(load_vq(vq_file))
+    torch.manual_seed(99)
+    with pytest.raises(ArragError, match="built with another tokenizer"):
+        r.check_compatible(VQModel("VQ-tiny-16"))
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, vq_file):
+    with pytest.raises(ArragError, match="image source not found: nowhere"):
+        enc.encode("nowhere", tmp_path / "s", vq_file)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArragError, match="no images \\(jpg, png, webp\\) under"):
+        enc.encode(str(tmp_path / "empty"), tmp_path / "s", vq_file, num_workers=0)
+    with pytest.raises(ArragError, match="--shard '3/2': expected i/n"):
+        enc.parse_shard("3/2")
+    with pytest.raises(ArragError, match="no code store at .*manifest.json is missing"):
+        build_index(tmp_path / "empty", tmp_path / "idx")
+    make_store(tmp_path / "store")
+    with pytest.raises(ArragError, match="--factory 'IVFzz' is not a valid FAISS factory string"):
+        build_index(tmp_path / "store", tmp_path / "idx", factory="IVFzz", progress=False)
+    with pytest.raises(ArragError, match="--key-source latent needs latents"):
+        build_index(tmp_path / "store", tmp_path / "idx", key_source="latent", progress=False)
+    build_index(tmp_path / "store", tmp_path / "idx", progress=False)
+    with pytest.raises(ArragError, match="already holds an index; pass --overwrite"):
+        build_index(tmp_path / "store", tmp_path / "idx", progress=False)
+    r = PatchRetriever.load(tmp_path / "idx")
+    with pytest.raises(ArragError, match="queries have dimension 16, the index expects 32"):
+        r.search(np.zeros((1, 16), np.float32), 3)
+    with pytest.raises(ArragError, match="retriever not found"):
+        PatchRetriever.load(tmp_path / "nope")
+    with pytest.raises(ArragError, match="holds no index"):
+        PatchRetriever.load(tmp_path / "empty")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ArragError, match="this FAISS build has no GPU support|sees no GPU"):
+            PatchRetriever.load(tmp_path / "idx", device="cuda:0")
+
+
+def test_search_stats_cli(tmp_path, capsys):
+    make_store(tmp_path / "store", n=40, grid=8)
+    assert main(["build-index", str(tmp_path / "store"), "--out", str(tmp_path / "idx"), "--factory",
+                 "IVF8,Flat"]) == 0
+    assert main(["search-stats", str(tmp_path / "idx"), "--queries", "50", "--json", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert "recall@10" in out and 0 < stats["recall@10"] <= 1 and stats["nprobe"] == 8
+    assert set(stats["queries_per_s"]) == {"1", "16", "64"}
+
+
+def test_build_retriever_script(tmp_path, images, vq_file):
+    env = {**os.environ, "VQ_CKPT": str(vq_file), "VQ_PRESET": "VQ-tiny-16", "STORE": str(tmp_path / "codes"),
+           "INDEX": str(tmp_path / "index_L"), "IMAGE_SIZE": "64", "WORKERS": "0",
+           "ARRAG": f"{sys.executable} -m arrag"}
+    script = os.path.join(os.path.dirname(__file__), "..", "arrag", "build_retriever", "build_retriever.sh")
+    p = subprocess.run(["bash", script, str(images)], env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "index_L" / "manifest.json").exists() and "recall@10" in p.stdout
+    env["VQ_CKPT"] = str(tmp_path / "missing.pt")
+    p = subprocess.run(["bash", script, str(images)], env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and "missing.pt not found" in p.stderr
+
+
+def test_sample_queries_are_seeded(tmp_path):
+    make_store(tmp_path / "store", n=10)
+    st = CodeStore.open(tmp_path / "store")
+    np.testing.assert_array_equal(sample_queries(st, 20, 1), sample_queries(st, 20, 1))
+    assert not np.array_equal(sample_queries(st, 20, 1), sample_queries(st, 20, 2))
