@@ -102,7 +102,7 @@ def test_ivf_and_pq_builds_are_reproducible(tmp_path):
     build_index(tmp_path / "store", tmp_path / "b", factory="IVF16,Flat", seed=3, progress=False)
     assert m1["nlist"] == 16 and m1["nprobe"] == 16 and m1["entries"] == 120 * 42
     assert (tmp_path / "a" / "index.faiss").read_bytes() == (tmp_path / "b" / "index.faiss").read_bytes()
-    m3 = build_index(tmp_path / "store", tmp_path / "c", factory="OPQ8,IVF16,PQ8", progress=False)
+    m3 = build_index(tmp_path / "store", tmp_path / "c", factory="IVF16,PQ8x4", progress=False)
     r = PatchRetriever.load(tmp_path / "c", nprobe=4)
     assert r.nprobe == 4 and r.entries == m3["entries"] and "IndexIVFPQ" in m3["index_type"]
     _, codes = r.search(np.random.default_rng(0).normal(size=(3, 32)).astype(np.float32), 4)
@@ -125,7 +125,9 @@ def test_auto_factory_choice_and_budget():
 def test_original_prebuilt_layout_loads(tmp_path):
     rng = np.random.default_rng(0)
     xb = rng.normal(size=(3000, 32)).astype(np.float32)
-    index = faiss.IndexPreTransform(faiss.OPQMatrix(32, 8), faiss.IndexIVFPQ(faiss.IndexFlatL2(32), 32, 16, 8, 8))
+    opq = faiss.OPQMatrix(32, 8)
+    opq.niter = 4  # fewer OPQ iterations than the default 50: the layout matters here, not the quality
+    index = faiss.IndexPreTransform(opq, faiss.IndexIVFPQ(faiss.IndexFlatL2(32), 32, 16, 8, 8))
     index.train(xb)
     index.add(xb)
     faiss.write_index(index, str(tmp_path / "faiss_ivf_pq_opq.index"))
