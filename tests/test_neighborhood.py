@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from arrag.errors import ArragError
-from arrag.retrieval.neighborhood import SHAPES, get_neighborhood, key_vectors, keys_for_grid, valid_mask
+from arrag.retrieval.neighborhood import (
+    SHAPES,
+    get_neighborhood,
+    grid_key_vectors,
+    key_vectors,
+    keys_for_grid,
+    valid_mask,
+)
 
 
 def brute_force(codes: np.ndarray, offsets):
@@ -67,6 +74,13 @@ def test_latents_carry_trailing_dims_and_key_vectors():
     np.testing.assert_array_equal(keys[1, 2, 8:16], book[n_codes[1, 2, 1]])
     tkeys = key_vectors(torch.from_numpy(n_codes), torch.from_numpy(book))
     np.testing.assert_allclose(tkeys.numpy(), keys)
+    for shape in SHAPES:  # the fused path gives the same keys for every shape
+        for hw in ((5, 5), (7, 4), (2, 2)):
+            c = np.random.default_rng(4).integers(0, 50, (3, *hw))
+            ref_pos, ref_nbr = keys_for_grid(c, shape)
+            gpos, gkeys = grid_key_vectors(c, book, shape)
+            np.testing.assert_array_equal(gpos, ref_pos)
+            np.testing.assert_array_equal(gkeys, key_vectors(ref_nbr, book))
 
 
 def test_unknown_shape_is_clear():

@@ -20,18 +20,17 @@ from tqdm import tqdm
 from arrag.errors import ArragError
 from arrag.retrieval import index as fx
 from arrag.retrieval.codestore import CodeStore
-from arrag.retrieval.neighborhood import get_neighborhood, key_vectors, keys_for_grid
+from arrag.retrieval.neighborhood import get_neighborhood, grid_key_vectors, keys_for_grid
 
 INDEX_FORMAT = "arrag-index/1"
 
 
 def chunk_keys(codes: np.ndarray, latents: np.ndarray | None, shape, codebook: np.ndarray, key_source: str):
     """Keys [c*P, d] float32 and values [c*P] uint16 for a chunk of code grids [c, h, w]."""
-    pos, nbr = keys_for_grid(codes, shape)
     if key_source == "code":
-        keys = key_vectors(nbr, codebook)
+        pos, keys = grid_key_vectors(codes, codebook, shape)
     else:
-        _, nbr_lat = keys_for_grid(latents, shape)
+        pos, nbr_lat = keys_for_grid(latents, shape)
         keys = nbr_lat.astype(np.float32)
     values = codes.reshape(len(codes), -1)[:, pos]
     return np.ascontiguousarray(keys.reshape(len(codes) * len(pos), -1), dtype=np.float32), values.reshape(-1)

@@ -39,8 +39,13 @@ def default_nlist(n: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """Probed lists at query time, chosen for recall@10 >= 0.9 on patch keys (see bench/retrieval.py)."""
-    return int(min(nlist, max(16, nlist // 16)))
+    """Probed lists at query time: sqrt(nlist)/2, at least 16 (32 for 4096 lists).
+
+    Measured on the 1.05M-entry ShapesWorld database (bench/retrieval.py, IVF4096,Flat): recall@10 0.994
+    at nprobe 16, 0.998 at 32, 1.000 at 128, with queries/s falling 1.5x per doubling. Real-image keys
+    are more diverse: check with `arrag search-stats` and pass --nprobe if recall is short.
+    """
+    return int(min(nlist, max(16, round(math.sqrt(nlist) / 2))))
 
 
 def bytes_per_entry(factory: str, d: int) -> int:

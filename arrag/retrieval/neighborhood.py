@@ -113,6 +113,37 @@ def keys_for_grid(codes: np.ndarray | torch.Tensor, shape: str | Neighborhood = 
     return pos.copy(), flat[:, idx]
 
 
+def grid_key_vectors(codes: np.ndarray, codebook: np.ndarray, shape: str | Neighborhood = "L"):
+    """Keys of every valid target of every grid in one pass: codes [N, h, w] -> (positions [P], keys [N, P, n*e]).
+
+    Same numbers as key_vectors(keys_for_grid(codes)[1], codebook), about 1.5x faster: each cell is
+    embedded once, and the valid targets form a rectangle, so each run of horizontally adjacent
+    neighbours (L: the three cells above) is one strided block copy from a sliding window, not a gather.
+    """
+    nb = get_neighborhood(shape)
+    n, h, w = codes.shape
+    pos = _positions(nb, h, w)
+    book = np.asarray(codebook, dtype=np.float32)
+    e = book.shape[1]
+    cells = np.take(book, codes.astype(np.intp), axis=0)  # [N, h, w, e]
+    drs, dcs = [dr for dr, _ in nb.offsets], [dc for _, dc in nb.offsets]
+    r0, r1 = max(0, -min(drs)), h - max(0, max(drs))
+    c0, c1 = max(0, -min(dcs)), w - max(0, max(dcs))
+    out = np.empty((n, max(0, r1 - r0), max(0, c1 - c0), nb.size, e), dtype=np.float32)
+    if out.size:
+        j = 0
+        while j < nb.size:  # a run: same row offset, consecutive column offsets
+            dr, dc = nb.offsets[j]
+            run = 1
+            while j + run < nb.size and nb.offsets[j + run] == (dr, dc + run):
+                run += 1
+            rows = cells[:, r0 + dr:r1 + dr, c0 + dc:c1 + dc + run - 1]
+            window = np.lib.stride_tricks.sliding_window_view(rows, run, axis=2)  # [N, H', W', e, run]
+            out[:, :, :, j:j + run] = window.transpose(0, 1, 2, 4, 3)
+            j += run
+    return pos.copy(), out.reshape(n, len(pos), nb.size * e)
+
+
 def key_vectors(neighbour_codes: np.ndarray | torch.Tensor, codebook: np.ndarray | torch.Tensor):
     """Concatenated codebook rows: neighbour codes [..., n] -> float32 keys [..., n * e_dim].
 
@@ -122,4 +153,5 @@ def key_vectors(neighbour_codes: np.ndarray | torch.Tensor, codebook: np.ndarray
         book = torch.as_tensor(codebook, device=neighbour_codes.device, dtype=torch.float32)
         return book[neighbour_codes.long()].flatten(-2)
     book = np.asarray(codebook, dtype=np.float32)
-    return book[neighbour_codes.astype(np.int64)].reshape(*neighbour_codes.shape[:-1], -1)
+    return book[neighbour_codes.astype(np.int64)].reshape(*neighbour_codes.shape[:-1],
+                                                          neighbour_codes.shape[-1] * book.shape[1])
