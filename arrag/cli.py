@@ -55,7 +55,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from arrag.decoding.sampler import generate
+    from arrag.decoding.sampler import decode_images, method_hooks, sample_codes
     from arrag.image_io import make_grid, save_image
     from arrag.janus.model import JanusPro
     from arrag.provenance import write_sidecar
@@ -64,10 +64,25 @@ def _generate(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     device = resolve_device(args.device)
     model = JanusPro.from_pretrained(args.model, dtype=parse_dtype(args.dtype, device), device=device)
+    retriever = None
+    if args.method != "base":
+        if not args.retriever:
+            raise ArragError(f"--method {args.method} needs --retriever DIR (built by `arrag build-index`)")
+        from arrag.retrieval.retriever import PatchRetriever
+
+        retriever = PatchRetriever.load(args.retriever, device=args.retriever_device or
+                                        ("cuda" if device.type == "cuda" and _gpu_faiss() else "cpu"),
+                                        nprobe=args.nprobe)
+    elif args.retriever:
+        raise ArragError("--retriever is only used with --method daid")
+    hooks = method_hooks(model, args.method, retriever, daid_lambda=args.daid_lambda, daid_tau=args.daid_tau,
+                         daid_k=args.daid_k, daid_aggregate=args.daid_aggregate,
+                         allow_unknown_vq=args.allow_unknown_vq)
     seed = args.seed if args.seed is not None else int(np.random.SeedSequence().generate_state(1)[0])
-    images = generate(model, prompts, method=args.method, parallel_size=args.parallel_size,
-                      cfg_weight=args.cfg_weight, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      seed=seed, image_size=args.image_size, batch_size=args.batch_size)
+    codes = sample_codes(model, prompts, parallel_size=args.parallel_size, cfg_weight=args.cfg_weight,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
+                         image_size=args.image_size, hooks=hooks, batch_size=args.batch_size)
+    images = decode_images(model, codes)
     out = Path(args.out)
     files = []
     for i, image in enumerate(images):
@@ -78,6 +93,8 @@ def _generate(args: argparse.Namespace) -> int:
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "prompt", "prompts")}
     settings.update(seed=seed, prompts=prompts, prompts_file=args.prompts, files=files,
                     dtype=str(model.dtype), device=str(device), vq_fingerprint=model.vq.fingerprint())
+    for hook in hooks:
+        settings.update(hook.settings(), method_stats=hook.stats)
     write_sidecar(out, settings)
     if args.grid:
         write_sidecar(args.grid, settings)
@@ -134,6 +151,12 @@ def _search_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_faiss() -> bool:
+    from arrag.retrieval.index import has_gpu_faiss
+
+    return has_gpu_faiss()
+
+
 def _demo(args: argparse.Namespace) -> int:
     from arrag.demo.pipeline import run_demo
     from arrag.runtime import resolve_device
@@ -174,7 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="Janus-Pro checkpoint folder (config.json, weights, tokenizer)")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--prompts", help="text file with one prompt per line")
-    gen.add_argument("--method", default="base", choices=["base"], help="decoding method (default base)")
+    gen.add_argument("--method", default="base", choices=["base", "daid"],
+                     help="base (no retrieval) or daid (retrieval-augmented distribution) (default base)")
+    gen.add_argument("--retriever", default=None, help="patch index folder for daid (e.g. data/retriever/index_L)")
+    gen.add_argument("--daid-lambda", type=float, default=None,
+                     help="DAiD mixing weight lambda in [0, 1] (default 0.1, provisional; see README)")
+    gen.add_argument("--daid-tau", type=float, default=None, help="DAiD temperature tau of softmax(-d/tau) "
+                                                                  "(default 1.0)")
+    gen.add_argument("--daid-k", type=int, default=None, help="neighbours fetched per step (default 2048)")
+    gen.add_argument("--daid-aggregate", default="nearest", choices=["nearest", "sum"],
+                     help="duplicate codes: weight of the nearest hit (original) or the sum (kNN-LM)")
+    gen.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per search (default: the index's)")
+    gen.add_argument("--retriever-device", default=None,
+                     help="where the index lives: cpu, cuda (all GPUs, sharded) or ids such as 0,1 "
+                          "(default: cuda with GPU FAISS on a CUDA run, else cpu)")
+    gen.add_argument("--allow-unknown-vq", action="store_true",
+                     help="accept an index without a VQ fingerprint (the original prebuilt database)")
     gen.add_argument("--parallel-size", type=int, default=1, help="samples per prompt (default 1)")
     gen.add_argument("--cfg-weight", type=float, default=5.0, help="classifier-free guidance weight (default 5)")
     gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (default 1)")

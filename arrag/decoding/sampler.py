@@ -21,7 +21,7 @@ from tqdm import tqdm
 from arrag.errors import ArragError
 from arrag.image_io import to_uint8
 
-METHODS = ("base",)
+METHODS = ("base", "daid")
 
 
 @dataclass
@@ -175,20 +175,41 @@ def decode_images(model, codes: torch.Tensor, batch_size: int = 8) -> np.ndarray
                            for s in range(0, len(codes), batch_size)])
 
 
+def method_hooks(model, method: str, retriever=None, *, daid_lambda: float | None = None,
+                 daid_tau: float | None = None, daid_k: int | None = None, daid_aggregate: str = "nearest",
+                 allow_unknown_vq: bool = False) -> list[DecodingHook]:
+    """The hooks a method needs, after checking the retriever against the model's tokenizer."""
+    if method not in METHODS:
+        raise ArragError(f"--method {method!r} is not available; choose one of {', '.join(METHODS)}")
+    if method == "base":
+        if retriever is not None:
+            raise ArragError("a retriever was given, but --method base does not use one")
+        return []
+    if retriever is None:
+        raise ArragError(f"--method {method} needs a retriever (--retriever DIR)")
+    retriever.check_compatible(model.vq, allow_unknown=allow_unknown_vq)
+    from arrag.decoding.daid import DEFAULT_K, DEFAULT_LAMBDA, DEFAULT_TAU, DAiD
+
+    return [DAiD(retriever, lam=DEFAULT_LAMBDA if daid_lambda is None else daid_lambda,
+                 tau=DEFAULT_TAU if daid_tau is None else daid_tau, k=DEFAULT_K if daid_k is None else daid_k,
+                 aggregate=daid_aggregate)]
+
+
 def generate(model, prompts: Sequence[str], *, method: str = "base", retriever=None, parallel_size: int = 1,
              cfg_weight: float = 5.0, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, image_size: int = 384,
+             daid_lambda: float | None = None, daid_tau: float | None = None, daid_k: int | None = None,
+             daid_aggregate: str = "nearest", allow_unknown_vq: bool = False,
              hooks: Sequence[DecodingHook] = (), prompter=None, batch_size: int | None = None,
              image_index_offset: int = 0, progress: bool = True) -> np.ndarray:
     """Generate uint8 images [len(prompts) * parallel_size, H, W, 3] (image j*parallel_size+s = prompt j, sample s).
 
+    method: "base" or "daid" (needs `retriever`, a PatchRetriever built with this model's VQ).
     seed=None draws a fresh seed (callers that record settings should pick the seed themselves).
-    Extra hooks run in the given order.
+    Extra `hooks` run after the method's own, in the given order.
     """
-    if method not in METHODS:
-        raise ArragError(f"--method {method!r} is not available; choose one of {', '.join(METHODS)}")
-    if retriever is not None and method == "base":
-        raise ArragError("a retriever was given, but --method base does not use one")
+    hooks = [*method_hooks(model, method, retriever, daid_lambda=daid_lambda, daid_tau=daid_tau, daid_k=daid_k,
+                           daid_aggregate=daid_aggregate, allow_unknown_vq=allow_unknown_vq), *hooks]
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1)[0])
     codes = sample_codes(model, prompts, parallel_size=parallel_size, cfg_weight=cfg_weight,

@@ -1,0 +1,86 @@
+"""DAiD overhead: time per image with DAiD against base, same model, seed and batch, side by side in one run.
+
+    .venv/bin/python bench/daid_overhead.py          # needs bench/retrieval.py's 1.05M-entry index (built if missing)
+
+Model: a tiny random Janus (hidden 256, 4 layers) whose VQ is the seeded VQ-tiny-8 that encoded the
+database, so fingerprints match; 128-px images = 16x16 tokens, 210 retrieval steps per image. The index is
+the auto-chosen IVF4096,Flat over 1.05M entries at its default nprobe. Prints the ratio at batch 1 and 16
+for each k. Target on CPU: <= 1.15x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from arrag.decoding.sampler import method_hooks, sample_codes  # noqa: E402
+from arrag.demo.presets import build_word_tokenizer, tiny_janus_config  # noqa: E402
+from arrag.janus import JanusPro, Prompter  # noqa: E402
+from arrag.retrieval.retriever import PatchRetriever  # noqa: E402
+from arrag.vq import load_vq  # noqa: E402
+
+PROMPTS = ["a red circle left of a blue square", "two green triangles", "a yellow diamond", "three purple circles"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="bench/out/retrieval", help="output folder of bench/retrieval.py")
+    ap.add_argument("--k", default="2048,256", help="DAiD k values to time (default 2048 = the original, 256)")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default="bench/out/daid_overhead.json")
+    args = ap.parse_args()
+    data = ROOT / args.data
+    if not (data / "idx_auto" / "manifest.json").exists():
+        raise SystemExit(f"no index at {data / 'idx_auto'}: run `.venv/bin/python bench/retrieval.py` first")
+
+    tmp = Path(tempfile.mkdtemp())
+    tok = build_word_tokenizer(tmp)
+    torch.manual_seed(0)
+    model = JanusPro(tiny_janus_config(len(tok), hidden=256, layers=4, heads=4, kv_heads=4, intermediate=688,
+                                       vq_preset="VQ-tiny-8")).eval()
+    model.gen_vision_model.load_state_dict(load_vq(data / "vq.safetensors").state_dict())
+    retriever = PatchRetriever.load(data / "idx_auto")
+    retriever.check_compatible(model.vq)
+    prompter = Prompter(tok)
+
+    def run(batch: int, k: int | None) -> float:
+        prompts = (PROMPTS * batch)[:batch]
+        hooks = method_hooks(model, "daid", retriever, daid_k=k) if k else []
+        t0 = time.perf_counter()
+        sample_codes(model, prompts, seed=0, image_size=128, prompter=prompter, hooks=hooks, progress=False)
+        return (time.perf_counter() - t0) / batch
+
+    result = {"entries": retriever.entries, "factory": retriever.manifest["factory"], "nprobe": retriever.nprobe,
+              "threads": torch.get_num_threads(), "runs": []}
+    print(f"DAiD overhead: tiny Janus (hidden 256, 4 layers), 16x16 tokens, {retriever.manifest['factory']} over "
+          f"{retriever.entries:,} entries, nprobe {retriever.nprobe}")
+    for batch in (int(b) for b in args.batches.split(",")):
+        for k in (int(x) for x in args.k.split(",")):
+            run(batch, k)
+            run(batch, None)  # warm-up
+            base = daid = float("inf")
+            for _ in range(args.repeats):  # alternate, keep the best of each
+                base = min(base, run(batch, None))
+                daid = min(daid, run(batch, k))
+            ratio = daid / base
+            result["runs"].append({"batch": batch, "k": k, "base_s_per_image": base, "daid_s_per_image": daid,
+                                   "ratio": ratio})
+            print(f"  batch {batch:2}, k {k:5}: base {base * 1e3:8.1f} ms/image, DAiD {daid * 1e3:8.1f} ms/image, "
+                  f"ratio {ratio:.2f}x (target <= 1.15x)")
+    out = ROOT / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""DAiD: the retrieval distribution, the merge, every row augmented, fingerprint checks, empty databases."""
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from arrag.build_retriever.build_index import build_index
+from arrag.cli import main
+from arrag.decoding.daid import DAiD, retrieval_distribution
+from arrag.decoding.sampler import DecodingHook, generate, method_hooks, sample_codes
+from arrag.errors import ArragError
+from arrag.retrieval import codestore
+from arrag.retrieval.neighborhood import get_neighborhood, keys_for_grid
+from arrag.retrieval.retriever import PatchRetriever
+from arrag.vq import codebook_fingerprint
+
+KW = dict(image_size=64, progress=False, seed=7)  # 4x4 tokens with the tiny VQ-16: valid targets 5, 6, 9, 10, 13, 14
+
+
+@pytest.fixture(scope="module")
+def retriever_dir(tmp_path_factory, tiny_janus):
+    """An exact index over random 4x4 grids drawn from 40 codes, built with the tiny model's own codebook."""
+    root = tmp_path_factory.mktemp("daid")
+    book = tiny_janus.vq.quantize.codebook().detach().numpy()
+    codes = np.random.default_rng(0).integers(0, 40, (300, 4, 4)).astype(np.uint16)
+    codestore.write_codebook(root / "store", book)
+    codestore.write_shard(root / "store", 0, codes, [str(i) for i in range(300)])
+    codestore.finalize(root / "store", 1, {"vq_fingerprint": codebook_fingerprint(book), "grid": [4, 4]})
+    build_index(root / "store", root / "index", progress=False)
+    return root / "index"
+
+
+@pytest.fixture(scope="module")
+def retriever(retriever_dir):
+    return PatchRetriever.load(retriever_dir)
+
+
+def test_retrieval_distribution_by_hand():
+    d = torch.tensor([[0.5, 1.0, 2.0, 0.7, 9.0], [1.0, 3.0, 0.0, 0.0, 0.0]])
+    c = torch.tensor([[3, 3, 1, 4, -1], [2, -1, -1, -1, -1]])
+    # nearest: code 3 -> min(0.5, 1.0) = 0.5, code 1 -> 2.0, code 4 -> 0.7; tau 0.5.
+    w = {3: np.exp(-0.5 / 0.5), 1: np.exp(-2.0 / 0.5), 4: np.exp(-0.7 / 0.5)}
+    p = retrieval_distribution(d, c, 6, tau=0.5)
+    z = sum(w.values())
+    np.testing.assert_allclose(p[0].numpy(), [0, w[1] / z, 0, w[3] / z, w[4] / z, 0], rtol=1e-5)
+    np.testing.assert_allclose(p[1].numpy(), [0, 0, 1, 0, 0, 0])
+    # sum: code 3 -> exp(-1) + exp(-2).
+    ws = {3: np.exp(-1.0) + np.exp(-2.0), 1: np.exp(-4.0), 4: np.exp(-1.4)}
+    zs = sum(ws.values())
+    ps = retrieval_distribution(d, c, 6, tau=0.5, aggregate="sum")
+    np.testing.assert_allclose(ps[0].numpy(), [0, ws[1] / zs, 0, ws[3] / zs, ws[4] / zs, 0], rtol=1e-5)
+    # No hits at all: a zero row. Huge distances do not underflow to an empty distribution.
+    empty = retrieval_distribution(torch.zeros(1, 3), torch.full((1, 3), -1), 6)
+    assert float(empty.sum()) == 0
+    far = retrieval_distribution(torch.tensor([[5000.0, 5001.0]]), torch.tensor([[0, 1]]), 3, tau=0.01)
+    assert float(far.sum()) == pytest.approx(1.0) and float(far[0, 0]) == pytest.approx(1.0)
+
+
+def test_lambda_zero_is_exactly_base(tiny_janus, retriever):
+    base = sample_codes(tiny_janus, ["a red circle", "two squares"], parallel_size=2, **KW)
+    daid = sample_codes(tiny_janus, ["a red circle", "two squares"], parallel_size=2,
+                        hooks=method_hooks(tiny_janus, "daid", retriever, daid_lambda=0.0), **KW)
+    torch.testing.assert_close(daid, base, rtol=0, atol=0)
+
+
+def _retrieved_sets(codes, retriever, vq, k):
+    """For each image and valid target: the set of codes the search returns for its sampled neighbours."""
+    nb = get_neighborhood("L")
+    pos, nbr = keys_for_grid(codes, nb)
+    q = vq.code_embeddings(nbr).flatten(2)
+    _, got = retriever.search(q.reshape(-1, q.shape[-1]).detach(), k)
+    return pos, got.reshape(codes.shape[0], len(pos), k)
+
+
+def test_lambda_one_samples_only_retrieved_codes_in_every_row(tiny_janus, retriever):
+    prompts = ["a red circle", "three blue diamonds left of a square", "a yellow triangle"]
+    k = 5
+    base = sample_codes(tiny_janus, prompts, parallel_size=3, **KW)
+    hooks = method_hooks(tiny_janus, "daid", retriever, daid_lambda=1.0, daid_k=k)
+    daid = sample_codes(tiny_janus, prompts, parallel_size=3, hooks=hooks, **KW)
+    pos, sets = _retrieved_sets(daid, retriever, tiny_janus.vq, k)
+    flat = daid.reshape(9, -1)
+    for i in range(9):  # every image of the multi-prompt, multi-sample batch, not only the first
+        for j, t in enumerate(pos):
+            assert int(flat[i, t]) in set(sets[i, j].tolist()), (i, t)
+    # Cells before the first valid target (row 0 and cell (1, 0)) are untouched: same as base.
+    torch.testing.assert_close(flat[:, :5], base.reshape(9, -1)[:, :5], rtol=0, atol=0)
+    assert hooks[0].stats["steps_augmented"] == len(pos) and hooks[0].stats["rows_augmented"] == 9 * len(pos)
+
+
+def test_prefetched_search_gives_the_same_images(tiny_janus, retriever):
+    """The background search (on by default for CUDA models) changes timing, never results."""
+    runs = []
+    for prefetch in (False, True):
+        hook = DAiD(retriever, lam=0.7, k=6, prefetch=prefetch)
+        runs.append(sample_codes(tiny_janus, ["a circle", "two squares"], parallel_size=2, hooks=[hook], **KW))
+        assert hook.pool is None and hook.stats["steps_augmented"] == 6
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
+def test_invalid_targets_keep_the_model_distribution(tiny_janus, retriever):
+    class Spy(DecodingHook):
+        def __init__(self):
+            self.seen = {}
+
+        def adjust_probs(self, state, target, probs):
+            self.seen.setdefault(target, []).append(probs.clone())
+            return probs
+
+    before, after = Spy(), Spy()
+    daid = DAiD(retriever, lam=0.5, k=4)
+    sample_codes(tiny_janus, ["a circle"], hooks=[before, daid, after], **KW)
+    valid = set(get_neighborhood("L").positions(4, 4).tolist())
+    for t in range(16):
+        same = torch.equal(before.seen[t][0], after.seen[t][0])
+        assert same == (t not in valid), t
+        torch.testing.assert_close(after.seen[t][0].sum(1), torch.ones(1))
+
+
+def test_fingerprint_mismatch_is_refused(tmp_path, tiny_janus):
+    book = np.random.default_rng(1).normal(size=(1024, 8)).astype(np.float32)
+    book /= np.linalg.norm(book, axis=1, keepdims=True)
+    codestore.write_codebook(tmp_path / "store", book)
+    codestore.write_shard(tmp_path / "store", 0, np.zeros((2, 4, 4), np.uint16), ["0", "1"])
+    codestore.finalize(tmp_path / "store", 1, {"vq_fingerprint": codebook_fingerprint(book), "grid": [4, 4]})
+    build_index(tmp_path / "store", tmp_path / "index", progress=False)
+    other = PatchRetriever.load(tmp_path / "index")
+    with pytest.raises(ArragError, match="built with another tokenizer"):
+        generate(tiny_janus, ["a"], method="daid", retriever=other, **KW)
+
+
+def test_empty_database_degrades_to_base_with_a_warning(tmp_path, tiny_janus):
+    (tmp_path / "empty").mkdir()
+    faiss.write_index(faiss.IndexFlatL2(32), str(tmp_path / "empty" / "index.faiss"))
+    np.save(tmp_path / "empty" / "values.npy", np.zeros(0, np.uint16))
+    (tmp_path / "empty" / "manifest.json").write_text(json.dumps({
+        "format": "arrag-index/1", "neighborhood": {"shape": "L"}, "key_source": "code", "dim": 32,
+        "vq_fingerprint": tiny_janus.vq.fingerprint(), "values": "values.npy"}))
+    r = PatchRetriever.load(tmp_path / "empty")
+    base = generate(tiny_janus, ["a circle"], **KW)
+    with pytest.warns(UserWarning, match="is empty: DAiD decodes as base"):
+        daid = generate(tiny_janus, ["a circle"], method="daid", retriever=r, daid_lambda=0.5, **KW)
+    np.testing.assert_array_equal(daid, base)
+
+
+def test_bad_settings_are_clear(retriever):
+    with pytest.raises(ArragError, match="--daid-lambda must lie in \\[0, 1\\]"):
+        DAiD(retriever, lam=1.5)
+    with pytest.raises(ArragError, match="--daid-tau must be > 0"):
+        DAiD(retriever, tau=0)
+    with pytest.raises(ArragError, match="--daid-aggregate 'mean'"):
+        DAiD(retriever, aggregate="mean")
+
+
+def test_cli_daid_and_script(tmp_path, tiny_janus_dir, retriever_dir):
+    out = tmp_path / "out"
+    rc = main(["generate", "--model", str(tiny_janus_dir), "--prompt", "a red circle", "--method", "daid",
+               "--retriever", str(retriever_dir), "--daid-lambda", "0.5", "--daid-k", "8", "--image-size", "64",
+               "--out", str(out), "--device", "cpu", "--parallel-size", "2"])
+    assert rc == 0
+    meta = json.loads((out / "settings.json").read_text())["settings"]
+    assert meta["daid_lambda"] == 0.5 and meta["daid_k"] == 8 and meta["retriever_entries"] == 300 * 6
+    assert meta["method_stats"]["rows_augmented"] == 2 * 6
+    script = Path(__file__).parents[1] / "arrag" / "t2i_example" / "t2i_daid_L.sh"
+    env = {"PATH": "/usr/bin:/bin", "MODEL": str(tiny_janus_dir), "RETRIEVER": str(retriever_dir),
+           "OUTPUT": str(tmp_path / "example_t2i_daid.jpg"), "IMAGE_SIZE": "64", "PARALLEL_SIZE": "2",
+           "DEVICE": "cpu", "ARRAG": f"{sys.executable} -m arrag"}
+    p = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "example_t2i_daid.jpg").exists() and (tmp_path / "example_t2i_daid.jpg.json").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main(["generate", "--model", str(tiny_janus_dir), "--prompt", "a", "--retriever", str(retriever_dir),
+                   "--out", str(out)])
+    assert rc == 2
