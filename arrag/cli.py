@@ -162,7 +162,8 @@ def _demo(args: argparse.Namespace) -> int:
     from arrag.runtime import resolve_device
 
     run_demo(args.out, steps=args.steps, image_size=args.image_size, seed=args.seed,
-             device=resolve_device(args.device))
+             device=resolve_device(args.device), database_images=args.database_images,
+             retriever_dir=args.retriever_dir)
     return 0
 
 
@@ -289,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=120, help="tokenizer training steps (default 120)")
     demo.add_argument("--image-size", type=int, default=64, help="image size in pixels (default 64)")
     demo.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and training (default 0)")
+    demo.add_argument("--database-images", type=int, default=600, help="images in the demo retriever (default 600)")
+    demo.add_argument("--retriever-dir", default="data/retriever/demo_L",
+                      help="where the demo retriever is built and reused (default data/retriever/demo_L)")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     demo.set_defaults(func=_demo)
     return parser

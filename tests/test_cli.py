@@ -48,14 +48,24 @@ def test_help_lists_commands():
 
 
 def test_demo_smoke(tmp_path, capsys):
-    rc = main(["demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--image-size", "32", "--device", "cpu"])
-    assert rc == 0
+    args = ["demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--image-size", "32", "--device", "cpu",
+            "--database-images", "30", "--retriever-dir", str(tmp_path / "demo_L")]
+    assert main(args) == 0
     scores = json.loads((tmp_path / "demo" / "scores.json").read_text())
     printed = capsys.readouterr().out
     # The printed table carries exactly the measured numbers in scores.json.
-    assert f"{scores['val_psnr_untrained_db']:.2f}" in printed and f"{scores['val_psnr_trained_db']:.2f}" in printed
-    assert (tmp_path / "demo" / "vq_reconstruction.png").exists()
-    assert (tmp_path / "demo" / "vq_tiny.safetensors.json").exists()
+    tok = scores["tokenizer"]
+    assert f"{tok['val_psnr_untrained_db']:.2f}" in printed and f"{tok['val_psnr_trained_db']:.2f}" in printed
+    hits = {k: v["database_code_rate"] for k, v in scores["generation"]["methods"].items()}
+    for name, rate in hits.items():
+        assert f"{name:28}{rate:20.3f}" in printed
+    # With lambda 1 every valid target (6 of 16 cells) takes a database code; the untrained model rarely does.
+    assert hits["daid (lambda 1.0)"] >= 6 / 16 and hits["daid (lambda 1.0)"] > hits["base"]
+    assert scores["retriever"]["entries"] == 30 * 3 * 2  # 4x4 grids: 3 x 2 valid targets each
+    for f in ("vq_reconstruction.png", "grid.png", "grid.png.json", "vq_tiny.safetensors.json"):
+        assert (tmp_path / "demo" / f).exists()
     from arrag.vq import load_vq
 
-    assert load_vq(tmp_path / "demo" / "vq_tiny.safetensors").fingerprint() == scores["fingerprint"]
+    assert load_vq(tmp_path / "demo" / "vq_tiny.safetensors").fingerprint() == tok["fingerprint"]
+    assert main(args) == 0  # a rerun reuses the retriever
+    assert "reusing the demo retriever" in capsys.readouterr().out
