@@ -301,3 +301,18 @@ def test_sample_queries_are_seeded(tmp_path):
     st = CodeStore.open(tmp_path / "store")
     np.testing.assert_array_equal(sample_queries(st, 20, 1), sample_queries(st, 20, 1))
     assert not np.array_equal(sample_queries(st, 20, 1), sample_queries(st, 20, 2))
+
+
+def test_saved_hf_dataset_source(tmp_path, vq_file):
+    datasets = pytest.importorskip("datasets")  # the 'data' extra; CI installs only 'dev'
+    from PIL import Image
+
+    w = ShapesWorld("train", size=64)
+    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(w.image(i)) for i in range(4)],
+                                     "caption": [w.scene(i).caption for i in range(4)]})
+    ds.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "hf"))
+    res = enc.encode(str(tmp_path / "hf"), tmp_path / "store", vq_file, image_size=64, num_workers=0,
+                     progress=False)
+    st = CodeStore.open(res.folder)
+    assert st.num_images == 4 and st.captions() == [w.scene(i).caption for i in range(4)]
+    assert st.manifest["source"]["type"] == "hf_disk" and st.manifest["source"]["caption_column"] == "caption"
