@@ -167,6 +167,10 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="arrag",
@@ -188,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "else VQ-16")
     rec.add_argument("--size", type=int, default=384, help="centre-crop size in pixels (default 384 = 24x24 tokens)")
     rec.add_argument("--side-by-side", action="store_true", help="write original and reconstruction side by side")
-    rec.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    _add_device(rec)
     rec.set_defaults(func=_vq_reconstruct)
 
     gen = sub.add_parser(
@@ -226,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="result/generated_imgs", help="output folder (default result/generated_imgs)")
     gen.add_argument("--format", default="png", choices=["png", "jpg", "webp"], help="image format (default png)")
     gen.add_argument("--grid", default=None, help="also write all images as one grid to this file")
-    gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    _add_device(gen)
     gen.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                      help="weights dtype (default auto: bf16 on CUDA, fp32 on CPU)")
     gen.set_defaults(func=_generate)
@@ -248,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--shard", default=None, help="process i of n (i/n); default from RANK/WORLD_SIZE")
     enc.add_argument("--min-size", type=int, default=64, help="skip images with a side below this (default 64)")
     enc.add_argument("--max-images", type=int, default=None, help="encode only the first N images")
-    enc.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    _add_device(enc)
     enc.set_defaults(func=_encode)
 
     bi = sub.add_parser(
@@ -293,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--database-images", type=int, default=600, help="images in the demo retriever (default 600)")
     demo.add_argument("--retriever-dir", default="data/retriever/demo_L",
                       help="where the demo retriever is built and reused (default data/retriever/demo_L)")
-    demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    _add_device(demo)
     demo.set_defaults(func=_demo)
     return parser
 
