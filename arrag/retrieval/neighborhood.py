@@ -82,6 +82,20 @@ SHAPES: dict[str, Neighborhood] = {
 }
 
 
+def causal_window_index(h: int, w: int, hop: int) -> np.ndarray:
+    """int64 [h*w, 2*hop+1, 2*hop+1]: for each target cell, the flat index of every cell of the square window
+    centred on it, or -1 where the cell is outside the grid, is the target itself, or comes after it in
+    raster order (FAiD's causal window: the centre is filled by a retrieved candidate instead).
+    """
+    r, c = np.divmod(np.arange(h * w), w)
+    d = np.arange(-hop, hop + 1)
+    dr, dc = d[:, None], d[None, :]
+    rr, cc = r[:, None, None] + dr, c[:, None, None] + dc
+    inside = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+    before = (dr < 0) | ((dr == 0) & (dc < 0))
+    return np.where(inside & before, rr * w + cc, -1).astype(np.int64)
+
+
 def get_neighborhood(shape: str | Neighborhood = "L") -> Neighborhood:
     if isinstance(shape, Neighborhood):
         return shape
