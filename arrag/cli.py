@@ -74,9 +74,9 @@ def _generate(args: argparse.Namespace) -> int:
                                         ("cuda" if device.type == "cuda" and _gpu_faiss() else "cpu"),
                                         nprobe=args.nprobe)
     elif args.retriever:
-        raise ArragError("--retriever is only used with --method daid")
+        raise ArragError("--retriever is only used with --method daid, faid or faid+daid")
     hooks = method_hooks(model, args.method, retriever, daid_lambda=args.daid_lambda, daid_tau=args.daid_tau,
-                         daid_k=args.daid_k, daid_aggregate=args.daid_aggregate,
+                         daid_k=args.daid_k, daid_aggregate=args.daid_aggregate, faid_k=args.faid_k,
                          allow_unknown_vq=args.allow_unknown_vq)
     seed = args.seed if args.seed is not None else int(np.random.SeedSequence().generate_state(1)[0])
     codes = sample_codes(model, prompts, parallel_size=args.parallel_size, cfg_weight=args.cfg_weight,
@@ -94,7 +94,8 @@ def _generate(args: argparse.Namespace) -> int:
     settings.update(seed=seed, prompts=prompts, prompts_file=args.prompts, files=files,
                     dtype=str(model.dtype), device=str(device), vq_fingerprint=model.vq.fingerprint())
     for hook in hooks:
-        settings.update(hook.settings(), method_stats=hook.stats)
+        settings.update(hook.settings())
+        settings.setdefault("method_stats", {}).update(hook.stats)
     write_sidecar(out, settings)
     if args.grid:
         write_sidecar(args.grid, settings)
@@ -196,14 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     rec.set_defaults(func=_vq_reconstruct)
 
     gen = sub.add_parser(
-        "generate", help="text-to-image generation with Janus-Pro (base sampler)",
+        "generate", help="text-to-image generation with Janus-Pro (base, DAiD, FAiD)",
         description="Generate images for every prompt x --parallel-size samples in one batch, with CFG. Writes "
                     "OUT/<prompt>_<sample>.png and OUT/settings.json with every setting and the seed.")
     gen.add_argument("--model", required=True, help="Janus-Pro checkpoint folder (config.json, weights, tokenizer)")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--prompts", help="text file with one prompt per line")
-    gen.add_argument("--method", default="base", choices=["base", "daid"],
-                     help="base (no retrieval) or daid (retrieval-augmented distribution) (default base)")
+    gen.add_argument("--method", default="base", choices=["base", "daid", "faid", "faid+daid"],
+                     help="base (no retrieval), daid (retrieval-augmented distribution), faid (a FAiD checkpoint's "
+                          "blenders fed retrieved patches) or faid+daid (default base)")
+    gen.add_argument("--faid-k", type=int, default=10, help="codes retrieved per step for FAiD (default 10)")
     gen.add_argument("--retriever", default=None, help="patch index folder for daid (e.g. data/retriever/index_L)")
     gen.add_argument("--daid-lambda", type=float, default=None,
                      help="DAiD mixing weight lambda in [0, 1] (default 0.1, provisional; see README)")

@@ -1,11 +1,24 @@
-"""FAiD blender: the linear split against the direct per-candidate form, windows, parameter names."""
+"""FAiD: the blender's linear split, windows, names, teacher forcing vs decoding, loading, sampling."""
+
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from arrag.decoding.faid import SmoothPatchBlender, gather_windows
-from arrag.retrieval.neighborhood import causal_window_index
+from arrag.build_retriever.build_index import build_index
+from arrag.cli import main
+from arrag.decoding.faid import FaidContext, SmoothPatchBlender, full_sequence_logits, gather_windows
+from arrag.decoding.sampler import generate, method_hooks, sample_codes
+from arrag.errors import ArragError
+from arrag.janus import JanusPro, Prompter
+from arrag.retrieval import codestore
+from arrag.retrieval.neighborhood import causal_window_index, get_neighborhood
+from arrag.retrieval.retriever import PatchRetriever
+from arrag.vq import codebook_fingerprint
 
 
 def test_causal_window_index_by_hand():
@@ -60,3 +73,161 @@ def test_released_parameter_names_and_init():
     assert "conv_weights" not in SmoothPatchBlender(8, (1,)).state_dict()
     with pytest.raises(ValueError, match="subset of 1,2,3"):
         SmoothPatchBlender(8, (4,))
+
+
+# -- the blenders inside the decoder ---------------------------------------------------------------------------
+
+GRID = (4, 4)
+
+
+@pytest.fixture(scope="module")
+def faid_dir(tmp_path_factory):
+    from arrag.demo.presets import make_tiny_janus
+
+    folder = tmp_path_factory.mktemp("faid")
+    # 2 layers, num_SmoothPatchBlender 1: blenders in layers 0 and 1, so the progressive path is exercised.
+    make_tiny_janus(folder, seed=1, num_SmoothPatchBlender=1, num_hop="1,2")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def faid_model(faid_dir):
+    m = JanusPro.from_pretrained(faid_dir, device="cpu", quiet=True)
+    with torch.no_grad():  # make the blenders matter: random gates and norms instead of near-identity ones
+        for i in (0, 1):
+            m.llm.layers[i].retrieval_layernorm.weight.uniform_(0.5, 1.5)
+    return m
+
+
+def _batch(model, faid_dir, n=2, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = Prompter.from_folder(faid_dir).batch(["a red circle", "two blue squares left of a triangle"][:n])
+    ids, mask = p.input_ids[0::2], p.attention_mask[0::2]  # conditional rows, left-padded
+    t = GRID[0] * GRID[1]
+    codes = torch.randint(0, model.config.image_token_size, (n, t), generator=g)
+    cands = torch.randint(0, model.config.image_token_size, (n, t, k), generator=g)
+    cands[0, :, -1] = -1  # fewer hits than asked for: -1 padding
+    return ids, mask, codes, cands
+
+
+def _incremental_logits(model, ids, mask, codes, cands, row_mask):
+    """Prefill + one token per step through the static cache, FAiD in step mode."""
+    b, length = ids.shape
+    t = GRID[0] * GRID[1]
+    valid = set(get_neighborhood("L").positions(*GRID).tolist())
+    buffers = {i: torch.zeros(b, t, model.config.hidden_size) for i in model.config.language.blender_layers()}
+    cache = model.llm.new_cache(b, length + t)
+    outs = []
+    with torch.no_grad():
+        for step in range(t):
+            cand = cands[:, step] if step in valid else None
+            model.faid_context = FaidContext("step", GRID, cand, row_mask, target=step, buffers=buffers)
+            x = model.text_embeddings(ids) if step == 0 else model.image_embeddings(codes[:, step - 1])[:, None]
+            outs.append(model.llm(x, mask if step == 0 else None, cache)[:, -1])
+        model.faid_context = None
+    return model.image_logits(torch.stack(outs, 1))
+
+
+def test_teacher_forcing_equals_incremental_decoding(faid_model, faid_dir):
+    ids, mask, codes, cands = _batch(faid_model, faid_dir)
+    with torch.no_grad():
+        full = full_sequence_logits(faid_model, ids, mask, codes, cands, GRID)
+        plain = full_sequence_logits(faid_model, ids, mask, codes, torch.full_like(cands, -1), GRID)
+    step = _incremental_logits(faid_model, ids, mask, codes, cands, torch.ones(2, dtype=torch.bool))
+    assert full.shape == (2, 16, faid_model.config.image_token_size)
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(full, plain)  # the blenders change the logits
+
+
+def test_edges_get_no_retrieval_and_the_past_is_untouched(faid_model, faid_dir):
+    ids, mask, codes, cands = _batch(faid_model, faid_dir)
+    valid = get_neighborhood("L").positions(*GRID)
+    with torch.no_grad():
+        ref = full_sequence_logits(faid_model, ids, mask, codes, cands, GRID)
+        other = cands.clone()
+        invalid = [c for c in range(16) if c not in set(valid.tolist())]  # row 0, column 0, last column
+        other[:, invalid] = (other[:, invalid] + 7) % 1024
+        torch.testing.assert_close(full_sequence_logits(faid_model, ids, mask, codes, other, GRID), ref,
+                                   rtol=0, atol=0)
+        t = int(valid[3])  # change one valid target's candidates: logits before it do not move, at it they do
+        other = cands.clone()
+        other[:, t] = (other[:, t] + 11) % 1024
+        moved = full_sequence_logits(faid_model, ids, mask, codes, other, GRID)
+    torch.testing.assert_close(moved[:, :t], ref[:, :t], rtol=0, atol=0)
+    assert not torch.allclose(moved[:, t], ref[:, t])
+
+
+def test_unconditional_rows_are_untouched(faid_model, faid_dir):
+    ids, mask, codes, cands = _batch(faid_model, faid_dir)
+    row_mask = torch.tensor([True, False])
+    got = _incremental_logits(faid_model, ids, mask, codes, cands, row_mask)
+    none = _incremental_logits(faid_model, ids, mask, codes, torch.full_like(cands, -1), torch.zeros(2, dtype=bool))
+    torch.testing.assert_close(got[1], none[1], rtol=0, atol=0)
+    assert not torch.allclose(got[0], none[0])
+
+
+def test_faid_checkpoint_round_trip_and_released_names(tmp_path, faid_dir, faid_model):
+    cfg = json.loads((faid_dir / "config.json").read_text())["language_config"]
+    assert cfg["num_SmoothPatchBlender"] == 1 and cfg["num_hop"] == "1,2"
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(faid_dir / "model.safetensors"))
+    for key in ("layers.0.blender.conv1.weight", "layers.1.blender.conv22.bias", "layers.0.blender.conv_weights",
+                "layers.1.blender.mlp.2.weight", "layers.0.retrieval_layernorm.weight"):
+        assert "language_model.model." + key in state, key
+    faid_model.save_pretrained(tmp_path / "a")
+    again = JanusPro.from_pretrained(tmp_path / "a", device="cpu", quiet=True)
+    sa, sb = faid_model.state_dict(), again.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # A checkpoint without the idle hop-3 convs (num_hop "1,2") loads too.
+    trimmed = {k: v for k, v in state.items() if ".blender.conv3" not in k}
+    (tmp_path / "b").mkdir()
+    save_file(trimmed, str(tmp_path / "b" / "model.safetensors"))
+    (tmp_path / "b" / "config.json").write_text((faid_dir / "config.json").read_text())
+    JanusPro.from_pretrained(tmp_path / "b", device="cpu", quiet=True)
+
+
+@pytest.fixture(scope="module")
+def faid_retriever(tmp_path_factory, faid_model):
+    root = tmp_path_factory.mktemp("faid_index")
+    book = faid_model.vq.quantize.codebook().detach().numpy()
+    codes = np.random.default_rng(2).integers(0, 40, (200, 4, 4)).astype(np.uint16)
+    codestore.write_codebook(root / "store", book)
+    codestore.write_shard(root / "store", 0, codes, [str(i) for i in range(200)])
+    codestore.finalize(root / "store", 1, {"vq_fingerprint": codebook_fingerprint(book), "grid": [4, 4]})
+    build_index(root / "store", root / "index", progress=False)
+    return root / "index"
+
+
+def test_faid_sampling_is_seeded_and_uses_retrieval(faid_model, faid_retriever, tiny_janus):
+    r = PatchRetriever.load(faid_retriever)
+    kw = dict(image_size=64, seed=3, progress=False, parallel_size=2)
+    a = generate(faid_model, ["a red circle", "a square"], method="faid", retriever=r, **kw)
+    b = generate(faid_model, ["a red circle", "a square"], method="faid", retriever=r, **kw)
+    base = generate(faid_model, ["a red circle", "a square"], **kw)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (4, 64, 64, 3) and not np.array_equal(a, base)
+    combo = sample_codes(faid_model, ["a circle"], hooks=method_hooks(faid_model, "faid+daid", r, daid_lambda=1.0,
+                                                                      daid_k=4), **kw)
+    database_codes = set(range(40))  # the index holds codes 0..39 only: lambda 1 keeps valid targets there
+    valid = get_neighborhood("L").positions(*GRID)
+    assert set(combo.reshape(2, -1)[:, valid].flatten().tolist()) <= database_codes
+    assert faid_model.faid_context is None  # nothing left behind after decoding
+    with pytest.raises(ArragError, match="has no FAiD blenders"):
+        generate(tiny_janus, ["a"], method="faid", retriever=r, **kw)
+
+
+def test_cli_faid_and_script(tmp_path, faid_dir, faid_retriever):
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(faid_dir), "--prompt", "a red circle", "--method", "faid",
+                 "--retriever", str(faid_retriever), "--faid-k", "5", "--image-size", "64", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    meta = json.loads((out / "settings.json").read_text())["settings"]
+    assert meta["faid_k"] == 5 and meta["method"] == "faid" and meta["method_stats"]["steps_augmented"] == 6
+    script = os.path.join(os.path.dirname(__file__), "..", "arrag", "t2i_example", "t2i_faid_L.sh")
+    env = {"PATH": "/usr/bin:/bin", "MODEL": str(faid_dir), "RETRIEVER": str(faid_retriever),
+           "OUTPUT": str(tmp_path / "example_t2i_faid.jpg"), "IMAGE_SIZE": "64", "PARALLEL_SIZE": "2",
+           "DEVICE": "cpu", "ARRAG": f"{sys.executable} -m arrag"}
+    p = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "example_t2i_faid.jpg").exists()

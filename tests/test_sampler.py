@@ -71,8 +71,8 @@ def test_greedy_is_deterministic_without_seed_effect(tiny_janus):
 def test_sampler_errors(tiny_janus):
     with pytest.raises(ArragError, match="not a positive multiple of the VQ downsample factor 16"):
         generate(tiny_janus, ["a"], image_size=100, progress=False)
-    with pytest.raises(ArragError, match="--method 'faid' is not available"):
-        generate(tiny_janus, ["a"], method="faid", image_size=32)
+    with pytest.raises(ArragError, match="--method 'nope' is not available"):
+        generate(tiny_janus, ["a"], method="nope", image_size=32)
     with pytest.raises(ArragError, match="--method daid needs a retriever"):
         generate(tiny_janus, ["a"], method="daid", image_size=32)
     with pytest.raises(ArragError, match="parallel-size must be >= 1"):

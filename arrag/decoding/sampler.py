@@ -21,7 +21,7 @@ from tqdm import tqdm
 from arrag.errors import ArragError
 from arrag.image_io import to_uint8
 
-METHODS = ("base", "daid")
+METHODS = ("base", "daid", "faid", "faid+daid")
 
 
 @dataclass
@@ -138,6 +138,17 @@ def _sample_chunk(model, prompter, captions, seeds, grid, cfg_weight, temperatur
     cache = model.llm.new_cache(2 * n, batch.input_ids.shape[1] + steps)
     for hook in hooks:
         hook.begin(state)
+    try:
+        _decode_loop(model, state, batch, cache, uniforms, steps, cfg_weight, temperature, top_k, top_p, hooks,
+                     progress)
+    finally:  # hooks release what they hold (FAiD's per-forward context) even when decoding fails
+        for hook in hooks:
+            hook.end(state)
+    return state.codes
+
+
+def _decode_loop(model, state, batch, cache, uniforms, steps, cfg_weight, temperature, top_k, top_p, hooks,
+                 progress):
     for hook in hooks:
         hook.before_forward(state, 0)
     hidden = model.llm(model.text_embeddings(batch.input_ids), batch.attention_mask, cache)[:, -1]
@@ -163,9 +174,6 @@ def _sample_chunk(model, prompter, captions, seeds, grid, cfg_weight, temperatur
             hook.before_forward(state, t + 1)
         emb = model.image_embeddings(tokens.repeat_interleave(2))[:, None]  # same token for cond and uncond rows
         hidden = model.llm(emb, None, cache)[:, -1]
-    for hook in hooks:
-        hook.end(state)
-    return state.codes
 
 
 @torch.no_grad()
@@ -177,7 +185,7 @@ def decode_images(model, codes: torch.Tensor, batch_size: int = 8) -> np.ndarray
 
 def method_hooks(model, method: str, retriever=None, *, daid_lambda: float | None = None,
                  daid_tau: float | None = None, daid_k: int | None = None, daid_aggregate: str = "nearest",
-                 allow_unknown_vq: bool = False) -> list[DecodingHook]:
+                 faid_k: int = 10, allow_unknown_vq: bool = False) -> list[DecodingHook]:
     """The hooks a method needs, after checking the retriever against the model's tokenizer."""
     if method not in METHODS:
         raise ArragError(f"--method {method!r} is not available; choose one of {', '.join(METHODS)}")
@@ -187,19 +195,29 @@ def method_hooks(model, method: str, retriever=None, *, daid_lambda: float | Non
         return []
     if retriever is None:
         raise ArragError(f"--method {method} needs a retriever (--retriever DIR)")
+    if method.startswith("faid") and not model.has_faid:
+        raise ArragError(f"--method {method}: the model {model.source_folder or ''} has no FAiD blenders (its "
+                         "config lacks num_SmoothPatchBlender/num_hop); pass a FAiD checkpoint")
     retriever.check_compatible(model.vq, allow_unknown=allow_unknown_vq)
-    from arrag.decoding.daid import DEFAULT_K, DEFAULT_LAMBDA, DEFAULT_TAU, DAiD
+    hooks: list[DecodingHook] = []
+    if method.startswith("faid"):
+        from arrag.decoding.faid import FAiD
 
-    return [DAiD(retriever, lam=DEFAULT_LAMBDA if daid_lambda is None else daid_lambda,
-                 tau=DEFAULT_TAU if daid_tau is None else daid_tau, k=DEFAULT_K if daid_k is None else daid_k,
-                 aggregate=daid_aggregate)]
+        hooks.append(FAiD(retriever, k=faid_k))
+    if method.endswith("daid"):
+        from arrag.decoding.daid import DEFAULT_K, DEFAULT_LAMBDA, DEFAULT_TAU, DAiD
+
+        hooks.append(DAiD(retriever, lam=DEFAULT_LAMBDA if daid_lambda is None else daid_lambda,
+                          tau=DEFAULT_TAU if daid_tau is None else daid_tau, k=DEFAULT_K if daid_k is None else daid_k,
+                          aggregate=daid_aggregate))
+    return hooks
 
 
 def generate(model, prompts: Sequence[str], *, method: str = "base", retriever=None, parallel_size: int = 1,
              cfg_weight: float = 5.0, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, image_size: int = 384,
              daid_lambda: float | None = None, daid_tau: float | None = None, daid_k: int | None = None,
-             daid_aggregate: str = "nearest", allow_unknown_vq: bool = False,
+             daid_aggregate: str = "nearest", faid_k: int = 10, allow_unknown_vq: bool = False,
              hooks: Sequence[DecodingHook] = (), prompter=None, batch_size: int | None = None,
              image_index_offset: int = 0, progress: bool = True) -> np.ndarray:
     """Generate uint8 images [len(prompts) * parallel_size, H, W, 3] (image j*parallel_size+s = prompt j, sample s).
@@ -209,7 +227,7 @@ def generate(model, prompts: Sequence[str], *, method: str = "base", retriever=N
     Extra `hooks` run after the method's own, in the given order.
     """
     hooks = [*method_hooks(model, method, retriever, daid_lambda=daid_lambda, daid_tau=daid_tau, daid_k=daid_k,
-                           daid_aggregate=daid_aggregate, allow_unknown_vq=allow_unknown_vq), *hooks]
+                           daid_aggregate=daid_aggregate, faid_k=faid_k, allow_unknown_vq=allow_unknown_vq), *hooks]
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1)[0])
     codes = sample_codes(model, prompts, parallel_size=parallel_size, cfg_weight=cfg_weight,

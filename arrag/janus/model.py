@@ -61,6 +61,26 @@ class JanusPro(nn.Module):
         self.gen_head = VisionHead(d, config.image_token_embed, config.image_token_size)
         self.gen_embed = nn.Embedding(config.image_token_size, config.aligner_input_dim)
         self.source_folder: Path | None = None
+        self.faid_context = None  # set per forward pass by FAiD (arrag.decoding.faid.FaidContext)
+        self._window_cache: dict = {}
+        if self.has_faid:
+            from arrag.decoding.faid import attach_blenders
+
+            attach_blenders(self)
+
+    @property
+    def has_faid(self) -> bool:
+        """True when the config carries FAiD blenders (num_SmoothPatchBlender and num_hop)."""
+        return bool(self.config.language.num_SmoothPatchBlender and self.config.language.hops)
+
+    def faid_window_index(self, grid: tuple[int, int], hop: int, device) -> torch.Tensor:
+        """Cached causal window table [h*w, 2hop+1, 2hop+1] on `device` (see retrieval.neighborhood)."""
+        key = (tuple(grid), hop, str(device))
+        if key not in self._window_cache:
+            from arrag.retrieval.neighborhood import causal_window_index
+
+            self._window_cache[key] = torch.from_numpy(causal_window_index(*grid, hop)).to(device)
+        return self._window_cache[key]
 
     # -- pieces the sampler and FAiD use ------------------------------------------------------------------
     @property
@@ -119,6 +139,7 @@ class JanusPro(nn.Module):
                 skipped += 1
                 continue
             state[key] = tensor
+        _fill_unused_hop_convs(model, state)
         load_state_strict(model, state, f"Janus checkpoint {folder}", assign=True)
         if skipped and not quiet:
             print(f"arrag: {folder}: skipped {skipped} tensors not used for text-to-image "
@@ -156,6 +177,25 @@ class JanusPro(nn.Module):
         cfg["torch_dtype"] = str(self.dtype).removeprefix("torch.")
         (folder / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
         return folder
+
+
+def _fill_unused_hop_convs(model: JanusPro, state: dict) -> None:
+    """A FAiD checkpoint may omit the convs of hops it does not use; give those idle convs zeros."""
+    if not model.has_faid:
+        return
+    from arrag.decoding.faid import CONV_NAMES
+
+    hops = set(model.config.language.hops)
+    for i in model.config.language.blender_layers():
+        for h, names in CONV_NAMES.items():
+            if h in hops:
+                continue
+            for name in names:
+                for p in ("weight", "bias"):
+                    key = f"language_model.model.layers.{i}.blender.{name}.{p}"
+                    if key not in state:
+                        shape = getattr(model.llm.layers[i].blender, name).get_parameter(p).shape
+                        state[key] = torch.zeros(shape)
 
 
 def _weight_files(path: Path) -> list[Path]:
