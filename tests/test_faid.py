@@ -45,10 +45,22 @@ def test_linear_split_equals_direct(hops):
     windows = gather_windows(grid, idx[[7, 14, 21, 35]])
     feats = torch.randn(8, k, d, dtype=torch.float64)
     feats[0, 1] = 0  # a missing candidate is a zero vector
-    fast, fast_mean = blender(windows, feats)
+    fast, fast_mean = blender(windows, feats)  # autograd on: neighbourhood part through the convolutions
     ref, ref_mean = blender(windows, feats, direct=True)
     torch.testing.assert_close(fast, ref, atol=1e-10, rtol=1e-10)
+    with torch.no_grad():  # decoding: neighbourhood part through the precomputed per-cell maps
+        torch.testing.assert_close(blender(windows, feats)[0], ref, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(fast_mean, ref.mean(1))
+    with torch.no_grad():  # the cached centre maps (no autograd) follow weight changes
+        first, _ = blender(windows, feats)
+        getattr(blender, f"conv{max(hops)}").weight.mul_(1.5)
+        again, _ = blender(windows, feats)
+        ref_again, _ = blender(windows, feats, direct=True)
+    assert not torch.allclose(first, again)
+    torch.testing.assert_close(again, ref_again, atol=1e-10, rtol=1e-10)
+    noisy = windows.clone()
+    noisy[:, :, max(hops), max(hops)] = 5.0  # whatever sits in the centre is replaced by the candidate
+    torch.testing.assert_close(blender(noisy, feats)[0], blender(windows, feats)[0])
     blender32 = blender.float()  # and in fp32, the dtype the tests elsewhere run in
     f32, _ = blender32(windows.float(), feats.float())
     r32, _ = blender32(windows.float(), feats.float(), direct=True)
@@ -115,7 +127,7 @@ def _incremental_logits(model, ids, mask, codes, cands, row_mask):
     b, length = ids.shape
     t = GRID[0] * GRID[1]
     valid = set(get_neighborhood("L").positions(*GRID).tolist())
-    buffers = {i: torch.zeros(b, t, model.config.hidden_size) for i in model.config.language.blender_layers()}
+    buffers = {i: torch.zeros(b, t + 1, model.config.hidden_size) for i in model.config.language.blender_layers()}
     cache = model.llm.new_cache(b, length + t)
     outs = []
     with torch.no_grad():
