@@ -28,16 +28,7 @@ from arrag.decoding.faid import SmoothPatchBlender  # noqa: E402
 from arrag.decoding.sampler import method_hooks, sample_codes  # noqa: E402
 from arrag.demo.presets import build_word_tokenizer, tiny_janus_config  # noqa: E402
 from arrag.janus import JanusPro, Prompter  # noqa: E402
-
-
-def best_of(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from bench.timing import best_of  # noqa: E402
 
 
 def blender_bench(dim: int, positions: int, k: int, repeats: int) -> dict:
@@ -77,14 +68,10 @@ def decode_bench(batch: int, k: int, repeats: int) -> dict:
         retriever = PatchRetriever.load(data / "idx_auto")
     else:
         from arrag.build_retriever.build_index import build_index
-        from arrag.retrieval import codestore
-        from arrag.vq import codebook_fingerprint
+        from arrag.retrieval.codestore import write_store
 
-        book = model.vq.quantize.codebook().detach().numpy()
         codes = np.random.default_rng(0).integers(0, 1024, (2000, 16, 16)).astype(np.uint16)
-        codestore.write_codebook(tmp / "store", book)
-        codestore.write_shard(tmp / "store", 0, codes, [str(i) for i in range(len(codes))])
-        codestore.finalize(tmp / "store", 1, {"vq_fingerprint": codebook_fingerprint(book), "grid": [16, 16]})
+        write_store(tmp / "store", codes, model.vq.quantize.codebook().detach().numpy())
         build_index(tmp / "store", tmp / "index", progress=False)
         retriever = PatchRetriever.load(tmp / "index")
     prompter = Prompter(tok)

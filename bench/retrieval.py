@@ -19,7 +19,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +33,7 @@ from arrag.image_io import save_image  # noqa: E402
 from arrag.retrieval.codestore import CodeStore  # noqa: E402
 from arrag.retrieval.neighborhood import grid_key_vectors  # noqa: E402
 from arrag.vq import VQModel  # noqa: E402
-
-
-def timed(fn, repeats: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from bench.timing import best_of  # noqa: E402
 
 
 def key_throughput() -> dict:
@@ -52,8 +42,8 @@ def key_throughput() -> dict:
     book = rng.normal(size=(16384, 8)).astype(np.float32)
     _, keys = grid_key_vectors(codes, book)
     src = np.ones(keys.nbytes // 4, np.float32)
-    t_keys = timed(lambda: grid_key_vectors(codes, book))
-    t_copy = timed(lambda: np.copy(src))
+    t_keys = best_of(lambda: grid_key_vectors(codes, book))
+    t_copy = best_of(lambda: np.copy(src))
     return {"output_mb": keys.nbytes / 1e6, "keys_gb_s": keys.nbytes / t_keys / 1e9,
             "copy_gb_s": keys.nbytes / t_copy / 1e9, "ratio": t_copy / t_keys, "target": 0.5}
 

@@ -19,7 +19,6 @@ from arrag.errors import ArragError
 from arrag.retrieval import codestore
 from arrag.retrieval.neighborhood import get_neighborhood, keys_for_grid
 from arrag.retrieval.retriever import PatchRetriever
-from arrag.vq import codebook_fingerprint
 
 KW = dict(image_size=64, progress=False, seed=7)  # 4x4 tokens with the tiny VQ-16: valid targets 5, 6, 9, 10, 13, 14
 
@@ -28,11 +27,8 @@ KW = dict(image_size=64, progress=False, seed=7)  # 4x4 tokens with the tiny VQ-
 def retriever_dir(tmp_path_factory, tiny_janus):
     """An exact index over random 4x4 grids drawn from 40 codes, built with the tiny model's own codebook."""
     root = tmp_path_factory.mktemp("daid")
-    book = tiny_janus.vq.quantize.codebook().detach().numpy()
     codes = np.random.default_rng(0).integers(0, 40, (300, 4, 4)).astype(np.uint16)
-    codestore.write_codebook(root / "store", book)
-    codestore.write_shard(root / "store", 0, codes, [str(i) for i in range(300)])
-    codestore.finalize(root / "store", 1, {"vq_fingerprint": codebook_fingerprint(book), "grid": [4, 4]})
+    codestore.write_store(root / "store", codes, tiny_janus.vq.quantize.codebook().detach().numpy())
     build_index(root / "store", root / "index", progress=False)
     return root / "index"
 
@@ -127,9 +123,7 @@ def test_invalid_targets_keep_the_model_distribution(tiny_janus, retriever):
 def test_fingerprint_mismatch_is_refused(tmp_path, tiny_janus):
     book = np.random.default_rng(1).normal(size=(1024, 8)).astype(np.float32)
     book /= np.linalg.norm(book, axis=1, keepdims=True)
-    codestore.write_codebook(tmp_path / "store", book)
-    codestore.write_shard(tmp_path / "store", 0, np.zeros((2, 4, 4), np.uint16), ["0", "1"])
-    codestore.finalize(tmp_path / "store", 1, {"vq_fingerprint": codebook_fingerprint(book), "grid": [4, 4]})
+    codestore.write_store(tmp_path / "store", np.zeros((2, 4, 4), np.uint16), book)
     build_index(tmp_path / "store", tmp_path / "index", progress=False)
     other = PatchRetriever.load(tmp_path / "index")
     with pytest.raises(ArragError, match="built with another tokenizer"):

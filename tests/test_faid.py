@@ -18,7 +18,6 @@ from arrag.janus import JanusPro, Prompter
 from arrag.retrieval import codestore
 from arrag.retrieval.neighborhood import causal_window_index, get_neighborhood
 from arrag.retrieval.retriever import PatchRetriever
-from arrag.vq import codebook_fingerprint
 
 
 def test_causal_window_index_by_hand():
@@ -202,11 +201,8 @@ def test_faid_checkpoint_round_trip_and_released_names(tmp_path, faid_dir, faid_
 @pytest.fixture(scope="module")
 def faid_retriever(tmp_path_factory, faid_model):
     root = tmp_path_factory.mktemp("faid_index")
-    book = faid_model.vq.quantize.codebook().detach().numpy()
     codes = np.random.default_rng(2).integers(0, 40, (200, 4, 4)).astype(np.uint16)
-    codestore.write_codebook(root / "store", book)
-    codestore.write_shard(root / "store", 0, codes, [str(i) for i in range(200)])
-    codestore.finalize(root / "store", 1, {"vq_fingerprint": codebook_fingerprint(book), "grid": [4, 4]})
+    codestore.write_store(root / "store", codes, faid_model.vq.quantize.codebook().detach().numpy())
     build_index(root / "store", root / "index", progress=False)
     return root / "index"
 

@@ -33,12 +33,8 @@ def make_store(folder, n=30, grid=6, k=64, seed=0, shard_size=8):
     book = rng.normal(size=(k, 8)).astype(np.float32)
     book /= np.linalg.norm(book, axis=1, keepdims=True)
     codes = rng.integers(0, k, (n, grid, grid)).astype(np.uint16)
-    codestore.write_codebook(folder, book)
-    shards = range(0, n, shard_size)
-    for j, s in enumerate(shards):
-        codestore.write_shard(folder, j, codes[s:s + shard_size], [str(i) for i in range(s, min(n, s + shard_size))])
-    codestore.finalize(folder, len(shards), {"vq_fingerprint": codebook_fingerprint(book), "grid": [grid, grid],
-                                             "image_size": grid * 16})
+    store = codestore.write_store(folder, codes, book, shard_size=shard_size)
+    assert len(store.manifest["shards"]) == -(-n // shard_size) and store.fingerprint == codebook_fingerprint(book)
     return codes, book
 
 

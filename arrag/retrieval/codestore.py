@@ -98,6 +98,27 @@ def finalize(folder: str | Path, num_shards: int, info: dict) -> bool:
     return True
 
 
+def write_store(folder: str | Path, codes: np.ndarray, codebook: np.ndarray, shard_size: int = 4096,
+                captions: list[str] | None = None, source: str = "arrays") -> CodeStore:
+    """A finished code store from code grids already in memory ([N, h, w]) and their normalised codebook.
+
+    For codes that come from somewhere other than `arrag encode` (synthetic data, another tokenizer run);
+    the fingerprint is the codebook's own.
+    """
+    from arrag.vq import codebook_fingerprint
+
+    folder = Path(folder)
+    write_codebook(folder, codebook)
+    starts = range(0, len(codes), shard_size)
+    for k, s in enumerate(starts):
+        part = slice(s, s + shard_size)
+        write_shard(folder, k, codes[part], [str(i) for i in range(s, min(s + shard_size, len(codes)))],
+                    captions=captions[part] if captions is not None else None)
+    finalize(folder, len(starts), {"vq_fingerprint": codebook_fingerprint(np.asarray(codebook, np.float32)),
+                                   "grid": list(codes.shape[1:3]), "source": {"type": source}})
+    return CodeStore.open(folder)
+
+
 @dataclass
 class CodeStore:
     """Read access to a finished code store (memory-mapped shards)."""
