@@ -135,5 +135,5 @@ def run_demo(out_dir: str | Path = "result/demo", steps: int = 120, image_size: 
     for name, s in scores.items():
         print(f"{name:28}{s['database_code_rate']:20.3f}")
     print(f"[demo] wrote {grid} (rows: {', '.join(methods)}), {out / 'vq_reconstruction.png'}, {out / 'scores.json'}")
-    print("[demo] the language model is untrained (trained ShapesWorld weights and FAiD are not built yet)")
+    print("[demo] the language model is untrained: trained ShapesWorld weights (base and FAiD) do not ship yet")
     return summary
