@@ -41,7 +41,7 @@ class SmoothPatchBlender(nn.Module):
         if len(hops) > 1:
             self.conv_weights = nn.Parameter(torch.ones(len(hops)))
         self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 1))
-        self._centre_cache: dict[int, tuple] = {}
+        self._cache: dict[int, tuple] = {}
         self.reset_convs()
 
     @property
@@ -62,10 +62,10 @@ class SmoothPatchBlender(nn.Module):
         """[S, S] of ones before the centre (raster order), zeros at and after it."""
         s, c = self.window, self.window // 2
         key = ("mask", s, windows.device, windows.dtype)
-        if key not in self._centre_cache:
+        if key not in self._cache:
             r, q = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
-            self._centre_cache[key] = ((r < c) | ((r == c) & (q < c))).to(windows.device, windows.dtype)
-        return self._centre_cache[key]
+            self._cache[key] = ((r < c) | ((r == c) & (q < c))).to(windows.device, windows.dtype)
+        return self._cache[key]
 
     def hop_weights(self) -> torch.Tensor:
         if hasattr(self, "conv_weights"):
@@ -82,9 +82,9 @@ class SmoothPatchBlender(nn.Module):
         key = (a._version, b._version, a.data_ptr(), b.data_ptr(), a.dtype, a.device)
         if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
             return self._centre_map(a, b, hop)
-        cached = self._centre_cache.get(hop)
+        cached = self._cache.get(hop)
         if cached is None or cached[0] != key:
-            cached = self._centre_cache[hop] = (key, self._centre_map(a, b, hop))
+            cached = self._cache[hop] = (key, self._centre_map(a, b, hop))
         return cached[1]
 
     @staticmethod
@@ -107,12 +107,12 @@ class SmoothPatchBlender(nn.Module):
         a_conv, b_conv = (getattr(self, n) for n in CONV_NAMES[hop])
         a, b = a_conv.weight, b_conv.weight
         key = ("past", a._version, b._version, a_conv.bias._version, b_conv.bias._version, a.data_ptr(), a.dtype)
-        cached = self._centre_cache.get(("past", hop))
+        cached = self._cache.get(("past", hop))
         if cached is None or cached[0] != key:
             cells = [(u, v) for u in range(2 * hop + 1) for v in range(2 * hop + 1) if (u, v) < (hop, hop)]
             maps = torch.cat([self._cell_map(a, b, hop, u, v).T for u, v in cells], 0)
             const = b_conv.bias + b.sum((2, 3)) @ a_conv.bias
-            cached = self._centre_cache[("past", hop)] = (key, (cells, maps, const))
+            cached = self._cache[("past", hop)] = (key, (cells, maps, const))
         return cached[1]
 
     def _past_part(self, hop: int, crop: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ class DecodingHook:
     begin(state)                    once, before the prompt prefill
     before_forward(state, target)   before the forward pass whose last position predicts token `target`
     adjust_probs(state, target, p)  p: fp32 [N, V] after CFG and temperature; return the distribution to sample
-    end(state)                      once, after the last token
+    end(state)                      once, after the last token (also when decoding fails)
     """
 
     def begin(self, state: DecodeState) -> None:
