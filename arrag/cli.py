@@ -152,6 +152,15 @@ def _search_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _construct_train(args: argparse.Namespace) -> int:
+    from arrag.train.construct import construct_train
+
+    s = construct_train(args.store, args.retriever, args.out, k=args.k, exclude_self=args.exclude_self,
+                        chunk_images=args.chunk_images, nprobe=args.nprobe)
+    print(f"retrieved top-{s['k']} codes for every valid position of {args.store} -> {args.out or args.store}")
+    return 0
+
+
 def _gpu_faiss() -> bool:
     from arrag.retrieval.index import has_gpu_faiss
 
@@ -289,6 +298,21 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--device", default="cpu", help="cpu, cuda or GPU ids (default cpu)")
     ss.add_argument("--json", default=None, help="also write the figures to this JSON file")
     ss.set_defaults(func=_search_stats)
+
+    ct = sub.add_parser(
+        "construct-train", help="FAiD training set: top-K retrieved codes for every position of a code store",
+        description="For each image of a captioned code store and each valid target, retrieve the top-K codes "
+                    "with the ground-truth neighbours (one batched search per chunk). Writes retrieved-*.npy "
+                    "(int16 [n, h*w, K], -1 = none) beside the codes, resumable.")
+    ct.add_argument("store", help="code store with captions (arrag encode on image-caption data)")
+    ct.add_argument("--retriever", required=True, help="index folder built with the same tokenizer")
+    ct.add_argument("--out", default=None, help="output folder (default: the store folder)")
+    ct.add_argument("--k", type=int, default=10, help="retrieved codes per position (default 10)")
+    ct.add_argument("--exclude-self", action="store_true",
+                    help="drop hits from the same image (when the index was built from this store)")
+    ct.add_argument("--chunk-images", type=int, default=256, help="images per batched search (default 256)")
+    ct.add_argument("--nprobe", type=int, default=None, help="override the index's nprobe")
+    ct.set_defaults(func=_construct_train)
 
     demo = sub.add_parser(
         "demo", help="run the main job on the embedded default (ShapesWorld)",

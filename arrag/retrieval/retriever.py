@@ -119,6 +119,14 @@ class PatchRetriever:
         dist, ids = self.index.search(q, k)
         return dist, self._codes_np(ids)
 
+    def search_entries(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Like search (NumPy only), plus the entry ids [Q, k] (-1 = none): entry e is image
+        e // entries_per_image of the index's code store."""
+        if queries.shape[-1] != self.dim:
+            raise ArragError(f"queries have dimension {queries.shape[-1]}, the index expects {self.dim}")
+        dist, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return dist, self._codes_np(ids), ids
+
     def _codes_np(self, ids: np.ndarray) -> np.ndarray:
         codes = np.full(ids.shape, -1, dtype=np.int64)
         hit = ids >= 0

@@ -1,0 +1,123 @@
+"""`arrag construct-train`: the FAiD training set, i.e. the top-K retrieved codes of every image position.
+
+For each image of a code store with captions and each target valid for the retriever's neighbourhood,
+the ground-truth neighbours form the query (the same keys the index was built from) and the K nearest
+entries' codes are kept: int16 [n, h*w, K], -1 at invalid targets and where fewer than K were found.
+One batched search per chunk of images. Written per code-store shard (`retrieved-00000.npy` beside
+`codes-00000.npy`, under a temporary name, renamed when complete), so an interrupted run resumes.
+With `exclude_self`, hits from the same image are dropped (the training images are in the database);
+this needs the index to be built from this very store (entry e is image e // P).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from arrag.errors import ArragError
+from arrag.retrieval.codestore import CodeStore
+from arrag.retrieval.neighborhood import grid_key_vectors
+from arrag.retrieval.retriever import PatchRetriever
+
+FORMAT = "arrag-faid-trainset/1"
+
+
+def retrieved_name(k: int) -> str:
+    return f"retrieved-{k:05d}.npy"
+
+
+def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str | Path | None = None, *, k: int = 10,
+                    exclude_self: bool = False, chunk_images: int = 256, nprobe: int | None = None,
+                    progress: bool = True) -> dict:
+    """Write the retrieved codes of every shard of `store_dir` into `out` (default: the store folder)."""
+    store = CodeStore.open(store_dir)
+    if not store.has_captions:
+        raise ArragError(f"code store {store.folder} has no captions: encode image-caption data for FAiD training")
+    if k < 1:
+        raise ArragError(f"--k must be >= 1, got {k}")
+    retriever = PatchRetriever.load(retriever_dir, nprobe=nprobe)
+    if retriever.fingerprint is not None and retriever.fingerprint != store.fingerprint:
+        raise ArragError(f"code store {store.folder} (VQ {store.fingerprint}) and retriever {retriever.folder} "
+                         f"(VQ {retriever.fingerprint}) were built with different tokenizers")
+    same_store = Path(retriever.manifest.get("store", "")).resolve() == store.folder.resolve()
+    if exclude_self and not same_store:
+        raise ArragError("--exclude-self needs the index built from this code store (its manifest names "
+                         f"{retriever.manifest.get('store')}); otherwise no image can retrieve itself")
+    h, w = store.grid
+    nb = retriever.neighborhood
+    codebook = store.codebook()
+    per_image = int(retriever.manifest.get("entries_per_image", 0))
+    fetch = 4 * k if exclude_self else k  # self hits are dropped, so ask for more and keep the first k others
+    out = Path(out) if out is not None else store.folder
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"format": FORMAT, "k": k, "exclude_self": exclude_self, "store": str(store.folder.resolve()),
+                "retriever": str(retriever.folder.resolve()), "vq_fingerprint": store.fingerprint,
+                "neighborhood": nb.name, "nprobe": retriever.nprobe, "grid": [h, w]}
+    _check_settings(out / "retrieved.json", settings)
+    bounds = np.cumsum([0] + [s["count"] for s in store.manifest["shards"]])
+    todo = [s for s in range(len(bounds) - 1) if not (out / retrieved_name(s)).exists()]
+    bar = tqdm(total=int(sum(bounds[s + 1] - bounds[s] for s in todo)), desc="construct-train", unit="img",
+               disable=not progress)
+    for s in todo:
+        lo, hi = int(bounds[s]), int(bounds[s + 1])
+        result = np.full((hi - lo, h * w, k), -1, dtype=np.int16)
+        for i0, codes in store.iter_chunks(chunk_images, start=lo, stop=hi):
+            pos, keys = grid_key_vectors(codes, codebook, nb)
+            _, got, ids = retriever.search_entries(keys.reshape(-1, keys.shape[-1]), fetch)
+            got = got.reshape(len(codes), len(pos), fetch)
+            if exclude_self:
+                owner = (np.arange(i0, i0 + len(codes))[:, None, None])
+                got = _first_k_not_self(got, ids.reshape(got.shape) // per_image == owner, k)
+            result[i0 - lo:i0 - lo + len(codes)][:, pos] = got[..., :k]
+            bar.update(len(codes))
+        tmp = out / (retrieved_name(s) + ".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, result)
+        tmp.replace(out / retrieved_name(s))
+    bar.close()
+    return settings
+
+
+def _first_k_not_self(codes: np.ndarray, is_self: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the first k codes whose hit is not from the same image, in rank order; -1 pads."""
+    keep = ~is_self & (codes >= 0)
+    order = np.argsort(~keep, axis=-1, kind="stable")  # kept hits first, rank order preserved
+    picked = np.take_along_axis(codes, order, -1)[..., :k]
+    return np.where(np.take_along_axis(keep, order, -1)[..., :k], picked, -1)
+
+
+def _check_settings(path: Path, settings: dict) -> None:
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = [key for key in settings if old.get(key) != settings[key]]
+        if diff:
+            raise ArragError(f"{path.parent} holds retrieved codes made with other settings ({', '.join(diff)} "
+                             "differ); use another --out or delete retrieved-*.npy")
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(settings, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def load_retrieved(folder: str | Path, store: CodeStore, k: int | None = None) -> np.ndarray:
+    """All retrieved codes [N, h*w, K] of a store (memory-mapped shards concatenated); checks K and tokenizer."""
+    folder = Path(folder)
+    meta_path = folder / "retrieved.json"
+    if not meta_path.exists():
+        raise ArragError(f"no retrieved codes in {folder}: run `arrag construct-train` first")
+    meta = json.loads(meta_path.read_text())
+    if meta["vq_fingerprint"] != store.fingerprint:
+        raise ArragError(f"retrieved codes in {folder} were built with another tokenizer (VQ {meta['vq_fingerprint']}"
+                         f", store {store.fingerprint})")
+    if k is not None and meta["k"] != k:
+        raise ArragError(f"retrieved codes in {folder} have K={meta['k']}, asked for {k}; rerun construct-train")
+    parts = []
+    for s in range(len(store.manifest["shards"])):
+        path = folder / retrieved_name(s)
+        if not path.exists():
+            raise ArragError(f"{path} is missing: rerun `arrag construct-train` to finish it")
+        parts.append(np.load(path, mmap_mode="r"))
+    return np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])

@@ -1,0 +1,104 @@
+"""FAiD training set: retrieved codes per position, exclude-self, resumption, errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from arrag.build_retriever.build_index import build_index
+from arrag.cli import main
+from arrag.errors import ArragError
+from arrag.retrieval import codestore
+from arrag.retrieval.neighborhood import grid_key_vectors, valid_mask
+from arrag.retrieval.retriever import PatchRetriever
+from arrag.train.construct import construct_train, load_retrieved
+
+
+def _book(seed=0, k=400):
+    book = np.random.default_rng(seed).normal(size=(k, 8)).astype(np.float32)
+    return book / np.linalg.norm(book, axis=1, keepdims=True)
+
+
+def _store(folder, n=12, seed=0, disjoint=False, shard_size=5):
+    """Captioned store of 5x5 grids; with `disjoint`, image i only uses codes 10*i .. 10*i+9."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 10, (n, 5, 5)) + (10 * np.arange(n)[:, None, None] if disjoint else 0)
+    codestore.write_store(folder, codes.astype(np.uint16), _book(), shard_size=shard_size,
+                          captions=[f"image {i}" for i in range(n)])
+    return codes
+
+
+def test_matches_direct_retrieval_and_marks_invalid_positions(tmp_path):
+    codes = _store(tmp_path / "store")
+    build_index(tmp_path / "store", tmp_path / "idx", progress=False)
+    construct_train(tmp_path / "store", tmp_path / "idx", k=4, chunk_images=3, progress=False)
+    st = codestore.CodeStore.open(tmp_path / "store")
+    got = load_retrieved(tmp_path / "store", st, k=4)
+    assert got.shape == (12, 25, 4) and got.dtype == np.int16
+    assert (got[:, ~valid_mask(5, 5).reshape(-1)] == -1).all()
+    r = PatchRetriever.load(tmp_path / "idx")
+    pos, keys = grid_key_vectors(codes[[7]], _book())
+    _, direct = r.search(keys[0], 4)
+    np.testing.assert_array_equal(got[7, pos], direct)
+
+
+def test_exclude_self_drops_hits_from_the_same_image(tmp_path):
+    _store(tmp_path / "store", disjoint=True)
+    build_index(tmp_path / "store", tmp_path / "idx", progress=False)
+    construct_train(tmp_path / "store", tmp_path / "idx", tmp_path / "with_self", k=3, progress=False)
+    construct_train(tmp_path / "store", tmp_path / "idx", tmp_path / "no_self", k=3, exclude_self=True,
+                    progress=False)
+    st = codestore.CodeStore.open(tmp_path / "store")
+    own = lambda got: (got // 10 == np.arange(12)[:, None, None]) & (got >= 0)  # noqa: E731
+    with_self = load_retrieved(tmp_path / "with_self", st)
+    no_self = load_retrieved(tmp_path / "no_self", st)
+    valid = valid_mask(5, 5).reshape(-1)
+    assert own(with_self)[:, valid, 0].all()  # the exact self match is always the nearest
+    assert not own(no_self).any() and (no_self[:, valid] >= 0).all()
+
+
+def test_resumes_after_an_interruption(tmp_path):
+    _store(tmp_path / "store")
+    build_index(tmp_path / "store", tmp_path / "idx", progress=False)
+    construct_train(tmp_path / "store", tmp_path / "idx", k=2, progress=False)
+    before = np.load(tmp_path / "store" / "retrieved-00001.npy")
+    (tmp_path / "store" / "retrieved-00001.npy").unlink()  # as if killed while writing shard 1
+    (tmp_path / "store" / "retrieved-00001.npy.tmp").write_bytes(b"partial")
+    mtime = (tmp_path / "store" / "retrieved-00000.npy").stat().st_mtime_ns
+    construct_train(tmp_path / "store", tmp_path / "idx", k=2, progress=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "store" / "retrieved-00001.npy"), before)
+    assert (tmp_path / "store" / "retrieved-00000.npy").stat().st_mtime_ns == mtime  # finished shards kept
+    with pytest.raises(ArragError, match="made with other settings \\(k differ\\)"):
+        construct_train(tmp_path / "store", tmp_path / "idx", k=3, progress=False)
+
+
+def test_bad_inputs_are_clear(tmp_path):
+    codestore.write_store(tmp_path / "nocap", np.zeros((2, 5, 5), np.uint16), _book())
+    build_index(tmp_path / "nocap", tmp_path / "idx_nocap", progress=False)
+    with pytest.raises(ArragError, match="has no captions"):
+        construct_train(tmp_path / "nocap", tmp_path / "idx_nocap")
+    _store(tmp_path / "store")
+    codestore.write_store(tmp_path / "other", np.zeros((2, 5, 5), np.uint16), _book(seed=5))
+    build_index(tmp_path / "other", tmp_path / "idx_other", progress=False)
+    with pytest.raises(ArragError, match="built with different tokenizers"):
+        construct_train(tmp_path / "store", tmp_path / "idx_other")
+    _store(tmp_path / "store2", seed=1)
+    build_index(tmp_path / "store2", tmp_path / "idx2", progress=False)
+    with pytest.raises(ArragError, match="--exclude-self needs the index built from this code store"):
+        construct_train(tmp_path / "store", tmp_path / "idx2", exclude_self=True)
+    st = codestore.CodeStore.open(tmp_path / "store")
+    with pytest.raises(ArragError, match="run `arrag construct-train` first"):
+        load_retrieved(tmp_path / "store", st)
+    construct_train(tmp_path / "store", tmp_path / "idx2", k=2, progress=False)
+    with pytest.raises(ArragError, match="have K=2, asked for 10"):
+        load_retrieved(tmp_path / "store", st, k=10)
+    meta = json.loads((tmp_path / "store" / "retrieved.json").read_text())
+    assert meta["k"] == 2 and meta["exclude_self"] is False
+
+
+def test_cli(tmp_path, capsys):
+    _store(tmp_path / "store")
+    build_index(tmp_path / "store", tmp_path / "idx", progress=False)
+    assert main(["construct-train", str(tmp_path / "store"), "--retriever", str(tmp_path / "idx"), "--k", "3",
+                 "--out", str(tmp_path / "ts")]) == 0
+    assert (tmp_path / "ts" / "retrieved-00002.npy").exists() and "top-3" in capsys.readouterr().out
