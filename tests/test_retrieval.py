@@ -140,7 +140,7 @@ def test_original_prebuilt_layout_loads(tmp_path):
 
 
 def test_encode_folder_skips_bad_images_and_keeps_captions(tmp_path, images, vq_file):
-    res = enc.encode(str(images), tmp_path / "store", vq_file, image_size=64, batch_size=5, shard_size=4,
+    res = enc.encode(str(images), tmp_path / "store", vq_file, image_size=64, batch_size=5, shard_size=4, device="cpu",
                      num_workers=0, save_latents=True, progress=False)
     assert res.complete and res.encoded == 12 and res.skipped == 2
     st = CodeStore.open(tmp_path / "store")
@@ -165,7 +165,7 @@ def test_encode_folder_skips_bad_images_and_keeps_captions(tmp_path, images, vq_
 
 
 def test_interrupted_encode_resumes_to_identical_output(tmp_path, images, vq_file, monkeypatch):
-    kw = dict(image_size=64, batch_size=3, shard_size=4, num_workers=0, progress=False)
+    kw = dict(image_size=64, batch_size=3, shard_size=4, num_workers=0, progress=False, device="cpu")
     enc.encode(str(images), tmp_path / "clean", vq_file, **kw)
     real = codestore.write_shard
     calls = {"n": 0}
@@ -193,7 +193,7 @@ def test_interrupted_encode_resumes_to_identical_output(tmp_path, images, vq_fil
 
 
 def test_split_processes_build_the_same_store(tmp_path, images, vq_file):
-    kw = dict(image_size=64, batch_size=4, shard_size=4, num_workers=0, progress=False)
+    kw = dict(image_size=64, batch_size=4, shard_size=4, num_workers=0, progress=False, device="cpu")
     r0 = enc.encode(str(images), tmp_path / "split", vq_file, shard="0/2", **kw)
     assert not r0.complete and r0.shards_written == [0, 2]
     r1 = enc.encode(str(images), tmp_path / "split", vq_file, shard="1/2", **kw)
@@ -220,13 +220,13 @@ def test_webdataset_tar_source_with_captions(tmp_path, vq_file):
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
     res = enc.encode(str(tmp_path / "shard-{000..000}.tar"), tmp_path / "store", vq_file, image_size=64,
-                     num_workers=0, progress=False)
+                     num_workers=0, progress=False, device="cpu")
     st = CodeStore.open(res.folder)
     assert st.num_images == 3 and st.captions() == [w.scene(i).caption for i in range(3)]
 
 
 def test_fingerprint_mismatch_is_refused(tmp_path, images, vq_file):
-    enc.encode(str(images), tmp_path / "store", vq_file, image_size=64, num_workers=0, progress=False)
+    enc.encode(str(images), tmp_path / "store", vq_file, image_size=64, num_workers=0, progress=False, device="cpu")
     build_index(tmp_path / "store", tmp_path / "idx", progress=False)
     r = PatchRetriever.load(tmp_path / "idx")
     from arrag.vq import load_vq
