@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from arrag.decoding.sampler import DecodeState, DecodingHook
+from arrag.decoding.step_queries import StepQueries
 from arrag.errors import ArragError
 
 # Defaults. k = 2048 is the original code's; tau = 1.0 is its retri_temperature default. The paper's tuned
@@ -72,18 +73,7 @@ class DAiD(DecodingHook):
         self.stats = {"steps_augmented": 0, "rows_augmented": 0, "rows_without_hits": 0}
 
     def begin(self, state: DecodeState) -> None:
-        nb = self.retriever.neighborhood
-        if not nb.causal:
-            raise ArragError(f"the retriever's {nb.name!r} neighbourhood is not causal; AR decoding needs L or 2hop")
-        vq = state.model.vq
-        need = nb.key_dim(vq.config.codebook_embed_dim)
-        if self.retriever.dim != need:
-            raise ArragError(f"the retriever's keys have {self.retriever.dim} dims; this model's VQ and the "
-                             f"{nb.name!r} neighbourhood give {need}")
-        h, w = state.grid
-        table = nb.step_table(h, w)
-        self.table = torch.from_numpy(table).to(state.codes.device)
-        self.valid = (table >= 0).all(1).tolist()
+        self.queries = StepQueries(self.retriever, state)
         self.active = self.lam > 0 and self.retriever.entries > 0
         self.pending = None
         if self.prefetch is None:
@@ -98,22 +88,18 @@ class DAiD(DecodingHook):
     def before_forward(self, state: DecodeState, target: int) -> None:
         # The query for `target` is complete once the token before it is sampled, i.e. now: search in a
         # background thread while the model's forward pass computes the logits (FAISS releases the GIL).
-        if self.active and self.prefetch and self.valid[target]:
-            query = self._query(state, target)
+        if self.active and self.prefetch and self.queries.valid[target]:
+            query = self.queries.query(state, target)
             self.pending = (target, self.pool.submit(self.retriever.search, query, self.k))
 
-    def _query(self, state: DecodeState, target: int) -> torch.Tensor:
-        """[N, n * e]: the sampled neighbours' normalised codebook vectors, concatenated."""
-        return state.model.vq.code_embeddings(state.codes[:, self.table[target]]).flatten(1)
-
     def adjust_probs(self, state: DecodeState, target: int, probs: torch.Tensor) -> torch.Tensor:
-        if not self.active or not self.valid[target]:
+        if not self.active or not self.queries.valid[target]:
             return probs
         if self.pending is not None and self.pending[0] == target:
             distances, codes = self.pending[1].result()
             self.pending = None
         else:
-            distances, codes = self.retriever.search(self._query(state, target), self.k)
+            distances, codes = self.retriever.search(self.queries.query(state, target), self.k)
         p_ret = retrieval_distribution(distances.to(probs.device), codes.to(probs.device), probs.shape[1],
                                        self.tau, self.aggregate)
         has_hits = p_ret.sum(1, keepdim=True) > 0

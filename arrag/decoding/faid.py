@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from arrag.decoding.sampler import DecodeState, DecodingHook
+from arrag.decoding.step_queries import StepQueries
 from arrag.errors import ArragError
 
 CONV_NAMES = {1: ("conv1", "conv12"), 2: ("conv2", "conv22"), 3: ("conv3", "conv32")}
@@ -310,13 +311,8 @@ class FAiD(DecodingHook):
         if not model.has_faid:
             raise ArragError(f"model {model.source_folder or ''} has no FAiD blenders (its config lacks "
                              "num_SmoothPatchBlender/num_hop): pass a FAiD checkpoint (arrag train-faid)")
-        nb = self.retriever.neighborhood
-        if not nb.causal:
-            raise ArragError(f"the retriever's {nb.name!r} neighbourhood is not causal; AR decoding needs L or 2hop")
+        self.queries = StepQueries(self.retriever, state)
         h, w = state.grid
-        table = nb.step_table(h, w)
-        self.table = torch.from_numpy(table).to(state.codes.device)
-        self.valid = (table >= 0).all(1).tolist()
         rows, dim = 2 * state.n_images, model.config.hidden_size
         device, dtype = state.codes.device, model.dtype
         self.buffers = {i: torch.zeros(rows, h * w + 1, dim, device=device, dtype=dtype)
@@ -329,9 +325,8 @@ class FAiD(DecodingHook):
 
     def before_forward(self, state: DecodeState, target: int) -> None:
         candidates = None
-        if self.active and self.valid[target]:
-            query = state.model.vq.code_embeddings(state.codes[:, self.table[target]]).flatten(1)
-            _, codes = self.retriever.search(query, self.k)
+        if self.active and self.queries.valid[target]:
+            _, codes = self.retriever.search(self.queries.query(state, target), self.k)
             candidates = codes.to(state.codes.device).repeat_interleave(2, 0)  # one copy for each CFG row
             self.stats["steps_augmented"] += 1
         state.model.faid_context = FaidContext("step", state.grid, candidates, self.row_mask, target=target,
