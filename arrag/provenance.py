@@ -55,3 +55,22 @@ def write_sidecar(output: str | Path, settings: Mapping[str, Any]) -> Path:
         "settings": dict(settings),
     }
     return write_json(sidecar_path(output), record)
+
+
+def lock_settings(path: str | Path, settings: Mapping[str, Any], refused: str, advice: str,
+                  ignore: tuple[str, ...] = ()) -> None:
+    """Resumable jobs: the first run records `settings` at `path`; a rerun with other settings is refused.
+
+    The error reads "{refused} with other settings (a, b differ); {advice}". Keys in `ignore` may change.
+    """
+    path = Path(path)
+    if not path.exists():
+        write_json(path, settings)
+        return
+    old = json.loads(path.read_text())
+    norm = lambda v: json.dumps(_jsonable(v), sort_keys=True)  # noqa: E731
+    diff = [k for k in settings if k not in ignore and norm(old.get(k)) != norm(settings[k])]
+    if diff:
+        from arrag.errors import ArragError
+
+        raise ArragError(f"{refused} with other settings ({', '.join(diff)} differ); {advice}")

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from arrag.errors import ArragError
 from arrag.image_io import IMAGE_SUFFIXES, center_crop_arr, to_tensor
+from arrag.provenance import lock_settings
 from arrag.retrieval import codestore
 
 CAPTION_KEYS = ("caption", "text", "txt", "prompt")
@@ -281,7 +282,8 @@ def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str 
     info = {"vq_fingerprint": vq.fingerprint(), "vq_path": str(vq_path), "vq_config": vq.config.__dict__,
             "image_size": image_size, "grid": [grid, grid], "shard_size": shard_size, "num_shards": num_shards,
             "source": src.describe(), "save_latents": save_latents, "min_size": min_size, "max_images": max_images}
-    _check_settings(folder, info)
+    lock_settings(folder / "encode.json", info, refused=f"{folder} was started", ignore=("vq_path",),
+                  advice="rerun with the same settings to resume, or choose a new --out")
     codestore.write_codebook(folder, vq.quantize.codebook().detach().cpu().numpy())
 
     mine = [k for k in range(num_shards) if k % world == rank and not codestore.shard_done(folder, k)]
@@ -328,19 +330,3 @@ def _flush(folder: Path, k: int, rows: list[dict], grid: int, save_latents: bool
     result.encoded += len(good)
     result.skipped += len(skipped)
     result.shards_written.append(k)
-
-
-def _check_settings(folder: Path, info: dict) -> None:
-    """A rerun must use the settings the store was started with; they are kept in encode.json."""
-    path = folder / "encode.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        same = lambda a, b: json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)  # noqa: E731
-        diff = [k for k in info if k != "vq_path" and not same(old.get(k), info[k])]
-        if diff:
-            raise ArragError(f"{folder} was started with other settings ({', '.join(diff)} differ); "
-                             "rerun with the same settings to resume, or choose a new --out")
-    else:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
-        tmp.replace(path)

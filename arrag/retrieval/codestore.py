@@ -25,7 +25,8 @@ from arrag.errors import ArragError
 STORE_FORMAT = "arrag-codestore/1"
 
 
-def _atomic_npy(path: Path, array: np.ndarray) -> None:
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """np.save to a temporary name, then rename: a reader never sees a partial file."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         np.save(f, array)
@@ -54,10 +55,10 @@ def write_shard(folder: str | Path, k: int, codes: np.ndarray, ids: list[str], l
     if codes.size and int(codes.max()) > np.iinfo(np.uint16).max:
         raise ValueError("codes do not fit in uint16")
     meta = {"shard": k, "count": int(len(codes)), "ids": list(ids), "skipped": list(skipped or [])}
-    _atomic_npy(folder / f"codes-{k:05d}.npy", codes.astype(np.uint16))
+    save_npy_atomic(folder / f"codes-{k:05d}.npy", codes.astype(np.uint16))
     meta["codes"] = f"codes-{k:05d}.npy"
     if latents is not None:
-        _atomic_npy(folder / f"latents-{k:05d}.npy", latents.astype(np.float16))
+        save_npy_atomic(folder / f"latents-{k:05d}.npy", latents.astype(np.float16))
         meta["latents"] = f"latents-{k:05d}.npy"
     if captions is not None:
         _atomic_text(folder / f"captions-{k:05d}.jsonl", "".join(json.dumps(c) + "\n" for c in captions))
@@ -69,7 +70,7 @@ def write_codebook(folder: str | Path, codebook: np.ndarray) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "codebook.npy").exists():
-        _atomic_npy(folder / "codebook.npy", np.asarray(codebook, dtype=np.float32))
+        save_npy_atomic(folder / "codebook.npy", np.asarray(codebook, dtype=np.float32))
 
 
 def finalize(folder: str | Path, num_shards: int, info: dict) -> bool:

@@ -18,7 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from arrag.errors import ArragError
-from arrag.retrieval.codestore import CodeStore
+from arrag.provenance import lock_settings
+from arrag.retrieval.codestore import CodeStore, save_npy_atomic
 from arrag.retrieval.neighborhood import grid_key_vectors
 from arrag.retrieval.retriever import PatchRetriever
 
@@ -56,7 +57,8 @@ def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str |
     settings = {"format": FORMAT, "k": k, "exclude_self": exclude_self, "store": str(store.folder.resolve()),
                 "retriever": str(retriever.folder.resolve()), "vq_fingerprint": store.fingerprint,
                 "neighborhood": nb.name, "nprobe": retriever.nprobe, "grid": [h, w]}
-    _check_settings(out / "retrieved.json", settings)
+    lock_settings(out / "retrieved.json", settings, refused=f"{out} holds retrieved codes made",
+                  advice="use another --out or delete retrieved-*.npy")
     bounds = np.cumsum([0] + [s["count"] for s in store.manifest["shards"]])
     todo = [s for s in range(len(bounds) - 1) if not (out / retrieved_name(s)).exists()]
     bar = tqdm(total=int(sum(bounds[s + 1] - bounds[s] for s in todo)), desc="construct-train", unit="img",
@@ -73,10 +75,7 @@ def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str |
                 got = _first_k_not_self(got, ids.reshape(got.shape) // per_image == owner, k)
             result[i0 - lo:i0 - lo + len(codes)][:, pos] = got[..., :k]
             bar.update(len(codes))
-        tmp = out / (retrieved_name(s) + ".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, result)
-        tmp.replace(out / retrieved_name(s))
+        save_npy_atomic(out / retrieved_name(s), result)
     bar.close()
     return settings
 
@@ -87,19 +86,6 @@ def _first_k_not_self(codes: np.ndarray, is_self: np.ndarray, k: int) -> np.ndar
     order = np.argsort(~keep, axis=-1, kind="stable")  # kept hits first, rank order preserved
     picked = np.take_along_axis(codes, order, -1)[..., :k]
     return np.where(np.take_along_axis(keep, order, -1)[..., :k], picked, -1)
-
-
-def _check_settings(path: Path, settings: dict) -> None:
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = [key for key in settings if old.get(key) != settings[key]]
-        if diff:
-            raise ArragError(f"{path.parent} holds retrieved codes made with other settings ({', '.join(diff)} "
-                             "differ); use another --out or delete retrieved-*.npy")
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def load_retrieved(folder: str | Path, store: CodeStore, k: int | None = None) -> np.ndarray:
