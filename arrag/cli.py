@@ -161,6 +161,16 @@ def _construct_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_faid(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from arrag.train.train_faid import FaidTrainConfig, train_faid
+
+    names = {f.name for f in dataclasses.fields(FaidTrainConfig)}
+    train_faid(FaidTrainConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    return 0
+
+
 def _gpu_faiss() -> bool:
     from arrag.retrieval.index import has_gpu_faiss
 
@@ -313,6 +323,50 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--chunk-images", type=int, default=256, help="images per batched search (default 256)")
     ct.add_argument("--nprobe", type=int, default=None, help="override the index's nprobe")
     ct.set_defaults(func=_construct_train)
+
+    tf = sub.add_parser(
+        "train-faid", help="train FAiD: LoRA + SmoothPatchBlenders on a construct-train set (accelerate)",
+        description="Train FAiD from a base Janus-Pro: new blenders, peft LoRA on the language model, gen_head; "
+                    "cross-entropy on image tokens with retrieved candidates. Run it plainly (one process) or "
+                    "through `accelerate launch -m arrag train-faid ...` for several GPUs or machines. Writes "
+                    "checkpoints (resumable with --resume) and, at the end, the merged model in the released layout.")
+    tf.add_argument("--base", required=True, help="base Janus-Pro checkpoint folder (config.json, weights, tokenizer)")
+    tf.add_argument("--store", required=True, help="captioned code store encoded with the base model's VQ")
+    tf.add_argument("--retrieved", default=None, help="construct-train output folder (default: the store folder)")
+    tf.add_argument("--out", default=None,
+                    help="output folder (default result/ckpts/ckpts_FAiD_b{num_blender}_h{hops})")
+    tf.add_argument("--num-blender", type=int, default=2, help="blenders, spread evenly over the layers (default 2)")
+    tf.add_argument("--num-hop", default="1,2", help="hop sizes of each blender, from 1,2,3 (default '1,2')")
+    tf.add_argument("--retrieved-key-num", "--k", dest="k", type=int, default=10,
+                    help="retrieved codes per position; must match construct-train's --k (default 10)")
+    tf.add_argument("--lora-r", type=int, default=128, help="LoRA rank; 0 disables LoRA (default 128)")
+    tf.add_argument("--lora-alpha", type=int, default=256, help="LoRA alpha (default 256)")
+    tf.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
+    tf.add_argument("--lora-targets", default="q_proj,v_proj",
+                    help="comma-separated module names in the language model's layers (default q_proj,v_proj)")
+    tf.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
+    tf.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    tf.add_argument("--batch-size", type=int, default=4, help="samples per process per micro-step (default 4)")
+    tf.add_argument("--grad-accum", type=int, default=8, help="gradient accumulation steps (default 8)")
+    tf.add_argument("--epochs", type=int, default=1, help="passes over the training set (default 1)")
+    tf.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    tf.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                    help="learning-rate schedule after warm-up (default constant, as the original)")
+    tf.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear warm-up (default 0)")
+    tf.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip; 0 disables (default 1.0)")
+    tf.add_argument("--cfg-drop", type=float, default=0.1,
+                    help="probability of training a sample on the unconditional prompt (default 0.1)")
+    tf.add_argument("--max-text-len", type=int, default=512, help="prompt token limit (default 512)")
+    tf.add_argument("--seed", type=int, default=42, help="seed for initialisation, order, shuffles (default 42)")
+    tf.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (default 500)")
+    tf.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
+    tf.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    tf.add_argument("--deepspeed", default=None, help="DeepSpeed config, e.g. arrag/train/zero3.json (ZeRO-3)")
+    tf.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None,
+                    help="default bf16 on CUDA, no (fp32) on CPU")
+    tf.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is present")
+    tf.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process (default 2)")
+    tf.set_defaults(func=_train_faid)
 
     demo = sub.add_parser(
         "demo", help="run the main job on the embedded default (ShapesWorld)",

@@ -273,12 +273,14 @@ def attach_blenders(model) -> None:
 
 
 def full_sequence_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, codes: torch.Tensor,
-                         candidates: torch.Tensor, grid: tuple[int, int], shape: str = "L") -> torch.Tensor:
+                         candidates: torch.Tensor, grid: tuple[int, int], shape: str = "L",
+                         row_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Teacher-forced logits for every image token: fp32 [B, T, V].
 
     input_ids/attention_mask [B, L]: left-padded prompts ending with <begin_of_image>; codes [B, T] the
     ground-truth image tokens; candidates Long [B, T, K] retrieved codes per cell (-1 = missing). Targets
-    that are not valid for `shape` (row 0, first and last column for L) get no features.
+    that are not valid for `shape` (row 0, first and last column for L) get no features, nor do rows where
+    `row_mask` [B] is False (training's caption-dropped rows, like decoding's unconditional CFG rows).
     """
     from arrag.retrieval.neighborhood import get_neighborhood
 
@@ -287,7 +289,9 @@ def full_sequence_logits(model, input_ids: torch.Tensor, attention_mask: torch.T
     embeds = torch.cat([model.text_embeddings(input_ids), model.image_embeddings(codes[:, :-1])], 1)
     mask = torch.cat([attention_mask.bool(), attention_mask.new_ones(b, t - 1, dtype=torch.bool)], 1)
     targets = torch.from_numpy(get_neighborhood(shape).positions(*grid)).to(input_ids.device)
-    model.faid_context = FaidContext("full", grid, candidates, torch.ones(b, dtype=torch.bool, device=embeds.device),
+    if row_mask is None:
+        row_mask = torch.ones(b, dtype=torch.bool, device=embeds.device)
+    model.faid_context = FaidContext("full", grid, candidates, row_mask.to(embeds.device).bool(),
                                      targets=targets, image_start=length)
     try:
         hidden = model.llm(embeds, mask)

@@ -80,8 +80,28 @@ class Prompter:
     def from_folder(cls, folder: str | Path) -> Prompter:
         return cls(load_tokenizer(folder))
 
-    def ids(self, text: str) -> list[int]:
-        """Token ids of the conditional prompt for one caption, BOS first and <begin_of_image> last."""
+    def ids(self, text: str, max_len: int | None = None) -> list[int]:
+        """Token ids of the conditional prompt for one caption, BOS first and <begin_of_image> last.
+
+        With `max_len`, a longer caption is cut at a word boundary so that the template stays whole.
+        """
+        ids = self._ids(text)
+        if max_len is None or len(ids) <= max_len:
+            return ids
+        words = text.split()
+        lo, hi = 0, len(words)  # the longest word prefix that fits: binary search over word counts
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(self._ids(" ".join(words[:mid]))) <= max_len:
+                lo = mid
+            else:
+                hi = mid - 1
+        ids = self._ids(" ".join(words[:lo]))
+        if len(ids) > max_len:
+            raise ArragError(f"the prompt template alone is {len(ids)} tokens, longer than the text limit {max_len}")
+        return ids
+
+    def _ids(self, text: str) -> list[int]:
         ids = list(self.tokenizer.encode(t2i_prompt(text)))
         if not ids or ids[0] != self.bos_id:
             ids = [self.bos_id, *ids]
@@ -89,13 +109,12 @@ class Prompter:
             raise ArragError(f"tokenised prompt does not end with {IMAGE_START_TAG}: is it Janus-Pro's tokenizer?")
         return ids
 
-    def batch(self, captions: list[str], device: torch.device | str = "cpu") -> PromptBatch:
-        """One caption per image -> 2N interleaved rows (cond, uncond), left-padded to the longest."""
-        rows = []
-        for text in captions:
-            cond = self.ids(text)
-            uncond = [cond[0], *([self.cfg_pad_id] * (len(cond) - 2)), cond[-1]]
-            rows += [cond, uncond]
+    def unconditional(self, cond: list[int]) -> list[int]:
+        """The CFG twin of a conditional row: BOS and <begin_of_image> kept, every token between them padded."""
+        return [cond[0], *([self.cfg_pad_id] * (len(cond) - 2)), cond[-1]]
+
+    def left_pad(self, rows: list[list[int]], device: torch.device | str = "cpu") -> PromptBatch:
+        """Rows of ids -> one left-padded batch with its attention mask."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.fill_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.bool)
@@ -103,3 +122,11 @@ class Prompter:
             ids[i, width - len(r):] = torch.tensor(r)
             mask[i, width - len(r):] = True
         return PromptBatch(ids.to(device), mask.to(device))
+
+    def batch(self, captions: list[str], device: torch.device | str = "cpu") -> PromptBatch:
+        """One caption per image -> 2N interleaved rows (cond, uncond), left-padded to the longest."""
+        rows = []
+        for text in captions:
+            cond = self.ids(text)
+            rows += [cond, self.unconditional(cond)]
+        return self.left_pad(rows, device)

@@ -1,0 +1,430 @@
+"""`arrag train-faid`: LoRA on the language model plus the FAiD blenders, trained through accelerate.
+
+The base Janus-Pro gets new SmoothPatchBlenders (`--num-blender`, `--num-hop`) unless it already has them,
+then peft LoRA on the language model's attention projections. Trainable: LoRA, the blenders (the convs of the
+hops in use, conv_weights, the gate MLP), each blender layer's retrieval_layernorm, and gen_head; everything
+else is frozen. The loss is cross-entropy on the image tokens, teacher-forced with the retrieved candidates of
+`arrag construct-train` (`full_sequence_logits`, the same blender code that decoding runs).
+
+One process on CPU, several GPUs or machines through `accelerate launch`, optionally DeepSpeed ZeRO-3
+(`--deepspeed arrag/train/zero3.json`). Checkpoints (accelerate state) go to `<out>/checkpoints/step-NNNNNNN`
+under a temporary name; `--resume` continues from the newest one, reproducing the uninterrupted run. At the
+end LoRA is merged and `<out>` holds config.json + safetensors in the released key layout, the tokenizer
+files and `settings.json`, ready for `arrag generate --method faid`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from arrag.errors import ArragError
+from arrag.provenance import lock_settings, write_json
+from arrag.retrieval.codestore import CodeStore
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "processor_config.json", "preprocessor_config.json")
+# Settings a rerun may change without invalidating the checkpoints it resumes from.
+RESUMABLE_CHANGES = ("max_steps", "resume", "save_every", "keep_checkpoints", "num_workers", "progress", "log_every")
+
+
+@dataclass
+class FaidTrainConfig:
+    """Every setting of a FAiD training run; the defaults are the original `train_FAiD.sh` recipe."""
+
+    base: str
+    store: str
+    retrieved: str | None = None        # folder of retrieved-*.npy (default: the store folder)
+    out: str | None = None              # default result/ckpts/ckpts_FAiD_b{num_blender}_h{hops}
+    num_blender: int = 2                # 0 trains plain LoRA (no blenders): the baseline of bench/train_speed.py
+    num_hop: str = "1,2"
+    k: int = 10                         # retrieved codes per position (the original's retrieved_key_num)
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    lora_targets: str = "q_proj,v_proj"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    batch_size: int = 4                 # per process
+    grad_accum: int = 8
+    epochs: int = 1
+    max_steps: int | None = None        # optimizer steps; overrides epochs
+    schedule: str = "constant"          # constant | cosine
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    cfg_drop: float = 0.1
+    max_text_len: int = 512
+    seed: int = 42
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = False
+    deepspeed: str | None = None
+    mixed_precision: str | None = None  # default bf16 on CUDA, no on CPU
+    cpu: bool = False
+    num_workers: int = 2
+    log_every: int = 10
+    progress: bool = True
+
+    def output_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        return Path("result/ckpts") / f"ckpts_FAiD_b{self.num_blender}_h{self.num_hop.replace(',', '')}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+class FaidTrainSet(Dataset):
+    """(caption, codes, retrieved candidates) per image of a captioned code store.
+
+    Item indices encode the pass: i = epoch * N + image, so the candidate shuffle and the caption drop are
+    fixed by (seed, epoch, image) whatever the worker, process count or resumption.
+    """
+
+    def __init__(self, store: CodeStore, retrieved: np.ndarray, prompter, *, seed: int, cfg_drop: float,
+                 max_text_len: int):
+        self.store, self.retrieved, self.prompter = store, retrieved, prompter
+        self.captions = store.captions()
+        self.seed, self.cfg_drop, self.max_text_len = seed, cfg_drop, max_text_len
+
+    def __len__(self) -> int:
+        return self.store.num_images
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self)
+        epoch, image = divmod(int(i), n)
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, image]))
+        candidates = np.asarray(self.retrieved[image], dtype=np.int64)  # [T, K]
+        # Shuffle each cell's K candidates, as the original did. The blender's output (a mean over K of
+        # per-candidate features) does not depend on the order; the shuffle keeps no rank signal in the data.
+        candidates = np.take_along_axis(candidates, rng.permuted(np.tile(np.arange(candidates.shape[1]),
+                                                                         (len(candidates), 1)), axis=1), 1)
+        dropped = bool(rng.random() < self.cfg_drop)
+        ids = self.prompter.ids(self.captions[image], self.max_text_len)
+        if dropped:  # the unconditional prompt, so that the model keeps classifier-free guidance
+            ids = self.prompter.unconditional(ids)
+        codes = self.store.gather(np.array([image]))[0].reshape(-1).astype(np.int64)
+        return {"ids": ids, "codes": codes, "candidates": candidates, "dropped": dropped}
+
+
+class PassSampler(Sampler):
+    """All epochs as one pass: epoch e yields e * N + a permutation of 0..N-1 seeded by (seed, e)."""
+
+    def __init__(self, n: int, epochs: int, seed: int):
+        self.n, self.epochs, self.seed = n, epochs, seed
+
+    def __len__(self) -> int:
+        return self.n * self.epochs
+
+    def __iter__(self):
+        for e in range(self.epochs):
+            order = np.random.default_rng(np.random.SeedSequence([self.seed, e, 1 << 30])).permutation(self.n)
+            yield from (e * self.n + order).tolist()
+
+
+class Collate:
+    """Items -> a batch: left-padded prompt rows and their mask, codes [B, T], candidates [B, T, K]."""
+
+    def __init__(self, prompter):
+        self.prompter = prompter
+
+    def __call__(self, items: list[dict]) -> dict:
+        prompts = self.prompter.left_pad([it["ids"] for it in items])
+        return {"input_ids": prompts.input_ids, "attention_mask": prompts.attention_mask,
+                "codes": torch.from_numpy(np.stack([it["codes"] for it in items])),
+                "candidates": torch.from_numpy(np.stack([it["candidates"] for it in items])),
+                "features": torch.tensor([not it["dropped"] for it in items])}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+
+class FaidObjective(nn.Module):
+    """Mean cross-entropy over the image tokens of a batch (what accelerate wraps and differentiates)."""
+
+    def __init__(self, janus, grid: tuple[int, int]):
+        super().__init__()
+        self.janus, self.grid = janus, grid
+
+    def forward(self, input_ids, attention_mask, codes, candidates, features) -> torch.Tensor:
+        from arrag.decoding.faid import full_sequence_logits
+
+        logits = full_sequence_logits(self.janus, input_ids, attention_mask, codes, candidates, self.grid,
+                                      row_mask=features)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+
+
+def add_blenders(janus, num_blender: int, num_hop: str) -> None:
+    """Give a base Janus-Pro fresh blenders at every (num_layers / num_blender)-th layer (original init)."""
+    from arrag.decoding.faid import attach_blenders
+
+    lang = janus.config.language
+    layers = lang.num_hidden_layers
+    if num_blender < 1 or layers % num_blender:
+        raise ArragError(f"--num-blender must divide the model's {layers} layers; got {num_blender}")
+    lang.num_SmoothPatchBlender, lang.num_hop = layers // num_blender, num_hop
+    attach_blenders(janus)
+    janus.to(janus.device)
+
+
+def build_model(cfg: FaidTrainConfig, device: str | torch.device = "cpu"):
+    """Base Janus-Pro (fp32) + blenders + LoRA, with exactly the trainable parameters of the recipe."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from arrag.decoding.faid import CONV_NAMES
+    from arrag.janus import JanusPro
+
+    janus = JanusPro.from_pretrained(cfg.base, dtype=torch.float32, device=device, quiet=True)
+    hops = sorted(int(h) for h in cfg.num_hop.split(",") if h.strip())
+    if janus.has_faid:
+        have = (len(janus.config.language.blender_layers()), janus.config.language.hops)
+        if cfg.num_blender and have != (cfg.num_blender, hops):
+            raise ArragError(f"{cfg.base} already has {have[0]} blenders with hops {have[1]}; pass --num-blender "
+                             f"{have[0]} --num-hop {','.join(map(str, have[1]))} to continue training them")
+    elif cfg.num_blender:
+        add_blenders(janus, cfg.num_blender, ",".join(map(str, hops)))
+    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    if cfg.lora_r > 0:
+        pattern = rf"language_model\.model\.layers\.\d+\..*\b({'|'.join(targets)})"
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=pattern, bias="none")
+        try:
+            inject_adapter_in_model(lora, janus)
+        except ValueError as e:
+            raise ArragError(f"--lora-targets {cfg.lora_targets}: {str(e).splitlines()[0]}") from None
+    janus.train()
+    janus.gen_vision_model.eval()  # the VQ is frozen and only decodes
+    idle = {n for h, names in CONV_NAMES.items() if h not in janus.config.language.hops for n in names}
+    for name, p in janus.named_parameters():
+        p.requires_grad_(is_trained(name, idle))
+    return janus
+
+
+def is_trained(name: str, idle_convs: set[str]) -> bool:
+    """The recipe's trainable set: LoRA, gen_head, retrieval_layernorm, the blenders minus idle hop convs."""
+    parts = name.split(".")
+    if "lora_A" in parts or "lora_B" in parts or "retrieval_layernorm" in parts or parts[0] == "gen_head":
+        return True
+    return "blender" in parts and parts[parts.index("blender") + 1] not in idle_convs
+
+
+def parameter_groups(janus) -> dict[str, int]:
+    """Trainable parameter counts by kind, plus the total."""
+    counts = {"lora": 0, "blenders": 0, "gen_head": 0, "frozen": 0}
+    for name, p in janus.named_parameters():
+        if not p.requires_grad:
+            counts["frozen"] += p.numel()
+        elif "lora_" in name:
+            counts["lora"] += p.numel()
+        elif name.startswith("gen_head."):
+            counts["gen_head"] += p.numel()
+        else:
+            counts["blenders"] += p.numel()
+    counts["trainable"] = counts["lora"] + counts["blenders"] + counts["gen_head"]
+    return counts
+
+
+def merge_lora(janus) -> None:
+    """Fold every LoRA adapter into its base Linear and put the plain Linear back (original key names)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(janus.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(janus.get_submodule(parent_name), child, module.get_base_layer())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    folder = out / "checkpoints"
+    return sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")) \
+        if folder.is_dir() else []
+
+
+def _open_data(cfg: FaidTrainConfig, janus):
+    from arrag.janus.prompting import Prompter
+    from arrag.train.construct import load_retrieved
+
+    store = CodeStore.open(cfg.store)
+    if not store.has_captions:
+        raise ArragError(f"code store {store.folder} has no captions: encode image-caption data for FAiD training")
+    if store.fingerprint != janus.vq.fingerprint():
+        raise ArragError(f"code store {store.folder} was encoded with another tokenizer (VQ {store.fingerprint}) "
+                         f"than {cfg.base}'s (VQ {janus.vq.fingerprint()}); re-encode with this model's VQ")
+    retrieved = load_retrieved(cfg.retrieved or cfg.store, store, cfg.k)
+    prompter = Prompter.from_folder(janus.source_folder)
+    return store, FaidTrainSet(store, retrieved, prompter, seed=cfg.seed, cfg_drop=cfg.cfg_drop,
+                               max_text_len=cfg.max_text_len), Collate(prompter)
+
+
+def _accelerator(cfg: FaidTrainConfig):
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    plugin = None
+    if cfg.deepspeed:
+        if not Path(cfg.deepspeed).is_file():
+            raise ArragError(f"--deepspeed {cfg.deepspeed}: no such file (arrag/train/zero3.json is the shipped one)")
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ArragError("--deepspeed needs the deepspeed package: pip install deepspeed (CUDA machines)") from None
+        plugin = DeepSpeedPlugin(hf_ds_config=cfg.deepspeed, gradient_accumulation_steps=cfg.grad_accum,
+                                 gradient_clipping=cfg.max_grad_norm)
+    mp = cfg.mixed_precision or ("bf16" if torch.cuda.is_available() and not cfg.cpu else "no")
+    # Caption-dropped rows skip the blenders, so a batch may leave them unused: DDP must allow that.
+    # Without CUDA, cpu=True is what makes accelerate run several CPU processes (gloo) instead of one each.
+    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp,
+                       cpu=cfg.cpu or not torch.cuda.is_available(),
+                       deepspeed_plugin=plugin,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def train_faid(cfg: FaidTrainConfig) -> Path:
+    """Run the training described by `cfg`; returns the folder of the merged checkpoint."""
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    if cfg.schedule not in ("constant", "cosine"):
+        raise ArragError(f"--schedule must be constant or cosine, got {cfg.schedule!r}")
+    if not 0 <= cfg.cfg_drop <= 1:
+        raise ArragError(f"--cfg-drop must be in [0, 1], got {cfg.cfg_drop}")
+    accelerator = _accelerator(cfg)
+    main = accelerator.is_main_process
+    out = cfg.output_dir()
+    settings = {k: v for k, v in asdict(cfg).items()}
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        lock_settings(out / "train.json", settings, refused=f"{out} holds a training run made",
+                      advice="use another --out, or the same settings to resume", ignore=RESUMABLE_CHANGES)
+    accelerator.wait_for_everyone()
+    set_seed(cfg.seed)  # the same blender and LoRA initialisation in every process
+    janus = build_model(cfg)
+    store, dataset, collate = _open_data(cfg, janus)
+    counts = parameter_groups(janus)
+    if main:
+        print(f"arrag: trainable parameters {counts['trainable']:,} (LoRA {counts['lora']:,}, blenders + norms "
+              f"{counts['blenders']:,}, gen_head {counts['gen_head']:,}); frozen {counts['frozen']:,}",
+              file=sys.stderr)
+    objective = FaidObjective(janus, store.grid)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=PassSampler(len(dataset), cfg.epochs, cfg.seed),
+                        collate_fn=collate, num_workers=cfg.num_workers, drop_last=False,
+                        # its own generator: creating the iterator must not draw from the global RNG, which
+                        # drives LoRA dropout and is restored on --resume
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    params = [p for p in janus.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batches = math.ceil(len(loader) / accelerator.num_processes)
+    total = cfg.max_steps or math.ceil(batches / cfg.grad_accum)
+    warmup = int(cfg.warmup_ratio * total)
+    # accelerate steps a prepared scheduler once per process per optimizer step: count in those units.
+    n = accelerator.num_processes
+    scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup * n, total * n) if cfg.schedule == "cosine"
+                 else get_constant_schedule_with_warmup(optimizer, warmup * n))
+    objective, optimizer, loader, scheduler = accelerator.prepare(objective, optimizer, loader, scheduler)
+
+    step, history = 0, []
+    if cfg.resume:
+        found = _checkpoints(out)
+        if found:
+            accelerator.load_state(str(found[-1]))
+            state = json.loads((found[-1] / "trainer_state.json").read_text())
+            step, history = state["step"], state["history"]
+            if main:
+                print(f"arrag: resuming from {found[-1]} (step {step})", file=sys.stderr)
+        elif main:
+            print(f"arrag: --resume: no checkpoint in {out / 'checkpoints'}, starting at step 0", file=sys.stderr)
+
+    bar = tqdm(total=total, initial=step, desc="train-faid", unit="step", disable=not (main and cfg.progress))
+    image_tokens = store.grid[0] * store.grid[1]
+    t0, tokens, window = time.perf_counter(), 0, []
+    data = accelerator.skip_first_batches(loader, step * cfg.grad_accum) if step else loader
+    if step < total:
+        for batch in data:
+            with accelerator.accumulate(objective):
+                loss = objective(**batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            window.append(loss.detach())
+            tokens += batch["codes"].shape[0] * image_tokens * n
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            mean = accelerator.gather(torch.stack(window).mean()[None]).mean().item()
+            window = []
+            history.append([step, mean])
+            rate = tokens / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{mean:.4f}", tok_s=f"{rate:,.0f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.update(1)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                _save_checkpoint(accelerator, out, step, history, cfg.keep_checkpoints)
+            if step >= total:
+                break
+    bar.close()
+    if step and (not _checkpoints(out) or _checkpoints(out)[-1].name != f"step-{step:07d}"):
+        _save_checkpoint(accelerator, out, step, history, cfg.keep_checkpoints)
+    state = accelerator.get_state_dict(objective)  # gathered in full under ZeRO-3
+    if main:
+        _export(cfg, state, out, {**settings, "steps": step, "loss_history": history, "parameters": counts})
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
+
+
+def _save_checkpoint(accelerator, out: Path, step: int, history: list, keep: int) -> None:
+    """accelerate state (model, optimizer, scheduler, RNG) under a temporary name, renamed when complete."""
+    final = out / "checkpoints" / f"step-{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(tmp / "trainer_state.json", {"step": step, "history": history})
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in _checkpoints(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _export(cfg: FaidTrainConfig, state: dict, out: Path, sidecar: dict) -> None:
+    """Rebuild the model on CPU, load the trained state, merge LoRA, save in the released layout."""
+    cpu = build_model(cfg)
+    state = {k.removeprefix("janus."): v.detach().to("cpu", torch.float32) for k, v in state.items()}
+    cpu.load_state_dict(state, strict=True)
+    merge_lora(cpu)
+    cpu.eval()
+    cpu.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        src = Path(cfg.base) / name if Path(cfg.base).is_dir() else Path(cfg.base).parent / name
+        if src.is_file():
+            shutil.copyfile(src, out / name)
+    write_json(out / "settings.json", sidecar)
+    loss = f" (final loss {sidecar['loss_history'][-1][1]:.4f})" if sidecar["loss_history"] else ""
+    print(f"FAiD checkpoint: {out}{loss}; generate with: arrag generate --model {out} --method faid "
+          "--retriever <index folder>")

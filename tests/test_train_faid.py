@@ -1,0 +1,207 @@
+"""FAiD trainer: loss goes down, only the recipe's parameters move, the merged checkpoint generates,
+--resume reproduces the uninterrupted run, accelerate launch works, bad inputs give clear errors."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from arrag.build_retriever.build_index import build_index
+from arrag.cli import main
+from arrag.errors import ArragError
+from arrag.janus import JanusPro
+from arrag.retrieval import codestore
+from arrag.train.construct import construct_train
+from arrag.train.train_faid import FaidObjective, FaidTrainConfig, _open_data, build_model, merge_lora, train_faid
+
+WORDS = ["red", "blue", "green", "circle", "square", "left", "of", "above"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_janus_dir, tiny_janus):
+    """16 captioned 6x6 code grids in the tiny Janus's VQ, an index over them and K=4 retrieved codes."""
+    root = tmp_path_factory.mktemp("faid_world")
+    rng = np.random.default_rng(0)
+    # A learnable pattern: each image repeats one of 4 row motifs, so retrieval and the caption both help.
+    motif = rng.integers(0, 40, (4, 6))
+    kinds = rng.integers(0, 4, 16)
+    codes = np.stack([np.tile(motif[k], (6, 1)) for k in kinds]).astype(np.uint16)
+    captions = [f"{WORDS[k]} {WORDS[3 + k % 2]}" for k in kinds]
+    book = tiny_janus.vq.quantize.codebook().detach().numpy()
+    codestore.write_store(root / "store", codes, book, shard_size=7, captions=captions)
+    build_index(root / "store", root / "idx", progress=False)
+    construct_train(root / "store", root / "idx", k=4, progress=False)
+    return {"root": root, "base": str(tiny_janus_dir), "store": str(root / "store"), "idx": str(root / "idx")}
+
+
+def _cfg(world, out, **kw):
+    base = dict(base=world["base"], store=world["store"], out=str(out), num_blender=1, num_hop="1,2", k=4, lora_r=8,
+                lora_alpha=16, batch_size=4, grad_accum=1, epochs=3, lr=1e-3, num_workers=0, save_every=4,
+                cpu=True, progress=False)
+    return FaidTrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(world):
+    cfg = _cfg(world, world["root"] / "run_full")
+    train_faid(cfg)
+    return cfg
+
+
+def _fixed_batch(cfg, janus):
+    store, data, collate = _open_data(dataclasses.replace(cfg, cfg_drop=0.0), janus)
+    return store, collate([data[i] for i in range(4)])
+
+
+def _initial_model(cfg):
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)  # the trainer's own initialisation
+    model = build_model(cfg)
+    merge_lora(model)  # B = 0 at init: merging changes nothing but the key names
+    return model
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(trained):
+    before = _initial_model(trained).eval()
+    after = JanusPro.from_pretrained(trained.out, device="cpu", quiet=True)
+    store, batch = _fixed_batch(trained, after)
+    with torch.no_grad():
+        objective = {name: FaidObjective(m, store.grid) for name, m in [("before", before), ("after", after)]}
+        loss = {name: f(**batch).item() for name, f in objective.items()}
+    assert loss["after"] < loss["before"] - 0.1, loss
+    history = json.loads((trained.output_dir() / "settings.json").read_text())["loss_history"]
+    assert len(history) == 12 and history[-1][1] < history[0][1]
+
+
+def test_only_the_recipe_parameters_change(trained):
+    before = {k: v for k, v in _initial_model(trained).state_dict().items()}
+    after = load_file(str(trained.output_dir() / "model.safetensors"))
+    assert set(after) == set(before)  # the released layout: no lora_A/lora_B, no base_layer
+    assert not any("lora" in k for k in after)
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+
+    def intended(k):
+        if k.startswith("gen_head.") or "retrieval_layernorm" in k:
+            return True
+        if ".self_attn.q_proj." in k or ".self_attn.v_proj." in k:  # LoRA, merged
+            return True
+        return ".blender." in k and ".conv3." not in k and ".conv32." not in k  # hop 3 is idle
+
+    assert changed == {k for k in after if intended(k)}
+
+
+def test_merged_checkpoint_reloads_and_generates(trained, world, tmp_path):
+    config = json.loads((trained.output_dir() / "config.json").read_text())["language_config"]
+    assert config["num_SmoothPatchBlender"] == 2 and config["num_hop"] == "1,2"
+    out = tmp_path / "gen"
+    assert main(["generate", "--model", str(trained.output_dir()), "--method", "faid", "--retriever", world["idx"],
+                 "--faid-k", "4", "--prompt", "red circle", "--image-size", "96", "--parallel-size", "2",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    from PIL import Image
+
+    images = sorted(out.glob("*.png"))
+    assert len(images) == 2 and Image.open(images[0]).size == (96, 96)
+
+
+def test_resume_continues_and_matches_the_uninterrupted_run(trained, world):
+    cfg = dataclasses.replace(trained, out=str(world["root"] / "run_resumed"))
+    train_faid(dataclasses.replace(cfg, max_steps=6))  # "interrupted" after step 6 (checkpoint written)
+    state = json.loads((cfg.output_dir() / "checkpoints" / "step-0000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6
+    train_faid(dataclasses.replace(cfg, resume=True))
+    history = json.loads((cfg.output_dir() / "settings.json").read_text())["loss_history"]
+    assert [s for s, _ in history] == list(range(1, 13))
+    full, resumed = (load_file(str(c.output_dir() / "model.safetensors")) for c in (trained, cfg))
+    for k in full:  # the same data order, dropout masks and optimizer state: the same weights
+        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-6)
+
+
+def test_a_rerun_with_other_settings_is_refused(trained):
+    with pytest.raises(ArragError, match="lr differ"):
+        train_faid(dataclasses.replace(trained, lr=5e-4, resume=True))
+
+
+def test_accelerate_launch_one_process_smoke(world, tmp_path):
+    out = tmp_path / "launched"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "arrag", "train-faid", "--base", world["base"],
+           "--store", world["store"], "--out", str(out), "--num-blender", "1", "--k", "4", "--lora-r", "4",
+           "--batch-size", "2", "--grad-accum", "2", "--max-steps", "2", "--num-workers", "0"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert json.loads((out / "settings.json").read_text())["steps"] == 2
+
+
+def test_caption_drop_and_candidate_shuffle_are_seeded(world, tiny_janus):
+    cfg = _cfg(world, "unused", cfg_drop=0.5)
+    _, data, collate = _open_data(cfg, tiny_janus)
+    assert data[3]["ids"] == data[3]["ids"] and np.array_equal(data[3]["candidates"], data[3]["candidates"])
+    stored = np.asarray(data.retrieved[3], dtype=np.int64)
+    got = data[3]["candidates"]
+    assert np.array_equal(np.sort(got, 1), np.sort(stored, 1))  # each cell's K codes, reordered
+    drops = [data[i]["dropped"] for i in range(len(data) * 8)]  # 8 epochs
+    assert 0.35 < np.mean(drops) < 0.65
+    item = next(data[i] for i in range(64) if data[i]["dropped"])
+    pad = data.prompter.cfg_pad_id
+    assert all(t == pad for t in item["ids"][1:-1])
+    batch = collate([data[i] for i in range(4)])
+    assert batch["candidates"].shape == (4, 36, 4) and batch["codes"].shape == (4, 36)
+    assert batch["features"].tolist() == [not data[i]["dropped"] for i in range(4)]
+
+
+def test_caption_dropped_rows_get_no_features(trained, world):
+    from arrag.decoding.faid import full_sequence_logits
+
+    model = JanusPro.from_pretrained(trained.output_dir(), device="cpu", quiet=True)
+    store, batch = _fixed_batch(trained, model)
+    args = (model, batch["input_ids"], batch["attention_mask"], batch["codes"], batch["candidates"], store.grid)
+    with torch.no_grad():
+        mixed = full_sequence_logits(*args, row_mask=torch.tensor([True, False, True, False]))
+        none = full_sequence_logits(*args, row_mask=torch.zeros(4, dtype=torch.bool))
+        every = full_sequence_logits(*args)
+    torch.testing.assert_close(mixed[[1, 3]], none[[1, 3]])
+    torch.testing.assert_close(mixed[[0, 2]], every[[0, 2]], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(every[0], none[0])
+
+
+def test_prompts_longer_than_the_limit_are_cut_at_a_word(tiny_janus):
+    from arrag.janus.prompting import Prompter
+
+    p = Prompter.from_folder(tiny_janus.source_folder)
+    full = p.ids("red circle left of blue square above green circle")
+    cut = p.ids("red circle left of blue square above green circle", max_len=len(full) - 3)
+    assert len(cut) <= len(full) - 3 and cut[-1] == full[-1] and cut[0] == full[0]
+    assert cut == p.ids("red circle left of blue square")  # whole words kept, template intact
+    with pytest.raises(ArragError, match="template alone"):
+        p.ids("red", max_len=2)
+
+
+def test_bad_inputs_give_clear_errors(world, tmp_path, tiny_janus, capsys):
+    with pytest.raises(ArragError, match="K=4, asked for 3"):
+        train_faid(_cfg(world, tmp_path / "a", k=3))
+    bare = tmp_path / "bare_store"
+    codes = np.zeros((3, 6, 6), np.uint16)
+    codestore.write_store(bare, codes, tiny_janus.vq.quantize.codebook().detach().numpy(), captions=["a", "b", "c"])
+    with pytest.raises(ArragError, match="construct-train"):
+        train_faid(_cfg(world, tmp_path / "b", store=str(bare)))
+    other = tmp_path / "other_store"
+    book = np.random.default_rng(1).normal(size=tuple(tiny_janus.vq.quantize.codebook().shape)).astype(np.float32)
+    codestore.write_store(other, codes, book / np.linalg.norm(book, axis=1, keepdims=True), captions=["a", "b", "c"])
+    with pytest.raises(ArragError, match="another tokenizer"):
+        train_faid(_cfg(world, tmp_path / "c", store=str(other)))
+    with pytest.raises(ArragError, match="--num-blender must divide"):
+        train_faid(_cfg(world, tmp_path / "d", num_blender=3))
+    with pytest.raises(ArragError, match="--deepspeed nope.json: no such file"):
+        train_faid(_cfg(world, tmp_path / "e", deepspeed="nope.json"))
+    capsys.readouterr()
+    assert main(["train-faid", "--base", world["base"], "--store", str(bare), "--out", str(tmp_path / "f"),
+                 "--num-blender", "1", "--k", "4", "--cpu", "--num-workers", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("arrag: error: no retrieved codes") and "Traceback" not in "".join(err)
