@@ -36,18 +36,18 @@ def _vq_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_prompts(args: argparse.Namespace) -> list[str]:
-    from pathlib import Path
+def _read_prompts(args: argparse.Namespace) -> list:
+    """--prompt texts, then every prompt of --prompts (text, GenEval jsonl, DPG folder, CSV), as PromptItems."""
+    from arrag.eval.prompts import PromptItem, read_prompt_source
 
-    prompts = list(args.prompt or [])
+    items = [PromptItem(i, t, f"{i:05d}") for i, t in enumerate(args.prompt or [])]
     if args.prompts:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise ArragError(f"--prompts {path}: file not found (one prompt per line)")
-        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
+        if items:
+            raise ArragError("pass either --prompt or --prompts, not both")
+        items = read_prompt_source(args.prompts, args.caption_column)
+    if not items:
         raise ArragError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
-    return prompts
+    return items
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -61,8 +61,18 @@ def _generate(args: argparse.Namespace) -> int:
     from arrag.provenance import write_sidecar
     from arrag.runtime import parse_dtype, resolve_device
 
-    prompts = _read_prompts(args)
+    items = _read_prompts(args)
+    prompts = [it.text for it in items]
+    slot = None
+    if args.layout:
+        from arrag.eval.batch_generate import ProcessSlot
+
+        slot = ProcessSlot.from_env()
+    if args.parallel_size is None:
+        args.parallel_size = 4 if args.layout in ("geneval", "dpg") else 1
     device = resolve_device(args.device)
+    if slot is not None and slot.world > 1 and device.type == "cuda":
+        device = resolve_device(f"cuda:{slot.local_rank}")
     model = JanusPro.from_pretrained(args.model, dtype=parse_dtype(args.dtype, device), device=device)
     retriever = None
     if args.method != "base":
@@ -79,6 +89,8 @@ def _generate(args: argparse.Namespace) -> int:
                          daid_k=args.daid_k, daid_aggregate=args.daid_aggregate, faid_k=args.faid_k,
                          allow_unknown_vq=args.allow_unknown_vq)
     seed = args.seed if args.seed is not None else int(np.random.SeedSequence().generate_state(1)[0])
+    if args.layout:
+        return _generate_layout(args, model, items, hooks, retriever, seed, slot, device)
     codes = sample_codes(model, prompts, parallel_size=args.parallel_size, cfg_weight=args.cfg_weight,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
                          image_size=args.image_size, hooks=hooks, batch_size=args.batch_size)
@@ -100,6 +112,39 @@ def _generate(args: argparse.Namespace) -> int:
     if args.grid:
         write_sidecar(args.grid, settings)
     print(f"wrote {len(images)} images to {out} (seed {seed})" + (f" and the grid {args.grid}" if args.grid else ""))
+    return 0
+
+
+def _generate_layout(args, model, items, hooks, retriever, seed: int, slot, device) -> int:
+    """`generate --layout`: a benchmark's files, resumable, this process's share of the prompts."""
+    from pathlib import Path
+
+    from arrag.eval.batch_generate import generate_into_layout
+    from arrag.eval.layouts import make_layout, write_prompt_list
+    from arrag.provenance import lock_settings
+
+    layout = make_layout(args.layout, args.out, args.parallel_size, args.format, grid=args.prompt_grids)
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("func", "prompt", "device", "batch_size", "prompts_per_batch", "retriever_device")}
+    settings.update(seed=seed, prompts=str(Path(args.prompts).resolve()) if args.prompts else None,
+                    num_prompts=len(items), model=str(Path(args.model).resolve()),
+                    vq_fingerprint=model.vq.fingerprint(), dtype=str(model.dtype).removeprefix("torch."))
+    for hook in hooks:
+        settings.update(hook.settings())
+    if retriever is not None:
+        settings["index"] = {k: retriever.manifest.get(k) for k in ("factory", "entries", "images", "neighborhood",
+                                                                    "key_source", "vq_fingerprint", "nprobe")}
+        settings["index"]["folder"] = str(Path(retriever.folder).resolve())
+    lock_settings(layout.out / "settings.json", settings, refused=f"{layout.out} holds images made",
+                  advice="use another --out, or the same settings to resume", ignore=("prompt_grids",))
+    if slot.rank == 0:
+        write_prompt_list(layout, items)
+    stats = generate_into_layout(model, items, layout, seed=seed, hooks=hooks, slot=slot,
+                                 prompts_per_batch=args.prompts_per_batch, cfg_weight=args.cfg_weight,
+                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                 image_size=args.image_size, batch_size=args.batch_size)
+    print(f"{args.layout}: {stats['generated']} prompts generated, {stats['skipped']} already done "
+          f"(process {slot.rank + 1}/{slot.world}, {stats['seconds']:.1f} s) -> {layout.out}")
     return 0
 
 
@@ -171,6 +216,22 @@ def _train_faid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_fid(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from arrag.eval.fid import compute_fid
+    from arrag.provenance import write_json
+    from arrag.runtime import resolve_device
+
+    result = compute_fid(args.real, args.fake, inception_weights=args.inception_weights,
+                         save_stats_to=args.save_stats, resize=args.resize, batch_size=args.batch_size,
+                         device=resolve_device(args.device))
+    out = Path(args.out) if args.out else Path(str(Path(args.fake).resolve()) + "_fid.json")
+    write_json(out, {**result, "settings": {k: v for k, v in vars(args).items() if k != "func"}})
+    print(f"FID {result['fid']:.4f} ({result['num_fake']} generated vs {result['num_real']} reference images) -> {out}")
+    return 0
+
+
 def _gpu_faiss() -> bool:
     from arrag.retrieval.index import has_gpu_faiss
 
@@ -221,7 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "OUT/<prompt>_<sample>.png and OUT/settings.json with every setting and the seed.")
     gen.add_argument("--model", required=True, help="Janus-Pro checkpoint folder (config.json, weights, tokenizer)")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    gen.add_argument("--prompts", help="text file with one prompt per line")
+    gen.add_argument("--prompts", help="prompt source: a text file (one per line), GenEval's evaluation_metadata"
+                                       ".jsonl, a DPG-Bench prompts folder (<id>.txt) or a CSV with a caption column")
+    gen.add_argument("--caption-column", default=None, help="CSV column holding the prompts (default: caption, "
+                                                            "text or prompt)")
+    gen.add_argument("--layout", default=None, choices=["geneval", "dpg", "flat"],
+                     help="write a benchmark layout (resumable; processes of `accelerate launch` split the prompts): "
+                          "geneval = <out>/<00000>/metadata.jsonl + samples/<0000>.png; dpg = <out>/<id>.png, "
+                          "a 2x2 grid of 4 samples; flat = <out>/<00000>.png")
+    gen.add_argument("--prompts-per-batch", type=int, default=1,
+                     help="with --layout: prompts decoded together (each with --parallel-size samples; default 1)")
+    gen.add_argument("--prompt-grids", action="store_true", help="with --layout geneval: also write grid.png")
     gen.add_argument("--method", default="base", choices=["base", "daid", "faid", "faid+daid"],
                      help="base (no retrieval), daid (retrieval-augmented distribution), faid (a FAiD checkpoint's "
                           "blenders fed retrieved patches) or faid+daid (default base)")
@@ -240,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: cuda with GPU FAISS on a CUDA run, else cpu)")
     gen.add_argument("--allow-unknown-vq", action="store_true",
                      help="accept an index without a VQ fingerprint (the original prebuilt database)")
-    gen.add_argument("--parallel-size", type=int, default=1, help="samples per prompt (default 1)")
+    gen.add_argument("--parallel-size", type=int, default=None,
+                     help="samples per prompt (default 1; 4 with --layout geneval or dpg)")
     gen.add_argument("--cfg-weight", type=float, default=5.0, help="classifier-free guidance weight (default 5)")
     gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (default 1)")
     gen.add_argument("--top-k", type=int, default=None, help="keep only the k most likely codes (default off)")
@@ -367,6 +439,24 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is present")
     tf.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process (default 2)")
     tf.set_defaults(func=_train_faid)
+
+    ev = sub.add_parser("eval", help="evaluate generated images (FID)", description="Evaluate generated images.")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
+    fid = ev_sub.add_parser(
+        "fid", help="FID between a folder of generated images and reference images or statistics",
+        description="Frechet Inception Distance with torchmetrics (Inception-v3 features, pool 2048). Images are "
+                    "read as RGB and resized to 299x299 inside the network (TF1-style bilinear, as pytorch-fid and "
+                    "torch-fidelity); --resize N first centre-crops and bicubic-resizes both sides to N.")
+    fid.add_argument("--real", required=True, help="reference images folder, or an .npz from --save-stats")
+    fid.add_argument("--fake", required=True, help="generated images folder (searched recursively)")
+    fid.add_argument("--save-stats", default=None, help="cache the reference statistics in this .npz")
+    fid.add_argument("--inception-weights", default=None,
+                     help="local copy of weights-inception-2015-12-05-6726825d.pth (offline machines)")
+    fid.add_argument("--resize", type=int, default=None, help="centre-crop and resize both sides to N first")
+    fid.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default 50)")
+    fid.add_argument("--out", default=None, help="result JSON (default <fake>_fid.json)")
+    _add_device(fid)
+    fid.set_defaults(func=_eval_fid)
 
     demo = sub.add_parser(
         "demo", help="run the main job on the embedded default (ShapesWorld)",

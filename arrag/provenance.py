@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -29,7 +30,7 @@ def write_json(path: str | Path, obj: Any) -> Path:
     """Write JSON atomically (temp name, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: several may write the same file
     tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
     tmp.replace(path)
     return path

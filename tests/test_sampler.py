@@ -32,12 +32,14 @@ def test_batch_composition_does_not_change_an_image(tiny_janus):
     for j, p in enumerate(prompts):
         alone = sample_codes(tiny_janus, [p], parallel_size=2, image_index_offset=2 * j, **kw)
         torch.testing.assert_close(alone, together[2 * j:2 * j + 2], rtol=0, atol=0)
+    picked = sample_codes(tiny_janus, [prompts[2], prompts[0]], parallel_size=2, prompt_indices=[2, 0], **kw)
+    torch.testing.assert_close(picked, together[[4, 5, 0, 1]], rtol=0, atol=0)
 
 
 def test_image_seeds_are_distinct_and_offsettable():
-    s = image_seeds(0, 6)
-    assert len(set(s)) == 6 and image_seeds(0, 3, offset=3) == s[3:]
-    assert image_seeds(1, 1) != image_seeds(0, 2)[1:]  # (seed 1, image 0) is not (seed 0, image 1)
+    s = image_seeds(0, range(6))
+    assert len(set(s)) == 6 and image_seeds(0, range(3, 6)) == s[3:] and image_seeds(0, [5, 1]) == [s[5], s[1]]
+    assert image_seeds(1, [0]) != image_seeds(0, [1])  # (seed 1, image 0) is not (seed 0, image 1)
 
 
 def test_filter_probs_against_hand_computation():

@@ -10,7 +10,7 @@ index and prompt, not on which other images share its batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,10 +61,10 @@ class DecodingHook:
         pass
 
 
-def image_seeds(seed: int, count: int, offset: int = 0) -> list[int]:
-    """Independent 63-bit seeds for images offset .. offset+count-1 of a run with `seed`."""
-    return [int(np.random.SeedSequence([seed, i]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
-            for i in range(offset, offset + count)]
+def image_seeds(seed: int, indices: Iterable[int]) -> list[int]:
+    """Independent 63-bit seeds for the images with these indices in a run with `seed`."""
+    return [int(np.random.SeedSequence([seed, int(i)]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+            for i in indices]
 
 
 def image_uniforms(seeds: Sequence[int], steps: int) -> torch.Tensor:
@@ -97,11 +97,14 @@ def sample_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 def sample_codes(model, prompts: Sequence[str], *, parallel_size: int = 1, cfg_weight: float = 5.0,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int = 0, image_size: int = 384, hooks: Sequence[DecodingHook] = (), prompter=None,
-                 batch_size: int | None = None, image_index_offset: int = 0, progress: bool = True) -> torch.Tensor:
+                 batch_size: int | None = None, image_index_offset: int = 0,
+                 prompt_indices: Sequence[int] | None = None, progress: bool = True) -> torch.Tensor:
     """Sample code grids for every prompt x parallel_size: Long [len(prompts) * parallel_size, h, w].
 
-    Image j*parallel_size + s is sample s of prompt j. `batch_size` caps images per forward pass
-    (default: all at once); results do not depend on it.
+    Image j*parallel_size + s is sample s of prompt j; its random draws come from (seed, image_index_offset +
+    that index), or, with `prompt_indices` (each prompt's index in a larger list), from (seed, index *
+    parallel_size + s): a prompt's images do not depend on which other prompts share the run or the batch.
+    `batch_size` caps images per forward pass (default: all at once); results do not depend on it.
     """
     from arrag.janus.prompting import Prompter
 
@@ -115,7 +118,12 @@ def sample_codes(model, prompts: Sequence[str], *, parallel_size: int = 1, cfg_w
             raise ArragError("the model was not loaded from a folder; pass prompter=Prompter.from_folder(...)")
         prompter = Prompter.from_folder(model.source_folder)
     captions = [p for p in prompts for _ in range(parallel_size)]
-    seeds = image_seeds(seed, len(captions), image_index_offset)
+    if prompt_indices is not None:
+        if len(prompt_indices) != len(prompts):
+            raise ValueError("prompt_indices needs one index per prompt")
+        seeds = image_seeds(seed, [j * parallel_size + s for j in prompt_indices for s in range(parallel_size)])
+    else:
+        seeds = image_seeds(seed, range(image_index_offset, image_index_offset + len(captions)))
     chunk = batch_size or len(captions)
     out = []
     for s in range(0, len(captions), chunk):

@@ -1,0 +1,1 @@
+"""Benchmark generation (GenEval / DPG-Bench / flat layouts) and FID."""

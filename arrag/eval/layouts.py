@@ -1,0 +1,106 @@
+"""Where benchmark images go: exactly the files each official evaluator reads.
+
+  geneval  <out>/<5-digit index>/metadata.jsonl (that prompt's line of evaluation_metadata.jsonl) and
+           samples/<4-digit>.png, plus grid.png with --grid; metadata.jsonl is written last, so it marks a
+           finished prompt (GenEval's evaluate_images.py reads both).
+  dpg      <out>/<id>.png: the samples tiled without gaps into a square grid (4 samples -> 2x2), which
+           DPG-Bench's compute_dpg_bench.py cuts back into --pic-num crops of --resolution pixels.
+  flat     <out>/<5-digit index>.png, or <index>_<2-digit sample>.png with several samples (FID folders).
+Every image is written under a temporary name and renamed, so a prompt's files exist only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from arrag.errors import ArragError
+from arrag.eval.prompts import PromptItem
+from arrag.image_io import make_grid, save_image
+from arrag.provenance import write_json
+
+LAYOUTS = ("geneval", "dpg", "flat")
+
+
+class Layout:
+    """Paths of a prompt's outputs, whether they are all there, and how to write them."""
+
+    def __init__(self, out: str | Path, parallel_size: int, fmt: str = "png", grid: bool = False):
+        self.out, self.parallel_size, self.fmt, self.grid = Path(out), parallel_size, fmt, grid
+
+    def paths(self, item: PromptItem) -> list[Path]:
+        raise NotImplementedError
+
+    def done(self, item: PromptItem) -> bool:
+        return all(p.is_file() for p in self.paths(item))
+
+    def write(self, item: PromptItem, images: np.ndarray) -> None:
+        """images: uint8 [parallel_size, H, W, 3], the prompt's samples in order."""
+        raise NotImplementedError
+
+
+class GenevalLayout(Layout):
+    def __init__(self, out: str | Path, parallel_size: int, fmt: str = "png", grid: bool = False):
+        if fmt != "png":
+            raise ArragError(f"--layout geneval needs --format png (GenEval reads samples/NNNN.png only); got {fmt}")
+        super().__init__(out, parallel_size, fmt, grid)
+
+    def folder(self, item: PromptItem) -> Path:
+        return self.out / f"{item.index:05d}"
+
+    def paths(self, item: PromptItem) -> list[Path]:
+        f = self.folder(item)
+        return [f / "samples" / f"{s:04d}.{self.fmt}" for s in range(self.parallel_size)] + [f / "metadata.jsonl"]
+
+    def write(self, item: PromptItem, images: np.ndarray) -> None:
+        *samples, meta = self.paths(item)
+        for path, image in zip(samples, images, strict=True):
+            save_image(image, path)
+        if self.grid:
+            save_image(make_grid(images, ncol=min(len(images), 4)), self.folder(item) / f"grid.{self.fmt}")
+        record = item.metadata if item.metadata is not None else json.dumps({"prompt": item.text})
+        tmp = meta.with_name(meta.name + ".tmp")
+        tmp.write_text(record + "\n", encoding="utf-8")
+        tmp.replace(meta)
+
+
+class DpgLayout(Layout):
+    def __init__(self, out: str | Path, parallel_size: int, fmt: str = "png", grid: bool = False):
+        side = math.isqrt(parallel_size)
+        if side * side != parallel_size:
+            raise ArragError(f"--layout dpg tiles the samples into a square grid: --parallel-size must be 1, 4, 9, "
+                             f"...; got {parallel_size} (DPG-Bench uses 4)")
+        super().__init__(out, parallel_size, fmt, grid)
+        self.side = side
+
+    def paths(self, item: PromptItem) -> list[Path]:
+        return [self.out / f"{item.name}.{self.fmt}"]
+
+    def write(self, item: PromptItem, images: np.ndarray) -> None:
+        save_image(make_grid(images, ncol=self.side, pad=0), self.paths(item)[0])
+
+
+class FlatLayout(Layout):
+    def paths(self, item: PromptItem) -> list[Path]:
+        if self.parallel_size == 1:
+            return [self.out / f"{item.index:05d}.{self.fmt}"]
+        return [self.out / f"{item.index:05d}_{s:02d}.{self.fmt}" for s in range(self.parallel_size)]
+
+    def write(self, item: PromptItem, images: np.ndarray) -> None:
+        for path, image in zip(self.paths(item), images, strict=True):
+            save_image(image, path)
+
+
+def make_layout(name: str, out: str | Path, parallel_size: int, fmt: str = "png", grid: bool = False) -> Layout:
+    classes = {"geneval": GenevalLayout, "dpg": DpgLayout, "flat": FlatLayout}
+    if name not in classes:
+        raise ArragError(f"--layout must be one of {', '.join(LAYOUTS)}; got {name!r}")
+    return classes[name](out, parallel_size, fmt, grid)
+
+
+def write_prompt_list(layout: Layout, items: list[PromptItem]) -> None:
+    """`prompts.json` beside the outputs: index, name and text of every prompt (for reading results back)."""
+    write_json(layout.out / "prompts.json", [{"index": it.index, "name": it.name, "prompt": it.text} for it in items])

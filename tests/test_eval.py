@@ -1,0 +1,152 @@
+"""Benchmark layouts (what GenEval / DPG-Bench / FID tools read), resumption, process split, FID."""
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from arrag.cli import main
+from arrag.errors import ArragError
+from arrag.eval.batch_generate import ProcessSlot, generate_into_layout
+from arrag.eval.fid import compute_fid
+from arrag.eval.layouts import make_layout
+from arrag.eval.prompts import read_prompt_source
+
+GENEVAL = [{"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
+           {"tag": "counting", "include": [{"class": "cat", "count": 2}], "prompt": "a photo of two cats"},
+           {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a red car"}]
+
+
+def _geneval_file(tmp_path):
+    path = tmp_path / "evaluation_metadata.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in GENEVAL))
+    return path
+
+
+def test_prompt_sources(tmp_path):
+    assert [it.text for it in read_prompt_source(_geneval_file(tmp_path))] == [r["prompt"] for r in GENEVAL]
+    assert json.loads(read_prompt_source(_geneval_file(tmp_path))[1].metadata) == GENEVAL[1]
+    dpg = tmp_path / "prompts"
+    dpg.mkdir()
+    for name, text in [("b_item", "a blue bird"), ("a_item", "an apple on a table\n")]:
+        (dpg / f"{name}.txt").write_text(text)
+    assert [(it.name, it.text) for it in read_prompt_source(dpg)] == [("a_item", "an apple on a table"),
+                                                                       ("b_item", "a blue bird")]
+    with (tmp_path / "coco.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["image_id", "Caption"], [7, "a dog"], [9, "two cups"]])
+    assert [it.text for it in read_prompt_source(tmp_path / "coco.csv")] == ["a dog", "two cups"]
+    with pytest.raises(ArragError, match="--caption-column text: not a column"):
+        read_prompt_source(tmp_path / "coco.csv", "text")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(ArragError, match="line 2 is not a JSON object with a 'prompt' field"):
+        read_prompt_source(tmp_path / "bad.jsonl")
+
+
+def test_geneval_layout_is_what_the_evaluator_reads(tmp_path, tiny_janus_dir):
+    out = tmp_path / "geneval"
+    assert main(["generate", "--model", str(tiny_janus_dir), "--prompts", str(_geneval_file(tmp_path)),
+                 "--layout", "geneval", "--parallel-size", "2", "--image-size", "64", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    # GenEval's evaluate_images.py: digit-named folders, json.load(metadata.jsonl), samples matching \d+\.png
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert folders == ["00000", "00001", "00002"]
+    for i, name in enumerate(folders):
+        with open(out / name / "metadata.jsonl") as fp:
+            assert json.load(fp) == GENEVAL[i]
+        samples = sorted(p.name for p in (out / name / "samples").iterdir())
+        assert samples == ["0000.png", "0001.png"] and all(re.match(r"\d+\.png", s) for s in samples)
+        assert Image.open(out / name / "samples" / "0000.png").size == (64, 64)
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["layout"] == "geneval" and settings["parallel_size"] == 2 and settings["seed"] == 0
+
+
+def test_dpg_layout_is_a_gapless_2x2_grid_per_prompt_id(tmp_path, tiny_janus_dir):
+    dpg = tmp_path / "prompts"
+    dpg.mkdir()
+    for name, text in [("0001", "a red circle"), ("xyz", "a blue square")]:
+        (dpg / f"{name}.txt").write_text(text)
+    out = tmp_path / "dpg"
+    assert main(["generate", "--model", str(tiny_janus_dir), "--prompts", str(dpg), "--layout", "dpg",
+                 "--image-size", "64", "--out", str(out), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["0001.png", "xyz.png"]
+    grid = np.asarray(Image.open(out / "xyz.png"))
+    assert grid.shape == (128, 128, 3)  # DPG-Bench crops --pic-num 4 tiles of --resolution 64
+    # the top-right tile is sample 1 of that prompt, reproduced by a flat run with the same seed
+    flat = tmp_path / "flat"
+    assert main(["generate", "--model", str(tiny_janus_dir), "--prompts", str(dpg), "--layout", "flat",
+                 "--parallel-size", "4", "--image-size", "64", "--out", str(flat), "--device", "cpu"]) == 0
+    np.testing.assert_array_equal(grid[:64, 64:], np.asarray(Image.open(flat / "00001_01.png")))
+    with pytest.raises(ArragError, match="--parallel-size must be 1, 4, 9"):
+        make_layout("dpg", out, 2)
+
+
+def test_resume_skips_finished_prompts(tmp_path, tiny_janus):
+    items = read_prompt_source(_geneval_file(tmp_path))
+    layout = make_layout("geneval", tmp_path / "g", 2)
+    kw = dict(seed=5, image_size=64, progress=False)
+    assert generate_into_layout(tiny_janus, items, layout, **kw)["generated"] == 3
+    kept = (tmp_path / "g/00000/samples/0000.png").stat().st_mtime_ns
+    (tmp_path / "g/00002/metadata.jsonl").unlink()  # prompt 2 "interrupted" before its marker was written
+    again = generate_into_layout(tiny_janus, items, layout, **kw)
+    assert again["generated"] == 1 and again["skipped"] == 2
+    assert (tmp_path / "g/00002/metadata.jsonl").is_file()
+    assert (tmp_path / "g/00000/samples/0000.png").stat().st_mtime_ns == kept
+
+
+def test_two_processes_write_the_same_files_as_one(tmp_path, tiny_janus):
+    items = read_prompt_source(_geneval_file(tmp_path))
+    kw = dict(seed=3, image_size=64, progress=False, top_k=40)
+    one = make_layout("flat", tmp_path / "one", 2)
+    generate_into_layout(tiny_janus, items, one, prompts_per_batch=2, **kw)
+    two = make_layout("flat", tmp_path / "two", 2)
+    for rank in (1, 0):
+        generate_into_layout(tiny_janus, items, two, slot=ProcessSlot(rank, 2), **kw)
+    names = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
+    assert len(names) == 6 and names == sorted(p.name for p in (tmp_path / "two").glob("*.png"))
+    for n in names:
+        assert (tmp_path / "one" / n).read_bytes() == (tmp_path / "two" / n).read_bytes()
+
+
+class _ColourStats(nn.Module):
+    """A tiny fixed feature extractor: per-channel mean and std and a 2x2 pooled grey image (10 features)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255
+        grey = torch.nn.functional.adaptive_avg_pool2d(x.mean(1, keepdim=True), 2).flatten(1)
+        return torch.cat([x.mean((2, 3)), x.std((2, 3)), grey], 1).double()
+
+
+def _folder(path, seed, n=24, bias=0):
+    path.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(np.clip(rng.integers(0, 200, (20, 20, 3)) + bias, 0, 255).astype(np.uint8)).save(
+            path / f"{i:03d}.png")
+    return path
+
+
+def test_fid_is_zero_for_identical_sets_and_positive_for_different_ones(tmp_path):
+    a, b = _folder(tmp_path / "a", 0), _folder(tmp_path / "b", 1, bias=40)
+    same = compute_fid(a, a, feature=_ColourStats(), progress=False)
+    assert abs(same["fid"]) < 1e-6 and same["num_real"] == same["num_fake"] == 24
+    diff = compute_fid(a, b, feature=_ColourStats(), save_stats_to=tmp_path / "a.npz", progress=False)
+    assert diff["fid"] > 0.01
+    cached = compute_fid(tmp_path / "a.npz", b, feature=_ColourStats(), progress=False)
+    assert cached["fid"] == pytest.approx(diff["fid"], rel=1e-9)
+    stats = np.load(tmp_path / "a.npz")
+    assert int(stats["num_samples"]) == 24 and stats["sigma"].shape == (10, 10)
+    with pytest.raises(ArragError, match="resize -1; this run uses"):
+        compute_fid(tmp_path / "a.npz", b, feature=_ColourStats(), resize=16, progress=False)
+
+
+def test_fid_without_inception_weights_says_what_to_do(tmp_path, capsys):
+    a = _folder(tmp_path / "a", 0, n=2)
+    assert main(["eval", "fid", "--real", str(a), "--fake", str(a), "--inception-weights",
+                 str(tmp_path / "missing.pth")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.pth: no such file; download https://" in err[0]
