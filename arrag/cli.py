@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from arrag.errors import ArragError
 
@@ -242,9 +243,28 @@ def _demo(args: argparse.Namespace) -> int:
     from arrag.demo.pipeline import run_demo
     from arrag.runtime import resolve_device
 
-    run_demo(args.out, steps=args.steps, image_size=args.image_size, seed=args.seed,
-             device=resolve_device(args.device), database_images=args.database_images,
-             retriever_dir=args.retriever_dir)
+    seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
+    daid = {k: v for k, v in (("daid_lambda", args.daid_lambda), ("daid_tau", args.daid_tau),
+                              ("daid_k", args.daid_k)) if v is not None}
+    run_demo(args.out, seeds=seeds, split=args.split, per_category=args.per_category, samples=args.samples,
+             methods=tuple(args.methods.split(",")), daid=daid, faid_k=args.faid_k,
+             database_images=args.database_images, retriever_dir=args.retriever_dir,
+             device=resolve_device(args.device))
+    return 0
+
+
+def _eval_shapes(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from arrag.demo.score import score_folder
+    from arrag.provenance import write_json
+
+    result = score_folder(args.folder, args.vq, reference_count=args.reference_images)
+    out = Path(args.out) if args.out else Path(args.folder) / "shapes_scores.json"
+    write_json(out, {**result, "settings": {k: v for k, v in vars(args).items() if k != "func"}})
+    per = "  ".join(f"{c} {v:.2f}" for c, v in result["per_category"].items())
+    print(f"{per}  overall {result['overall']:.3f}  realism FID {result['realism_fid']:.2f} "
+          f"({result['images']} images) -> {out}")
     return 0
 
 
@@ -458,14 +478,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(fid)
     fid.set_defaults(func=_eval_fid)
 
+    sh = ev_sub.add_parser(
+        "shapes", help="GenEval-style accuracy and realism of ShapesWorld images generated with --layout geneval",
+        description="Read <folder>/<index>/metadata.jsonl (a ShapesWorld prompt file's records) and samples/*.png; "
+                    "score accuracy per category from the pixels (colour segmentation, components, shapes, "
+                    "counts, positions) and a realism FID against rendered ground truth.")
+    sh.add_argument("folder", help="generated folder (arrag generate --layout geneval --prompts <shapes jsonl>)")
+    sh.add_argument("--vq", default=str(Path(__file__).resolve().parent / "demo" / "assets" / "base"),
+                    help="model folder whose VQ encoder gives the realism features (default: the shipped demo base)")
+    sh.add_argument("--reference-images", type=int, default=512, help="rendered reference images (default 512)")
+    sh.add_argument("--out", default=None, help="result JSON (default <folder>/shapes_scores.json)")
+    sh.set_defaults(func=_eval_shapes)
+
     demo = sub.add_parser(
         "demo", help="run the main job on the embedded default (ShapesWorld)",
-        description="Run the pipeline, as far as it exists, on ShapesWorld and write results to --out.")
+        description="With the shipped ShapesWorld models: build the demo retriever (first run), generate the test "
+                    "prompts with base, DAiD and FAiD from the same seeds, score them from the pixels, write "
+                    "grid.png and scores.json under --out and print the table.")
     demo.add_argument("--out", default="result/demo", help="output folder (default result/demo)")
-    demo.add_argument("--steps", type=int, default=120, help="tokenizer training steps (default 120)")
-    demo.add_argument("--image-size", type=int, default=64, help="image size in pixels (default 64)")
-    demo.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and training (default 0)")
-    demo.add_argument("--database-images", type=int, default=600, help="images in the demo retriever (default 600)")
+    demo.add_argument("--seeds", default="0", help="comma-separated seeds; several give mean ± SE (default 0)")
+    demo.add_argument("--split", default="test", choices=["validation", "test"],
+                      help="prompt set: tune on validation, report on test (default test)")
+    demo.add_argument("--per-category", type=int, default=4, help="prompts per GenEval category (default 4)")
+    demo.add_argument("--samples", type=int, default=4, help="samples per prompt (default 4)")
+    demo.add_argument("--methods", default="base,daid,faid", help="comma-separated (default base,daid,faid)")
+    demo.add_argument("--daid-lambda", type=float, default=None, help="DAiD lambda (default: the demo's tuned value)")
+    demo.add_argument("--daid-tau", type=float, default=None, help="DAiD tau (default: the demo's tuned value)")
+    demo.add_argument("--daid-k", type=int, default=None, help="DAiD neighbours (default: the demo's tuned value)")
+    demo.add_argument("--faid-k", type=int, default=10, help="FAiD candidates per step (default 10)")
+    demo.add_argument("--database-images", type=int, default=4800,
+                      help="database images in the demo retriever (default 4800 = 1,008,000 entries)")
     demo.add_argument("--retriever-dir", default="data/retriever/demo_L",
                       help="where the demo retriever is built and reused (default data/retriever/demo_L)")
     _add_device(demo)

@@ -56,6 +56,9 @@ VQ_PRESETS: dict[str, VQConfig] = {
                            z_channels=32, ch=32, num_res_blocks=1, norm_groups=8),
     "VQ-tiny-8": VQConfig(codebook_size=1024, encoder_ch_mult=[1, 2, 2, 2], decoder_ch_mult=[1, 2, 2, 2],
                           z_channels=32, ch=32, num_res_blocks=1, norm_groups=8),
+    # ShapesWorld's tokenizer: downsampling 4, so a 64-px image is 16x16 tokens (CPU-sized convolutions).
+    "VQ-tiny-4": VQConfig(codebook_size=1024, encoder_ch_mult=[1, 2, 2], decoder_ch_mult=[1, 2, 2],
+                          z_channels=32, ch=32, num_res_blocks=1, norm_groups=8),
 }
 
 
@@ -519,10 +522,16 @@ def load_vq(path: str | Path, preset: str | VQConfig | Mapping | None = None,
     """Load a VQ-VAE from LlamaGen's .pt (weights under 'ema', 'model' or 'state_dict') or safetensors.
 
     The config comes from `preset`, else from the file's metadata (arrag safetensors), else VQ-16.
-    A Janus-Pro state dict is accepted too: its `gen_vision_model.` prefix is stripped.
+    A Janus-Pro state dict is accepted too: its `gen_vision_model.` prefix is stripped. A Janus-Pro folder
+    (config.json + model.safetensors) gives both the VQ config and the weights.
     Loads strictly; any mismatch is one ArragError line naming the file and the first bad keys.
     """
     path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        from arrag.janus.config import JanusConfig
+
+        preset = preset if preset is not None else JanusConfig.from_file(path / "config.json").vq
+        path = path / "model.safetensors"
     state, file_cfg = _read_checkpoint(path)
     prefix = "gen_vision_model."
     if not any(k.startswith("encoder.") for k in state) and any(k.startswith(prefix) for k in state):

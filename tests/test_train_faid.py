@@ -82,7 +82,8 @@ def test_training_lowers_the_loss_on_a_fixed_batch(trained):
 def test_only_the_recipe_parameters_change(trained):
     before = {k: v for k, v in _initial_model(trained).state_dict().items()}
     after = load_file(str(trained.output_dir() / "model.safetensors"))
-    assert set(after) == set(before)  # the released layout: no lora_A/lora_B, no base_layer
+    idle = {k for k in before if ".conv3." in k or ".conv32." in k}  # hop 3 is not used: left out of the file
+    assert set(after) == set(before) - idle  # the released layout: no lora_A/lora_B, no base_layer
     assert not any("lora" in k for k in after)
     changed = {k for k in after if not torch.equal(after[k], before[k])}
 
@@ -91,7 +92,7 @@ def test_only_the_recipe_parameters_change(trained):
             return True
         if ".self_attn.q_proj." in k or ".self_attn.v_proj." in k:  # LoRA, merged
             return True
-        return ".blender." in k and ".conv3." not in k and ".conv32." not in k  # hop 3 is idle
+        return ".blender." in k
 
     assert changed == {k for k in after if intended(k)}
 

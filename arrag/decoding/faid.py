@@ -273,7 +273,7 @@ def attach_blenders(model) -> None:
 
 
 def full_sequence_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, codes: torch.Tensor,
-                         candidates: torch.Tensor, grid: tuple[int, int], shape: str = "L",
+                         candidates: torch.Tensor | None, grid: tuple[int, int], shape: str = "L",
                          row_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Teacher-forced logits for every image token: fp32 [B, T, V].
 
@@ -281,6 +281,7 @@ def full_sequence_logits(model, input_ids: torch.Tensor, attention_mask: torch.T
     ground-truth image tokens; candidates Long [B, T, K] retrieved codes per cell (-1 = missing). Targets
     that are not valid for `shape` (row 0, first and last column for L) get no features, nor do rows where
     `row_mask` [B] is False (training's caption-dropped rows, like decoding's unconditional CFG rows).
+    With candidates None (or a model without blenders) this is plain teacher forcing: the base AR loss.
     """
     from arrag.retrieval.neighborhood import get_neighborhood
 
@@ -289,6 +290,8 @@ def full_sequence_logits(model, input_ids: torch.Tensor, attention_mask: torch.T
     embeds = torch.cat([model.text_embeddings(input_ids), model.image_embeddings(codes[:, :-1])], 1)
     mask = torch.cat([attention_mask.bool(), attention_mask.new_ones(b, t - 1, dtype=torch.bool)], 1)
     targets = torch.from_numpy(get_neighborhood(shape).positions(*grid)).to(input_ids.device)
+    if candidates is None:
+        return model.image_logits(model.llm(embeds, mask)[:, length - 1:length - 1 + t])
     if row_mask is None:
         row_mask = torch.ones(b, dtype=torch.bool, device=embeds.device)
     model.faid_context = FaidContext("full", grid, candidates, row_mask.to(embeds.device).bool(),

@@ -1,139 +1,187 @@
-"""`arrag demo`: the main job on the embedded default (ShapesWorld), as far as the pipeline exists today.
+"""`arrag demo`: the main job on the embedded default (ShapesWorld), with the shipped demo weights.
 
-1. Train the tiny VQ on rendered ShapesWorld images; measure reconstruction PSNR on validation images.
-2. Build the demo retriever: render database images, `encode` them with that VQ, `build-index`.
-3. Generate test prompts with base and DAiD from the same seeds. The language model is a randomly
-   initialised tiny Janus (no trained demo weights ship yet), so base images are noise; the figure that
-   shows what retrieval does is the *database code rate*: the share of generated codes that occur
-   anywhere in the database, measured on the images of this run.
-Every printed number is measured in this run.
+1. The demo retriever: render the database split, `arrag encode` it with the shipped model's VQ and
+   `arrag build-index` it (>= 1M patch entries) into data/retriever/demo_L; reused on later runs.
+2. The test prompts (GenEval-style, a few per category) generated with base, DAiD and FAiD from the same
+   seeds, through the benchmark runner (`--layout geneval` folders under result/demo/<method>/).
+3. The scorer reads the pixels back: accuracy per category and a realism FID against rendered ground truth.
+Writes result/demo/grid.png (prompts x methods, ground truth first) and result/demo/scores.json, and
+prints the table. Every number is measured on the images of this run.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from arrag.demo.shapes import ShapesWorld
-from arrag.demo.train_demo import reconstruction_psnr, train_vq
-from arrag.image_io import make_grid, save_image, to_tensor, to_uint8
+from arrag.demo.shapes import CATEGORIES, ShapesWorld
+from arrag.errors import ArragError
+from arrag.image_io import make_grid, save_image
 from arrag.provenance import write_json, write_sidecar
-from arrag.vq import VQModel
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+METHODS = ("base", "daid", "faid")
+# Tuned on the validation prompts (see README, "ShapesWorld results"); the library default lambda is 0.1.
+DEMO_DAID = {"daid_lambda": 0.1, "daid_tau": 1.0, "daid_k": 256}
+DEMO_FAID_K = 10
 
 
-def build_demo_retriever(vq_path: Path, folder: Path, images: int, image_size: int, seed: int) -> Path:
+def build_demo_retriever(vq_source: Path, folder: Path, images: int, image_size: int, seed: int = 0,
+                         progress: bool = True) -> Path:
     """Render `images` database images, encode them and index them under `folder` (reused when up to date)."""
     from arrag.build_retriever.build_index import build_index
     from arrag.build_retriever.encode import encode
     from arrag.vq import load_vq
 
-    fingerprint = load_vq(vq_path).fingerprint()
+    fingerprint = load_vq(vq_source).fingerprint()
     index = folder / "index"
     if (index / "manifest.json").exists():
         man = json.loads((index / "manifest.json").read_text())
         if man.get("vq_fingerprint") == fingerprint and man.get("images") == images:
-            print(f"[demo] reusing the demo retriever {index}")
+            print(f"[demo] reusing the demo retriever {index} ({man.get('entries'):,} entries)", file=sys.stderr)
             return index
     world = ShapesWorld("database", seed=seed, size=image_size)
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(images):
+        from tqdm import tqdm
+
+        for i in tqdm(range(images), desc="render database", unit="img", disable=not progress):
             save_image(world.image(i), Path(tmp) / f"{i:06d}.png")
         store = folder / "codes"
-        if store.exists():
-            import shutil
-
-            shutil.rmtree(store)
-        encode(tmp, store, vq_path, image_size=image_size, batch_size=64, num_workers=0, min_size=8, progress=False)
-    build_index(store, index, overwrite=True, progress=False)
+        shutil.rmtree(store, ignore_errors=True)
+        encode(tmp, store, vq_source, image_size=image_size, batch_size=64, num_workers=0, min_size=8,
+               progress=progress)
+    build_index(store, index, overwrite=True, progress=progress)
     return index
 
 
-def database_code_rate(codes: torch.Tensor, database_codes: np.ndarray) -> float:
-    """Share of the codes of generated grids [N, h, w] that occur anywhere in the database."""
-    return float(np.isin(codes.numpy(), database_codes).mean())
+def load_demo_models(assets: Path, device: torch.device):
+    """The shipped base and FAiD models; a clear error when the assets are missing."""
+    from arrag.janus import JanusPro
+
+    for name in ("base", "faid"):
+        if not (assets / name / "config.json").is_file():
+            raise ArragError(f"demo weights missing in {assets / name}: train them with "
+                             "`python -m arrag.demo.train_demo` (about an hour on 2 CPU cores)")
+    return {name: JanusPro.from_pretrained(assets / name, dtype=torch.float32, device=device, quiet=True)
+            for name in ("base", "faid")}
 
 
-def run_demo(out_dir: str | Path = "result/demo", steps: int = 120, image_size: int = 64, batch: int = 8,
-             n_eval: int = 16, seed: int = 0, device: str | torch.device = "cpu", database_images: int = 600,
-             retriever_dir: str | Path = "data/retriever/demo_L") -> dict:
-    """Run the demo stages and write result/demo/{grid.png, vq_reconstruction.png, scores.json}."""
-    from arrag.decoding.sampler import method_hooks, sample_codes
-    from arrag.demo.presets import build_word_tokenizer, tiny_janus_config
-    from arrag.janus import JanusPro, Prompter
-    from arrag.retrieval.codestore import CodeStore
+def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = (0,), split: str = "test",
+             per_category: int = 4, samples: int = 4, methods: tuple[str, ...] = METHODS,
+             daid: dict | None = None, faid_k: int = DEMO_FAID_K, database_images: int = 4800,
+             retriever_dir: str | Path = "data/retriever/demo_L", assets: str | Path = ASSETS,
+             reference_images: int = 512, device: str | torch.device = "cpu", progress: bool = True) -> dict:
+    """Generate the split's prompts with each method and seed, score them, write grid.png and scores.json."""
+    from arrag.decoding.sampler import method_hooks
+    from arrag.demo.score import (
+        VQEncoderFeatures,
+        accuracy,
+        prompt_records,
+        read_generated,
+        realism_fid,
+        write_prompt_file,
+    )
+    from arrag.demo.score import reference_images as render_reference
+    from arrag.eval.batch_generate import generate_into_layout
+    from arrag.eval.layouts import make_layout
+    from arrag.eval.prompts import read_prompt_source
     from arrag.retrieval.retriever import PatchRetriever
 
-    out = Path(out_dir)
+    t_start = time.time()
+    out, assets = Path(out_dir), Path(assets)
     out.mkdir(parents=True, exist_ok=True)
-    val = ShapesWorld("validation", seed=seed, size=image_size).images(0, n_eval)
+    device = torch.device(device)
+    daid = {**DEMO_DAID, **(daid or {})}
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ArragError(f"--methods: unknown {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+    models = load_demo_models(assets, device)
+    recipe = assets / "recipe.json"
+    size = json.loads(recipe.read_text())["recipe"]["image_size"] if recipe.is_file() else 64
 
-    # 1. Tokenizer.
-    torch.manual_seed(seed)
-    psnr_before = reconstruction_psnr(VQModel("VQ-tiny-8").to(device).eval(), val)
-    print(f"[demo] 1/3 tokenizer: training VQ-tiny-8 on ShapesWorld for {steps} steps at {image_size}px")
-    result = train_vq("VQ-tiny-8", image_size=image_size, steps=steps, batch=batch, seed=seed, device=device)
-    vq = result.model
-    psnr_after = reconstruction_psnr(vq, val)
-    with torch.no_grad():
-        rec = to_uint8(vq.decode_codes(vq.encode_to_codes(to_tensor(val[:8]).to(device))))
-    save_image(make_grid(np.concatenate([val[:8], rec]), ncol=8), out / "vq_reconstruction.png")
-    weights = out / "vq_tiny.safetensors"
-    vq.save(weights)
-
-    # 2. Retriever.
-    print(f"[demo] 2/3 retriever: encoding {database_images} database images and building the index")
-    index_dir = build_demo_retriever(weights, Path(retriever_dir), database_images, image_size, seed)
+    print("[demo] 1/3 retriever", file=sys.stderr)
+    index_dir = build_demo_retriever(assets / "base", Path(retriever_dir), database_images, size, progress=progress)
     retriever = PatchRetriever.load(index_dir)
-    store = CodeStore.open(Path(retriever_dir) / "codes")
-    database_codes = np.unique(np.concatenate([c.reshape(-1) for _, c in store.iter_chunks(1024)]))
 
-    # 3. Generation: base vs DAiD, same seeds.
-    print("[demo] 3/3 generation: base vs DAiD (random tiny Janus with the trained VQ)")
-    with tempfile.TemporaryDirectory() as tmp:
-        tok = build_word_tokenizer(tmp)
-    torch.manual_seed(seed)
-    model = JanusPro(tiny_janus_config(len(tok), vq_preset="VQ-tiny-8")).eval()
-    model.gen_vision_model.load_state_dict(vq.state_dict())
-    model.to(device)
-    prompter = Prompter(tok)
-    prompts = [ShapesWorld("test", seed=seed).scene(i).caption for i in range(4)]
-    methods = {"base": [], "daid (lambda 0.1)": method_hooks(model, "daid", retriever, daid_lambda=0.1, daid_k=256),
-               "daid (lambda 1.0)": method_hooks(model, "daid", retriever, daid_lambda=1.0, daid_k=256)}
-    rows, scores = [], {}
-    for name, hooks in methods.items():
-        codes = sample_codes(model, prompts, parallel_size=2, seed=seed, image_size=image_size, hooks=hooks,
-                             prompter=prompter, progress=False)
-        with torch.no_grad():
-            rows.append(to_uint8(model.vq.decode_codes(codes.to(device))))
-        scores[name] = {"database_code_rate": database_code_rate(codes.cpu(), database_codes)}
-    grid = save_image(make_grid(np.concatenate(rows), ncol=2 * len(prompts)), out / "grid.png")
+    records = prompt_records(split, per_category * len(CATEGORIES), size)  # item i has category i mod 6
+    prompt_file = write_prompt_file(out / f"prompts_{split}.jsonl", records)
+    items = read_prompt_source(prompt_file)
+    reference = render_reference(split, reference_images, size, start=10_000)
+    features = VQEncoderFeatures(models["base"].vq, size)
+    truth = np.stack([ShapesWorld(split, size=size).image(r["index"]) for r in records])
+    truth_scenes = [ShapesWorld(split, size=size).scene(r["index"]) for r in records]
 
-    summary = {
-        "tokenizer": {"vq_preset": "VQ-tiny-8", "image_size": image_size, "train_steps": steps,
-                      "train_seconds": round(result.seconds, 1), "first_loss": result.losses[0],
-                      "last_loss": result.losses[-1], "val_images": n_eval, "val_psnr_untrained_db": psnr_before,
-                      "val_psnr_trained_db": psnr_after, "codebook_usage": vq.quantize.usage(),
-                      "fingerprint": vq.fingerprint()},
-        "retriever": {"folder": str(index_dir), "images": database_images, "entries": retriever.entries,
-                      "factory": retriever.manifest["factory"], "distinct_codes": len(database_codes)},
-        "generation": {"prompts": prompts, "samples_per_prompt": 2, "seed": seed,
-                       "language_model": "random tiny Janus (untrained)", "methods": scores},
-    }
+    print(f"[demo] 2/3 generation: {len(items)} {split} prompts x {samples} samples x seeds {list(seeds)} x "
+          f"{', '.join(methods)}", file=sys.stderr)
+    results: dict = {m: [] for m in methods}
+    first_images: dict = {}
+    for seed in seeds:
+        for method in methods:
+            model = models["faid" if method == "faid" else "base"]
+            hooks = method_hooks(model, method, None if method == "base" else retriever, faid_k=faid_k, **daid)
+            folder = out / method / f"seed{seed}"
+            shutil.rmtree(folder, ignore_errors=True)  # the demo always measures fresh images
+            layout = make_layout("geneval", folder, samples)
+            t0 = time.time()
+            generate_into_layout(model, items, layout, seed=seed, hooks=hooks, prompts_per_batch=len(items),
+                                 progress=progress, image_size=size)
+            seconds = time.time() - t0
+            images, scenes, _ = read_generated(folder)
+            score = accuracy(images, scenes)
+            score["realism_fid"] = realism_fid(images, reference, features)
+            score["seconds"] = round(seconds, 1)
+            results[method].append(score)
+            first_images.setdefault(method, images[::samples])
+
+    print("[demo] 3/3 scores", file=sys.stderr)
+    truth_score = accuracy(truth, truth_scenes)
+    truth_score["realism_fid"] = realism_fid(truth, reference, features)
+    summary = {"split": split, "prompts": len(items), "samples_per_prompt": samples, "seeds": list(seeds),
+               "daid": daid, "faid_k": faid_k, "retriever": {"folder": str(index_dir), "entries": retriever.entries,
+                                                              "factory": retriever.manifest.get("factory")},
+               "ground_truth": truth_score, "methods": {m: _aggregate(results[m]) for m in methods},
+               "per_seed": results, "seconds": round(time.time() - t_start, 1)}
     write_json(out / "scores.json", summary)
-    settings = dict(steps=steps, image_size=image_size, batch=batch, n_eval=n_eval, seed=seed, device=str(device),
-                    database_images=database_images)
-    for path in (grid, out / "vq_reconstruction.png", weights):
-        write_sidecar(path, settings)
-    print(f"{'':28}{'untrained':>12}{'trained':>12}")
-    print(f"{'VQ val PSNR (dB)':28}{psnr_before:12.2f}{psnr_after:12.2f}")
-    print(f"retriever: {retriever.entries:,} entries from {database_images} images ({retriever.manifest['factory']})")
-    print(f"{'method':28}{'database code rate':>20}   (share of generated codes that occur in the database)")
-    for name, s in scores.items():
-        print(f"{name:28}{s['database_code_rate']:20.3f}")
-    print(f"[demo] wrote {grid} (rows: {', '.join(methods)}), {out / 'vq_reconstruction.png'}, {out / 'scores.json'}")
-    print("[demo] the language model is untrained: trained ShapesWorld weights (base and FAiD) do not ship yet")
+    rows = [truth] + [first_images[m] for m in methods]
+    grid = save_image(make_grid(np.stack([im for col in zip(*rows, strict=True) for im in col]), ncol=len(rows)),
+                      out / "grid.png")
+    write_sidecar(grid, {"columns": ["ground truth", *methods], "rows": [r["prompt"] for r in records],
+                         "seed": seeds[0], "split": split})
+    _print_table(summary, methods)
+    print(f"[demo] wrote {grid} (rows: prompts; columns: ground truth, {', '.join(methods)}) and "
+          f"{out / 'scores.json'} in {summary['seconds']:.0f} s")
     return summary
+
+
+def _aggregate(per_seed: list[dict]) -> dict:
+    """Mean and standard error over seeds of every figure."""
+    def ms(values):
+        v = np.asarray(values, dtype=np.float64)
+        return {"mean": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0}
+
+    cats = per_seed[0]["per_category"]
+    return {"per_category": {c: ms([s["per_category"][c] for s in per_seed]) for c in cats},
+            "overall": ms([s["overall"] for s in per_seed]), "realism_fid": ms([s["realism_fid"] for s in per_seed])}
+
+
+def _print_table(summary: dict, methods: tuple[str, ...]) -> None:
+    cats = list(summary["ground_truth"]["per_category"])
+    short = {"single_object": "single", "two_object": "two", "counting": "count", "colors": "colors",
+             "position": "position", "color_attr": "attr"}
+    print(f"{'method':14}" + "".join(f"{short[c]:>10}" for c in cats) + f"{'overall':>10}{'realism FID':>13}")
+    gt = summary["ground_truth"]
+    print(f"{'ground truth':14}" + "".join(f"{gt['per_category'][c]:10.2f}" for c in cats) +
+          f"{gt['overall']:10.2f}{gt['realism_fid']:13.2f}")
+    se = len(summary["seeds"]) > 1
+    cell = lambda d: f"{d['mean']:.2f}" + (f"±{d['se']:.2f}" if se else "")  # noqa: E731
+    for m in methods:
+        a = summary["methods"][m]
+        print(f"{m:14}" + "".join(f"{cell(a['per_category'][c]):>10}" for c in cats) +
+              f"{cell(a['overall']):>10}{cell(a['realism_fid']):>13}")

@@ -1,10 +1,27 @@
-"""Training of the ShapesWorld tiny models. So far: the VQ tokenizer (stage 1 of the demo recipe)."""
+"""Training of the ShapesWorld tiny models: the recipe behind arrag/demo/assets/.
+
+    python -m arrag.demo.train_demo [--workdir data/demo_train] [--assets arrag/demo/assets]
+
+Stages, in order, each skipped when its output exists (a rerun resumes; the AR and FAiD trainers also
+resume from their last checkpoint):
+  1. the VQ tokenizer (VQ-tiny-4: 64-px images -> 16x16 tokens) on rendered training images;
+  2. the base AR model (a small Janus of the real classes, word-level tokenizer) on (caption, codes) of the
+     training split, teacher-forced cross-entropy with caption dropout for CFG;
+  3. FAiD from that base: the demo retriever over the database split (`arrag encode` + `build-index`),
+     `construct-train` on a slice of the training split, then `train-faid`;
+  4. export: bf16 safetensors of base and FAiD (each holding its VQ) + tokenizer + recipe.json.
+Seeded throughout; losses and timings go to recipe.json.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,3 +80,245 @@ def train_vq(preset: str = "VQ-tiny-8", image_size: int = 64, steps: int = 100, 
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}", usage=f"{model.quantize.usage():.2f}")
     return VQTrainResult(model.eval(), losses, time.time() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The full recipe (stages 1-4)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_RETRIEVER = Path("data/retriever/demo_L")
+
+
+@dataclass
+class DemoRecipe:
+    """Every setting of the demo models; the defaults made the shipped assets."""
+
+    seed: int = 0
+    image_size: int = 64
+    vq_preset: str = "VQ-tiny-4"
+    vq_steps: int = 500
+    vq_batch: int = 12
+    vq_lr: float = 2e-3
+    train_images: int = 8000
+    hidden: int = 192
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 512
+    base_steps: int = 1200
+    base_batch: int = 24
+    base_lr: float = 1.5e-3
+    base_warmup: int = 100
+    cfg_drop: float = 0.1
+    database_images: int = 4800
+    faid_images: int = 2000
+    faid_steps: int = 300
+    faid_batch: int = 8
+    faid_lr: float = 5e-4
+    num_blender: int = 2
+    num_hop: str = "1,2"
+    k: int = 10
+    lora_r: int = 16
+    lora_alpha: int = 32
+
+
+def render_split(folder: Path, split: str, count: int, size: int, seed: int) -> Path:
+    """Render images 0..count-1 of a split as PNGs with same-named .txt captions (for `arrag encode`)."""
+    from arrag.image_io import save_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    world = ShapesWorld(split, seed=seed, size=size)
+    for i in tqdm(range(count), desc=f"render {split}", unit="img", leave=False):
+        png = folder / f"{i:06d}.png"
+        if not png.exists():
+            (folder / f"{i:06d}.txt").write_text(world.scene(i).caption)
+            save_image(world.image(i), png)
+    return folder
+
+
+def encode_split(workdir: Path, name: str, split: str, count: int, vq_path: Path, recipe: DemoRecipe) -> Path:
+    """Render + `arrag encode` a split into a code store with captions (resumable)."""
+    from arrag.build_retriever.encode import encode
+    from arrag.retrieval.codestore import CodeStore
+
+    store = workdir / f"{name}_codes"
+    if (store / "manifest.json").exists():
+        return store
+    images = render_split(workdir / f"{name}_images", split, count, recipe.image_size, recipe.seed)
+    encode(images, store, vq_path, image_size=recipe.image_size, batch_size=64, num_workers=0, min_size=8,
+           shard_size=4096, progress=True)
+    CodeStore.open(store)
+    return store
+
+
+def train_base(out: Path, store_dir: Path, vq_path: Path, recipe: DemoRecipe, progress: bool = True) -> dict:
+    """Stage 2: a small Janus trained from scratch on (caption, codes); checkpoints every 250 steps."""
+    from arrag.decoding.faid import full_sequence_logits
+    from arrag.demo.presets import build_word_tokenizer, tiny_janus_config
+    from arrag.janus import JanusPro, Prompter
+    from arrag.retrieval.codestore import CodeStore
+    from arrag.vq import load_vq
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_word_tokenizer(out)
+    torch.manual_seed(recipe.seed)
+    config = tiny_janus_config(len(tokenizer), hidden=recipe.hidden, layers=recipe.layers, heads=recipe.heads,
+                               kv_heads=recipe.kv_heads, intermediate=recipe.intermediate,
+                               vq_preset=recipe.vq_preset, max_positions=512)
+    model = JanusPro(config)
+    model.gen_vision_model.load_state_dict(load_vq(vq_path, recipe.vq_preset).state_dict())
+    model.gen_vision_model.requires_grad_(False)
+    store = CodeStore.open(store_dir)
+    codes = torch.from_numpy(np.concatenate([c for _, c in store.iter_chunks(4096)]).astype(np.int64))
+    codes = codes.reshape(len(codes), -1)
+    prompter = Prompter(tokenizer)
+    cond = [prompter.ids(c) for c in store.captions()]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.base_lr, betas=(0.9, 0.95), weight_decay=0.01)
+    steps, warm = recipe.base_steps, recipe.base_warmup
+    lr_at = lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    ckpt = out / "checkpoint.pt"
+    start, losses = 0, []
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, losses = state["step"], state["losses"]
+        print(f"[train-demo] base: resuming at step {start}", file=sys.stderr)
+    model.train()
+    model.gen_vision_model.eval()
+    grid = store.grid
+    t0 = time.time()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train base AR", unit="step",
+               disable=not progress)
+    for step in bar:
+        rng = np.random.default_rng([recipe.seed, 7, step])  # the batch of a step depends only on the step
+        pick = rng.integers(0, len(codes), recipe.base_batch)
+        drop = rng.random(recipe.base_batch) < recipe.cfg_drop
+        rows = [prompter.unconditional(cond[i]) if d else cond[i] for i, d in zip(pick, drop, strict=True)]
+        batch = prompter.left_pad(rows)
+        target = codes[pick]
+        logits = full_sequence_logits(model, batch.input_ids, batch.attention_mask, target, None, grid)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(round(loss.item(), 5))
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        if (step + 1) % 250 == 0 or step + 1 == steps:
+            tmp = ckpt.with_name(ckpt.name + ".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "step": step + 1, "losses": losses}, tmp)
+            tmp.replace(ckpt)
+    model.eval().save_pretrained(out)
+    return {"steps": steps, "losses": losses[::25], "final_loss": float(np.mean(losses[-100:])),
+            "seconds_this_run": round(time.time() - t0, 1)}
+
+
+def export_assets(src: Path, dst: Path) -> None:
+    """A trained Janus folder -> bf16 safetensors + config + tokenizer under `dst` (the shipped layout)."""
+    from arrag.janus import JanusPro
+    from arrag.train.train_faid import TOKENIZER_FILES
+
+    model = JanusPro.from_pretrained(src, dtype=torch.float32, device="cpu", quiet=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, dtype=torch.bfloat16)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, tmp / name)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASSETS,
+               retriever_dir: str | Path = DEMO_RETRIEVER, recipe: DemoRecipe | None = None,
+               progress: bool = True) -> dict:
+    """Stages 1-4 (see the module docstring); returns the report also written to <assets>/recipe.json."""
+    from arrag.demo.pipeline import build_demo_retriever
+    from arrag.provenance import write_json
+    from arrag.train.construct import construct_train
+    from arrag.train.train_faid import FaidTrainConfig, train_faid
+
+    recipe = recipe or DemoRecipe()
+    workdir, assets = Path(workdir), Path(assets)
+    workdir.mkdir(parents=True, exist_ok=True)
+    report_path = workdir / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    report["recipe"] = asdict(recipe)
+    t_all = time.time()
+
+    vq_path = workdir / "vq.safetensors"
+    if not vq_path.exists():
+        t0 = time.time()
+        val = ShapesWorld("validation", seed=recipe.seed, size=recipe.image_size).images(0, 64)
+        result = train_vq(recipe.vq_preset, recipe.image_size, recipe.vq_steps, recipe.vq_batch, recipe.vq_lr,
+                          recipe.seed, progress=progress)
+        result.model.save(vq_path)
+        report["vq"] = {"final_loss": float(np.mean(result.losses[-50:])), "losses": result.losses[::20],
+                        "validation_psnr": reconstruction_psnr(result.model, val),
+                        "codebook_usage": float(result.model.quantize.usage()), "seconds": round(time.time() - t0)}
+        write_json(report_path, report)
+    print(f"[train-demo] 1/4 VQ: {report.get('vq', {}).get('validation_psnr', 0):.2f} dB PSNR on validation",
+          file=sys.stderr)
+
+    train_store = encode_split(workdir, "train", "train", recipe.train_images, vq_path, recipe)
+    base_dir = workdir / "base"
+    if not (base_dir / "model.safetensors").exists():
+        t0 = time.time()
+        report["base"] = train_base(base_dir, train_store, vq_path, recipe, progress)
+        report["base"]["seconds"] = round(time.time() - t0)
+        write_json(report_path, report)
+    print(f"[train-demo] 2/4 base AR: final loss {report['base']['final_loss']:.3f}", file=sys.stderr)
+
+    t0 = time.time()
+    index = build_demo_retriever(base_dir, Path(retriever_dir), recipe.database_images, recipe.image_size,
+                                 recipe.seed)
+    faid_store = encode_split(workdir, "faid", "train", recipe.faid_images, vq_path, recipe)
+    construct_train(faid_store, index, k=recipe.k, progress=progress)
+    faid_dir = workdir / "faid"
+    if not (faid_dir / "settings.json").exists():
+        train_faid(FaidTrainConfig(base=str(base_dir), store=str(faid_store), out=str(faid_dir),
+                                   num_blender=recipe.num_blender, num_hop=recipe.num_hop, k=recipe.k,
+                                   lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lr=recipe.faid_lr,
+                                   batch_size=recipe.faid_batch, grad_accum=1, max_steps=recipe.faid_steps,
+                                   schedule="cosine", warmup_ratio=0.05, cfg_drop=recipe.cfg_drop, seed=recipe.seed,
+                                   save_every=100, num_workers=0, cpu=True, resume=True, progress=progress))
+        history = json.loads((faid_dir / "settings.json").read_text())["loss_history"]
+        report["faid"] = {"final_loss": float(np.mean([v for _, v in history[-50:]])),
+                          "losses": [v for _, v in history[::10]], "seconds": round(time.time() - t0)}
+        write_json(report_path, report)
+    print(f"[train-demo] 3/4 FAiD: final loss {report['faid']['final_loss']:.3f}", file=sys.stderr)
+
+    assets.mkdir(parents=True, exist_ok=True)
+    export_assets(base_dir, assets / "base")
+    export_assets(faid_dir, assets / "faid")
+    report["assets_bytes"] = sum(f.stat().st_size for f in assets.rglob("*") if f.is_file())
+    write_json(report_path, report)
+    write_json(assets / "recipe.json", report)
+    print(f"[train-demo] 4/4 assets: {report['assets_bytes'] / 2**20:.1f} MiB in {assets} "
+          f"({time.time() - t_all:.0f} s this run)", file=sys.stderr)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Train the ShapesWorld demo models (VQ, base AR, FAiD) and export them.")
+    ap.add_argument("--workdir", default="data/demo_train", help="intermediate files and checkpoints")
+    ap.add_argument("--assets", default=str(ASSETS), help="where the exported weights go")
+    ap.add_argument("--retriever-dir", default=str(DEMO_RETRIEVER), help="the demo retriever (built if missing)")
+    for f in DemoRecipe.__dataclass_fields__.values():
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    args = ap.parse_args(argv)
+    recipe = DemoRecipe(**{k: getattr(args, k) for k in DemoRecipe.__dataclass_fields__})
+    run_recipe(args.workdir, args.assets, args.retriever_dir, recipe)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -147,13 +147,26 @@ class JanusPro(nn.Module):
         model.source_folder = folder  # where the tokenizer lives
         return model.to(device=device, dtype=dtype).eval()
 
-    def save_pretrained(self, folder: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
-        """Write config.json + model.safetensors (sharded with an index past max_shard_bytes), original keys."""
+    def save_pretrained(self, folder: str | Path, max_shard_bytes: int = 5 * 2**30,
+                        dtype: torch.dtype | None = None) -> Path:
+        """Write config.json + model.safetensors (sharded with an index past max_shard_bytes), original keys.
+
+        The convs of FAiD hops the config does not use are left out (loading fills them with zeros). `dtype`
+        casts floating weights on the way out (e.g. bf16 to halve a file); the VQ codebook stays fp32.
+        """
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        idle = _idle_hop_conv_keys(self)
+        state = {}
+        for k, v in self.state_dict().items():
+            if k in idle:
+                continue
+            v = v.detach().contiguous().cpu()
+            if dtype is not None and v.is_floating_point() and "quantize.embedding" not in k:
+                v = v.to(dtype)
+            state[k] = v
         shards, current, size = [], {}, 0
         for k, v in state.items():
             nbytes = v.numel() * v.element_size()
@@ -179,23 +192,30 @@ class JanusPro(nn.Module):
         return folder
 
 
-def _fill_unused_hop_convs(model: JanusPro, state: dict) -> None:
-    """A FAiD checkpoint may omit the convs of hops it does not use; give those idle convs zeros."""
+def _idle_hop_conv_keys(model: JanusPro) -> dict[str, torch.Size]:
+    """Keys (and shapes) of the blender convs of hops the config does not use."""
     if not model.has_faid:
-        return
+        return {}
     from arrag.decoding.faid import CONV_NAMES
 
     hops = set(model.config.language.hops)
+    keys = {}
     for i in model.config.language.blender_layers():
         for h, names in CONV_NAMES.items():
             if h in hops:
                 continue
             for name in names:
                 for p in ("weight", "bias"):
-                    key = f"language_model.model.layers.{i}.blender.{name}.{p}"
-                    if key not in state:
-                        shape = getattr(model.llm.layers[i].blender, name).get_parameter(p).shape
-                        state[key] = torch.zeros(shape)
+                    keys[f"language_model.model.layers.{i}.blender.{name}.{p}"] = \
+                        getattr(model.llm.layers[i].blender, name).get_parameter(p).shape
+    return keys
+
+
+def _fill_unused_hop_convs(model: JanusPro, state: dict) -> None:
+    """A FAiD checkpoint may omit the convs of hops it does not use; give those idle convs zeros."""
+    for key, shape in _idle_hop_conv_keys(model).items():
+        if key not in state:
+            state[key] = torch.zeros(shape)
 
 
 def _weight_files(path: Path) -> list[Path]:

@@ -1,0 +1,123 @@
+"""ShapesWorld scorer (ground truth vs corruptions), prompt files through the geneval layout, the shipped
+demo weights, and a fast smoke run of `arrag demo` on a very small database."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from arrag.demo.score import (
+    VQEncoderFeatures,
+    accuracy,
+    detect,
+    prompt_records,
+    read_generated,
+    realism_fid,
+    reference_images,
+    write_prompt_file,
+)
+from arrag.demo.shapes import CATEGORIES, ShapesWorld
+
+ASSETS = __import__("arrag.demo.pipeline", fromlist=["ASSETS"]).ASSETS
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def validation():
+    w = ShapesWorld("validation", size=SIZE)
+    return w.images(0, 180), [w.scene(i) for i in range(180)]
+
+
+def _shuffle_blocks(images, block=8, seed=0):
+    """Cut each image into block x block tiles and shuffle them: the patch artefacts of a bad generator."""
+    rng = np.random.default_rng(seed)
+    n, h, w, c = images.shape
+    tiles = images.reshape(n, h // block, block, w // block, block, c).transpose(0, 1, 3, 2, 4, 5)
+    tiles = tiles.reshape(n, -1, block, block, c)
+    tiles = np.stack([t[rng.permutation(len(t))] for t in tiles])
+    return tiles.reshape(n, h // block, w // block, block, block, c).transpose(0, 1, 3, 2, 4, 5).reshape(images.shape)
+
+
+def test_scorer_is_near_perfect_on_ground_truth(validation):
+    images, scenes = validation
+    result = accuracy(images, scenes)
+    assert set(result["per_category"]) == set(CATEGORIES)
+    assert result["overall"] >= 0.97 and min(result["per_category"].values()) >= 0.9
+
+
+def test_detections_match_the_scene(validation):
+    images, scenes = validation
+    for image, scene in zip(images[:30], scenes[:30], strict=True):
+        found = detect(image)
+        for obj in scene.objects:
+            d = min(found, key=lambda d: (d.cx - obj.cx) ** 2 + (d.cy - obj.cy) ** 2)
+            assert abs(d.cx - obj.cx) < 0.04 and abs(d.cy - obj.cy) < 0.06 and d.color == obj.color  # triangles sit low
+
+
+def test_corruptions_score_worse(validation):
+    images, scenes = validation
+    clean = accuracy(images, scenes)["overall"]
+    swapped = accuracy(images[..., ::-1].copy(), scenes)  # RGB -> BGR: red and blue trade places
+    assert swapped["per_category"]["colors"] < 0.6 and swapped["overall"] < clean - 0.1
+    shuffled = accuracy(_shuffle_blocks(images), scenes)
+    assert shuffled["overall"] < clean - 0.3
+
+
+def test_realism_prefers_clean_images():
+    from arrag.vq import VQModel
+
+    torch.manual_seed(0)
+    features = VQEncoderFeatures(VQModel("VQ-tiny-4"), SIZE)  # any fixed encoder orders these; the demo ships one
+    reference = reference_images("validation", 200, SIZE, start=1000)
+    clean = reference_images("validation", 100, SIZE, start=3000)
+    noisy = np.clip(clean + np.random.default_rng(0).normal(0, 25, clean.shape), 0, 255).astype(np.uint8)
+    fid = {name: realism_fid(x, reference, features) for name, x in
+           [("clean", clean), ("shuffled", _shuffle_blocks(clean)), ("noisy", noisy)]}
+    assert fid["clean"] < fid["shuffled"] and fid["clean"] < fid["noisy"], fid
+
+
+def test_prompt_records_round_trip_through_the_geneval_layout(tmp_path):
+    from arrag.eval.layouts import make_layout
+    from arrag.eval.prompts import read_prompt_source
+
+    records = prompt_records("test", 6, SIZE)
+    items = read_prompt_source(write_prompt_file(tmp_path / "p.jsonl", records))
+    assert [it.text for it in items] == [r["prompt"] for r in records]
+    layout = make_layout("geneval", tmp_path / "gen", 1)
+    w = ShapesWorld("test", size=SIZE)
+    for it in items:  # the ground truth stands in for a generator here
+        layout.write(it, w.image(it.index)[None])
+    images, scenes, _ = read_generated(tmp_path / "gen")
+    assert [s.caption for s in scenes] == [r["prompt"] for r in records]
+    assert accuracy(images, scenes)["overall"] == 1.0
+
+
+def test_shipped_assets_load_and_generate_a_valid_image():
+    from arrag.decoding.sampler import generate
+    from arrag.janus import JanusPro
+
+    total = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file())
+    assert total <= 20 * 2**20
+    recipe = json.loads((ASSETS / "recipe.json").read_text())
+    for name in ("base", "faid"):
+        model = JanusPro.from_pretrained(ASSETS / name, device="cpu", quiet=True)
+        assert model.has_faid == (name == "faid")
+    image = generate(model if not model.has_faid else JanusPro.from_pretrained(ASSETS / "base", device="cpu",
+                                                                              quiet=True),
+                     ["a red circle"], image_size=recipe["recipe"]["image_size"], seed=0, progress=False)
+    assert image.shape == (1, SIZE, SIZE, 3) and image.dtype == np.uint8 and image.std() > 5
+
+
+def test_demo_smoke_run_on_a_tiny_database(tmp_path):
+    from arrag.demo.pipeline import run_demo
+
+    summary = run_demo(tmp_path / "demo", per_category=1, samples=1, database_images=12,
+                       retriever_dir=tmp_path / "retriever", reference_images=24, progress=False)
+    assert set(summary["methods"]) == {"base", "daid", "faid"}
+    assert summary["retriever"]["entries"] == 12 * 15 * 14  # 16x16 grids, L neighbourhood: 15 rows x 14 columns
+    scores = json.loads((tmp_path / "demo" / "scores.json").read_text())
+    assert 0 <= scores["methods"]["daid"]["overall"]["mean"] <= 1
+    assert (tmp_path / "demo" / "grid.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "demo" / "faid" / "seed0").iterdir() if p.is_dir()) == \
+        [f"{i:05d}" for i in range(6)]
