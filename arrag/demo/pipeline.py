@@ -143,10 +143,19 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = (0
     print("[demo] 3/3 scores", file=sys.stderr)
     truth_score = accuracy(truth, truth_scenes)
     truth_score["realism_fid"] = realism_fid(truth, reference, features)
+    # The tokenizer's ceiling: the same ground truth after a VQ round trip (what a perfect AR model could reach).
+    from arrag.image_io import to_tensor, to_uint8
+
+    with torch.no_grad():
+        vq = models["base"].vq
+        recon = to_uint8(vq.decode_codes(vq.encode_to_codes(to_tensor(truth).to(device))))
+    recon_score = accuracy(recon, truth_scenes)
+    recon_score["realism_fid"] = realism_fid(recon, reference, features)
     summary = {"split": split, "prompts": len(items), "samples_per_prompt": samples, "seeds": list(seeds),
                "daid": daid, "faid_k": faid_k, "retriever": {"folder": str(index_dir), "entries": retriever.entries,
                                                               "factory": retriever.manifest.get("factory")},
-               "ground_truth": truth_score, "methods": {m: _aggregate(results[m]) for m in methods},
+               "ground_truth": truth_score, "vq_reconstruction": recon_score,
+               "methods": {m: _aggregate(results[m]) for m in methods},
                "per_seed": results, "seconds": round(time.time() - t_start, 1)}
     write_json(out / "scores.json", summary)
     rows = [truth] + [first_images[m] for m in methods]
@@ -176,9 +185,10 @@ def _print_table(summary: dict, methods: tuple[str, ...]) -> None:
     short = {"single_object": "single", "two_object": "two", "counting": "count", "colors": "colors",
              "position": "position", "color_attr": "attr"}
     print(f"{'method':14}" + "".join(f"{short[c]:>10}" for c in cats) + f"{'overall':>10}{'realism FID':>13}")
-    gt = summary["ground_truth"]
-    print(f"{'ground truth':14}" + "".join(f"{gt['per_category'][c]:10.2f}" for c in cats) +
-          f"{gt['overall']:10.2f}{gt['realism_fid']:13.2f}")
+    for label, key in (("ground truth", "ground_truth"), ("VQ round trip", "vq_reconstruction")):
+        gt = summary[key]
+        print(f"{label:14}" + "".join(f"{gt['per_category'][c]:10.2f}" for c in cats) +
+              f"{gt['overall']:10.2f}{gt['realism_fid']:13.2f}")
     se = len(summary["seeds"]) > 1
     cell = lambda d: f"{d['mean']:.2f}" + (f"±{d['se']:.2f}" if se else "")  # noqa: E731
     for m in methods:

@@ -65,22 +65,30 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def _templates(h: int, w: int, ss: int = 4) -> dict[str, np.ndarray]:
+    """Coverage [h, w] in [0, 1] of each ShapesWorld shape drawn to fill an h x w box (supersampled ss x ss)."""
+    y = (np.arange(h * ss) + 0.5) / (h * ss)
+    x = (np.arange(w * ss) + 0.5) / (w * ss)
+    yy, xx = np.meshgrid(y, x, indexing="ij")
+    u, v = 2 * xx - 1, 2 * yy - 1  # [-1, 1] across the box
+    masks = {"square": np.ones_like(u, dtype=bool), "circle": u**2 + v**2 <= 1, "diamond": abs(u) + abs(v) <= 1,
+             "triangle": abs(u) <= (v + 1) / 2}  # apex at the top centre, base along the bottom
+    return {k: m.reshape(h, ss, w, ss).mean((1, 3)) for k, m in masks.items()}
+
+
 def _classify(ys: np.ndarray, xs: np.ndarray) -> str:
-    """Shape of a component from its pixels: filled bounding-box corners (square), fill ratio (circle), then
-    where it is widest (a triangle at its base, a diamond in the middle)."""
+    """Shape of a component: the template (square, circle, diamond, triangle) fitted to its bounding box
+    with the highest soft IoU, so slightly rounded or ragged generated shapes still get their class."""
     ys, xs = ys - ys.min(), xs - xs.min()
     h, w = ys.max() + 1, xs.max() + 1
-    mask = np.zeros((h, w), dtype=bool)
-    mask[ys, xs] = True
-    ch, cw = max(1, round(0.2 * h)), max(1, round(0.2 * w))
-    corners = np.mean([mask[:ch, :cw].mean(), mask[:ch, -cw:].mean(), mask[-ch:, :cw].mean(), mask[-ch:, -cw:].mean()])
-    if corners >= 0.6:
-        return "square"
-    if len(ys) / float(h * w) >= 0.66:
-        return "circle"
-    widths = mask.sum(1)
-    widest = np.flatnonzero(widths >= 0.85 * widths.max()).mean() / max(h - 1, 1)
-    return "triangle" if widest > 0.68 else "diamond"
+    mask = np.zeros((h, w), dtype=np.float32)
+    mask[ys, xs] = 1.0
+    best, score = "circle", -1.0
+    for name, t in _templates(int(h), int(w)).items():
+        iou = float(np.minimum(mask, t).sum() / np.maximum(mask, t).sum())
+        if iou > score:
+            best, score = name, iou
+    return best
 
 
 def detect(image: np.ndarray, min_area_frac: float = 0.006) -> list[Detection]:

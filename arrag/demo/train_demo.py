@@ -54,12 +54,23 @@ def reconstruction_psnr(model: VQModel, images: np.ndarray, batch: int = 16) -> 
     return float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))))
 
 
+def shape_weighted_mse(rec: torch.Tensor, x: torch.Tensor, weight: float = 10.0) -> torch.Tensor:
+    """MSE with saturated (shape) pixels weighted `weight` times: shapes cover a few % of a ShapesWorld
+    image, so a plain MSE spends a short run on the background gradient. x, rec: [B, 3, H, W] in [-1, 1]."""
+    hi, lo = x.max(1).values, x.min(1).values
+    saturation = (hi - lo) / (hi + 1.0).clamp_min(1e-3)  # (max - min) / max on the [0, 2] scale
+    w = 1.0 + (weight - 1.0) * (saturation > 0.4).float()
+    return (w[:, None] * (rec - x) ** 2).mean() / w.mean()
+
+
 def train_vq(preset: str = "VQ-tiny-8", image_size: int = 64, steps: int = 100, batch: int = 8,
-             lr: float = 2e-3, seed: int = 0, device: str | torch.device = "cpu",
+             lr: float = 2e-3, seed: int = 0, device: str | torch.device = "cpu", restart_every: int = 20,
              progress: bool = True) -> VQTrainResult:
     """Train a VQ-VAE on ShapesWorld training images: MSE reconstruction + codebook + commitment losses.
 
-    Seeded: the same arguments give the same weights on the same machine and torch build.
+    Every `restart_every` steps, codes unused since the last restart are moved onto random encoder outputs
+    of the current batch (dead-code restart): without it a short CPU run collapses onto a few dozen codes
+    and cannot tell ShapesWorld's colours apart. Seeded: the same arguments give the same weights.
     """
     torch.manual_seed(seed)
     model = VQModel(preset).to(device).train()
@@ -67,16 +78,29 @@ def train_vq(preset: str = "VQ-tiny-8", image_size: int = 64, steps: int = 100, 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     losses, t0 = [], time.time()
+    counts = torch.zeros(model.quantize.cfg.codebook_size, dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
     bar = tqdm(range(steps), desc="train VQ", unit="step", disable=not progress)
     for step in bar:
         x = to_tensor(world.images(step * batch, batch)).to(device)
         out = model(x)
-        loss = torch.nn.functional.mse_loss(out.reconstruction, x) + out.vq_loss + out.commit_loss + out.entropy_loss
+        loss = shape_weighted_mse(out.reconstruction, x) + out.vq_loss + out.commit_loss + out.entropy_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        counts += torch.bincount(out.codes.reshape(-1).cpu(), minlength=len(counts))
+        if restart_every and (step + 1) % restart_every == 0 and step + 1 < 0.8 * steps:
+            dead = (counts == 0).nonzero().squeeze(1)
+            if len(dead):
+                with torch.no_grad():
+                    dim = model.quantize.cfg.codebook_embed_dim
+                    z = model.quant_conv(model.encoder(x)).permute(0, 2, 3, 1).reshape(-1, dim)
+                    pick = torch.randint(0, len(z), (len(dead),), generator=gen)
+                    new = z[pick].float() + 0.01 * torch.randn(len(dead), z.shape[1], generator=gen)
+                    model.quantize.embedding.weight[dead.to(device)] = torch.nn.functional.normalize(new, dim=-1)
+            counts.zero_()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}", usage=f"{model.quantize.usage():.2f}")
     return VQTrainResult(model.eval(), losses, time.time() - t0)
@@ -96,8 +120,8 @@ class DemoRecipe:
     seed: int = 0
     image_size: int = 64
     vq_preset: str = "VQ-tiny-4"
-    vq_steps: int = 500
-    vq_batch: int = 12
+    vq_steps: int = 1000
+    vq_batch: int = 8
     vq_lr: float = 2e-3
     train_images: int = 8000
     hidden: int = 192
