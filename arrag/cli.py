@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--split", default="test", choices=["validation", "test"],
                       help="prompt set: tune on validation, report on test (default test)")
     demo.add_argument("--per-category", type=int, default=4, help="prompts per GenEval category (default 4)")
-    demo.add_argument("--samples", type=int, default=4, help="samples per prompt (default 4)")
+    demo.add_argument("--samples", type=int, default=2, help="samples per prompt (default 2)")
     demo.add_argument("--methods", default="base,daid,faid", help="comma-separated (default base,daid,faid)")
     demo.add_argument("--daid-lambda", type=float, default=None, help="DAiD lambda (default: the demo's tuned value)")
     demo.add_argument("--daid-tau", type=float, default=None, help="DAiD tau (default: the demo's tuned value)")

@@ -3,7 +3,7 @@
     python -m arrag.demo.tune [--out result/demo_tune] [--seeds 0]
 
 A coarse grid: lambda x tau at K 256, then K at the best (lambda, tau); FAiD's K over a few values.
-Each point generates the validation prompts (4 per category x 4 samples) and is scored by overall
+Each point generates the validation prompts (4 per category x 2 samples) and is scored by overall
 accuracy (realism FID breaks ties). Results go to <out>/tune.json; the chosen values are what
 arrag/demo/pipeline.py uses (DEMO_DAID, DEMO_FAID_K) and what the README reports.
 """
@@ -17,14 +17,14 @@ from pathlib import Path
 from arrag.demo.pipeline import run_demo
 from arrag.provenance import write_json
 
-LAMBDAS = (0.05, 0.1, 0.3, 0.6)
+LAMBDAS = (0.1, 0.3, 0.6, 1.0)
 TAUS = (0.3, 1.0)
 DAID_KS = (64, 256, 2048)
 FAID_KS = (4, 10, 20)
 
 
 def _point(out: Path, seeds: tuple[int, ...], **kw) -> dict:
-    s = run_demo(out, seeds=seeds, split="validation", progress=False, **kw)
+    s = run_demo(out, seeds=seeds, split="validation", samples=2, progress=False, **kw)
     m = next(iter(s["methods"].values()))
     return {"overall": m["overall"]["mean"], "realism_fid": m["realism_fid"]["mean"],
             "per_category": {c: v["mean"] for c, v in m["per_category"].items()}}
