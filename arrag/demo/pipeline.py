@@ -29,7 +29,7 @@ from arrag.provenance import write_json, write_sidecar
 ASSETS = Path(__file__).resolve().parent / "assets"
 METHODS = ("base", "daid", "faid")
 # Tuned on the validation prompts (see README, "ShapesWorld results"); the library default lambda is 0.1.
-DEMO_DAID = {"daid_lambda": 0.1, "daid_tau": 1.0, "daid_k": 256}
+DEMO_DAID = {"daid_lambda": 0.3, "daid_tau": 1.0, "daid_k": 256}
 DEMO_FAID_K = 10
 
 

@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         r = {"faid_k": k, **_point(out / "run", seeds, methods=("faid",), faid_k=k)}
         faid.append(r)
         print(f"faid k {k}: {r['overall']:.3f} (FID {r['realism_fid']:.2f})")
+    best_faid = max(faid, key=key)
+    ties = [r for r in faid if key(r) == key(best_faid)]
     chosen = {"daid": {k: v for k, v in max(daid, key=key).items() if k.startswith("daid_")},
-              "faid_k": max(faid, key=key)["faid_k"]}
+              "faid_k": 10 if any(r["faid_k"] == 10 for r in ties) else best_faid["faid_k"]}  # ties keep the original
     write_json(out / "tune.json", {"seeds": seeds, "base": runs["base"], "daid": daid, "faid": faid,
                                    "chosen": chosen})
     print(f"chosen: {chosen}")
