@@ -1,5 +1,5 @@
 """ShapesWorld scorer (ground truth vs corruptions), prompt files through the geneval layout, the shipped
-demo weights, and a fast smoke run of `arrag demo` on a very small database."""
+demo weights. (The smoke run of `arrag demo` on a very small database is tests/test_cli.py::test_demo_smoke.)"""
 
 import json
 
@@ -107,17 +107,3 @@ def test_shipped_assets_load_and_generate_a_valid_image():
                                                                               quiet=True),
                      ["a red circle"], image_size=recipe["recipe"]["image_size"], seed=0, progress=False)
     assert image.shape == (1, SIZE, SIZE, 3) and image.dtype == np.uint8 and image.std() > 5
-
-
-def test_demo_smoke_run_on_a_tiny_database(tmp_path):
-    from arrag.demo.pipeline import run_demo
-
-    summary = run_demo(tmp_path / "demo", per_category=1, samples=1, database_images=12,
-                       retriever_dir=tmp_path / "retriever", reference_images=24, progress=False)
-    assert set(summary["methods"]) == {"base", "daid", "faid"}
-    assert summary["retriever"]["entries"] == 12 * 15 * 14  # 16x16 grids, L neighbourhood: 15 rows x 14 columns
-    scores = json.loads((tmp_path / "demo" / "scores.json").read_text())
-    assert 0 <= scores["methods"]["daid"]["overall"]["mean"] <= 1
-    assert (tmp_path / "demo" / "grid.png").is_file()
-    assert sorted(p.name for p in (tmp_path / "demo" / "faid" / "seed0").iterdir() if p.is_dir()) == \
-        [f"{i:05d}" for i in range(6)]
