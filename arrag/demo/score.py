@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from arrag.demo.shapes import CATEGORIES, COLORS, NUMBER_WORDS, Scene, ShapeObject, ShapesWorld
+from arrag.demo.shapes import CATEGORIES, COLORS, Scene, ShapeObject, ShapesWorld
 from arrag.errors import ArragError
 
 PALETTE = np.array(list(COLORS.values()), dtype=np.float32)
@@ -257,5 +257,3 @@ def score_folder(folder: str | Path, vq_source: str | Path, reference_count: int
     return {**accuracy(images, scenes), "realism_fid": realism_fid(images, reference, features),
             "images": len(images), "reference_images": reference_count}
 
-
-NUMBERS = {v: k for k, v in NUMBER_WORDS.items()}
