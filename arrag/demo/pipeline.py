@@ -47,12 +47,10 @@ def build_demo_retriever(vq_source: Path, folder: Path, images: int, image_size:
         if man.get("vq_fingerprint") == fingerprint and man.get("images") == images:
             print(f"[demo] reusing the demo retriever {index} ({man.get('entries'):,} entries)", file=sys.stderr)
             return index
-    world = ShapesWorld("database", seed=seed, size=image_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        from tqdm import tqdm
+    from arrag.demo.train_demo import render_split
 
-        for i in tqdm(range(images), desc="render database", unit="img", disable=not progress):
-            save_image(world.image(i), Path(tmp) / f"{i:06d}.png")
+    with tempfile.TemporaryDirectory() as tmp:
+        render_split(Path(tmp), "database", images, image_size, seed)
         store = folder / "codes"
         shutil.rmtree(store, ignore_errors=True)
         encode(tmp, store, vq_source, image_size=image_size, batch_size=64, num_workers=0, min_size=8,
