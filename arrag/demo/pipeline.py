@@ -113,8 +113,9 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = (0
     items = read_prompt_source(prompt_file)
     reference = render_reference(split, reference_images, size, start=10_000)
     features = VQEncoderFeatures(models["base"].vq, size)
-    truth = np.stack([ShapesWorld(split, size=size).image(r["index"]) for r in records])
-    truth_scenes = [ShapesWorld(split, size=size).scene(r["index"]) for r in records]
+    world = ShapesWorld(split, size=size)
+    truth = np.stack([world.image(r["index"]) for r in records])
+    truth_scenes = [world.scene(r["index"]) for r in records]
 
     print(f"[demo] 2/3 generation: {len(items)} {split} prompts x {samples} samples x seeds {list(seeds)} x "
           f"{', '.join(methods)}", file=sys.stderr)

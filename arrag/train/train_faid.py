@@ -310,7 +310,7 @@ def train_faid(cfg: FaidTrainConfig) -> Path:
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
     out = cfg.output_dir()
-    settings = {k: v for k, v in asdict(cfg).items()}
+    settings = asdict(cfg)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         lock_settings(out / "train.json", settings, refused=f"{out} holds a training run made",
@@ -383,7 +383,8 @@ def train_faid(cfg: FaidTrainConfig) -> Path:
             if step >= total:
                 break
     bar.close()
-    if step and (not _checkpoints(out) or _checkpoints(out)[-1].name != f"step-{step:07d}"):
+    saved = _checkpoints(out)
+    if step and (not saved or saved[-1].name != f"step-{step:07d}"):
         _save_checkpoint(accelerator, out, step, history, cfg.keep_checkpoints)
     state = accelerator.get_state_dict(objective)  # gathered in full under ZeRO-3
     if main:
