@@ -13,6 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from arrag.errors import ArragError
+from arrag.fileops import atomic_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -64,9 +65,8 @@ def save_image(image: np.ndarray, path: str | Path, quality: int = 95) -> Path:
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}.get(path.suffix.lower())
     if fmt is None:
         raise ArragError(f"cannot save {path}: use a .png, .jpg or .webp name")
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(image).save(tmp, format=fmt, **({"quality": quality} if fmt != "PNG" else {}))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format=fmt, **({"quality": quality} if fmt != "PNG" else {}))
     return path
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import arrag
+from arrag.fileops import write_text
 
 
 def _jsonable(value: Any) -> Any:
@@ -28,12 +28,7 @@ def _jsonable(value: Any) -> Any:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write JSON atomically (temp name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: several may write the same file
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
 def sidecar_path(output: str | Path) -> Path:

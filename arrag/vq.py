@@ -425,11 +425,10 @@ class VQModel(nn.Module):
 
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         meta = {"format": "pt", "arrag_vq_config": json.dumps(dataclasses.asdict(self.config))}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(state, str(tmp), metadata=meta)
-        tmp.replace(path)
+        from arrag.fileops import atomic_path
+
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp), metadata=meta)
 
 
 def codebook_fingerprint(book) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 from arrag.build_retriever.encode import encode  # noqa: E402
 from arrag.demo.shapes import ShapesWorld  # noqa: E402
+from arrag.fileops import remove_owned_dir  # noqa: E402
 from arrag.image_io import save_image  # noqa: E402
-from arrag.retrieval.codestore import CodeStore  # noqa: E402
+from arrag.retrieval.codestore import STORE_FILES, CodeStore  # noqa: E402
 from arrag.retrieval.neighborhood import grid_key_vectors  # noqa: E402
 from arrag.vq import VQModel  # noqa: E402
 from bench.timing import best_of  # noqa: E402
@@ -60,8 +60,7 @@ def make_store(out: Path, images: int, workers: int) -> Path:
             save_image(world.image(i), p)
     torch.manual_seed(0)
     VQModel("VQ-tiny-8").save(out / "vq.safetensors")
-    if store.exists():
-        shutil.rmtree(store)
+    remove_owned_dir(store, what="code store", owned=STORE_FILES)
     encode(str(img_dir), store, out / "vq.safetensors", image_size=128, batch_size=64, shard_size=500,
            num_workers=workers)
     return store
@@ -69,8 +68,7 @@ def make_store(out: Path, images: int, workers: int) -> Path:
 
 def sub_store(store: Path, out: Path, shards: int) -> Path:
     """A store made of the first `shards` shards of another (files linked, manifest cut)."""
-    if out.exists():
-        shutil.rmtree(out)
+    remove_owned_dir(out, what="code store", owned=STORE_FILES)
     out.mkdir(parents=True)
     man = json.loads((store / "manifest.json").read_text())
     man["shards"] = man["shards"][:shards]

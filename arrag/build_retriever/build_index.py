@@ -9,20 +9,39 @@ the index itself stays flat as the database grows. Output is written to a tempor
 
 from __future__ import annotations
 
+import errno
 import json
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from arrag import fileops
 from arrag.errors import ArragError
 from arrag.retrieval import index as fx
 from arrag.retrieval.codestore import CodeStore
 from arrag.retrieval.neighborhood import get_neighborhood, grid_key_vectors, keys_for_grid
 
 INDEX_FORMAT = "arrag-index/1"
+# Every file build-index writes into its folder: the only files `--overwrite` may remove.
+INDEX_FILES = (r"manifest\.json", r"index\.faiss", r"values\.npy")
+
+
+def is_index_folder(folder: Path) -> bool:
+    """True when `folder`'s manifest says build-index made it."""
+    try:
+        return str(json.loads((folder / "manifest.json").read_text()).get("format", "")).startswith("arrag-index/")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out_folder(store_dir: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an --out that would destroy the input store or anything build-index did not write."""
+    if fileops.same_or_inside(store_dir, out):
+        raise ArragError(f"--out {out} is or contains the code store {store_dir}; pass a folder outside the store")
+    fileops.check_replaceable(out, what="index", is_ours=is_index_folder(out), owned=INDEX_FILES,
+                              overwrite=overwrite)
 
 
 def chunk_keys(codes: np.ndarray, latents: np.ndarray | None, shape, codebook: np.ndarray, key_source: str):
@@ -63,8 +82,15 @@ def build_index(store_dir: str | Path, out: str | Path, *, shape: str = "L", key
     if key_source == "latent" and not store.has_latents:
         raise ArragError(f"--key-source latent needs latents in {store.folder}: encode with --save-latents")
     out = Path(out)
-    if (out / "manifest.json").exists() and not overwrite:
-        raise ArragError(f"{out} already holds an index; pass --overwrite to replace it")
+    check_out_folder(store.folder, out, overwrite)
+    if seed < 0:
+        raise ArragError(f"--seed must be >= 0, got {seed}")
+    if chunk_images < 1:
+        raise ArragError(f"--chunk-images must be >= 1, got {chunk_images}")
+    if nprobe is not None and nprobe < 1:
+        raise ArragError(f"--nprobe must be >= 1, got {nprobe}")
+    if train_size is not None and train_size < 1:
+        raise ArragError(f"--train-size must be >= 1, got {train_size}")
     h, w = store.grid
     positions = nb.positions(h, w)
     p = len(positions)
@@ -97,11 +123,58 @@ def build_index(store_dir: str | Path, out: str | Path, *, shape: str = "L", key
         fx.train(index, sample, gpu_ids)
         del sample
 
-    tmp = out.with_name(out.name + ".tmp-build")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    values = np.lib.format.open_memmap(tmp / "values.npy", mode="w+", dtype=np.uint16, shape=(n,))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fileops.sweep_stale_temps(out.parent)  # folders of runs that were killed
+    tmp = fileops.temp_path(out)
+    tmp.mkdir()
+    try:
+        _add_entries(tmp, index, store, nb, codebook, key_source, chunk_images, progress)
+        nlist = fx.nlist_of(index)
+        nprobe = nprobe if nprobe is not None else (fx.default_nprobe(nlist) if nlist else None)
+        fx.write_index(index, tmp / "index.faiss")
+        manifest = {
+            "format": INDEX_FORMAT,
+            "neighborhood": {"shape": nb.name, "offsets": [list(o) for o in nb.offsets], "causal": nb.causal},
+            "key_source": key_source,
+            "dim": d,
+            "metric": "L2",
+            "factory": factory,
+            "factory_reason": reason,
+            "index_type": fx.describe(index),
+            "entries": int(n),
+            "images": store.num_images,
+            "entries_per_image": p,
+            "grid": [h, w],
+            "positions": positions.tolist(),
+            "nlist": nlist,
+            "nprobe": nprobe,
+            "values": "values.npy",
+            "vq_fingerprint": store.fingerprint,
+            "store": str(store.folder.resolve()),
+            "files": {name: fileops.file_digest(tmp / name) for name in ("index.faiss", "values.npy")},
+            "build": {"seed": seed, "train_size": int(n_train),
+                      "memory_budget": budget, "chunk_images": chunk_images, "gpus": gpu_ids,
+                      "seconds": round(time.time() - t0, 2)},
+        }
+        fileops.write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        fileops.replace_owned_dir(tmp, out, what="index", is_ours=is_index_folder(out), owned=INDEX_FILES,
+                                  overwrite=overwrite)
+    except BaseException as e:
+        fileops.remove_owned_dir(tmp, what="temporary index", owned=INDEX_FILES)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise fileops.no_space_error(out) from None
+        raise
+    if progress:
+        print(f"[build-index] wrote {out} ({n:,} entries, {manifest['build']['seconds']} s)")
+    return manifest
+
+
+def _add_entries(folder: Path, index, store: CodeStore, nb, codebook: np.ndarray, key_source: str,
+                 chunk_images: int, progress: bool) -> None:
+    """Stream every entry's key into `index` and its value into `folder`/values.npy, chunk by chunk."""
+    p = len(nb.positions(*store.grid))
+    n = store.num_images * p
+    values = np.lib.format.open_memmap(folder / "values.npy", mode="w+", dtype=np.uint16, shape=(n,))
     lat_iter = store.iter_chunks(chunk_images, "latents") if key_source == "latent" else None
     bar = tqdm(total=store.num_images, desc="build-index", unit="img", disable=not progress)
     for i0, codes in store.iter_chunks(chunk_images, "codes"):
@@ -115,36 +188,3 @@ def build_index(store_dir: str | Path, out: str | Path, *, shape: str = "L", key
         raise RuntimeError(f"index holds {index.ntotal} entries, expected {n}")
     values.flush()
     del values
-    nlist = fx.nlist_of(index)
-    nprobe = nprobe if nprobe is not None else (fx.default_nprobe(nlist) if nlist else None)
-    fx.write_index(index, tmp / "index.faiss")
-    manifest = {
-        "format": INDEX_FORMAT,
-        "neighborhood": {"shape": nb.name, "offsets": [list(o) for o in nb.offsets], "causal": nb.causal},
-        "key_source": key_source,
-        "dim": d,
-        "metric": "L2",
-        "factory": factory,
-        "factory_reason": reason,
-        "index_type": fx.describe(index),
-        "entries": int(n),
-        "images": store.num_images,
-        "entries_per_image": p,
-        "grid": [h, w],
-        "positions": positions.tolist(),
-        "nlist": nlist,
-        "nprobe": nprobe,
-        "values": "values.npy",
-        "vq_fingerprint": store.fingerprint,
-        "store": str(Path(store_dir).resolve()),
-        "build": {"seed": seed, "train_size": int(n_train),
-                  "memory_budget": budget, "chunk_images": chunk_images, "gpus": gpu_ids,
-                  "seconds": round(time.time() - t0, 2)},
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
-    if progress:
-        print(f"[build-index] wrote {out} ({n:,} entries, {manifest['build']['seconds']} s)")
-    return manifest

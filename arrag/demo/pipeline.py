@@ -12,7 +12,6 @@ prints the table. Every number is measured on the images of this run.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ import torch
 
 from arrag.demo.shapes import CATEGORIES, ShapesWorld
 from arrag.errors import ArragError
+from arrag.fileops import remove_owned_dir
 from arrag.image_io import make_grid, save_image
 from arrag.provenance import write_json, write_sidecar
 
@@ -38,6 +38,7 @@ def build_demo_retriever(vq_source: Path, folder: Path, images: int, image_size:
     """Render `images` database images, encode them and index them under `folder` (reused when up to date)."""
     from arrag.build_retriever.build_index import build_index
     from arrag.build_retriever.encode import encode
+    from arrag.retrieval.codestore import STORE_FILES
     from arrag.vq import load_vq
 
     fingerprint = load_vq(vq_source).fingerprint()
@@ -52,7 +53,7 @@ def build_demo_retriever(vq_source: Path, folder: Path, images: int, image_size:
     with tempfile.TemporaryDirectory() as tmp:
         render_split(Path(tmp), "database", images, image_size, seed)
         store = folder / "codes"
-        shutil.rmtree(store, ignore_errors=True)
+        remove_owned_dir(store, what="code store", owned=STORE_FILES)
         encode(tmp, store, vq_source, image_size=image_size, batch_size=64, num_workers=0, min_size=8,
                progress=progress)
     build_index(store, index, overwrite=True, progress=progress)
@@ -126,8 +127,8 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = (0
             model = models["faid" if method == "faid" else "base"]
             hooks = method_hooks(model, method, None if method == "base" else retriever, faid_k=faid_k, **daid)
             folder = out / method / f"seed{seed}"
-            shutil.rmtree(folder, ignore_errors=True)  # the demo always measures fresh images
             layout = make_layout("geneval", folder, samples)
+            remove_owned_dir(folder, what="GenEval image folder", owned=layout.owned)  # always fresh images
             t0 = time.time()
             generate_into_layout(model, items, layout, seed=seed, hooks=hooks, prompts_per_batch=len(items),
                                  progress=progress, image_size=size)

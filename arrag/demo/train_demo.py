@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from arrag import fileops
 from arrag.demo.shapes import ShapesWorld
 from arrag.image_io import to_tensor
 from arrag.vq import VQModel
@@ -234,10 +235,9 @@ def train_base(out: Path, store_dir: Path, vq_path: Path, recipe: DemoRecipe, pr
         losses.append(round(loss.item(), 5))
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
         if (step + 1) % 250 == 0 or step + 1 == steps:
-            tmp = ckpt.with_name(ckpt.name + ".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "step": step + 1, "losses": losses}, tmp)
-            tmp.replace(ckpt)
+            with fileops.atomic_path(ckpt) as tmp:
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "step": step + 1, "losses": losses}, tmp)
     model.eval().save_pretrained(out)
     return {"steps": steps, "losses": losses[::25], "final_loss": float(np.mean(losses[-100:])),
             "seconds_this_run": round(time.time() - t0, 1)}
@@ -246,17 +246,18 @@ def train_base(out: Path, store_dir: Path, vq_path: Path, recipe: DemoRecipe, pr
 def export_assets(src: Path, dst: Path) -> None:
     """A trained Janus folder -> bf16 safetensors + config + tokenizer under `dst` (the shipped layout)."""
     from arrag.janus import JanusPro
-    from arrag.train.train_faid import TOKENIZER_FILES
+    from arrag.janus.model import CHECKPOINT_FILES
+    from arrag.janus.prompting import TOKENIZER_FILES
 
     model = JanusPro.from_pretrained(src, dtype=torch.float32, device="cpu", quiet=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fileops.temp_path(dst)
+    fileops.remove_owned_dir(tmp, what="temporary checkpoint", owned=CHECKPOINT_FILES)
     model.save_pretrained(tmp, dtype=torch.bfloat16)
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, tmp / name)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
+    fileops.replace_owned_dir(tmp, dst, what="model checkpoint", is_ours=(dst / "config.json").is_file(),
+                              owned=CHECKPOINT_FILES, overwrite=True)
 
 
 def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASSETS,

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from arrag.errors import ArragError
+from arrag.fileops import atomic_path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -105,11 +106,9 @@ def save_stats(metric, path: str | Path, *, resize: int | None) -> Path:
     mu = total / n
     sigma = (outer - n * np.outer(mu, mu)) / (n - 1)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, features_sum=total, features_cov_sum=outer, num_samples=n, mu=mu, sigma=sigma,
-             extractor=extractor_name(metric), resize=-1 if resize is None else resize)
-    tmp.replace(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would append .npz to a name
+        np.savez(f, features_sum=total, features_cov_sum=outer, num_samples=n, mu=mu, sigma=sigma,
+                 extractor=extractor_name(metric), resize=-1 if resize is None else resize)
     return path
 
 

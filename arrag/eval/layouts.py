@@ -19,14 +19,21 @@ import numpy as np
 
 from arrag.errors import ArragError
 from arrag.eval.prompts import PromptItem
+from arrag.fileops import write_text
 from arrag.image_io import make_grid, save_image
 from arrag.provenance import write_json
 
 LAYOUTS = ("geneval", "dpg", "flat")
 
 
+# Files every layout folder may hold besides the images: the run's records.
+RECORD_FILES = (r"settings\.json", r"prompts\.json")
+
+
 class Layout:
     """Paths of a prompt's outputs, whether they are all there, and how to write them."""
+
+    owned: tuple[str, ...] = RECORD_FILES  # regexes of every file the layout writes (what arrag may remove)
 
     def __init__(self, out: str | Path, parallel_size: int, fmt: str = "png", grid: bool = False):
         self.out, self.parallel_size, self.fmt, self.grid = Path(out), parallel_size, fmt, grid
@@ -43,6 +50,8 @@ class Layout:
 
 
 class GenevalLayout(Layout):
+    owned = (*RECORD_FILES, r"\d{5}/metadata\.jsonl", r"\d{5}/samples/\d{4}\.png", r"\d{5}/grid\.png")
+
     def __init__(self, out: str | Path, parallel_size: int, fmt: str = "png", grid: bool = False):
         if fmt != "png":
             raise ArragError(f"--layout geneval needs --format png (GenEval reads samples/NNNN.png only); got {fmt}")
@@ -62,12 +71,12 @@ class GenevalLayout(Layout):
         if self.grid:
             save_image(make_grid(images, ncol=min(len(images), 4)), self.folder(item) / f"grid.{self.fmt}")
         record = item.metadata if item.metadata is not None else json.dumps({"prompt": item.text})
-        tmp = meta.with_name(meta.name + ".tmp")
-        tmp.write_text(record + "\n", encoding="utf-8")
-        tmp.replace(meta)
+        write_text(meta, record + "\n")
 
 
 class DpgLayout(Layout):
+    owned = (*RECORD_FILES, r"[^/]+\.(png|jpg|webp)")
+
     def __init__(self, out: str | Path, parallel_size: int, fmt: str = "png", grid: bool = False):
         side = math.isqrt(parallel_size)
         if side * side != parallel_size:
@@ -84,6 +93,8 @@ class DpgLayout(Layout):
 
 
 class FlatLayout(Layout):
+    owned = (*RECORD_FILES, r"\d{5}(_\d{2})?\.(png|jpg|webp)")
+
     def paths(self, item: PromptItem) -> list[Path]:
         if self.parallel_size == 1:
             return [self.out / f"{item.index:05d}.{self.fmt}"]

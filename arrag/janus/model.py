@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arrag.errors import ArragError
+from arrag.fileops import atomic_path, write_text
 from arrag.janus.config import JanusConfig
 from arrag.janus.llama import DecodeLinear, LlamaCausalLM
 from arrag.vq import VQModel, load_state_strict
@@ -25,6 +26,11 @@ from arrag.vq import VQModel, load_state_strict
 SKIPPED_PREFIXES = ("vision_model.", "aligner.", "language_model.lm_head.")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+# Every file save_pretrained and the trainers write into a checkpoint folder (what arrag may replace).
+CHECKPOINT_FILES = (r"config\.json", r"model\.safetensors", r"model-\d{5}-of-\d{5}\.safetensors",
+                    r"model\.safetensors\.index\.json", r"settings\.json", r"tokenizer\.json",
+                    r"tokenizer_config\.json", r"special_tokens_map\.json", r"tokenizer\.model",
+                    r"processor_config\.json", r"preprocessor_config\.json")
 
 
 class MlpProjector(nn.Module):
@@ -179,16 +185,15 @@ class JanusPro(nn.Module):
         names = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         for name, shard in zip(names, shards, strict=True):
-            tmp = folder / (name + ".tmp")
-            save_file(shard, str(tmp), metadata={"format": "pt"})
-            tmp.replace(folder / name)
+            with atomic_path(folder / name) as tmp:
+                save_file(shard, str(tmp), metadata={"format": "pt"})
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
                      "weight_map": {k: n for n, s in zip(names, shards, strict=True) for k in s}}
-            (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            write_text(folder / "model.safetensors.index.json", json.dumps(index, indent=2))
         cfg = self.config.to_dict()
         cfg["torch_dtype"] = str(self.dtype).removeprefix("torch.")
-        (folder / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+        write_text(folder / "config.json", json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
         return folder
 
 

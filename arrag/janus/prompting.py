@@ -18,6 +18,9 @@ SEP, SEP2 = "\n\n", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT = "<|User|>", "<|Assistant|>"
 IMAGE_START_TAG = "<begin_of_image>"
 CFG_PAD_TAG = "<｜▁pad▁｜>"
+# The tokenizer files of a Janus-Pro checkpoint folder (copied along when a checkpoint is written).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "processor_config.json", "preprocessor_config.json")
 
 
 def sft_format(turns: list[tuple[str, str]], system_prompt: str = "") -> str:

@@ -21,22 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from arrag.errors import ArragError
+from arrag.fileops import save_npy, write_text
 
 STORE_FORMAT = "arrag-codestore/1"
 
 
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """np.save to a temporary name, then rename: a reader never sees a partial file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    tmp.replace(path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+# Every file a code store folder may hold (encode, construct-train): the only files arrag removes from one.
+STORE_FILES = (r"manifest\.json", r"encode\.json", r"codebook\.npy", r"codes-\d{5}\.npy", r"latents-\d{5}\.npy",
+               r"captions-\d{5}\.jsonl", r"shard-\d{5}\.json", r"retrieved-\d{5}\.npy", r"retrieved\.json")
 
 
 def shard_meta_path(folder: Path, k: int) -> Path:
@@ -55,22 +47,22 @@ def write_shard(folder: str | Path, k: int, codes: np.ndarray, ids: list[str], l
     if codes.size and int(codes.max()) > np.iinfo(np.uint16).max:
         raise ValueError("codes do not fit in uint16")
     meta = {"shard": k, "count": int(len(codes)), "ids": list(ids), "skipped": list(skipped or [])}
-    save_npy_atomic(folder / f"codes-{k:05d}.npy", codes.astype(np.uint16))
+    save_npy(folder / f"codes-{k:05d}.npy", codes.astype(np.uint16))
     meta["codes"] = f"codes-{k:05d}.npy"
     if latents is not None:
-        save_npy_atomic(folder / f"latents-{k:05d}.npy", latents.astype(np.float16))
+        save_npy(folder / f"latents-{k:05d}.npy", latents.astype(np.float16))
         meta["latents"] = f"latents-{k:05d}.npy"
     if captions is not None:
-        _atomic_text(folder / f"captions-{k:05d}.jsonl", "".join(json.dumps(c) + "\n" for c in captions))
+        write_text(folder / f"captions-{k:05d}.jsonl", "".join(json.dumps(c) + "\n" for c in captions))
         meta["captions"] = f"captions-{k:05d}.jsonl"
-    _atomic_text(shard_meta_path(folder, k), json.dumps(meta) + "\n")
+    write_text(shard_meta_path(folder, k), json.dumps(meta) + "\n")
 
 
 def write_codebook(folder: str | Path, codebook: np.ndarray) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "codebook.npy").exists():
-        save_npy_atomic(folder / "codebook.npy", np.asarray(codebook, dtype=np.float32))
+        save_npy(folder / "codebook.npy", np.asarray(codebook, dtype=np.float32))
 
 
 def finalize(folder: str | Path, num_shards: int, info: dict) -> bool:
@@ -95,7 +87,7 @@ def finalize(folder: str | Path, num_shards: int, info: dict) -> bool:
         "shards": shards,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _atomic_text(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    write_text(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return True
 
 

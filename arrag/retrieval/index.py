@@ -18,6 +18,7 @@ import faiss
 import numpy as np
 
 from arrag.errors import ArragError
+from arrag.fileops import atomic_path
 
 EXACT_MAX = 100_000
 IVF_FLAT_MAX = 10_000_000
@@ -176,10 +177,8 @@ def train(index: faiss.Index, sample: np.ndarray, gpus: list[int] | None = None)
 
 
 def write_index(index: faiss.Index, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 def read_index(path: str | Path, mmap: bool = False) -> faiss.Index:

@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from arrag import fileops
 from arrag.errors import ArragError
 from arrag.retrieval import index as fx
 from arrag.retrieval.neighborhood import Neighborhood, get_neighborhood
 
 ORIGINAL_INDEX, ORIGINAL_VALUES = "faiss_ivf_pq_opq.index", "next_codes.npy"
+ORIGINAL_NPROBE = 4096  # the original DAiD/FAiD search setting (all 4096 lists of its index)
 
 
 class PatchRetriever:
@@ -34,19 +36,27 @@ class PatchRetriever:
     # -- loading ------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, folder: str | Path, device: str | int | list[int] = "cpu", nprobe: int | None = None,
-             mmap_values: bool = True) -> PatchRetriever:
+             mmap_values: bool = True, verify: bool = True) -> PatchRetriever:
         """Load from `folder`: our layout (manifest.json, index.faiss, values.npy) or the original prebuilt one.
 
         device: "cpu", "cuda" (every GPU, sharded), "cuda:1", or a list of GPU ids. nprobe overrides the
-        manifest's default.
+        manifest's default. File sizes are always checked against the manifest; `verify` also checks their
+        hashes (about 1 s per GB: turn it off for very large indexes, `--no-verify-index`).
         """
         folder = Path(folder)
         if not folder.is_dir():
             raise ArragError(f"retriever not found: {folder} (build one with `arrag build-index`)")
+        if nprobe is not None and nprobe < 1:
+            raise ArragError(f"--nprobe must be >= 1, got {nprobe}")
         if (folder / "manifest.json").exists():
-            manifest = json.loads((folder / "manifest.json").read_text())
-            index = fx.read_index(folder / "index.faiss")
+            manifest = _read_manifest(folder / "manifest.json")
             values_path = folder / manifest.get("values", "values.npy")
+            hint = f"; rebuild {folder} with `arrag build-index` (or pass --no-verify-index to skip the hash check)"
+            for name, record in manifest.get("files", {}).items():
+                if not (folder / name).is_file():
+                    raise ArragError(f"{folder}: {name} is missing; rebuild the index with `arrag build-index`")
+                fileops.verify_file(folder / name, record, hash_contents=verify, hint=hint)
+            index = fx.read_index(folder / "index.faiss")
         elif (folder / ORIGINAL_INDEX).exists():
             warnings.warn(f"{folder} is the original AR-RAG prebuilt database: its tokenizer cannot be verified "
                           "(no fingerprint); it was built with LlamaGen's vq_ds16_t2i.pt and latent keys",
@@ -54,16 +64,21 @@ class PatchRetriever:
             index = fx.read_index(folder / ORIGINAL_INDEX)
             values_path = folder / ORIGINAL_VALUES
             nlist = fx.nlist_of(index)
+            # The original searched with nprobe 4096, every list of its IVF4096 index (exhaustive over lists).
             manifest = {"format": "ar-rag-original", "neighborhood": {"shape": "L"}, "key_source": "latent",
                         "dim": index.d, "metric": "L2", "entries": int(index.ntotal), "nlist": nlist,
-                        "nprobe": fx.default_nprobe(nlist) if nlist else None, "vq_fingerprint": None,
+                        "nprobe": min(nlist, ORIGINAL_NPROBE) if nlist else None, "vq_fingerprint": None,
                         "index_type": fx.describe(index)}
         else:
             raise ArragError(f"{folder} holds no index: expected manifest.json + index.faiss, or the original "
                              f"{ORIGINAL_INDEX} + {ORIGINAL_VALUES}")
         if not values_path.exists():
             raise ArragError(f"{folder}: values file {values_path.name} is missing")
-        values = np.load(values_path, mmap_mode="r" if mmap_values else None)
+        try:
+            values = np.load(values_path, mmap_mode="r" if mmap_values else None)
+        except (ValueError, OSError, EOFError) as e:
+            raise ArragError(f"cannot read {values_path} ({str(e).splitlines()[0][:120]}): the file is truncated "
+                             "or damaged; rebuild the index") from None
         if len(values) != index.ntotal:
             raise ArragError(f"{folder}: {values_path.name} has {len(values)} values but the index has "
                              f"{index.ntotal} entries")
@@ -154,6 +169,17 @@ class PatchRetriever:
         if key not in self._values_torch:
             self._values_torch[key] = torch.from_numpy(np.asarray(self.values, dtype=np.int64)).to(device)
         return self._values_torch[key]
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArragError(f"{path} is not valid JSON ({e}); rebuild the index with `arrag build-index`") from None
+    required = ("neighborhood", "dim", "key_source")
+    if not isinstance(manifest, dict) or any(k not in manifest for k in required):
+        raise ArragError(f"{path} is not an arrag index manifest (needs {', '.join(required)}); rebuild the index")
+    return manifest
 
 
 def _gpu_spec(device):

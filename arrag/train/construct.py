@@ -18,8 +18,9 @@ import numpy as np
 from tqdm import tqdm
 
 from arrag.errors import ArragError
+from arrag.fileops import save_npy
 from arrag.provenance import lock_settings
-from arrag.retrieval.codestore import CodeStore, save_npy_atomic
+from arrag.retrieval.codestore import CodeStore
 from arrag.retrieval.neighborhood import grid_key_vectors
 from arrag.retrieval.retriever import PatchRetriever
 
@@ -75,7 +76,7 @@ def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str |
                 got = _first_k_not_self(got, ids.reshape(got.shape) // per_image == owner, k)
             result[i0 - lo:i0 - lo + len(codes)][:, pos] = got[..., :k]
             bar.update(len(codes))
-        save_npy_atomic(out / retrieved_name(s), result)
+        save_npy(out / retrieved_name(s), result)
     bar.close()
     return settings
 

@@ -30,11 +30,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from arrag.errors import ArragError
+from arrag.janus.prompting import TOKENIZER_FILES
 from arrag.provenance import lock_settings, write_json
 from arrag.retrieval.codestore import CodeStore
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "processor_config.json", "preprocessor_config.json")
 # Settings a rerun may change without invalidating the checkpoints it resumes from.
 RESUMABLE_CHANGES = ("max_steps", "resume", "save_every", "keep_checkpoints", "num_workers", "progress", "log_every")
 

@@ -1,0 +1,214 @@
+"""Safe writes and the only code in arrag that deletes anything.
+
+Writes: a file or folder is written under a temporary name unique to this host and process
+(`NAME.<host>-<pid>.tmp`), then renamed into place, so readers never see a partial file and two
+processes writing the same path never share a temporary. A full disk becomes one clear error, and
+the temporary is removed, so it never passes for a result.
+
+Removal: arrag removes only what it made itself: its own temporaries (live ones of this process, stale
+ones whose process on this host is gone) and output folders whose every file matches what the tool that
+owns the folder writes. A folder holding anything else is refused with a one-line error naming the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import shutil
+import socket
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from arrag.errors import ArragError
+
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+_TEMP_RE = re.compile(r"^(?P<name>.+)\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.tmp$")
+# Temporaries of any arrag process (also matched when checking that a folder holds only our files).
+TEMP_PATTERN = r"(.*/)?[^/]+\.[A-Za-z0-9_]+-\d+\.tmp(/.*)?"
+
+
+def temp_path(path: str | Path) -> Path:
+    """The temporary name of `path` for this process: `NAME.<host>-<pid>.tmp` in the same folder."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{_HOST}-{os.getpid()}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def no_space_error(path: str | Path) -> ArragError:
+    return ArragError(f"no space left on device while writing {path}; free some space and rerun "
+                      "(finished parts are kept and the rerun resumes)")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield this process's temporary name for `path`; rename it onto `path` when the block succeeds.
+
+    On any failure the temporary is removed; a full disk becomes an ArragError naming `path`.
+    The temporary may be a file or a folder (a folder replaces only a missing or empty `path`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    _remove(tmp)
+    try:
+        yield tmp
+        if tmp.is_dir() and path.is_dir():
+            path.rmdir()  # only an empty folder; anything else raises (use replace_owned_dir)
+        os.replace(tmp, path)
+    except BaseException as e:
+        _remove(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise no_space_error(path) from None
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def sweep_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove temporaries in `folder` left by processes of this host that no longer run; return them."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _TEMP_RE.match(p.name)
+        if m and m.group("host") == _HOST and int(m.group("pid")) != os.getpid() \
+                and not _pid_alive(int(m.group("pid"))):
+            _remove(p)
+            removed.append(p)
+    return removed
+
+
+def foreign_files(folder: str | Path, owned: Sequence[str]) -> list[str]:
+    """Paths under `folder` (relative, '/'-separated) that match none of the `owned` regexes."""
+    folder = Path(folder)
+    patterns = [re.compile(p) for p in (*owned, TEMP_PATTERN)]
+    out = []
+    for root, dirs, files in os.walk(folder):
+        rel_root = Path(root).relative_to(folder).as_posix()
+        for name in sorted(files) + sorted(d for d in dirs if Path(root, d).is_symlink()):
+            rel = name if rel_root == "." else f"{rel_root}/{name}"
+            if not any(p.fullmatch(rel) for p in patterns):
+                out.append(rel)
+    return sorted(out)
+
+
+def check_replaceable(out: str | Path, *, what: str, is_ours: bool, owned: Sequence[str], overwrite: bool,
+                      flag: str = "--out") -> None:
+    """Refuse to write over `out` unless it is missing, empty, or (with overwrite) a folder of ours.
+
+    `is_ours`: the folder's manifest says the tool made it. `owned`: regexes of every file it writes.
+    Checked before any work starts, and again just before the old folder is replaced.
+    """
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ArragError(f"{flag} {out} is a file; pass a folder for the {what}")
+    if not any(out.iterdir()):
+        return
+    if not is_ours:
+        shown = ", ".join(sorted(p.name for p in out.iterdir())[:3])
+        raise ArragError(f"{flag} {out} already exists and is not an arrag {what} (it holds {shown}); "
+                         "pass a new or empty folder")
+    if not overwrite:
+        raise ArragError(f"{out} already holds an {what}; pass --overwrite to replace it")
+    foreign = foreign_files(out, owned)
+    if foreign:
+        raise ArragError(f"{out} holds files arrag did not write ({', '.join(foreign[:3])}); move them away or "
+                         f"pass another {flag}")
+
+
+def replace_owned_dir(tmp: str | Path, out: str | Path, *, what: str, is_ours: bool, owned: Sequence[str],
+                      overwrite: bool, flag: str = "--out") -> None:
+    """Move the finished folder `tmp` to `out`, removing the old `out` only under check_replaceable's rules."""
+    tmp, out = Path(tmp), Path(out)
+    check_replaceable(out, what=what, is_ours=is_ours, owned=owned, overwrite=overwrite, flag=flag)
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = temp_path(out.with_name(out.name + ".old"))
+    os.replace(out, old)  # the old folder keeps a temporary name until the new one is in place
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old)
+
+
+def remove_owned_dir(folder: str | Path, *, what: str, owned: Sequence[str]) -> None:
+    """Delete `folder` only when every file in it matches `owned`; otherwise refuse, naming a foreign file."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ArragError(f"{folder} should be a {what} folder but is a file; move it away")
+    foreign = foreign_files(folder, owned)
+    if foreign:
+        raise ArragError(f"{folder} holds files arrag did not write ({', '.join(foreign[:3])}); it is not a "
+                         f"{what} of ours: move it away or choose another folder")
+    shutil.rmtree(folder)
+
+
+def file_digest(path: str | Path, chunk: int = 8 << 20) -> dict:
+    """{'bytes': size, 'blake2b': 32 hex digits} of a file (about 1 GB/s), for manifests to check on load."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return {"bytes": Path(path).stat().st_size, "blake2b": h.hexdigest()}
+
+
+def verify_file(path: str | Path, record: dict, hash_contents: bool = True, hint: str = "") -> None:
+    """Refuse a file whose size (always) or hash (when `hash_contents`) differs from its manifest record."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size != record.get("bytes", size):
+        raise ArragError(f"{path} has {size:,} bytes, its manifest recorded {record['bytes']:,}: the file was "
+                         f"truncated or replaced{hint}")
+    if hash_contents and "blake2b" in record and file_digest(path)["blake2b"] != record["blake2b"]:
+        raise ArragError(f"{path} does not match the checksum in its manifest: the file was modified or "
+                         f"damaged{hint}")
+
+
+def same_or_inside(inner: str | Path, outer: str | Path) -> bool:
+    """True when `inner` is `outer` or lies somewhere inside it (symlinks resolved)."""
+    a, b = Path(inner).resolve(), Path(outer).resolve()
+    return a == b or b in a.parents
+
+
+def save_npy(path: str | Path, array) -> Path:
+    """np.save under a temporary name, then rename: a reader never sees a partial .npy."""
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+    return Path(path)
