@@ -16,7 +16,7 @@ def _vq_reconstruct(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from arrag.image_io import center_crop_arr, load_rgb, make_grid, save_image, to_tensor, to_uint8
+    from arrag.image_io import load_rgb, make_grid, resize_crop, save_image, to_tensor, to_uint8
     from arrag.provenance import write_sidecar
     from arrag.runtime import resolve_device
     from arrag.vq import load_vq
@@ -24,7 +24,7 @@ def _vq_reconstruct(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     vq = load_vq(args.vq, preset=args.vq_preset, device=device)
     vq.grid_size(args.size)
-    image = center_crop_arr(load_rgb(args.image), args.size)
+    image = resize_crop(load_rgb(args.image), args.size, args.resize)
     with torch.no_grad():
         codes = vq.encode_to_codes(to_tensor(image).to(device))
         rec = to_uint8(vq.decode_codes(codes))[0]
@@ -32,6 +32,7 @@ def _vq_reconstruct(args: argparse.Namespace) -> int:
     out = save_image(make_grid(np.stack([original, rec]), ncol=2) if args.side_by_side else rec, args.out)
     psnr = 10 * np.log10(255.0**2 / max(float(((rec.astype(float) - original) ** 2).mean()), 1e-10))
     write_sidecar(out, {"image": args.image, "vq": args.vq, "vq_preset": args.vq_preset, "size": args.size,
+                        "resize": args.resize,
                         "grid": list(codes.shape[1:]), "psnr_db": psnr, "fingerprint": vq.fingerprint()})
     print(f"{out}: {codes.shape[1]}x{codes.shape[2]} tokens, PSNR {psnr:.2f} dB, VQ fingerprint {vq.fingerprint()}")
     return 0
@@ -122,7 +123,7 @@ def _generate_layout(args, model, items, hooks, retriever, seed: int, slot, devi
 
     from arrag.eval.batch_generate import generate_into_layout
     from arrag.eval.layouts import make_layout, write_prompt_list
-    from arrag.provenance import lock_settings
+    from arrag.provenance import SettingsLock
 
     layout = make_layout(args.layout, args.out, args.parallel_size, args.format, grid=args.prompt_grids)
     settings = {k: v for k, v in vars(args).items()
@@ -136,11 +137,17 @@ def _generate_layout(args, model, items, hooks, retriever, seed: int, slot, devi
         settings["index"] = {k: retriever.manifest.get(k) for k in ("factory", "entries", "images", "neighborhood",
                                                                     "key_source", "vq_fingerprint", "nprobe")}
         settings["index"]["folder"] = str(Path(retriever.folder).resolve())
-    lock_settings(layout.out / "settings.json", settings, refused=f"{layout.out} holds images made",
-                  advice="use another --out, or the same settings to resume", ignore=("prompt_grids",))
-    if slot.rank == 0:
-        write_prompt_list(layout, items)
-    stats = generate_into_layout(model, items, layout, seed=seed, hooks=hooks, slot=slot,
+    lock = SettingsLock(layout.out / "settings.json", settings, what="images", ignore=("prompt_grids",),
+                        has_results=layout.has_results,
+                        start_over=f"use another --out (or delete {layout.out} to start over)")
+    lock.check()
+
+    def first_result() -> None:
+        lock.record()
+        if slot.rank == 0:
+            write_prompt_list(layout, items)
+
+    stats = generate_into_layout(model, items, layout, seed=seed, hooks=hooks, slot=slot, before_write=first_result,
                                  prompts_per_batch=args.prompts_per_batch, cfg_weight=args.cfg_weight,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                  image_size=args.image_size, batch_size=args.batch_size)
@@ -155,7 +162,7 @@ def _encode(args: argparse.Namespace) -> int:
     r = encode(args.source, args.out, args.vq, vq_preset=args.vq_preset, image_size=args.image_size,
                batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers,
                save_latents=args.save_latents, shard=args.shard, device=args.device, min_size=args.min_size,
-               max_images=args.max_images)
+               max_images=args.max_images, resize=args.resize)
     state = "complete: manifest.json written" if r.complete else "other shards still pending (rerun to finish)"
     print(f"encoded {r.encoded} images into {len(r.shards_written)} new shards, skipped {r.skipped}; "
           f"store {r.folder} {state}")
@@ -175,7 +182,8 @@ def _search_stats(args: argparse.Namespace) -> int:
     from arrag.provenance import write_json
     from arrag.retrieval import index as fx
     from arrag.retrieval.codestore import CodeStore
-    from arrag.retrieval.recall import queries_per_second, recall_at_k, sample_queries
+    from arrag.retrieval.index import sample_stored_vectors
+    from arrag.retrieval.recall import nprobe_sweep, queries_per_second, recall_at_k, sample_queries
     from arrag.retrieval.retriever import PatchRetriever
 
     r = PatchRetriever.load(args.index, device=args.device, nprobe=args.nprobe)
@@ -191,8 +199,21 @@ def _search_stats(args: argparse.Namespace) -> int:
         queries = sample_queries(store, args.queries, args.seed, r.neighborhood, m["key_source"])
         stats[f"recall@{args.k}"] = recall_at_k(r, store, queries, args.k)
         stats["queries_per_s"] = {b: queries_per_second(r, queries, args.k, b) for b in (1, 16, 64)}
+        if m.get("nlist") and not args.no_sweep:
+            stats["nprobe_sweep"] = nprobe_sweep(r, store, queries, args.k)
+    elif args.queries > 0 and m.get("nlist") and not args.no_sweep:  # no store (the original database)
+        queries = sample_stored_vectors(r.index, args.queries, args.seed)
+        stats["nprobe_sweep"] = nprobe_sweep(r, None, queries, args.k)
+    sweep = stats.pop("nprobe_sweep", None)
     for key, value in stats.items():
         print(f"{key:16} {value}")
+    if sweep:
+        label = "recall@" + str(args.k) if "recall" in sweep[0] else "share of all-list hits"
+        print(f"{'nprobe':>8} {label:>24} {'queries/s (batch 16)':>22}")
+        for row in sweep:
+            print(f"{row['nprobe']:8d} {row.get('recall', row.get('recall_vs_all_lists')):24.4f} "
+                  f"{row['queries_per_s']:22,.0f}")
+        stats["nprobe_sweep"] = sweep
     if args.json:
         write_json(args.json, stats)
     return 0
@@ -293,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "else VQ-16")
     rec.add_argument("--size", type=int, default=384, help="centre-crop size in pixels (default 384 = 24x24 tokens)")
     rec.add_argument("--side-by-side", action="store_true", help="write original and reconstruction side by side")
+    rec.add_argument("--resize", default="original", choices=["original", "adm"],
+                     help="original: Resize + CenterCrop as AR-RAG (default); adm: LlamaGen's crop")
     _add_device(rec)
     rec.set_defaults(func=_vq_reconstruct)
 
@@ -361,7 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--image-size", type=int, default=384, help="crop size in pixels (default 384 = 24x24)")
     enc.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (default 32)")
     enc.add_argument("--shard-size", type=int, default=4096, help="images per shard file (default 4096)")
-    enc.add_argument("--workers", type=int, default=4, help="DataLoader workers for decoding (default 4)")
+    enc.add_argument("--workers", type=int, default=None,
+                     help="DataLoader processes decoding images (default: the CPUs available, at most 16)")
+    enc.add_argument("--resize", default="original", choices=["original", "adm"],
+                     help="original: Resize(short side, bilinear) + CenterCrop, as AR-RAG encoded its database "
+                          "(default); adm: LlamaGen's crop (BOX halving, bicubic)")
     enc.add_argument("--save-latents", action="store_true", help="also store float16 latents (for latent keys)")
     enc.add_argument("--shard", default=None, help="process i of n (i/n); default from RANK/WORLD_SIZE")
     enc.add_argument("--min-size", type=int, default=64, help="skip images with a side below this (default 64)")
@@ -399,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--seed", type=int, default=0, help="seed of the query sample (default 0)")
     ss.add_argument("--device", default="cpu", help="cpu, cuda or GPU ids (default cpu)")
     ss.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ss.add_argument("--no-sweep", action="store_true",
+                    help="skip the table of recall and speed at several nprobe values (IVF indexes)")
     ss.set_defaults(func=_search_stats)
 
     ct = sub.add_parser(
@@ -427,8 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--retrieved", default=None, help="construct-train output folder (default: the store folder)")
     tf.add_argument("--out", default=None,
                     help="output folder (default result/ckpts/ckpts_FAiD_b{num_blender}_h{hops})")
-    tf.add_argument("--num-blender", type=int, default=2, help="blenders, spread evenly over the layers (default 2)")
-    tf.add_argument("--num-hop", default="1,2", help="hop sizes of each blender, from 1,2,3 (default '1,2')")
+    tf.add_argument("--num-blender", type=int, default=2,
+                    help="a count of blenders, spread evenly over the layers; the config stores the interval "
+                         "num_SmoothPatchBlender = layers // count, as the original (default 2: layers 0 and 12 "
+                         "of Janus-Pro-1B)")
+    tf.add_argument("--num-hop", default="1,2",
+                    help="hop sizes of each blender, from 1,2,3 (default '1,2'; written to the config as [1, 2])")
+    tf.add_argument("--faid-cells", default="all", choices=["all", "valid"],
+                    help="where blender output is added: every image cell, as the original (default), or only "
+                         "at targets with retrieval (arrag's earlier variant)")
     tf.add_argument("--retrieved-key-num", "--k", dest="k", type=int, default=10,
                     help="retrieved codes per position; must match construct-train's --k (default 10)")
     tf.add_argument("--lora-r", type=int, default=128, help="LoRA rank; 0 disables LoRA (default 128)")
@@ -446,13 +482,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="learning-rate schedule after warm-up (default constant, as the original)")
     tf.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear warm-up (default 0)")
     tf.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip; 0 disables (default 1.0)")
-    tf.add_argument("--cfg-drop", type=float, default=0.1,
-                    help="probability of training a sample on the unconditional prompt (default 0.1)")
+    tf.add_argument("--cfg-drop", type=float, default=0.0,
+                    help="arrag's option: probability of training a sample on the unconditional prompt, without "
+                         "retrieved features (default 0, as the original, which trains no caption dropout)")
     tf.add_argument("--max-text-len", type=int, default=512, help="prompt token limit (default 512)")
     tf.add_argument("--seed", type=int, default=42, help="seed for initialisation, order, shuffles (default 42)")
     tf.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (default 500)")
     tf.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
     tf.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    tf.add_argument("--overwrite", action="store_true",
+                    help="delete the checkpoints and train.json in --out and start over")
     tf.add_argument("--deepspeed", default=None, help="DeepSpeed config, e.g. arrag/train/zero3.json (ZeRO-3)")
     tf.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None,
                     help="default bf16 on CUDA, no (fp32) on CPU")

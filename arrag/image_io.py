@@ -1,6 +1,11 @@
-"""Image I/O in one place: read files to RGB, ADM centre crop, map to and from [-1, 1], save, grids.
+"""Image I/O in one place: read files to RGB, resize + centre crop, map to and from [-1, 1], save, grids.
 
-PIL and numpy only (torchvision can't be installed beside the CPU torch wheel).
+PIL and numpy only (torchvision can't be installed beside the CPU torch wheel). Two crops:
+  original  Resize(short side, bilinear) then CenterCrop, as torchvision does it and as AR-RAG encoded
+            its database (img2code_L.py)
+  adm       LlamaGen's ADM crop: BOX halving while the short side >= 2x, bicubic, centre crop
+High-bit-depth images (16-bit PNG/TIFF) are scaled to 8 bits, not clipped; images whose header says
+they are absurdly large or elongated are refused before their pixels are decoded.
 """
 
 from __future__ import annotations
@@ -15,19 +20,83 @@ from PIL import Image, UnidentifiedImageError
 from arrag.errors import ArragError
 from arrag.fileops import atomic_path
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+RESIZE_MODES = ("original", "adm")
+MAX_PIXELS = 100_000_000  # decoding more than this (~300 MB as RGB) is refused
+MAX_ASPECT = 20.0         # long side / short side; a 64x300,000 strip would need gigabytes once resized
+
+
+class ImageRejected(ValueError):
+    """An image that is skipped on purpose (too large, too elongated, too small), with the reason."""
+
+
+def check_size(size: tuple[int, int], max_pixels: int = MAX_PIXELS, max_aspect: float = MAX_ASPECT) -> None:
+    """Refuse an image by its header size, before its pixels are decoded."""
+    w, h = size
+    if w < 1 or h < 1:
+        raise ImageRejected(f"empty image {w}x{h}")
+    if w * h > max_pixels:
+        raise ImageRejected(f"too many pixels: {w}x{h} > {max_pixels:,}")
+    if max(w, h) / min(w, h) > max_aspect:
+        raise ImageRejected(f"aspect ratio {max(w, h) / min(w, h):.0f}:1 > {max_aspect:g}:1 ({w}x{h})")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode. 16- and 32-bit integer images are scaled (65535 -> 255), float images taken
+    as [0, 1] or [0, 255]; PIL's own convert would clip them to white."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(image).astype(np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    if image.mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_rgb(source, max_pixels: int = MAX_PIXELS, max_aspect: float = MAX_ASPECT) -> Image.Image:
+    """A path or a binary file object -> 8-bit RGB; the size is checked from the header first (ImageRejected)."""
+    with Image.open(source) as im:
+        check_size(im.size, max_pixels, max_aspect)
+        im.load()
+        return to_rgb(im)
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image file as RGB; an unreadable or missing file is one clear ArragError."""
+    """Open an image file as RGB; an unreadable, missing or absurdly large file is one clear ArragError."""
     path = Path(path)
     if not path.is_file():
         raise ArragError(f"image not found: {path}")
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        return open_rgb(path)
+    except ImageRejected as e:
+        raise ArragError(f"refusing image {path}: {e}") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise ArragError(f"cannot read image {path}: {e}") from None
+
+
+def resize_crop(image: Image.Image, size: int, mode: str = "original") -> Image.Image:
+    """Square `size` crop by `mode`: 'original' (Resize + CenterCrop, AR-RAG's encoder) or 'adm' (LlamaGen)."""
+    if mode == "adm":
+        return center_crop_arr(image, size)
+    if mode != "original":
+        raise ArragError(f"--resize {mode!r}: choose {' or '.join(RESIZE_MODES)}")
+    return resize_center_crop(image, size)
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """torchvision's Resize(size) (short side to size, long side truncated, bilinear) then CenterCrop(size)."""
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new = (new_short, new_long) if w <= h else (new_long, new_short)
+    if new != (w, h):
+        image = image.resize(new, resample=Image.BILINEAR)
+    w, h = image.size
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
 
 
 def center_crop_arr(image: Image.Image, size: int) -> Image.Image:
@@ -52,10 +121,21 @@ def to_tensor(images: Image.Image | Sequence[Image.Image] | np.ndarray) -> torch
     return t / 127.5 - 1.0
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float [B, 3, H, W] about [-1, 1] -> uint8 [B, H, W, 3], as LlamaGen: clamp(127.5*x + 128, 0, 255)."""
-    x = (images.detach().float() * 127.5 + 128.0).clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+def to_uint8(images: torch.Tensor, convention: str = "llamagen") -> np.ndarray:
+    """float [B, 3, H, W] about [-1, 1] -> uint8 [B, H, W, 3].
+
+    llamagen: clamp(127.5*x + 128, 0, 255), i.e. rounded (exactly inverts to_tensor on uint8 input);
+    janus:    clip((x + 1) / 2 * 255, 0, 255), truncated, as Janus-Pro's and AR-RAG's generation scripts
+              save their images (half the pixels one level darker than rounding).
+    """
+    x = images.detach().float()
+    if convention == "janus":
+        x = ((x + 1) / 2 * 255).clamp(0, 255)
+    elif convention == "llamagen":
+        x = (x * 127.5 + 128.0).clamp(0, 255)
+    else:
+        raise ValueError(f"unknown uint8 convention {convention!r}")
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_image(image: np.ndarray, path: str | Path, quality: int = 95) -> Path:

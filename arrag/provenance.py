@@ -6,7 +6,7 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,20 +53,40 @@ def write_sidecar(output: str | Path, settings: Mapping[str, Any]) -> Path:
     return write_json(sidecar_path(output), record)
 
 
-def lock_settings(path: str | Path, settings: Mapping[str, Any], refused: str, advice: str,
-                  ignore: tuple[str, ...] = ()) -> None:
-    """Resumable jobs: the first run records `settings` at `path`; a rerun with other settings is refused.
+class SettingsLock:
+    """The record of the settings that made a resumable job's results (settings.json, train.json, ...).
 
-    The error reads "{refused} with other settings (a, b differ); {advice}". Keys in `ignore` may change.
+    check() runs before any work: a rerun with other settings is refused with one line that says what to
+    delete. record() runs once the folder holds results, so a run that fails on a bad flag leaves nothing
+    locked; a lock left by such a run (file present, no results) is replaced. Keys in `ignore` may change.
     """
-    path = Path(path)
-    if not path.exists():
-        write_json(path, settings)
-        return
-    old = json.loads(path.read_text())
-    norm = lambda v: json.dumps(_jsonable(v), sort_keys=True)  # noqa: E731
-    diff = [k for k in settings if k not in ignore and norm(old.get(k)) != norm(settings[k])]
-    if diff:
-        from arrag.errors import ArragError
 
-        raise ArragError(f"{refused} with other settings ({', '.join(diff)} differ); {advice}")
+    def __init__(self, path: str | Path, settings: Mapping[str, Any], *, what: str,
+                 has_results: Callable[[], bool], start_over: str, ignore: tuple[str, ...] = ()):
+        self.path, self.settings, self.what = Path(path), dict(settings), what
+        self.has_results, self.start_over, self.ignore = has_results, start_over, ignore
+
+    def differences(self) -> list[str]:
+        """Keys whose recorded value differs (empty when nothing is recorded or the record is unreadable)."""
+        if not self.path.exists():
+            return []
+        try:
+            old = json.loads(self.path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            old = None
+        if not isinstance(old, dict):
+            return ["(unreadable record)"]
+        norm = lambda v: json.dumps(_jsonable(v), sort_keys=True)  # noqa: E731
+        return [k for k in self.settings if k not in self.ignore and norm(old.get(k)) != norm(self.settings[k])]
+
+    def check(self) -> None:
+        diff = self.differences()
+        if diff and self.has_results():
+            from arrag.errors import ArragError
+
+            raise ArragError(f"{self.path.parent} holds {self.what} made with other settings ({', '.join(diff)} "
+                             f"differ); rerun with the same settings to resume, or {self.start_over}")
+
+    def record(self) -> None:
+        if not self.path.exists() or (self.differences() and not self.has_results()):
+            write_json(self.path, self.settings)

@@ -1,6 +1,9 @@
-"""Where work runs: device and dtype choice, and seeded generators."""
+"""Where work runs: device and dtype choice, seeded generators, CPUs available, worker processes."""
 
 from __future__ import annotations
+
+import os
+import sys
 
 import torch
 
@@ -37,3 +40,29 @@ def parse_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in table:
         raise ArragError(f"--dtype {name}: choose auto, fp32, bf16 or fp16")
     return table[name]
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def kill_with_parent(_worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: on Linux, ask the kernel to SIGKILL this worker when its parent dies.
+
+    Without it, workers of a SIGKILLed job (which cannot clean up) can live on, blocked on a full queue.
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)

@@ -416,8 +416,19 @@ class VQModel(nn.Module):
         return VQOutput(rec, q.codes, q.vq_loss, q.commit_loss, q.entropy_loss)
 
     def fingerprint(self) -> str:
-        """Stable hash of the normalised fp32 codebook: an index and a model must share it."""
-        return codebook_fingerprint(self.quantize.codebook())
+        """16 hex digits identifying the tokenizer: a hash of the codebook weights as stored (fp32, on the CPU)
+        and its L2 flag. Whatever device or dtype the model runs in, the same weights give the same value, so
+        a database built on one machine is recognised on another. Indexes and models must share it."""
+        return codebook_fingerprint(self.quantize.embedding.weight, l2_norm=self.config.codebook_l2_norm)
+
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint arrag recorded before 0.2: the codebook normalised on the CPU, then hashed. Stores and
+        indexes built then on a CPU carry it; a GPU-built one may differ in the last bits and needs a rebuild."""
+        return codebook_fingerprint(self.quantize.codebook().detach().cpu(), l2_norm=None)
+
+    def matches(self, fingerprint: str | None) -> bool:
+        """True when a recorded fingerprint names this tokenizer (current or legacy definition)."""
+        return fingerprint is not None and fingerprint in (self.fingerprint(), self.legacy_fingerprint())
 
     def save(self, path: str | Path) -> None:
         """Write safetensors with the LlamaGen key names and the config in the metadata."""
@@ -431,16 +442,18 @@ class VQModel(nn.Module):
             save_file(state, str(tmp), metadata=meta)
 
 
-def codebook_fingerprint(book) -> str:
-    """16 hex digits of sha256 over a normalised codebook [K, e] (little-endian fp32, row-major) and its shape.
-
-    Accepts a tensor or an array, so a code store's saved codebook.npy hashes the same as the live model.
+def codebook_fingerprint(book, l2_norm: bool | None = True) -> str:
+    """16 hex digits of sha256 over codebook weights [K, e] (little-endian fp32, row-major), their shape and,
+    unless None, the L2 flag. Tensors are moved to the CPU first: moving and upcasting never change bits, so
+    the value does not depend on the device or the dtype the model runs in. (l2_norm=None gives the
+    pre-0.2 hash of a normalised codebook.)
     """
     import numpy as np
 
     arr = book.detach().to("cpu", torch.float32).numpy() if isinstance(book, torch.Tensor) else np.asarray(book)
     arr = np.ascontiguousarray(arr, dtype="<f4")
-    h = hashlib.sha256(f"{tuple(arr.shape)}".encode())
+    head = f"{tuple(arr.shape)}" if l2_norm is None else f"arrag-vq/2 {tuple(arr.shape)} l2={bool(l2_norm)}"
+    h = hashlib.sha256(head.encode())
     h.update(arr.tobytes())
     return h.hexdigest()[:16]
 

@@ -71,7 +71,7 @@ def decode_bench(batch: int, k: int, repeats: int) -> dict:
         from arrag.retrieval.codestore import write_store
 
         codes = np.random.default_rng(0).integers(0, 1024, (2000, 16, 16)).astype(np.uint16)
-        write_store(tmp / "store", codes, model.vq.quantize.codebook().detach().numpy())
+        write_store(tmp / "store", codes, model.vq)
         build_index(tmp / "store", tmp / "index", progress=False)
         retriever = PatchRetriever.load(tmp / "index")
     prompter = Prompter(tok)

@@ -28,7 +28,7 @@ def retriever_dir(tmp_path_factory, tiny_janus):
     """An exact index over random 4x4 grids drawn from 40 codes, built with the tiny model's own codebook."""
     root = tmp_path_factory.mktemp("daid")
     codes = np.random.default_rng(0).integers(0, 40, (300, 4, 4)).astype(np.uint16)
-    codestore.write_store(root / "store", codes, tiny_janus.vq.quantize.codebook().detach().numpy())
+    codestore.write_store(root / "store", codes, tiny_janus.vq)
     build_index(root / "store", root / "index", progress=False)
     return root / "index"
 

@@ -81,6 +81,11 @@ def test_released_parameter_names_and_init():
     assert b.conv1.weight.shape == (8, 8, 2, 2) and b.conv22.weight.shape == (8, 8, 3, 3)
     assert b.conv32.weight.shape == (8, 8, 4, 4) and torch.equal(b.conv_weights, torch.ones(2))
     assert float(b.conv2.bias.detach().abs().sum()) == 0
+    # The gate MLP as the original's _init_weights: Kaiming-normal (ReLU gain, fan in) and zero biases.
+    wide = SmoothPatchBlender(256, (1,))
+    for lin in (wide.mlp[0], wide.mlp[2]):
+        assert float(lin.bias.detach().abs().sum()) == 0
+    assert abs(float(wide.mlp[0].weight.detach().std()) / (2 / 256) ** 0.5 - 1) < 0.05
     assert "conv_weights" not in SmoothPatchBlender(8, (1,)).state_dict()
     with pytest.raises(ValueError, match="subset of 1,2,3"):
         SmoothPatchBlender(8, (4,))
@@ -104,9 +109,13 @@ def faid_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def faid_model(faid_dir):
     m = JanusPro.from_pretrained(faid_dir, device="cpu", quiet=True)
-    with torch.no_grad():  # make the blenders matter: random gates and norms instead of near-identity ones
+    with torch.no_grad():  # make the blenders matter: random gates, norms and biases instead of near-identity ones
+        g = torch.Generator().manual_seed(5)
         for i in (0, 1):
-            m.llm.layers[i].retrieval_layernorm.weight.uniform_(0.5, 1.5)
+            m.llm.layers[i].retrieval_layernorm.weight.uniform_(0.5, 1.5, generator=g)
+            for name, p in m.llm.layers[i].blender.named_parameters():
+                if name.endswith("bias") and not name.startswith("conv3"):  # hop 3 is idle here
+                    p.uniform_(-0.2, 0.2, generator=g)
     return m
 
 
@@ -132,22 +141,105 @@ def _incremental_logits(model, ids, mask, codes, cands, row_mask):
     with torch.no_grad():
         for step in range(t):
             cand = cands[:, step] if step in valid else None
-            model.faid_context = FaidContext("step", GRID, cand, row_mask, target=step, buffers=buffers)
+            model.faid_context = FaidContext("step", GRID, cand, row_mask, target=step, buffers=buffers,
+                                             cells=model.config.language.faid_cells)
             x = model.text_embeddings(ids) if step == 0 else model.image_embeddings(codes[:, step - 1])[:, None]
             outs.append(model.llm(x, mask if step == 0 else None, cache)[:, -1])
         model.faid_context = None
     return model.image_logits(torch.stack(outs, 1))
 
 
-def test_teacher_forcing_equals_incremental_decoding(faid_model, faid_dir):
+def _original_blender(blender, hidden, feats, grid):
+    """The original SmoothPatchBlender's training branch, re-derived on its own (no arrag FAiD code).
+
+    hidden [B, T, D] the layer's normed image-token states, feats [B, T, K, D] the normed retrieved inputs
+    -> per-candidate features [B, T, K, D]. Every cell is a target; row 0, column 0 and the last column
+    take a zero centre; cells right of and below the centre are zeroed; two convs per hop; softmax hop
+    weights; sigmoid gate from Linear-ReLU-Linear.
+    """
+    b, t, d = hidden.shape
+    h, w = grid
+    k = feats.shape[2]
+    centre = feats.reshape(b, h, w, k, d).clone()
+    centre[:, 0], centre[:, :, 0], centre[:, :, -1] = 0, 0, 0
+    fmap = hidden.reshape(b, h, w, d).permute(0, 3, 1, 2)
+    outs = []
+    for hop in blender.hops:
+        s = 2 * hop + 1
+        win = torch.nn.functional.pad(fmap, (hop, hop, hop, hop)).unfold(2, s, 1).unfold(3, s, 1)  # [B,D,H,W,s,s]
+        win = win.permute(0, 2, 3, 1, 4, 5)[:, :, :, None].expand(b, h, w, k, d, s, s).clone()
+        win[..., hop, hop + 1:] = 0
+        win[..., hop + 1:, :] = 0
+        win[..., hop, hop] = centre
+        a_conv, b_conv = {1: ("conv1", "conv12"), 2: ("conv2", "conv22"), 3: ("conv3", "conv32")}[hop]
+        a_conv, b_conv = getattr(blender, a_conv), getattr(blender, b_conv)
+        y = torch.nn.functional.conv2d(win.reshape(-1, d, s, s), a_conv.weight, a_conv.bias)
+        outs.append(torch.nn.functional.conv2d(y, b_conv.weight, b_conv.bias).reshape(b, h, w, k, d))
+    mix = torch.softmax(blender.conv_weights, 0) if len(outs) > 1 else torch.ones(1)
+    conv_out = sum(m * o for m, o in zip(mix, outs, strict=True))
+    gate = torch.sigmoid(blender.mlp[2](torch.relu(blender.mlp[0](conv_out))))
+    return (conv_out * gate).reshape(b, t, k, d)
+
+
+def _original_training_logits(model, ids, mask, codes, cands):
+    """The original decoder layers' training forward (llama_conv.py): text + all T image tokens in, the
+    blender at every image cell, the mean over K added at positions -T-1 .. -2, per-candidate outputs
+    handed to the next blender. Runs in our decoder through its after-attention hook point."""
+    t = GRID[0] * GRID[1]
+    length = ids.shape[1]
+    retrieved = model.image_embeddings(cands.clamp_min(0))
+    retrieved[cands < 0] = 0
+    state = {"retrieved": retrieved}
+
+    def hook(h, normed, idx):
+        layer = model.llm.layers[idx]
+        out = _original_blender(layer.blender, normed[:, -t:], layer.retrieval_layernorm(state["retrieved"]), GRID)
+        state["retrieved"] = out
+        h = h.clone()
+        h[:, -t - 1:-1] += out.mean(2)
+        return h
+
+    layers = model.config.language.blender_layers()
+    saved = {i: model.llm.layers[i].after_attention for i in layers}
+    for i in layers:
+        model.llm.layers[i].after_attention = hook
+    try:
+        embeds = torch.cat([model.text_embeddings(ids), model.image_embeddings(codes)], 1)
+        hidden = model.llm(embeds, torch.cat([mask, torch.ones(len(ids), t, dtype=torch.bool)], 1))
+    finally:
+        for i in layers:
+            model.llm.layers[i].after_attention = saved[i]
+    return model.image_logits(hidden[:, length - 1:length - 1 + t])
+
+
+def test_teacher_forcing_equals_the_original_decoder_layer(faid_model, faid_dir):
     ids, mask, codes, cands = _batch(faid_model, faid_dir)
     with torch.no_grad():
-        full = full_sequence_logits(faid_model, ids, mask, codes, cands, GRID)
-        plain = full_sequence_logits(faid_model, ids, mask, codes, torch.full_like(cands, -1), GRID)
-    step = _incremental_logits(faid_model, ids, mask, codes, cands, torch.ones(2, dtype=torch.bool))
+        ours = full_sequence_logits(faid_model, ids, mask, codes, cands, GRID)
+        original = _original_training_logits(faid_model, ids, mask, codes, cands)
+        plain = full_sequence_logits(faid_model, ids, mask, codes, None, GRID)
+    torch.testing.assert_close(ours, original, atol=2e-5, rtol=2e-5)
+    # Every cell is blended, the first one included (zero centre, zero window: the gated bias chain).
+    assert (ours[:, 0] - plain[:, 0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("cells", ["all", "valid"])
+def test_teacher_forcing_equals_incremental_decoding(faid_model, faid_dir, cells):
+    lang = faid_model.config.language
+    ids, mask, codes, cands = _batch(faid_model, faid_dir)
+    lang.faid_cells = cells
+    try:
+        with torch.no_grad():
+            full = full_sequence_logits(faid_model, ids, mask, codes, cands, GRID)
+            plain = full_sequence_logits(faid_model, ids, mask, codes, None, GRID)
+        step = _incremental_logits(faid_model, ids, mask, codes, cands, torch.ones(2, dtype=torch.bool))
+    finally:
+        lang.faid_cells = "all"
     assert full.shape == (2, 16, faid_model.config.image_token_size)
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(full, plain)  # the blenders change the logits
+    if cells == "valid":  # arrag's first variant: nothing changes before the first valid target (cell 5 at 4x4)
+        torch.testing.assert_close(full[:, :5], plain[:, :5], rtol=0, atol=0)
 
 
 def test_edges_get_no_retrieval_and_the_past_is_untouched(faid_model, faid_dir):
@@ -179,7 +271,7 @@ def test_unconditional_rows_are_untouched(faid_model, faid_dir):
 
 def test_faid_checkpoint_round_trip_and_released_names(tmp_path, faid_dir, faid_model):
     cfg = json.loads((faid_dir / "config.json").read_text())["language_config"]
-    assert cfg["num_SmoothPatchBlender"] == 1 and cfg["num_hop"] == "1,2"
+    assert cfg["num_SmoothPatchBlender"] == 1 and cfg["num_hop"] == [1, 2] and "faid_cells" not in cfg
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(faid_dir / "model.safetensors"))
@@ -202,7 +294,7 @@ def test_faid_checkpoint_round_trip_and_released_names(tmp_path, faid_dir, faid_
 def faid_retriever(tmp_path_factory, faid_model):
     root = tmp_path_factory.mktemp("faid_index")
     codes = np.random.default_rng(2).integers(0, 40, (200, 4, 4)).astype(np.uint16)
-    codestore.write_store(root / "store", codes, faid_model.vq.quantize.codebook().detach().numpy())
+    codestore.write_store(root / "store", codes, faid_model.vq)
     build_index(root / "store", root / "index", progress=False)
     return root / "index"
 

@@ -154,3 +154,53 @@ def test_missing_tokenizer_is_clear(tmp_path, tiny_janus):
             sample_codes(tiny_janus, ["a"], image_size=32)
     finally:
         tiny_janus.source_folder = folder
+
+
+def test_original_layout_config_round_trips_unchanged(tmp_path, tiny_janus_dir):
+    """A FAiD config.json as the original training script saves it (num_hop a JSON list, the blender interval,
+    the understanding-tower sections, transformers' bookkeeping keys) loads and is written back identical."""
+    from arrag.janus.config import JanusConfig
+
+    ours = json.loads((tiny_janus_dir / "config.json").read_text())
+    lang = {k: ours["language_config"][k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                     "num_hidden_layers", "num_key_value_heads", "vocab_size")}
+    original = {
+        "_name_or_path": "deepseek-ai/Janus-Pro-1B",
+        "aligner_config": {"cls": "MlpProjector", "model_type": "aligner",
+                           "params": {"depth": 2, "input_dim": 1024, "n_embed": 64, "projector_type": "mlp_gelu"}},
+        "architectures": ["MultiModalityCausalLM"],
+        "gen_aligner_config": ours["gen_aligner_config"],
+        "gen_head_config": ours["gen_head_config"],
+        "gen_vision_config": ours["gen_vision_config"],
+        "language_config": {"max_position_embeddings": 2048, "model_type": "llama", "torch_dtype": "float32",
+                            **lang, "num_SmoothPatchBlender": 1, "num_hop": [1, 2]},
+        "model_type": "multi_modality",
+        "torch_dtype": "float32",
+        "transformers_version": "4.48.0",
+        "vision_config": {"cls": "CLIPVisionTower", "model_type": "vision",
+                          "params": {"image_size": 384, "model_name": "siglip_large_patch16_384", "select_layer": -1}},
+    }
+    cfg = JanusConfig.from_dict(json.loads(json.dumps(original)))
+    assert cfg.language.hops == [1, 2] and cfg.language.blender_layers() == [0, 1]
+    assert json.dumps(cfg.to_dict()) == json.dumps(original)  # same keys, order and values
+    # Through the model: load the original layout, save it, get the same config.json back.
+    folder = tmp_path / "faid"
+    JanusPro(cfg).save_pretrained(folder)
+    _copy_tokenizer(tiny_janus_dir, folder)
+    JanusPro.from_pretrained(folder, device="cpu", quiet=True).save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "config.json").read_text() == (folder / "config.json").read_text()
+    assert json.loads((folder / "config.json").read_text()) == original
+
+
+@pytest.mark.parametrize("value", [[1, 2], "1,2", "[1, 2]", (2, 1)])
+def test_num_hop_is_read_in_every_form_and_written_as_a_list(value):
+    from arrag.janus.config import LlamaConfig
+
+    cfg = LlamaConfig.from_dict({"hidden_size": 8, "num_attention_heads": 2, "num_SmoothPatchBlender": 12,
+                                 "num_hop": value})
+    assert cfg.hops == [1, 2] and cfg.to_dict()["num_hop"] == [1, 2]
+    assert LlamaConfig.from_dict({"hidden_size": 8, "num_attention_heads": 2, "num_hop": 2}).hops == [2]
+    with pytest.raises(ArragError, match="hop sizes must be 1, 2 or 3"):
+        LlamaConfig.from_dict({"hidden_size": 8, "num_attention_heads": 2, "num_hop": [1, 4]})
+    with pytest.raises(ArragError, match="num_SmoothPatchBlender=0: it is the layer interval"):
+        LlamaConfig.from_dict({"hidden_size": 8, "num_attention_heads": 2, "num_SmoothPatchBlender": 0})

@@ -131,12 +131,21 @@ def test_original_prebuilt_layout_loads(tmp_path):
     with pytest.warns(UserWarning, match="original AR-RAG prebuilt database"):
         r = PatchRetriever.load(tmp_path)
     assert r.entries == 3000 and r.fingerprint is None and r.neighborhood.name == "L"
+    assert r.nprobe == 16  # the original searched with nprobe 4096, i.e. every list: here all 16
+    with pytest.warns(UserWarning):
+        assert PatchRetriever.load(tmp_path, nprobe=4).nprobe == 4
     _, codes = r.search(xb[:4], 3)
     assert (codes >= 0).all()
     vq = VQModel("VQ-tiny-16")
     with pytest.raises(ArragError, match="has no VQ fingerprint"):
         r.check_compatible(vq)
     r.check_compatible(vq, allow_unknown=True)
+    # search-stats on it: no code store, so recall is measured against probing every list.
+    with pytest.warns(UserWarning):
+        assert main(["search-stats", str(tmp_path), "--queries", "40", "--json", str(tmp_path / "s.json")]) == 0
+    sweep = json.loads((tmp_path / "s.json").read_text())["nprobe_sweep"]
+    assert [row["nprobe"] for row in sweep] == [1, 4, 16] and sweep[-1]["recall_vs_all_lists"] == 1.0
+    assert sweep[0]["recall_vs_all_lists"] < 1.0
 
 
 def test_encode_folder_skips_bad_images_and_keeps_captions(tmp_path, images, vq_file):
@@ -154,7 +163,8 @@ def test_encode_folder_skips_bad_images_and_keeps_captions(tmp_path, images, vq_
     from arrag.vq import load_vq
 
     vq = load_vq(vq_file)
-    assert st.fingerprint == vq.fingerprint() == codebook_fingerprint(st.codebook())
+    assert st.fingerprint == vq.fingerprint() and st.manifest["resize"] == "original"
+    np.testing.assert_array_equal(st.codebook(), vq.quantize.codebook().detach().numpy())
     # Same codes as encoding the first image directly.
     from arrag.image_io import center_crop_arr, load_rgb, to_tensor
 
@@ -202,7 +212,7 @@ def test_split_processes_build_the_same_store(tmp_path, images, vq_file):
     for k in range(4):
         np.testing.assert_array_equal(np.load(tmp_path / "split" / f"codes-{k:05d}.npy"),
                                       np.load(tmp_path / "one" / f"codes-{k:05d}.npy"))
-    with pytest.raises(ArragError, match="started with other settings \\(image_size"):
+    with pytest.raises(ArragError, match="made with other settings \\(image_size"):
         enc.encode(str(images), tmp_path / "one", vq_file, **{**kw, "image_size": 32})
 
 
@@ -280,6 +290,8 @@ def test_search_stats_cli(tmp_path, capsys):
     stats = json.loads((tmp_path / "s.json").read_text())
     assert "recall@10" in out and 0 < stats["recall@10"] <= 1 and stats["nprobe"] == 8
     assert set(stats["queries_per_s"]) == {"1", "16", "64"}
+    sweep = stats["nprobe_sweep"]  # recall and speed at several nprobe values, exact at every list
+    assert [row["nprobe"] for row in sweep] == [1, 4, 8] and sweep[-1]["recall"] == 1.0
 
 
 def test_build_retriever_script(tmp_path, images, vq_file):

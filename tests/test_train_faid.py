@@ -32,8 +32,7 @@ def world(tmp_path_factory, tiny_janus_dir, tiny_janus):
     kinds = rng.integers(0, 4, 16)
     codes = np.stack([np.tile(motif[k], (6, 1)) for k in kinds]).astype(np.uint16)
     captions = [f"{WORDS[k]} {WORDS[3 + k % 2]}" for k in kinds]
-    book = tiny_janus.vq.quantize.codebook().detach().numpy()
-    codestore.write_store(root / "store", codes, book, shard_size=7, captions=captions)
+    codestore.write_store(root / "store", codes, tiny_janus.vq, shard_size=7, captions=captions)
     build_index(root / "store", root / "idx", progress=False)
     construct_train(root / "store", root / "idx", k=4, progress=False)
     return {"root": root, "base": str(tiny_janus_dir), "store": str(root / "store"), "idx": str(root / "idx")}
@@ -99,7 +98,7 @@ def test_only_the_recipe_parameters_change(trained):
 
 def test_merged_checkpoint_reloads_and_generates(trained, world, tmp_path):
     config = json.loads((trained.output_dir() / "config.json").read_text())["language_config"]
-    assert config["num_SmoothPatchBlender"] == 2 and config["num_hop"] == "1,2"
+    assert config["num_SmoothPatchBlender"] == 2 and config["num_hop"] == [1, 2]  # the original layout: a list
     out = tmp_path / "gen"
     assert main(["generate", "--model", str(trained.output_dir()), "--method", "faid", "--retriever", world["idx"],
                  "--faid-k", "4", "--prompt", "red circle", "--image-size", "96", "--parallel-size", "2",
@@ -189,7 +188,7 @@ def test_bad_inputs_give_clear_errors(world, tmp_path, tiny_janus, capsys):
         train_faid(_cfg(world, tmp_path / "a", k=3))
     bare = tmp_path / "bare_store"
     codes = np.zeros((3, 6, 6), np.uint16)
-    codestore.write_store(bare, codes, tiny_janus.vq.quantize.codebook().detach().numpy(), captions=["a", "b", "c"])
+    codestore.write_store(bare, codes, tiny_janus.vq, captions=["a", "b", "c"])
     with pytest.raises(ArragError, match="construct-train"):
         train_faid(_cfg(world, tmp_path / "b", store=str(bare)))
     other = tmp_path / "other_store"
@@ -197,7 +196,7 @@ def test_bad_inputs_give_clear_errors(world, tmp_path, tiny_janus, capsys):
     codestore.write_store(other, codes, book / np.linalg.norm(book, axis=1, keepdims=True), captions=["a", "b", "c"])
     with pytest.raises(ArragError, match="another tokenizer"):
         train_faid(_cfg(world, tmp_path / "c", store=str(other)))
-    with pytest.raises(ArragError, match="--num-blender must divide"):
+    with pytest.raises(ArragError, match="--num-blender 3: a count of blenders that divides"):
         train_faid(_cfg(world, tmp_path / "d", num_blender=3))
     with pytest.raises(ArragError, match="--deepspeed nope.json: no such file"):
         train_faid(_cfg(world, tmp_path / "e", deepspeed="nope.json"))

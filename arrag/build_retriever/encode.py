@@ -23,9 +23,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from arrag import fileops
 from arrag.errors import ArragError
-from arrag.image_io import IMAGE_SUFFIXES, center_crop_arr, to_tensor
-from arrag.provenance import lock_settings
+from arrag.image_io import IMAGE_SUFFIXES, RESIZE_MODES, ImageRejected, open_rgb, resize_crop, to_rgb, to_tensor
+from arrag.provenance import SettingsLock
 from arrag.retrieval import codestore
 
 CAPTION_KEYS = ("caption", "text", "txt", "prompt")
@@ -53,8 +54,7 @@ class FolderSource:
     def get(self, i: int) -> tuple[str, Image.Image, str | None]:
         rel = self.files[i]
         path = self.root / rel
-        with Image.open(path) as im:
-            image = im.convert("RGB")
+        image = open_rgb(path)
         txt = path.with_suffix(".txt")
         return rel, image, (txt.read_text(encoding="utf-8").strip() if txt.exists() else None)
 
@@ -99,9 +99,7 @@ class TarSource:
         tf = self._open.get(t)
         if tf is None:
             tf = self._open[t] = tarfile.open(self.tars[t])
-        data = tf.extractfile(img).read()
-        with Image.open(io.BytesIO(data)) as im:
-            image = im.convert("RGB")
+        image = open_rgb(io.BytesIO(tf.extractfile(img).read()))
         caption = None
         if cap is not None:
             raw = tf.extractfile(cap).read().decode("utf-8")
@@ -131,10 +129,12 @@ class HFSource:
     def get(self, i: int) -> tuple[str, Image.Image, str | None]:
         row = self.ds[i]
         image = row[self.image_col]
-        if not isinstance(image, Image.Image):
-            image = Image.open(io.BytesIO(image["bytes"] if isinstance(image, dict) else image))
+        if isinstance(image, Image.Image):
+            image = to_rgb(image)
+        else:
+            image = open_rgb(io.BytesIO(image["bytes"] if isinstance(image, dict) else image))
         caption = row[self.caption_col] if self.caption_col else None
-        return str(i), image.convert("RGB"), (str(caption) if caption is not None else None)
+        return str(i), image, (str(caption) if caption is not None else None)
 
 
 def _caption_from_json(raw: str) -> str | None:
@@ -207,8 +207,8 @@ def _hf_from_hub(name: str):
 
 
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, source, indices: list[int], image_size: int, min_size: int):
-        self.source, self.indices, self.size, self.min_size = source, indices, image_size, min_size
+    def __init__(self, source, indices: list[int], image_size: int, min_size: int, resize: str):
+        self.source, self.indices, self.size, self.min_size, self.resize = source, indices, image_size, min_size, resize
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -217,11 +217,14 @@ class _Images(torch.utils.data.Dataset):
         i = self.indices[j]
         try:
             ident, image, caption = self.source.get(i)
+        except ImageRejected as e:  # absurd sizes are refused from the header, before decoding
+            return {"index": i, "id": _safe_id(self.source, i), "array": None, "reason": f"refused: {e}"[:200]}
         except Exception as e:  # unreadable: skipped and counted, never fatal
             return {"index": i, "id": _safe_id(self.source, i), "array": None, "reason": f"unreadable: {e}"[:200]}
         if min(image.size) < self.min_size:
             return {"index": i, "id": ident, "array": None, "reason": f"too small: {image.size[0]}x{image.size[1]}"}
-        return {"index": i, "id": ident, "array": np.asarray(center_crop_arr(image, self.size)), "caption": caption}
+        return {"index": i, "id": ident, "array": np.asarray(resize_crop(image, self.size, self.resize)),
+                "caption": caption}
 
 
 def _safe_id(source, i: int) -> str:
@@ -259,40 +262,57 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
 
 
 def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str | None = None, image_size: int = 384,
-           batch_size: int = 32, shard_size: int = 4096, num_workers: int = 4, save_latents: bool = False,
+           batch_size: int = 32, shard_size: int = 4096, num_workers: int | None = None, save_latents: bool = False,
            shard: str | None = None, device: str = "auto", min_size: int = 64, progress: bool = True,
-           max_images: int | None = None) -> EncodeResult:
-    """Encode every image of `source` into a code store at `out` (resumable; see the module docstring)."""
-    from arrag.runtime import resolve_device
+           max_images: int | None = None, resize: str = "original") -> EncodeResult:
+    """Encode every image of `source` into a code store at `out` (resumable; see the module docstring).
+
+    resize: 'original' (Resize + CenterCrop, as AR-RAG built its database) or 'adm' (LlamaGen's crop).
+    num_workers: DataLoader processes decoding images (default: the CPUs available, at most 16).
+    """
+    from arrag.runtime import available_cpus, kill_with_parent, resolve_device
     from arrag.vq import load_vq
 
     rank, world = parse_shard(shard)
+    for flag, value, low in (("--batch-size", batch_size, 1), ("--shard-size", shard_size, 1),
+                             ("--image-size", image_size, 1), ("--min-size", min_size, 0)):
+        if value < low:
+            raise ArragError(f"{flag} must be >= {low}, got {value}")
+    if num_workers is not None and num_workers < 0:
+        raise ArragError(f"--workers must be >= 0, got {num_workers}")
+    if max_images is not None and max_images < 1:
+        raise ArragError(f"--max-images must be >= 1, got {max_images}")
+    if resize not in RESIZE_MODES:
+        raise ArragError(f"--resize {resize!r}: choose {' or '.join(RESIZE_MODES)}")
+    num_workers = min(available_cpus(), 16) if num_workers is None else num_workers
     if device == "auto" and world > 1 and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
     dev = resolve_device(device)
-    if batch_size < 1 or shard_size < 1:
-        raise ArragError("--batch-size and --shard-size must be >= 1")
     vq = load_vq(vq_path, preset=vq_preset, device=dev)
     grid = vq.grid_size(image_size)
     src = open_source(source)
     n_total = len(src) if max_images is None else min(len(src), max_images)
     num_shards = math.ceil(n_total / shard_size)
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
     info = {"vq_fingerprint": vq.fingerprint(), "vq_path": str(vq_path), "vq_config": vq.config.__dict__,
-            "image_size": image_size, "grid": [grid, grid], "shard_size": shard_size, "num_shards": num_shards,
-            "source": src.describe(), "save_latents": save_latents, "min_size": min_size, "max_images": max_images}
-    lock_settings(folder / "encode.json", info, refused=f"{folder} was started", ignore=("vq_path",),
-                  advice="rerun with the same settings to resume, or choose a new --out")
+            "image_size": image_size, "resize": resize, "grid": [grid, grid], "shard_size": shard_size,
+            "num_shards": num_shards, "source": src.describe(), "save_latents": save_latents, "min_size": min_size,
+            "max_images": max_images}
+    lock = SettingsLock(folder / "encode.json", info, what="encoded shards", ignore=("vq_path",),
+                        has_results=lambda: any(folder.glob("shard-*.json")),
+                        start_over=f"choose a new --out (or delete {folder} to start over)")
+    lock.check()
+    folder.mkdir(parents=True, exist_ok=True)
+    fileops.sweep_stale_temps(folder)
     codestore.write_codebook(folder, vq.quantize.codebook().detach().cpu().numpy())
 
     mine = [k for k in range(num_shards) if k % world == rank and not codestore.shard_done(folder, k)]
     result = EncodeResult(folder)
     indices = [i for k in mine for i in range(k * shard_size, min((k + 1) * shard_size, n_total))]
     if indices:
-        loader = torch.utils.data.DataLoader(_Images(src, indices, image_size, min_size), batch_size=batch_size,
-                                             num_workers=num_workers, collate_fn=_collate,
-                                             persistent_workers=False)
+        loader = torch.utils.data.DataLoader(_Images(src, indices, image_size, min_size, resize),
+                                             batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                                             persistent_workers=False, worker_init_fn=kill_with_parent)
         bar = tqdm(total=len(indices), desc=f"encode [{rank}/{world}]", unit="img", disable=not progress)
         pending: dict[int, list[dict]] = {}
         for batch in loader:
@@ -310,6 +330,7 @@ def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str 
             for k in sorted(pending):
                 expected = min((k + 1) * shard_size, n_total) - k * shard_size
                 if len(pending[k]) == expected:
+                    lock.record()  # the folder now holds results: later runs must match these settings
                     _flush(folder, k, pending.pop(k), grid, save_latents, result)
         bar.close()
     result.complete = codestore.finalize(folder, num_shards, info)

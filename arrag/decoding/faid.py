@@ -43,19 +43,20 @@ class SmoothPatchBlender(nn.Module):
             self.conv_weights = nn.Parameter(torch.ones(len(hops)))
         self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 1))
         self._cache: dict[int, tuple] = {}
-        self.reset_convs()
+        self.reset_parameters()
 
     @property
     def window(self) -> int:
         """Side of the largest window used: 2 * max(hops) + 1."""
         return 2 * max(self.hops) + 1
 
-    def reset_convs(self) -> None:
-        """The original initialisation: Kaiming-normal conv weights, zero biases, conv_weights ones."""
-        for a, b in CONV_NAMES.values():
-            for conv in (getattr(self, a), getattr(self, b)):
-                nn.init.kaiming_normal_(conv.weight)
-                nn.init.zeros_(conv.bias)
+    def reset_parameters(self) -> None:
+        """The original initialisation: Kaiming-normal weights (ReLU gain) and zero biases for every conv and
+        both gate linears; conv_weights ones."""
+        layers = [getattr(self, n) for names in CONV_NAMES.values() for n in names] + [self.mlp[0], self.mlp[2]]
+        for layer in layers:
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
         if hasattr(self, "conv_weights"):
             nn.init.ones_(self.conv_weights)
 
@@ -189,10 +190,13 @@ class FaidContext:
     """What the blender layers need for one forward pass.
 
     full mode (training, teacher forcing): `candidates` Long [B, T, K] for every cell of the image, the
-    image tokens' inputs at sequence positions image_start .. image_start + T - 1.
+    image tokens' inputs at sequence positions image_start .. image_start + T - 1; `centre_cells` bool [T]
+    marks the cells that take a retrieved centre (the valid targets; elsewhere the centre is zero).
     step mode (decoding): the forward consumes token target - 1 (one position per row) and predicts
-    `target`; `candidates` Long [B, K] or None when the target gets no retrieval; `buffers` keep each
-    blender layer's normed hidden states per cell, preallocated [B, h*w + 1, D] (the last row stays zero).
+    `target`; `candidates` Long [B, K], or None when the target gets no retrieval (zero centre); `buffers`
+    keep each blender layer's normed hidden states per cell, preallocated [B, h*w + 1, D] (last row zero).
+    `cells`: "all" adds the blender output at every image cell, as the original trains and decodes (a
+    cell without retrieval still gets the gated neighbourhood part); "valid" only at centre cells.
     Rows where `row_mask` is False (unconditional CFG rows) get no features.
     """
 
@@ -200,7 +204,8 @@ class FaidContext:
     grid: tuple[int, int]
     candidates: torch.Tensor | None
     row_mask: torch.Tensor
-    targets: torch.Tensor | None = None   # full mode: Long [P] target cells that get features
+    centre_cells: torch.Tensor | None = None  # full mode
+    cells: str = "all"
     image_start: int = 0                  # full mode
     target: int = 0                       # step mode
     buffers: dict | None = None           # step mode
@@ -222,34 +227,43 @@ class FaidLayerHook:
         index = self.model.faid_window_index(ctx.grid, max(blender.hops), h.device)
         # Only the rows that receive features are blended (unconditional CFG rows get none, so skip them).
         sel = ctx.row_mask.nonzero().squeeze(1)
+        if len(sel) == 0:
+            return h
         if ctx.mode == "full":
             t = ctx.grid[0] * ctx.grid[1]
-            if ctx.targets is None or len(ctx.targets) == 0:
+            targets = (torch.arange(t, device=h.device) if ctx.cells == "all"
+                       else ctx.centre_cells.nonzero().squeeze(1))
+            if len(targets) == 0:
                 return h
             cells = normed[sel, ctx.image_start:ctx.image_start + t]
             if cells.shape[1] < t:  # the last image token is never an input; no window reaches its cell
                 cells = torch.cat([cells, cells.new_zeros(cells.shape[0], t - cells.shape[1], cells.shape[2])], 1)
-            windows = gather_windows(cells, index[ctx.targets])
-            positions = ctx.image_start + ctx.targets - 1  # the positions whose outputs predict the targets
-            cand = ctx.candidates[sel][:, ctx.targets]  # [S, P, K]
+            windows = gather_windows(cells, index[targets])
+            positions = ctx.image_start + targets - 1  # the positions whose outputs predict the targets
+            cand = ctx.candidates[sel][:, targets]  # [S, P, K]
+            has_centre = ctx.centre_cells[targets]
         else:
-            if ctx.target == 0:  # the prompt prefill: no image cell yet
-                return h
-            ctx.buffers[layer_idx][:, ctx.target - 1] = normed[:, -1]
-            if ctx.candidates is None:
+            if ctx.target > 0:  # the input at this step is image token target - 1: its cell is now known
+                ctx.buffers[layer_idx][:, ctx.target - 1] = normed[:, -1]
+            if ctx.candidates is None and ctx.cells == "valid":
                 return h
             windows = gather_windows(ctx.buffers[layer_idx][sel], index[[ctx.target]], zero_row=True)
             positions = torch.tensor([h.shape[1] - 1], device=h.device)
-            cand = ctx.candidates[sel][:, None]  # [S, 1, K]
+            if ctx.candidates is None:  # no retrieval: every candidate's centre is zero, so one stands for all K
+                cand = torch.full((len(sel), 1, 1), -1, dtype=torch.long, device=h.device)
+                has_centre = torch.zeros(1, dtype=torch.bool, device=h.device)
+            else:
+                cand = ctx.candidates[sel][:, None]  # [S, 1, K]
+                has_centre = torch.ones(1, dtype=torch.bool, device=h.device)
         rows = (len(sel), cand.shape[1])
-        if rows[0] == 0:
-            return h
         if ctx.carry is None:
             feats = self.model.image_embeddings(cand.clamp_min(0)) * (cand >= 0)[..., None].to(h.dtype)
-        else:
+        else:  # progressive: the previous blender's per-candidate outputs are this blender's candidates
             feats = ctx.carry
-        feats = layer.retrieval_layernorm(feats).reshape(rows[0] * rows[1], cand.shape[-1], -1)
-        per_candidate, mean = blender(windows.to(h.dtype), feats)
+        # As the original trains: cells without retrieval get a zero centre in every blender, the later ones
+        # included (its decoding instead passes the first blender's outputs on there; see the README).
+        feats = layer.retrieval_layernorm(feats) * has_centre[None, :, None, None].to(h.dtype)
+        per_candidate, mean = blender(windows.to(h.dtype), feats.reshape(rows[0] * rows[1], cand.shape[-1], -1))
         ctx.carry = per_candidate.reshape(*rows, *per_candidate.shape[1:])
         h = h.clone()
         h[sel[:, None], positions[None, :]] += mean.reshape(*rows, -1)
@@ -278,10 +292,12 @@ def full_sequence_logits(model, input_ids: torch.Tensor, attention_mask: torch.T
     """Teacher-forced logits for every image token: fp32 [B, T, V].
 
     input_ids/attention_mask [B, L]: left-padded prompts ending with <begin_of_image>; codes [B, T] the
-    ground-truth image tokens; candidates Long [B, T, K] retrieved codes per cell (-1 = missing). Targets
-    that are not valid for `shape` (row 0, first and last column for L) get no features, nor do rows where
-    `row_mask` [B] is False (training's caption-dropped rows, like decoding's unconditional CFG rows).
-    With candidates None (or a model without blenders) this is plain teacher forcing: the base AR loss.
+    ground-truth image tokens; candidates Long [B, T, K] retrieved codes per cell (-1 = missing). Cells
+    that are not valid targets for `shape` (row 0, first and last column for L) take a zero centre whatever
+    their candidates; the model's `faid_cells` says whether they still get the blender output (the original
+    does). Rows where `row_mask` [B] is False (training's caption-dropped rows, like decoding's
+    unconditional CFG rows) get no features. With candidates None (or a model without blenders) this is
+    plain teacher forcing: the base AR loss.
     """
     from arrag.retrieval.neighborhood import get_neighborhood
 
@@ -289,13 +305,14 @@ def full_sequence_logits(model, input_ids: torch.Tensor, attention_mask: torch.T
     t = grid[0] * grid[1]
     embeds = torch.cat([model.text_embeddings(input_ids), model.image_embeddings(codes[:, :-1])], 1)
     mask = torch.cat([attention_mask.bool(), attention_mask.new_ones(b, t - 1, dtype=torch.bool)], 1)
-    targets = torch.from_numpy(get_neighborhood(shape).positions(*grid)).to(input_ids.device)
     if candidates is None:
         return model.image_logits(model.llm(embeds, mask)[:, length - 1:length - 1 + t])
+    centre = torch.from_numpy(get_neighborhood(shape).valid_mask(*grid).reshape(-1)).to(input_ids.device)
     if row_mask is None:
         row_mask = torch.ones(b, dtype=torch.bool, device=embeds.device)
     model.faid_context = FaidContext("full", grid, candidates, row_mask.to(embeds.device).bool(),
-                                     targets=targets, image_start=length)
+                                     centre_cells=centre, cells=model.config.language.faid_cells,
+                                     image_start=length)
     try:
         hidden = model.llm(embeds, mask)
     finally:
@@ -337,7 +354,7 @@ class FAiD(DecodingHook):
             candidates = codes.to(state.codes.device).repeat_interleave(2, 0)  # one copy for each CFG row
             self.stats["steps_augmented"] += 1
         state.model.faid_context = FaidContext("step", state.grid, candidates, self.row_mask, target=target,
-                                               buffers=self.buffers)
+                                               buffers=self.buffers, cells=state.model.config.language.faid_cells)
 
     def end(self, state: DecodeState) -> None:
         state.model.faid_context = None

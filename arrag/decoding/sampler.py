@@ -186,8 +186,9 @@ def _decode_loop(model, state, batch, cache, uniforms, steps, cfg_weight, temper
 
 @torch.no_grad()
 def decode_images(model, codes: torch.Tensor, batch_size: int = 8) -> np.ndarray:
-    """Code grids Long [N, h, w] -> uint8 images [N, H, W, 3] through the model's VQ, in chunks."""
-    return np.concatenate([to_uint8(model.vq.decode_codes(codes[s:s + batch_size]).float())
+    """Code grids Long [N, h, w] -> uint8 images [N, H, W, 3] through the model's VQ, in chunks (converted as
+    Janus-Pro's generation script does: (x + 1) / 2 * 255, clipped, truncated)."""
+    return np.concatenate([to_uint8(model.vq.decode_codes(codes[s:s + batch_size]).float(), "janus")
                            for s in range(0, len(codes), batch_size)])
 
 

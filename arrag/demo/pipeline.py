@@ -41,11 +41,11 @@ def build_demo_retriever(vq_source: Path, folder: Path, images: int, image_size:
     from arrag.retrieval.codestore import STORE_FILES
     from arrag.vq import load_vq
 
-    fingerprint = load_vq(vq_source).fingerprint()
+    vq = load_vq(vq_source)
     index = folder / "index"
     if (index / "manifest.json").exists():
         man = json.loads((index / "manifest.json").read_text())
-        if man.get("vq_fingerprint") == fingerprint and man.get("images") == images:
+        if vq.matches(man.get("vq_fingerprint")) and man.get("images") == images:
             print(f"[demo] reusing the demo retriever {index} ({man.get('entries'):,} entries)", file=sys.stderr)
             return index
     from arrag.demo.train_demo import render_split

@@ -39,7 +39,7 @@ class ProcessSlot:
 
 def generate_into_layout(model, items: Sequence[PromptItem], layout: Layout, *, seed: int, hooks=(),
                          prompts_per_batch: int = 1, slot: ProcessSlot = ProcessSlot(), progress: bool = True,
-                         **sampling) -> dict:
+                         before_write=None, **sampling) -> dict:
     """Generate this process's unfinished prompts into `layout`; returns counts and timing.
 
     `sampling`: sample_codes keywords (cfg_weight, temperature, top_k, top_p, image_size, batch_size).
@@ -57,6 +57,9 @@ def generate_into_layout(model, items: Sequence[PromptItem], layout: Layout, *, 
         codes = sample_codes(model, [it.text for it in batch], parallel_size=p, seed=seed, hooks=hooks,
                              prompt_indices=[it.index for it in batch], progress=False, **sampling)
         images = decode_images(model, codes)
+        if before_write is not None:  # the first results: lock the folder's settings now, not before
+            before_write()
+            before_write = None
         for k, it in enumerate(batch):
             layout.write(it, images[k * p:(k + 1) * p])
         bar.update(len(batch))

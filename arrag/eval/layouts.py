@@ -44,6 +44,10 @@ class Layout:
     def done(self, item: PromptItem) -> bool:
         return all(p.is_file() for p in self.paths(item))
 
+    def has_results(self) -> bool:
+        """True once any image of this layout exists in the folder."""
+        return self.out.is_dir() and any(p.suffix.lower() in (".png", ".jpg", ".webp") for p in self.out.rglob("*"))
+
     def write(self, item: PromptItem, images: np.ndarray) -> None:
         """images: uint8 [parallel_size, H, W, 3], the prompt's samples in order."""
         raise NotImplementedError

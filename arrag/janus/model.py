@@ -192,7 +192,7 @@ class JanusPro(nn.Module):
                      "weight_map": {k: n for n, s in zip(names, shards, strict=True) for k in s}}
             write_text(folder / "model.safetensors.index.json", json.dumps(index, indent=2))
         cfg = self.config.to_dict()
-        cfg["torch_dtype"] = str(self.dtype).removeprefix("torch.")
+        cfg["torch_dtype"] = str(dtype or self.dtype).removeprefix("torch.")  # what the weights are stored in
         write_text(folder / "config.json", json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
         return folder
 

@@ -36,7 +36,19 @@ def shard_meta_path(folder: Path, k: int) -> Path:
 
 
 def shard_done(folder: str | Path, k: int) -> bool:
-    return shard_meta_path(Path(folder), k).exists()
+    """True when shard k is complete and intact: its metadata and every data file it lists, at full length."""
+    folder = Path(folder)
+    try:
+        meta = json.loads(shard_meta_path(folder, k).read_text(encoding="utf-8"))
+        for key in ("codes", "latents"):
+            if key in meta and len(np.load(folder / meta[key], mmap_mode="r")) != meta["count"]:
+                return False
+        if "captions" in meta:
+            lines = (folder / meta["captions"]).read_text(encoding="utf-8").splitlines()
+            return len(lines) == meta["count"]
+        return "codes" in meta
+    except (OSError, ValueError, KeyError, TypeError):  # missing, truncated or unreadable: redo the shard
+        return False
 
 
 def write_shard(folder: str | Path, k: int, codes: np.ndarray, ids: list[str], latents: np.ndarray | None = None,
@@ -91,23 +103,29 @@ def finalize(folder: str | Path, num_shards: int, info: dict) -> bool:
     return True
 
 
-def write_store(folder: str | Path, codes: np.ndarray, codebook: np.ndarray, shard_size: int = 4096,
+def write_store(folder: str | Path, codes: np.ndarray, codebook, shard_size: int = 4096,
                 captions: list[str] | None = None, source: str = "arrays") -> CodeStore:
-    """A finished code store from code grids already in memory ([N, h, w]) and their normalised codebook.
+    """A finished code store from code grids already in memory ([N, h, w]).
 
-    For codes that come from somewhere other than `arrag encode` (synthetic data, another tokenizer run);
-    the fingerprint is the codebook's own.
+    For codes that come from somewhere other than `arrag encode` (synthetic data, another tokenizer run).
+    `codebook` is the VQModel the codes belong to (its normalised codebook and fingerprint are recorded), or
+    a normalised codebook array [K, e], whose own hash is then the fingerprint.
     """
     from arrag.vq import codebook_fingerprint
 
     folder = Path(folder)
+    if hasattr(codebook, "fingerprint"):  # a VQModel
+        fingerprint = codebook.fingerprint()
+        codebook = codebook.quantize.codebook().detach().cpu().numpy()
+    else:
+        fingerprint = codebook_fingerprint(np.asarray(codebook, np.float32))
     write_codebook(folder, codebook)
     starts = range(0, len(codes), shard_size)
     for k, s in enumerate(starts):
         part = slice(s, s + shard_size)
         write_shard(folder, k, codes[part], [str(i) for i in range(s, min(s + shard_size, len(codes)))],
                     captions=captions[part] if captions is not None else None)
-    finalize(folder, len(starts), {"vq_fingerprint": codebook_fingerprint(np.asarray(codebook, np.float32)),
+    finalize(folder, len(starts), {"vq_fingerprint": fingerprint,
                                    "grid": list(codes.shape[1:3]), "source": {"type": source}})
     return CodeStore.open(folder)
 
@@ -127,9 +145,14 @@ class CodeStore:
             hint = " (encoding unfinished: rerun `arrag encode` to complete it)" if any(folder.glob("shard-*.json")) \
                 else ""
             raise ArragError(f"no code store at {folder}: manifest.json is missing{hint}")
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != STORE_FORMAT:
-            raise ArragError(f"{path}: format {manifest.get('format')!r} is not {STORE_FORMAT!r}")
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ArragError(f"{path} is not valid JSON ({e}); rerun `arrag encode` with the same settings to "
+                             "rewrite it") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else None
+            raise ArragError(f"{path}: format {found!r} is not {STORE_FORMAT!r}; is this an arrag code store?")
         return cls(folder, manifest)
 
     @property
@@ -161,7 +184,22 @@ class CodeStore:
         for s in self.manifest["shards"]:
             if key not in s:
                 raise ArragError(f"code store {self.folder} has no {key} (encode with --save-latents for latents)")
-            yield np.load(self.folder / s[key], mmap_mode="r")
+            yield self.load_shard_file(s[key], s["count"])
+
+    def load_shard_file(self, name: str, count: int, what: str = "") -> np.ndarray:
+        """A per-image .npy of this store (memory-mapped), refused unless it holds exactly `count` rows."""
+        path = self.folder / name
+        fix = what or "rerun `arrag encode` with the same settings to repair the store"
+        if not path.is_file():
+            raise ArragError(f"{path} is missing; {fix}")
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as e:
+            raise ArragError(f"cannot read {path} ({str(e).splitlines()[0][:100]}): it is truncated or damaged; "
+                             f"{fix}") from None
+        if len(arr) != count:
+            raise ArragError(f"{path} holds {len(arr)} images, its shard has {count}; {fix}")
+        return arr
 
     def iter_chunks(self, chunk: int, key: str = "codes", start: int = 0, stop: int | None = None
                     ) -> Iterator[tuple[int, np.ndarray]]:
@@ -195,10 +233,20 @@ class CodeStore:
             raise ArragError(f"image indices out of range for code store {self.folder} ({self.num_images} images)")
         return out
 
-    def captions(self) -> list[str]:
-        out: list[str] = []
+    def captions(self) -> list[str | None]:
+        """Every image's caption in store order (None where the image had none); lengths checked per shard."""
+        out: list[str | None] = []
         for s in self.manifest["shards"]:
             if "captions" not in s:
                 raise ArragError(f"code store {self.folder} has no captions")
-            out += [json.loads(line) for line in (self.folder / s["captions"]).read_text().splitlines()]
+            path = self.folder / s["captions"]
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+                caps = [json.loads(line) for line in lines]
+            except (OSError, ValueError) as e:
+                raise ArragError(f"cannot read {path} ({e}); rerun `arrag encode` with the same settings") from None
+            if len(caps) != s["count"]:
+                raise ArragError(f"{path} holds {len(caps)} captions, its shard has {s['count']} images: captions "
+                                 "would shift onto the wrong images; rerun `arrag encode` with the same settings")
+            out += caps
         return out

@@ -206,3 +206,27 @@ def describe(index: faiss.Index) -> str:
 def index_memory_bytes(index: faiss.Index) -> int:
     """Bytes the index takes when serialised (about its memory footprint)."""
     return int(faiss.serialize_index(index).nbytes)
+
+
+def sample_stored_vectors(index: faiss.Index, n: int, seed: int = 0) -> np.ndarray:
+    """About n vectors [n, d] reconstructed from a seeded sample of an IVF index's entries (approximate for PQ),
+    read from the inverted lists directly (no id map), in the input space of any pre-transform (OPQ)."""
+    ivf = _ivf(index)
+    if ivf is None:
+        raise ArragError("sampling stored vectors needs an IVF index")
+    sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
+    if sizes.sum() == 0:
+        return np.zeros((0, index.d), np.float32)
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(int(sizes.sum()), min(n, int(sizes.sum())), replace=False))
+    starts = np.cumsum(sizes) - sizes
+    lists = np.searchsorted(starts, picks, side="right") - 1
+    out = np.empty((len(picks), ivf.d), np.float32)
+    for j, (lst, pick) in enumerate(zip(lists, picks, strict=True)):
+        ivf.reconstruct_from_offset(int(lst), int(pick - starts[lst]), faiss.swig_ptr(out[j]))
+    outer = faiss.downcast_index(index)
+    if isinstance(outer, faiss.IndexPreTransform):
+        back = np.empty((len(out), index.d), np.float32)
+        outer.reverse_chain(len(out), faiss.swig_ptr(out), faiss.swig_ptr(back))
+        out = back
+    return out

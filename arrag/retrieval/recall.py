@@ -37,12 +37,11 @@ def sample_queries(store: CodeStore, n: int, seed: int, shape="L", key_source: s
     return entry_keys(store, entries, shape, key_source)
 
 
-def recall_at_k(retriever: PatchRetriever, store: CodeStore, queries: np.ndarray, k: int = 10,
-                chunk_images: int = 1024) -> float:
-    """Tie-aware recall@k of `retriever` against exact search over the keys of its own code store."""
+def exact_distances(retriever: PatchRetriever, store: CodeStore, queries: np.ndarray, k: int = 10,
+                    chunk_images: int = 1024) -> np.ndarray:
+    """The exact k nearest squared-L2 distances [Q, k] of `queries` over every key of the index's code store."""
     if store.num_images * int(retriever.manifest["entries_per_image"]) != retriever.entries:
         raise ArragError(f"code store {store.folder} does not match the index ({retriever.entries} entries)")
-
     key_source, codebook = retriever.manifest["key_source"], store.codebook()
 
     def blocks():
@@ -51,7 +50,17 @@ def recall_at_k(retriever: PatchRetriever, store: CodeStore, queries: np.ndarray
             latents = next(lat_iter)[1] if lat_iter is not None else None
             yield chunk_keys(codes, latents, retriever.neighborhood, codebook, key_source)[0]
 
-    exact_d, _ = knn_ground_truth(np.ascontiguousarray(queries, dtype=np.float32), blocks(), k)
+    return knn_ground_truth(np.ascontiguousarray(queries, dtype=np.float32), blocks(), k)[0]
+
+
+def recall_at_k(retriever: PatchRetriever, store: CodeStore, queries: np.ndarray, k: int = 10,
+                chunk_images: int = 1024, exact: np.ndarray | None = None) -> float:
+    """Tie-aware recall@k of `retriever` against exact search over the keys of its own code store.
+
+    `exact`: the distances from exact_distances, when several settings are compared on the same queries.
+    """
+    key_source = retriever.manifest["key_source"]
+    exact_d = exact if exact is not None else exact_distances(retriever, store, queries, k, chunk_images)
     _, ids = retriever.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     found = ids >= 0
     true_d = np.full(ids.shape, np.inf, dtype=np.float32)
@@ -61,6 +70,44 @@ def recall_at_k(retriever: PatchRetriever, store: CodeStore, queries: np.ndarray
         true_d[found] = ((keys - q_rep) ** 2).sum(1)
     good = true_d <= exact_d[:, k - 1:k] + 1e-5
     return float(good.sum() / (len(queries) * k))
+
+
+def nprobe_sweep(retriever: PatchRetriever, store: CodeStore | None, queries: np.ndarray, k: int = 10,
+                 values: tuple[int, ...] | None = None) -> list[dict]:
+    """Recall@k and queries/s (batch 16) at several nprobe values of an IVF index; the retriever's own nprobe is
+    restored afterwards. Default values: powers of 4 from 1 to nlist, plus the current setting.
+
+    With the code store, recall is against exact search; without it (the original prebuilt database), it is
+    the share of the hits found by probing every list ("recall_vs_all_lists").
+    """
+    nlist = retriever.manifest.get("nlist")
+    if not nlist:
+        return []
+    current = retriever.nprobe
+    if values is None:
+        values = tuple(sorted({min(4 ** i, nlist) for i in range(12) if 4 ** i <= 4 * nlist} | {current or 1}))
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    exact = exact_distances(retriever, store, q, k) if store is not None else None
+    rows = []
+    try:
+        if store is None:
+            retriever.set_nprobe(nlist)
+            full_ids = retriever.index.search(q, k)[1]
+        for nprobe in values:
+            retriever.set_nprobe(nprobe)
+            if store is not None:
+                row = {"nprobe": retriever.nprobe, "recall": recall_at_k(retriever, store, q, k, exact=exact)}
+            else:
+                ids = retriever.index.search(q, k)[1]
+                same = [len(set(a[a >= 0]) & set(b[b >= 0])) / max(1, (b >= 0).sum())
+                        for a, b in zip(ids, full_ids, strict=True)]
+                row = {"nprobe": retriever.nprobe, "recall_vs_all_lists": float(np.mean(same))}
+            row["queries_per_s"] = queries_per_second(retriever, q, k, 16, min_seconds=0.2)
+            rows.append(row)
+    finally:
+        if current is not None:
+            retriever.set_nprobe(current)
+    return rows
 
 
 def queries_per_second(retriever: PatchRetriever, queries: np.ndarray, k: int, batch: int,

@@ -111,15 +111,16 @@ class PatchRetriever:
 
     def check_compatible(self, vq, allow_unknown: bool = False) -> None:
         """Refuse a retriever whose VQ fingerprint differs from the model's (or is unknown, unless allowed)."""
-        mine, theirs = self.fingerprint, vq.fingerprint()
+        mine = self.fingerprint
         if mine is None:
             if not allow_unknown:
                 raise ArragError(f"retriever {self.folder} has no VQ fingerprint (original prebuilt database); "
                                  "pass --allow-unknown-vq if it was built with this model's tokenizer")
             return
-        if mine != theirs:
+        if not vq.matches(mine):
             raise ArragError(f"retriever {self.folder} was built with another tokenizer (VQ fingerprint {mine}, "
-                             f"model {theirs}); rebuild it with this model's VQ")
+                             f"model {vq.fingerprint()}); rebuild it with this model's VQ (an index built by arrag "
+                             "< 0.2 on a GPU also needs a rebuild, or --allow-unknown-vq if you know it matches)")
 
     # -- search -------------------------------------------------------------------------------------------
     def search(self, queries, k: int):

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from arrag import fileops
 from arrag.errors import ArragError
 from arrag.fileops import save_npy
-from arrag.provenance import lock_settings
+from arrag.provenance import SettingsLock
 from arrag.retrieval.codestore import CodeStore
 from arrag.retrieval.neighborhood import grid_key_vectors
 from arrag.retrieval.retriever import PatchRetriever
@@ -33,17 +34,20 @@ def retrieved_name(k: int) -> str:
 
 def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str | Path | None = None, *, k: int = 10,
                     exclude_self: bool = False, chunk_images: int = 256, nprobe: int | None = None,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, verify_index: bool = True) -> dict:
     """Write the retrieved codes of every shard of `store_dir` into `out` (default: the store folder)."""
     store = CodeStore.open(store_dir)
     if not store.has_captions:
         raise ArragError(f"code store {store.folder} has no captions: encode image-caption data for FAiD training")
     if k < 1:
         raise ArragError(f"--k must be >= 1, got {k}")
-    retriever = PatchRetriever.load(retriever_dir, nprobe=nprobe)
+    if chunk_images < 1:
+        raise ArragError(f"--chunk-images must be >= 1, got {chunk_images}")
+    retriever = PatchRetriever.load(retriever_dir, nprobe=nprobe, verify=verify_index)
     if retriever.fingerprint is not None and retriever.fingerprint != store.fingerprint:
         raise ArragError(f"code store {store.folder} (VQ {store.fingerprint}) and retriever {retriever.folder} "
-                         f"(VQ {retriever.fingerprint}) were built with different tokenizers")
+                         f"(VQ {retriever.fingerprint}) were built with different tokenizers (or one of them by "
+                         "arrag < 0.2, whose fingerprints differ: rebuild the older one)")
     same_store = Path(retriever.manifest.get("store", "")).resolve() == store.folder.resolve()
     if exclude_self and not same_store:
         raise ArragError("--exclude-self needs the index built from this code store (its manifest names "
@@ -54,14 +58,18 @@ def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str |
     per_image = int(retriever.manifest.get("entries_per_image", 0))
     fetch = 4 * k if exclude_self else k  # self hits are dropped, so ask for more and keep the first k others
     out = Path(out) if out is not None else store.folder
-    out.mkdir(parents=True, exist_ok=True)
     settings = {"format": FORMAT, "k": k, "exclude_self": exclude_self, "store": str(store.folder.resolve()),
                 "retriever": str(retriever.folder.resolve()), "vq_fingerprint": store.fingerprint,
                 "neighborhood": nb.name, "nprobe": retriever.nprobe, "grid": [h, w]}
-    lock_settings(out / "retrieved.json", settings, refused=f"{out} holds retrieved codes made",
-                  advice="use another --out or delete retrieved-*.npy")
+    lock = SettingsLock(out / "retrieved.json", settings, what="retrieved codes",
+                        has_results=lambda: any(out.glob("retrieved-*.npy")),
+                        start_over=f"use another --out, or delete {out}/retrieved.json and {out}/retrieved-*.npy")
+    lock.check()
+    out.mkdir(parents=True, exist_ok=True)
+    fileops.sweep_stale_temps(out)
     bounds = np.cumsum([0] + [s["count"] for s in store.manifest["shards"]])
-    todo = [s for s in range(len(bounds) - 1) if not (out / retrieved_name(s)).exists()]
+    todo = [s for s in range(len(bounds) - 1)
+            if not _retrieved_intact(out / retrieved_name(s), int(bounds[s + 1] - bounds[s]))]
     bar = tqdm(total=int(sum(bounds[s + 1] - bounds[s] for s in todo)), desc="construct-train", unit="img",
                disable=not progress)
     for s in todo:
@@ -76,9 +84,17 @@ def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str |
                 got = _first_k_not_self(got, ids.reshape(got.shape) // per_image == owner, k)
             result[i0 - lo:i0 - lo + len(codes)][:, pos] = got[..., :k]
             bar.update(len(codes))
+        lock.record()
         save_npy(out / retrieved_name(s), result)
     bar.close()
     return settings
+
+
+def _retrieved_intact(path: Path, count: int) -> bool:
+    try:
+        return len(np.load(path, mmap_mode="r")) == count
+    except (OSError, ValueError, EOFError):
+        return False
 
 
 def _first_k_not_self(codes: np.ndarray, is_self: np.ndarray, k: int) -> np.ndarray:
@@ -102,9 +118,12 @@ def load_retrieved(folder: str | Path, store: CodeStore, k: int | None = None) -
     if k is not None and meta["k"] != k:
         raise ArragError(f"retrieved codes in {folder} have K={meta['k']}, asked for {k}; rerun construct-train")
     parts = []
-    for s in range(len(store.manifest["shards"])):
-        path = folder / retrieved_name(s)
-        if not path.exists():
-            raise ArragError(f"{path} is missing: rerun `arrag construct-train` to finish it")
-        parts.append(np.load(path, mmap_mode="r"))
+    h, w = store.grid
+    for s, shard in enumerate(store.manifest["shards"]):
+        arr = store.load_shard_file(folder / retrieved_name(s), shard["count"],
+                                    what="rerun `arrag construct-train` with the same settings to finish it")
+        if arr.shape[1:] != (h * w, meta["k"]):
+            raise ArragError(f"{folder / retrieved_name(s)} has shape {arr.shape}, expected [n, {h * w}, {meta['k']}]; "
+                             "rerun `arrag construct-train`")
+        parts.append(arr)
     return np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -29,13 +30,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from arrag import fileops
 from arrag.errors import ArragError
+from arrag.janus.config import FAID_CELLS, parse_hops
 from arrag.janus.prompting import TOKENIZER_FILES
-from arrag.provenance import lock_settings, write_json
+from arrag.provenance import SettingsLock, write_json
 from arrag.retrieval.codestore import CodeStore
 
 # Settings a rerun may change without invalidating the checkpoints it resumes from.
-RESUMABLE_CHANGES = ("max_steps", "resume", "save_every", "keep_checkpoints", "num_workers", "progress", "log_every")
+RESUMABLE_CHANGES = ("max_steps", "resume", "overwrite", "save_every", "keep_checkpoints", "num_workers", "progress",
+                     "log_every")
+# What <out>/checkpoints may hold: only step-NNNNNNN folders (train-faid's own names), and in those whatever
+# accelerate or DeepSpeed saved.
+CHECKPOINT_DIR_FILES = (r"step-\d{7}(\.tmp)?/.+",)
+STEP_FILES = (r".+",)
 
 
 @dataclass
@@ -47,7 +55,8 @@ class FaidTrainConfig:
     retrieved: str | None = None        # folder of retrieved-*.npy (default: the store folder)
     out: str | None = None              # default result/ckpts/ckpts_FAiD_b{num_blender}_h{hops}
     num_blender: int = 2                # 0 trains plain LoRA (no blenders): the baseline of bench/train_speed.py
-    num_hop: str = "1,2"
+    num_hop: str = "1,2"                # written to the config as a list, [1, 2]
+    faid_cells: str = "all"             # where blender output is added: every image cell (original) or valid
     k: int = 10                         # retrieved codes per position (the original's retrieved_key_num)
     lora_r: int = 128
     lora_alpha: int = 256
@@ -62,12 +71,13 @@ class FaidTrainConfig:
     schedule: str = "constant"          # constant | cosine
     warmup_ratio: float = 0.0
     max_grad_norm: float = 1.0
-    cfg_drop: float = 0.1
+    cfg_drop: float = 0.0               # arrag's option; the original trains with no caption dropout
     max_text_len: int = 512
     seed: int = 42
     save_every: int = 500
     keep_checkpoints: int = 2
     resume: bool = False
+    overwrite: bool = False             # delete this --out's checkpoints and start over
     deepspeed: str | None = None
     mixed_precision: str | None = None  # default bf16 on CUDA, no on CPU
     cpu: bool = False
@@ -75,10 +85,41 @@ class FaidTrainConfig:
     log_every: int = 10
     progress: bool = True
 
+    def validate(self) -> None:
+        """Refuse impossible settings with one line naming the flag, before anything is loaded or written."""
+        def need(ok: bool, flag: str, value, what: str) -> None:
+            if not ok:
+                raise ArragError(f"--{flag} {value}: {what}")
+
+        need(self.num_blender >= 0, "num-blender", self.num_blender, "a count of blenders, >= 0")
+        parse_hops(self.num_hop)  # one-line error for hops outside 1, 2, 3
+        need(bool(parse_hops(self.num_hop)), "num-hop", repr(self.num_hop), "give hop sizes such as 1,2")
+        need(self.faid_cells in FAID_CELLS, "faid-cells", self.faid_cells, f"choose {' or '.join(FAID_CELLS)}")
+        need(self.k >= 1, "k", self.k, "retrieved codes per position must be >= 1")
+        need(self.lora_r >= 0, "lora-r", self.lora_r, "LoRA rank must be >= 0 (0 disables LoRA)")
+        need(0 <= self.lora_dropout < 1, "lora-dropout", self.lora_dropout, "must be in [0, 1)")
+        need(self.lr > 0, "lr", self.lr, "the learning rate must be > 0")
+        need(self.weight_decay >= 0, "weight-decay", self.weight_decay, "must be >= 0")
+        need(self.batch_size >= 1, "batch-size", self.batch_size, "samples per micro-step must be >= 1")
+        need(self.grad_accum >= 1, "grad-accum", self.grad_accum, "accumulation steps must be >= 1")
+        need(self.epochs >= 1, "epochs", self.epochs, "train at least one epoch (an untrained model is no result)")
+        need(self.max_steps is None or self.max_steps >= 1, "max-steps", self.max_steps,
+             "must be >= 1 (leave it out to train --epochs)")
+        need(self.schedule in ("constant", "cosine"), "schedule", self.schedule, "choose constant or cosine")
+        need(0 <= self.warmup_ratio < 1, "warmup-ratio", self.warmup_ratio, "must be in [0, 1)")
+        need(self.max_grad_norm >= 0, "max-grad-norm", self.max_grad_norm, "must be >= 0 (0 disables clipping)")
+        need(0 <= self.cfg_drop <= 1, "cfg-drop", self.cfg_drop, "must be in [0, 1]")
+        need(self.max_text_len >= 8, "max-text-len", self.max_text_len, "must leave room for the prompt template")
+        need(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2^32)")
+        need(self.save_every >= 0, "save-every", self.save_every, "must be >= 0 (0: only at the end)")
+        need(self.keep_checkpoints >= 1, "keep-checkpoints", self.keep_checkpoints,
+             "keep at least 1 checkpoint, or --resume has nothing to resume from")
+        need(self.num_workers >= 0, "num-workers", self.num_workers, "must be >= 0")
+
     def output_dir(self) -> Path:
         if self.out:
             return Path(self.out)
-        return Path("result/ckpts") / f"ckpts_FAiD_b{self.num_blender}_h{self.num_hop.replace(',', '')}"
+        return Path("result/ckpts") / f"ckpts_FAiD_b{self.num_blender}_h{''.join(map(str, parse_hops(self.num_hop)))}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -166,15 +207,21 @@ class FaidObjective(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
 
 
-def add_blenders(janus, num_blender: int, num_hop: str) -> None:
-    """Give a base Janus-Pro fresh blenders at every (num_layers / num_blender)-th layer (original init)."""
+def add_blenders(janus, num_blender: int, num_hop, faid_cells: str = "all") -> None:
+    """Give a base Janus-Pro `num_blender` fresh blenders (original init).
+
+    num_blender is a count; the config stores the interval num_SmoothPatchBlender = num_layers // num_blender,
+    as the original training script does, so the blenders sit in layers 0, n, 2n, ... (0 and 12 for two in
+    Janus-Pro-1B's 24 layers).
+    """
     from arrag.decoding.faid import attach_blenders
 
     lang = janus.config.language
     layers = lang.num_hidden_layers
     if num_blender < 1 or layers % num_blender:
-        raise ArragError(f"--num-blender must divide the model's {layers} layers; got {num_blender}")
-    lang.num_SmoothPatchBlender, lang.num_hop = layers // num_blender, num_hop
+        raise ArragError(f"--num-blender {num_blender}: a count of blenders that divides the model's {layers} "
+                         f"layers (the config then stores the interval num_SmoothPatchBlender = {layers} // count)")
+    lang.num_SmoothPatchBlender, lang.num_hop, lang.faid_cells = layers // num_blender, parse_hops(num_hop), faid_cells
     attach_blenders(janus)
     janus.to(janus.device)
 
@@ -187,14 +234,16 @@ def build_model(cfg: FaidTrainConfig, device: str | torch.device = "cpu"):
     from arrag.janus import JanusPro
 
     janus = JanusPro.from_pretrained(cfg.base, dtype=torch.float32, device=device, quiet=True)
-    hops = sorted(int(h) for h in cfg.num_hop.split(",") if h.strip())
+    hops = parse_hops(cfg.num_hop)
     if janus.has_faid:
-        have = (len(janus.config.language.blender_layers()), janus.config.language.hops)
-        if cfg.num_blender and have != (cfg.num_blender, hops):
-            raise ArragError(f"{cfg.base} already has {have[0]} blenders with hops {have[1]}; pass --num-blender "
-                             f"{have[0]} --num-hop {','.join(map(str, have[1]))} to continue training them")
+        lang = janus.config.language
+        have = (len(lang.blender_layers()), lang.hops, lang.faid_cells)
+        if cfg.num_blender and have != (cfg.num_blender, hops, cfg.faid_cells):
+            raise ArragError(f"{cfg.base} already has {have[0]} blenders with hops {have[1]} (faid_cells {have[2]}); "
+                             f"pass --num-blender {have[0]} --num-hop {','.join(map(str, have[1]))} --faid-cells "
+                             f"{have[2]} to continue training them")
     elif cfg.num_blender:
-        add_blenders(janus, cfg.num_blender, ",".join(map(str, hops)))
+        add_blenders(janus, cfg.num_blender, hops, cfg.faid_cells)
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
     if cfg.lora_r > 0:
         pattern = rf"language_model\.model\.layers\.\d+\..*\b({'|'.join(targets)})"
@@ -252,8 +301,9 @@ def merge_lora(janus) -> None:
 
 
 def _checkpoints(out: Path) -> list[Path]:
+    """Finished checkpoints in `out`/checkpoints, oldest first."""
     folder = out / "checkpoints"
-    return sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")) \
+    return sorted(p for p in folder.glob("step-*") if p.is_dir() and re.fullmatch(r"step-\d{7}", p.name)) \
         if folder.is_dir() else []
 
 
@@ -264,7 +314,7 @@ def _open_data(cfg: FaidTrainConfig, janus):
     store = CodeStore.open(cfg.store)
     if not store.has_captions:
         raise ArragError(f"code store {store.folder} has no captions: encode image-caption data for FAiD training")
-    if store.fingerprint != janus.vq.fingerprint():
+    if not janus.vq.matches(store.fingerprint):
         raise ArragError(f"code store {store.folder} was encoded with another tokenizer (VQ {store.fingerprint}) "
                          f"than {cfg.base}'s (VQ {janus.vq.fingerprint()}); re-encode with this model's VQ")
     retrieved = load_retrieved(cfg.retrieved or cfg.store, store, cfg.k)
@@ -302,22 +352,28 @@ def train_faid(cfg: FaidTrainConfig) -> Path:
     from tqdm import tqdm
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-    if cfg.schedule not in ("constant", "cosine"):
-        raise ArragError(f"--schedule must be constant or cosine, got {cfg.schedule!r}")
-    if not 0 <= cfg.cfg_drop <= 1:
-        raise ArragError(f"--cfg-drop must be in [0, 1], got {cfg.cfg_drop}")
+    cfg.validate()
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
     out = cfg.output_dir()
     settings = asdict(cfg)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        lock_settings(out / "train.json", settings, refused=f"{out} holds a training run made",
-                      advice="use another --out, or the same settings to resume", ignore=RESUMABLE_CHANGES)
-    accelerator.wait_for_everyone()
+    lock = SettingsLock(out / "train.json", settings, what="a training run", ignore=RESUMABLE_CHANGES,
+                        has_results=lambda: bool(_checkpoints(out)),
+                        start_over="use another --out, or pass --overwrite to start over")
     set_seed(cfg.seed)  # the same blender and LoRA initialisation in every process
     janus = build_model(cfg)
-    store, dataset, collate = _open_data(cfg, janus)
+    store, dataset, collate = _open_data(cfg, janus)  # everything is checked before the folder is touched
+    if _checkpoints(out) and not (cfg.resume or cfg.overwrite):
+        raise ArragError(f"checkpoints exist in {out / 'checkpoints'}: pass --resume to continue that run or "
+                         "--overwrite to delete them and start over")
+    if cfg.overwrite:
+        accelerator.wait_for_everyone()  # every process has seen the old folder before rank 0 clears it
+        if main:
+            fileops.remove_owned_dir(out / "checkpoints", what="checkpoint folder", owned=CHECKPOINT_DIR_FILES)
+            (out / "train.json").unlink(missing_ok=True)
+    else:
+        lock.check()
+    accelerator.wait_for_everyone()
     counts = parameter_groups(janus)
     if main:
         print(f"arrag: trainable parameters {counts['trainable']:,} (LoRA {counts['lora']:,}, blenders + norms "
@@ -378,13 +434,13 @@ def train_faid(cfg: FaidTrainConfig) -> Path:
             bar.set_postfix(loss=f"{mean:.4f}", tok_s=f"{rate:,.0f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             bar.update(1)
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                _save_checkpoint(accelerator, out, step, history, cfg.keep_checkpoints)
+                _save_checkpoint(accelerator, out, step, history, cfg.keep_checkpoints, lock)
             if step >= total:
                 break
     bar.close()
     saved = _checkpoints(out)
     if step and (not saved or saved[-1].name != f"step-{step:07d}"):
-        _save_checkpoint(accelerator, out, step, history, cfg.keep_checkpoints)
+        _save_checkpoint(accelerator, out, step, history, cfg.keep_checkpoints, lock)
     state = accelerator.get_state_dict(objective)  # gathered in full under ZeRO-3
     if main:
         _export(cfg, state, out, {**settings, "steps": step, "loss_history": history, "parameters": counts})
@@ -393,22 +449,23 @@ def train_faid(cfg: FaidTrainConfig) -> Path:
     return out
 
 
-def _save_checkpoint(accelerator, out: Path, step: int, history: list, keep: int) -> None:
+def _save_checkpoint(accelerator, out: Path, step: int, history: list, keep: int, lock: SettingsLock) -> None:
     """accelerate state (model, optimizer, scheduler, RNG) under a temporary name, renamed when complete."""
     final = out / "checkpoints" / f"step-{step:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = final.with_name(final.name + ".tmp")  # one name for every process: they all write into it
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        lock.record()  # the first checkpoint: from now on a rerun must match these settings
+        fileops.remove_owned_dir(tmp, what="unfinished checkpoint", owned=STEP_FILES)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(tmp / "trainer_state.json", {"step": step, "history": history})
-        if final.exists():
-            shutil.rmtree(final)
+        fileops.remove_owned_dir(final, what="checkpoint", owned=STEP_FILES)
         tmp.rename(final)
-        for old in _checkpoints(out)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
+        for old in _checkpoints(out)[:-keep]:
+            fileops.remove_owned_dir(old, what="checkpoint", owned=STEP_FILES)
     accelerator.wait_for_everyone()
 
 
