@@ -1,3 +1,3 @@
 """arrag: patch-level autoregressive retrieval augmentation (AR-RAG) for AR image generators."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -52,107 +52,58 @@ def _read_prompts(args: argparse.Namespace) -> list:
     return items
 
 
+def _default(cls, name: str):
+    """The default of dataclass field `name`: the one place each default is written."""
+    return cls.__dataclass_fields__[name].default
+
+
+def _configs_from(args: argparse.Namespace, *classes) -> list:
+    """Instances of the config dataclasses filled from the parsed flags of the same names."""
+    out = []
+    for cls in classes:
+        names = set(cls.__dataclass_fields__)
+        out.append(cls(**{k: v for k, v in vars(args).items() if k in names}))
+    return out
+
+
 def _generate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import numpy as np
-
-    from arrag.decoding.sampler import decode_images, method_hooks, sample_codes
-    from arrag.image_io import make_grid, save_image
-    from arrag.janus.model import JanusPro
+    from arrag.decoding import Generator, MethodConfig, SamplingConfig
+    from arrag.eval.batch_generate import ProcessSlot, run_layout
+    from arrag.eval.layouts import make_layout, write_plain
     from arrag.provenance import write_sidecar
-    from arrag.runtime import parse_dtype, resolve_device
 
     items = _read_prompts(args)
-    prompts = [it.text for it in items]
-    slot = None
-    if args.layout:
-        from arrag.eval.batch_generate import ProcessSlot
-
-        slot = ProcessSlot.from_env()
     if args.parallel_size is None:
         args.parallel_size = 4 if args.layout in ("geneval", "dpg") else 1
-    device = resolve_device(args.device)
-    if slot is not None and slot.world > 1 and device.type == "cuda":
-        device = resolve_device(f"cuda:{slot.local_rank}")
-    model = JanusPro.from_pretrained(args.model, dtype=parse_dtype(args.dtype, device), device=device)
-    retriever = None
-    if args.method != "base":
-        if not args.retriever:
-            raise ArragError(f"--method {args.method} needs --retriever DIR (built by `arrag build-index`)")
-        from arrag.retrieval.retriever import PatchRetriever
-
-        retriever = PatchRetriever.load(args.retriever, device=args.retriever_device or
-                                        ("cuda" if device.type == "cuda" and _gpu_faiss() else "cpu"),
-                                        nprobe=args.nprobe)
-    elif args.retriever:
-        raise ArragError("--retriever is only used with --method daid, faid or faid+daid")
-    hooks = method_hooks(model, args.method, retriever, daid_lambda=args.daid_lambda, daid_tau=args.daid_tau,
-                         daid_k=args.daid_k, daid_aggregate=args.daid_aggregate, faid_k=args.faid_k,
-                         allow_unknown_vq=args.allow_unknown_vq)
-    seed = args.seed if args.seed is not None else int(np.random.SeedSequence().generate_state(1)[0])
-    if args.layout:
-        return _generate_layout(args, model, items, hooks, retriever, seed, slot, device)
-    codes = sample_codes(model, prompts, parallel_size=args.parallel_size, cfg_weight=args.cfg_weight,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
-                         image_size=args.image_size, hooks=hooks, batch_size=args.batch_size)
-    images = decode_images(model, codes)
-    out = Path(args.out)
-    files = []
-    for i, image in enumerate(images):
-        j, s = divmod(i, args.parallel_size)
-        files.append(save_image(image, out / f"{j:04d}_{s:02d}.{args.format}").name)
-    if args.grid:
-        save_image(make_grid(images, ncol=args.parallel_size), args.grid)
-    settings = {k: v for k, v in vars(args).items() if k not in ("func", "prompt", "prompts")}
-    settings.update(seed=seed, prompts=prompts, prompts_file=args.prompts, files=files,
-                    dtype=str(model.dtype), device=str(device), vq_fingerprint=model.vq.fingerprint())
-    for hook in hooks:
-        settings.update(hook.settings())
-        settings.setdefault("method_stats", {}).update(hook.stats)
-    write_sidecar(out, settings)
+    method, sampling = _configs_from(args, MethodConfig, SamplingConfig)
+    method.validate()
+    sampling.validate()
+    if args.prompts_per_batch < 1:
+        raise ArragError(f"--prompts-per-batch must be >= 1, got {args.prompts_per_batch}")
+    slot = ProcessSlot.from_env() if args.layout else ProcessSlot()
+    layout = make_layout(args.layout, args.out, args.parallel_size, args.format, grid=args.prompt_grids) \
+        if args.layout else None
+    generator = Generator.load(args.model, method, retriever=args.retriever, device=args.device, dtype=args.dtype,
+                               retriever_device=args.retriever_device, nprobe=args.nprobe,
+                               verify_index=not args.no_verify_index,
+                               local_rank=slot.local_rank if slot.world > 1 else None)
+    if layout is not None:
+        stats = run_layout(generator, items, layout, sampling, prompts_source=args.prompts, slot=slot,
+                           prompts_per_batch=args.prompts_per_batch)
+        print(f"{args.layout}: {stats['generated']} prompts generated, {stats['skipped']} already done"
+              + (f", {stats['done_elsewhere']} taken by another run" if stats["done_elsewhere"] else "")
+              + f" (process {slot.rank + 1}/{slot.world}, {stats['seconds']:.1f} s) -> {layout.out}")
+        return 0
+    prompts = [it.text for it in items]
+    images = generator.generate(prompts, sampling)
+    files = write_plain(images, args.out, args.parallel_size, args.format, grid=args.grid)
+    settings = {**generator.settings(), **sampling.settings(), "prompts": prompts, "prompts_file": args.prompts,
+                "files": files, "method_stats": generator.stats(), "grid": args.grid}
+    write_sidecar(args.out, settings)
     if args.grid:
         write_sidecar(args.grid, settings)
-    print(f"wrote {len(images)} images to {out} (seed {seed})" + (f" and the grid {args.grid}" if args.grid else ""))
-    return 0
-
-
-def _generate_layout(args, model, items, hooks, retriever, seed: int, slot, device) -> int:
-    """`generate --layout`: a benchmark's files, resumable, this process's share of the prompts."""
-    from pathlib import Path
-
-    from arrag.eval.batch_generate import generate_into_layout
-    from arrag.eval.layouts import make_layout, write_prompt_list
-    from arrag.provenance import SettingsLock
-
-    layout = make_layout(args.layout, args.out, args.parallel_size, args.format, grid=args.prompt_grids)
-    settings = {k: v for k, v in vars(args).items()
-                if k not in ("func", "prompt", "device", "batch_size", "prompts_per_batch", "retriever_device")}
-    settings.update(seed=seed, prompts=str(Path(args.prompts).resolve()) if args.prompts else None,
-                    num_prompts=len(items), model=str(Path(args.model).resolve()),
-                    vq_fingerprint=model.vq.fingerprint(), dtype=str(model.dtype).removeprefix("torch."))
-    for hook in hooks:
-        settings.update(hook.settings())
-    if retriever is not None:
-        settings["index"] = {k: retriever.manifest.get(k) for k in ("factory", "entries", "images", "neighborhood",
-                                                                    "key_source", "vq_fingerprint", "nprobe")}
-        settings["index"]["folder"] = str(Path(retriever.folder).resolve())
-    lock = SettingsLock(layout.out / "settings.json", settings, what="images", ignore=("prompt_grids",),
-                        has_results=layout.has_results,
-                        start_over=f"use another --out (or delete {layout.out} to start over)")
-    lock.check()
-
-    def first_result() -> None:
-        lock.record()
-        if slot.rank == 0:
-            write_prompt_list(layout, items)
-
-    stats = generate_into_layout(model, items, layout, seed=seed, hooks=hooks, slot=slot, before_write=first_result,
-                                 prompts_per_batch=args.prompts_per_batch, cfg_weight=args.cfg_weight,
-                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                 image_size=args.image_size, batch_size=args.batch_size)
-    print(f"{args.layout}: {stats['generated']} prompts generated, {stats['skipped']} already done "
-          f"(process {slot.rank + 1}/{slot.world}, {stats['seconds']:.1f} s) -> {layout.out}")
+    print(f"wrote {len(images)} images to {args.out} (seed {sampling.seed})"
+          + (f" and the grid {args.grid}" if args.grid else ""))
     return 0
 
 
@@ -180,35 +131,38 @@ def _build_index(args: argparse.Namespace) -> int:
 
 def _search_stats(args: argparse.Namespace) -> int:
     from arrag.provenance import write_json
-    from arrag.retrieval import index as fx
+    from arrag.retrieval import index as faiss_index
     from arrag.retrieval.codestore import CodeStore
     from arrag.retrieval.index import sample_stored_vectors
-    from arrag.retrieval.recall import nprobe_sweep, queries_per_second, recall_at_k, sample_queries
+    from arrag.retrieval.keys import sample_entry_keys
+    from arrag.retrieval.recall import nprobe_sweep, queries_per_second, recall_at_k
     from arrag.retrieval.retriever import PatchRetriever
 
-    r = PatchRetriever.load(args.index, device=args.device, nprobe=args.nprobe)
+    if args.seed < 0 or args.queries < 0 or args.recall_k < 1:
+        raise ArragError("--seed and --queries must be >= 0 and --k >= 1")
+    r = PatchRetriever.load(args.index, device=args.device, nprobe=args.nprobe, verify=not args.no_verify_index)
     m = r.manifest
     stats = {"index": str(args.index), "entries": r.entries, "type": m.get("index_type"),
              "factory": m.get("factory"), "nlist": m.get("nlist"), "nprobe": r.nprobe,
-             "memory_bytes": fx.index_memory_bytes(r.index) if not r.gpus else None,
+             "memory_bytes": faiss_index.index_memory_bytes(r.index) if not r.gpus else None,
              "key_source": m.get("key_source"), "neighborhood": m["neighborhood"]["shape"],
              "vq_fingerprint": m.get("vq_fingerprint")}
     store_dir = args.store or m.get("store")
     if args.queries > 0 and store_dir:
         store = CodeStore.open(store_dir)
-        queries = sample_queries(store, args.queries, args.seed, r.neighborhood, m["key_source"])
-        stats[f"recall@{args.k}"] = recall_at_k(r, store, queries, args.k)
-        stats["queries_per_s"] = {b: queries_per_second(r, queries, args.k, b) for b in (1, 16, 64)}
+        queries = sample_entry_keys(store, args.queries, args.seed, r.neighborhood, m["key_source"])
+        stats[f"recall@{args.recall_k}"] = recall_at_k(r, store, queries, args.recall_k)
+        stats["queries_per_s"] = {b: queries_per_second(r, queries, args.recall_k, b) for b in (1, 16, 64)}
         if m.get("nlist") and not args.no_sweep:
-            stats["nprobe_sweep"] = nprobe_sweep(r, store, queries, args.k)
+            stats["nprobe_sweep"] = nprobe_sweep(r, store, queries, args.recall_k)
     elif args.queries > 0 and m.get("nlist") and not args.no_sweep:  # no store (the original database)
         queries = sample_stored_vectors(r.index, args.queries, args.seed)
-        stats["nprobe_sweep"] = nprobe_sweep(r, None, queries, args.k)
+        stats["nprobe_sweep"] = nprobe_sweep(r, None, queries, args.recall_k)
     sweep = stats.pop("nprobe_sweep", None)
     for key, value in stats.items():
         print(f"{key:16} {value}")
     if sweep:
-        label = "recall@" + str(args.k) if "recall" in sweep[0] else "share of all-list hits"
+        label = "recall@" + str(args.recall_k) if "recall" in sweep[0] else "share of all-list hits"
         print(f"{'nprobe':>8} {label:>24} {'queries/s (batch 16)':>22}")
         for row in sweep:
             print(f"{row['nprobe']:8d} {row.get('recall', row.get('recall_vs_all_lists')):24.4f} "
@@ -222,19 +176,17 @@ def _search_stats(args: argparse.Namespace) -> int:
 def _construct_train(args: argparse.Namespace) -> int:
     from arrag.train.construct import construct_train
 
-    s = construct_train(args.store, args.retriever, args.out, k=args.k, exclude_self=args.exclude_self,
+    s = construct_train(args.store, args.retriever, args.out, retrieved_key_num=args.retrieved_key_num,
+                        exclude_self=args.exclude_self, verify_index=not args.no_verify_index,
                         chunk_images=args.chunk_images, nprobe=args.nprobe)
     print(f"retrieved top-{s['k']} codes for every valid position of {args.store} -> {args.out or args.store}")
     return 0
 
 
 def _train_faid(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from arrag.train.train_faid import FaidTrainConfig, train_faid
 
-    names = {f.name for f in dataclasses.fields(FaidTrainConfig)}
-    train_faid(FaidTrainConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    train_faid(*_configs_from(args, FaidTrainConfig))
     return 0
 
 
@@ -252,12 +204,6 @@ def _eval_fid(args: argparse.Namespace) -> int:
     write_json(out, {**result, "settings": {k: v for k, v in vars(args).items() if k != "func"}})
     print(f"FID {result['fid']:.4f} ({result['num_fake']} generated vs {result['num_real']} reference images) -> {out}")
     return 0
-
-
-def _gpu_faiss() -> bool:
-    from arrag.retrieval.index import has_gpu_faiss
-
-    return has_gpu_faiss()
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -294,6 +240,10 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from arrag.decoding.loop import SamplingConfig
+    from arrag.decoding.methods import METHODS, MethodConfig
+    from arrag.train.train_faid import FaidTrainConfig
+
     parser = argparse.ArgumentParser(
         prog="arrag",
         description="Patch-level autoregressive retrieval augmentation (AR-RAG) for Janus-Pro + LlamaGen VQ-16.",
@@ -322,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser(
         "generate", help="text-to-image generation with Janus-Pro (base, DAiD, FAiD)",
         description="Generate images for every prompt x --parallel-size samples in one batch, with CFG. Writes "
-                    "OUT/<prompt>_<sample>.png and OUT/settings.json with every setting and the seed.")
+                    "OUT/<prompt>_<sample>.png (0000_00.png, 0000_01.png, ...) and OUT/settings.json with every "
+                    "setting and the seed; with --layout, a benchmark's files instead.")
     gen.add_argument("--model", required=True, help="Janus-Pro checkpoint folder (config.json, weights, tokenizer)")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--prompts", help="prompt source: a text file (one per line), GenEval's evaluation_metadata"
@@ -336,34 +287,45 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompts-per-batch", type=int, default=1,
                      help="with --layout: prompts decoded together (each with --parallel-size samples; default 1)")
     gen.add_argument("--prompt-grids", action="store_true", help="with --layout geneval: also write grid.png")
-    gen.add_argument("--method", default="base", choices=["base", "daid", "faid", "faid+daid"],
+    m = MethodConfig
+    gen.add_argument("--method", default=_default(m, "method"), choices=list(METHODS),
                      help="base (no retrieval), daid (retrieval-augmented distribution), faid (a FAiD checkpoint's "
                           "blenders fed retrieved patches) or faid+daid (default base)")
-    gen.add_argument("--faid-k", type=int, default=10, help="codes retrieved per step for FAiD (default 10)")
-    gen.add_argument("--retriever", default=None, help="patch index folder for daid (e.g. data/retriever/index_L)")
-    gen.add_argument("--daid-lambda", type=float, default=None,
-                     help="DAiD mixing weight lambda in [0, 1] (default 0.1, provisional; see README)")
-    gen.add_argument("--daid-tau", type=float, default=None, help="DAiD temperature tau of softmax(-d/tau) "
-                                                                  "(default 1.0)")
-    gen.add_argument("--daid-k", type=int, default=None, help="neighbours fetched per step (default 2048)")
-    gen.add_argument("--daid-aggregate", default="nearest", choices=["nearest", "sum"],
-                     help="duplicate codes: weight of the nearest hit (original) or the sum (kNN-LM)")
+    gen.add_argument("--faid-k", type=int, default=_default(m, "faid_k"),
+                     help=f"codes retrieved per step for FAiD (default {_default(m, 'faid_k')})")
+    gen.add_argument("--retriever", default=None, help="patch index folder for daid/faid (e.g. data/retriever/index_L)")
+    gen.add_argument("--daid-lambda", type=float, default=_default(m, "daid_lambda"),
+                     help=f"DAiD mixing weight lambda in [0, 1] (default {_default(m, 'daid_lambda')}; see README)")
+    gen.add_argument("--daid-tau", type=float, default=_default(m, "daid_tau"),
+                     help=f"DAiD temperature tau of softmax(-d/tau) (default {_default(m, 'daid_tau')})")
+    gen.add_argument("--daid-k", type=int, default=_default(m, "daid_k"),
+                     help=f"neighbours fetched per DAiD step (default {_default(m, 'daid_k')})")
+    gen.add_argument("--daid-aggregate", default=_default(m, "daid_aggregate"), choices=["nearest", "sum"],
+                     help="duplicate codes: weight of the nearest hit (original, default) or the sum (kNN-LM)")
     gen.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per search (default: the index's)")
     gen.add_argument("--retriever-device", default=None,
                      help="where the index lives: cpu, cuda (all GPUs, sharded) or ids such as 0,1 "
                           "(default: cuda with GPU FAISS on a CUDA run, else cpu)")
     gen.add_argument("--allow-unknown-vq", action="store_true",
                      help="accept an index without a VQ fingerprint (the original prebuilt database)")
+    gen.add_argument("--no-verify-index", action="store_true",
+                     help="check only the index files' sizes, not their checksums (very large indexes)")
+    s_ = SamplingConfig
     gen.add_argument("--parallel-size", type=int, default=None,
                      help="samples per prompt (default 1; 4 with --layout geneval or dpg)")
-    gen.add_argument("--cfg-weight", type=float, default=5.0, help="classifier-free guidance weight (default 5)")
-    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (default 1)")
-    gen.add_argument("--top-k", type=int, default=None, help="keep only the k most likely codes (default off)")
-    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default off)")
-    gen.add_argument("--seed", type=int, default=0, help="seed; image i uses a generator seeded with (seed, i) "
-                                                          "(default 0)")
-    gen.add_argument("--image-size", type=int, default=384, help="pixels per side (default 384 = 24x24 tokens)")
-    gen.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default all)")
+    gen.add_argument("--cfg-weight", type=float, default=_default(s_, "cfg_weight"),
+                     help=f"classifier-free guidance weight (default {_default(s_, 'cfg_weight'):g})")
+    gen.add_argument("--temperature", type=float, default=_default(s_, "temperature"),
+                     help=f"sampling temperature; 0 = greedy (default {_default(s_, 'temperature'):g})")
+    gen.add_argument("--top-k", type=int, default=_default(s_, "top_k"),
+                     help="keep only the k most likely codes (default off)")
+    gen.add_argument("--top-p", type=float, default=_default(s_, "top_p"), help="nucleus sampling mass (default off)")
+    gen.add_argument("--seed", type=int, default=_default(s_, "seed"),
+                     help=f"seed; image i uses a generator seeded with (seed, i) (default {_default(s_, 'seed')})")
+    gen.add_argument("--image-size", type=int, default=_default(s_, "image_size"),
+                     help=f"pixels per side (default {_default(s_, 'image_size')} = 24x24 tokens with VQ-16)")
+    gen.add_argument("--batch-size", type=int, default=_default(s_, "batch_size"),
+                     help="images per forward pass (default all)")
     gen.add_argument("--out", default="result/generated_imgs", help="output folder (default result/generated_imgs)")
     gen.add_argument("--format", default="png", choices=["png", "jpg", "webp"], help="image format (default png)")
     gen.add_argument("--grid", default=None, help="also write all images as one grid to this file")
@@ -421,9 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("index", help="index folder")
     ss.add_argument("--store", default=None, help="code store for recall (default: the one in the manifest)")
     ss.add_argument("--queries", type=int, default=200, help="sampled queries for recall; 0 skips (default 200)")
-    ss.add_argument("--k", type=int, default=10, help="k for recall@k (default 10)")
+    ss.add_argument("--k", dest="recall_k", type=int, default=10, help="k for recall@k (default 10)")
     ss.add_argument("--nprobe", type=int, default=None, help="override the manifest's nprobe")
     ss.add_argument("--seed", type=int, default=0, help="seed of the query sample (default 0)")
+    ss.add_argument("--no-verify-index", action="store_true", help="check only file sizes, not checksums")
     ss.add_argument("--device", default="cpu", help="cpu, cuda or GPU ids (default cpu)")
     ss.add_argument("--json", default=None, help="also write the figures to this JSON file")
     ss.add_argument("--no-sweep", action="store_true",
@@ -438,11 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("store", help="code store with captions (arrag encode on image-caption data)")
     ct.add_argument("--retriever", required=True, help="index folder built with the same tokenizer")
     ct.add_argument("--out", default=None, help="output folder (default: the store folder)")
-    ct.add_argument("--k", type=int, default=10, help="retrieved codes per position (default 10)")
+    ct.add_argument("--k", "--retrieved-key-num", dest="retrieved_key_num", type=int, default=10,
+                    help="retrieved codes per position (default 10, as the original)")
     ct.add_argument("--exclude-self", action="store_true",
                     help="drop hits from the same image (when the index was built from this store)")
     ct.add_argument("--chunk-images", type=int, default=256, help="images per batched search (default 256)")
-    ct.add_argument("--nprobe", type=int, default=None, help="override the index's nprobe")
+    ct.add_argument("--nprobe", type=int, default=None,
+                    help="override the index's nprobe (the original built its training set with 2048)")
+    ct.add_argument("--no-verify-index", action="store_true", help="check only the index files' sizes, not checksums")
     ct.set_defaults(func=_construct_train)
 
     tf = sub.add_parser(
@@ -451,52 +417,70 @@ def build_parser() -> argparse.ArgumentParser:
                     "cross-entropy on image tokens with retrieved candidates. Run it plainly (one process) or "
                     "through `accelerate launch -m arrag train-faid ...` for several GPUs or machines. Writes "
                     "checkpoints (resumable with --resume) and, at the end, the merged model in the released layout.")
+    F = FaidTrainConfig
     tf.add_argument("--base", required=True, help="base Janus-Pro checkpoint folder (config.json, weights, tokenizer)")
     tf.add_argument("--store", required=True, help="captioned code store encoded with the base model's VQ")
-    tf.add_argument("--retrieved", default=None, help="construct-train output folder (default: the store folder)")
-    tf.add_argument("--out", default=None,
+    tf.add_argument("--retrieved", default=_default(F, "retrieved"),
+                    help="construct-train output folder (default: the store folder)")
+    tf.add_argument("--out", default=_default(F, "out"),
                     help="output folder (default result/ckpts/ckpts_FAiD_b{num_blender}_h{hops})")
-    tf.add_argument("--num-blender", type=int, default=2,
+    tf.add_argument("--num-blender", type=int, default=_default(F, "num_blender"),
                     help="a count of blenders, spread evenly over the layers; the config stores the interval "
-                         "num_SmoothPatchBlender = layers // count, as the original (default 2: layers 0 and 12 "
-                         "of Janus-Pro-1B)")
-    tf.add_argument("--num-hop", default="1,2",
-                    help="hop sizes of each blender, from 1,2,3 (default '1,2'; written to the config as [1, 2])")
-    tf.add_argument("--faid-cells", default="all", choices=["all", "valid"],
+                         "num_SmoothPatchBlender = layers // count, as the original (default %(default)s)")
+    tf.add_argument("--num-hop", default=_default(F, "num_hop"),
+                    help="hop sizes of each blender, from 1,2,3 (default %(default)s)")
+    tf.add_argument("--faid-cells", default=_default(F, "faid_cells"), choices=["all", "valid"],
                     help="where blender output is added: every image cell, as the original (default), or only "
                          "at targets with retrieval (arrag's earlier variant)")
-    tf.add_argument("--retrieved-key-num", "--k", dest="k", type=int, default=10,
-                    help="retrieved codes per position; must match construct-train's --k (default 10)")
-    tf.add_argument("--lora-r", type=int, default=128, help="LoRA rank; 0 disables LoRA (default 128)")
-    tf.add_argument("--lora-alpha", type=int, default=256, help="LoRA alpha (default 256)")
-    tf.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
-    tf.add_argument("--lora-targets", default="q_proj,v_proj",
-                    help="comma-separated module names in the language model's layers (default q_proj,v_proj)")
-    tf.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
-    tf.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    tf.add_argument("--batch-size", type=int, default=4, help="samples per process per micro-step (default 4)")
-    tf.add_argument("--grad-accum", type=int, default=8, help="gradient accumulation steps (default 8)")
-    tf.add_argument("--epochs", type=int, default=1, help="passes over the training set (default 1)")
-    tf.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    tf.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
-                    help="learning-rate schedule after warm-up (default constant, as the original)")
-    tf.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear warm-up (default 0)")
-    tf.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip; 0 disables (default 1.0)")
-    tf.add_argument("--cfg-drop", type=float, default=0.0,
+    tf.add_argument("--retrieved-key-num", "--k", dest="retrieved_key_num", type=int,
+                    default=_default(F, "retrieved_key_num"),
+                    help="retrieved codes per position; must match construct-train's --k (default %(default)s)")
+    tf.add_argument("--lora-r", type=int, default=_default(F, "lora_r"),
+                    help="LoRA rank; 0 disables LoRA (default %(default)s)")
+    tf.add_argument("--lora-alpha", type=int, default=_default(F, "lora_alpha"),
+                    help="LoRA alpha (default %(default)s)")
+    tf.add_argument("--lora-dropout", type=float, default=_default(F, "lora_dropout"),
+                    help="LoRA dropout (default %(default)s)")
+    tf.add_argument("--lora-targets", default=_default(F, "lora_targets"),
+                    help="comma-separated module names in the language model's layers (default %(default)s)")
+    tf.add_argument("--lr", type=float, default=_default(F, "lr"), help="AdamW learning rate (default %(default)s)")
+    tf.add_argument("--weight-decay", type=float, default=_default(F, "weight_decay"),
+                    help="AdamW weight decay (default %(default)s)")
+    tf.add_argument("--batch-size", type=int, default=_default(F, "batch_size"),
+                    help="samples per process per micro-step (default %(default)s)")
+    tf.add_argument("--grad-accum", type=int, default=_default(F, "grad_accum"),
+                    help="gradient accumulation steps (default %(default)s)")
+    tf.add_argument("--epochs", type=int, default=_default(F, "epochs"),
+                    help="passes over the training set (default %(default)s)")
+    tf.add_argument("--max-steps", type=int, default=_default(F, "max_steps"),
+                    help="stop after this many optimizer steps")
+    tf.add_argument("--schedule", choices=["constant", "cosine"], default=_default(F, "schedule"),
+                    help="learning-rate schedule after warm-up (default %(default)s)")
+    tf.add_argument("--warmup-ratio", type=float, default=_default(F, "warmup_ratio"),
+                    help="fraction of steps of linear warm-up (default %(default)s)")
+    tf.add_argument("--max-grad-norm", type=float, default=_default(F, "max_grad_norm"),
+                    help="gradient-norm clip; 0 disables (default %(default)s)")
+    tf.add_argument("--cfg-drop", type=float, default=_default(F, "cfg_drop"),
                     help="arrag's option: probability of training a sample on the unconditional prompt, without "
-                         "retrieved features (default 0, as the original, which trains no caption dropout)")
-    tf.add_argument("--max-text-len", type=int, default=512, help="prompt token limit (default 512)")
-    tf.add_argument("--seed", type=int, default=42, help="seed for initialisation, order, shuffles (default 42)")
-    tf.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (default 500)")
-    tf.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
+                         "retrieved features (default %(default)s)")
+    tf.add_argument("--max-text-len", type=int, default=_default(F, "max_text_len"),
+                    help="prompt token limit (default %(default)s)")
+    tf.add_argument("--seed", type=int, default=_default(F, "seed"),
+                    help="seed for initialisation, order, shuffles (default %(default)s)")
+    tf.add_argument("--save-every", type=int, default=_default(F, "save_every"),
+                    help="checkpoint every N optimizer steps (default %(default)s)")
+    tf.add_argument("--keep-checkpoints", type=int, default=_default(F, "keep_checkpoints"),
+                    help="checkpoints kept (default %(default)s)")
     tf.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     tf.add_argument("--overwrite", action="store_true",
                     help="delete the checkpoints and train.json in --out and start over")
-    tf.add_argument("--deepspeed", default=None, help="DeepSpeed config, e.g. arrag/train/zero3.json (ZeRO-3)")
-    tf.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None,
+    tf.add_argument("--deepspeed", default=_default(F, "deepspeed"),
+                    help="DeepSpeed config, e.g. arrag/train/zero3.json (ZeRO-3)")
+    tf.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=_default(F, "mixed_precision"),
                     help="default bf16 on CUDA, no (fp32) on CPU")
     tf.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is present")
-    tf.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process (default 2)")
+    tf.add_argument("--num-workers", type=int, default=_default(F, "num_workers"),
+                    help="DataLoader workers per process (default %(default)s)")
     tf.set_defaults(func=_train_faid)
 
     ev = sub.add_parser("eval", help="evaluate generated images (FID)", description="Evaluate generated images.")

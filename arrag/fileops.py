@@ -24,7 +24,7 @@ from pathlib import Path
 
 from arrag.errors import ArragError
 
-_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
 _TEMP_RE = re.compile(r"^(?P<name>.+)\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.tmp$")
 # Temporaries of any arrag process (also matched when checking that a folder holds only our files).
 TEMP_PATTERN = r"(.*/)?[^/]+\.[A-Za-z0-9_]+-\d+\.tmp(/.*)?"
@@ -33,10 +33,10 @@ TEMP_PATTERN = r"(.*/)?[^/]+\.[A-Za-z0-9_]+-\d+\.tmp(/.*)?"
 def temp_path(path: str | Path) -> Path:
     """The temporary name of `path` for this process: `NAME.<host>-<pid>.tmp` in the same folder."""
     path = Path(path)
-    return path.with_name(f"{path.name}.{_HOST}-{os.getpid()}.tmp")
+    return path.with_name(f"{path.name}.{HOST}-{os.getpid()}.tmp")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -99,8 +99,8 @@ def sweep_stale_temps(folder: str | Path) -> list[Path]:
         return removed
     for p in folder.iterdir():
         m = _TEMP_RE.match(p.name)
-        if m and m.group("host") == _HOST and int(m.group("pid")) != os.getpid() \
-                and not _pid_alive(int(m.group("pid"))):
+        if m and m.group("host") == HOST and int(m.group("pid")) != os.getpid() \
+                and not pid_alive(int(m.group("pid"))):
             _remove(p)
             removed.append(p)
     return removed

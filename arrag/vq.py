@@ -78,6 +78,25 @@ def vq_config(preset: str | VQConfig | Mapping) -> VQConfig:
 # Blocks
 
 
+def vq_config_from_janus(config: Mapping, source: str = "config.json") -> tuple[str, VQConfig]:
+    """(preset name, VQConfig) from a Janus-Pro config.json's gen_vision_config ("cls" names the preset; arrag's
+    tiny presets also carry their full config as params.arrag_vq_config)."""
+    vision = config.get("gen_vision_config")
+    if not isinstance(vision, Mapping):
+        raise ArragError(f"{source} has no 'gen_vision_config': is this a Janus-Pro checkpoint (deepseek-ai layout)?")
+    name = vision.get("cls", "VQ-16")
+    params = vision.get("params", {})
+    if "arrag_vq_config" in params:
+        cfg = vq_config(params["arrag_vq_config"])
+    elif name in VQ_PRESETS:
+        cfg = vq_config(name)
+    else:
+        raise ArragError(f"{source}: gen_vision_config.cls={name!r} is not a known VQ ({', '.join(VQ_PRESETS)})")
+    cfg.codebook_size = params.get("image_token_size", cfg.codebook_size)
+    cfg.codebook_embed_dim = params.get("n_embed", cfg.codebook_embed_dim)
+    return name, cfg
+
+
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
@@ -540,9 +559,12 @@ def load_vq(path: str | Path, preset: str | VQConfig | Mapping | None = None,
     """
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        from arrag.janus.config import JanusConfig
-
-        preset = preset if preset is not None else JanusConfig.from_file(path / "config.json").vq
+        if preset is None:
+            try:
+                janus_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ArragError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+            preset = vq_config_from_janus(janus_config, str(path / "config.json"))[1]
         path = path / "model.safetensors"
     state, file_cfg = _read_checkpoint(path)
     prefix = "gen_vision_model."

@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from arrag.decoding.sampler import method_hooks, sample_codes  # noqa: E402
+from arrag.decoding import MethodConfig, SamplingConfig, build_hooks, sample_codes  # noqa: E402
 from arrag.demo.presets import build_word_tokenizer, tiny_janus_config  # noqa: E402
 from arrag.janus import JanusPro, Prompter  # noqa: E402
 from arrag.retrieval.retriever import PatchRetriever  # noqa: E402
@@ -55,9 +55,10 @@ def main() -> None:
 
     def run(batch: int, k: int | None) -> float:
         prompts = (PROMPTS * batch)[:batch]
-        hooks = method_hooks(model, "daid", retriever, daid_k=k) if k else []
+        hooks = build_hooks(model, MethodConfig("daid", daid_k=k), retriever) if k else []
         t0 = time.perf_counter()
-        sample_codes(model, prompts, seed=0, image_size=128, prompter=prompter, hooks=hooks, progress=False)
+        sample_codes(model, prompts, SamplingConfig(seed=0, image_size=128), prompter=prompter, hooks=hooks,
+                     progress=False)
         return (time.perf_counter() - t0) / batch
 
     result = {"entries": retriever.entries, "factory": retriever.manifest["factory"], "nprobe": retriever.nprobe,

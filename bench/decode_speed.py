@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from arrag.decoding.sampler import sample_codes  # noqa: E402
+from arrag.decoding import SamplingConfig, sample_codes  # noqa: E402
 from arrag.demo.presets import build_word_tokenizer, tiny_janus_config  # noqa: E402
 from arrag.janus import JanusPro, Prompter  # noqa: E402
 
@@ -99,7 +99,8 @@ def main() -> None:
             torch.cuda.synchronize()
 
     def run_ours():
-        sample_codes(model, prompts, seed=0, image_size=args.image_size, prompter=prompter, progress=False)
+        sample_codes(model, prompts, SamplingConfig(seed=0, image_size=args.image_size), prompter=prompter,
+                     progress=False)
 
     def run_base():
         with torch.no_grad():

@@ -24,10 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from arrag.decoding.faid import SmoothPatchBlender  # noqa: E402
-from arrag.decoding.sampler import method_hooks, sample_codes  # noqa: E402
+from arrag.decoding import MethodConfig, SamplingConfig, build_hooks, sample_codes  # noqa: E402
 from arrag.demo.presets import build_word_tokenizer, tiny_janus_config  # noqa: E402
 from arrag.janus import JanusPro, Prompter  # noqa: E402
+from arrag.janus.blender import SmoothPatchBlender  # noqa: E402
 from bench.timing import best_of  # noqa: E402
 
 
@@ -78,9 +78,10 @@ def decode_bench(batch: int, k: int, repeats: int) -> dict:
     prompts = (["a red circle", "two green triangles", "a yellow diamond", "three purple circles"] * batch)[:batch]
 
     def run(method: str) -> float:
-        hooks = method_hooks(model, method, retriever, faid_k=k) if method != "base" else []
+        hooks = build_hooks(model, MethodConfig(method, faid_k=k), retriever) if method != "base" else []
         t0 = time.perf_counter()
-        sample_codes(model, prompts, seed=0, image_size=128, prompter=prompter, hooks=hooks, progress=False)
+        sample_codes(model, prompts, SamplingConfig(seed=0, image_size=128), prompter=prompter, hooks=hooks,
+                     progress=False)
         return time.perf_counter() - t0
 
     base = faid = float("inf")

@@ -134,14 +134,15 @@ def main() -> None:
           "(target: flat)")
 
     from arrag.build_retriever.build_index import build_index
-    from arrag.retrieval.recall import queries_per_second, recall_at_k, sample_queries
+    from arrag.retrieval.keys import sample_entry_keys
+    from arrag.retrieval.recall import queries_per_second, recall_at_k
     from arrag.retrieval.retriever import PatchRetriever
 
     auto_dir = out / "idx_auto"
     if not (auto_dir / "manifest.json").exists():
         build_index(store, auto_dir, overwrite=True)
     r = PatchRetriever.load(auto_dir)
-    queries = sample_queries(st, args.queries, seed=1)
+    queries = sample_entry_keys(st, args.queries, seed=1)
     recall = recall_at_k(r, st, queries, 10)
     qps = {b: queries_per_second(r, queries, 10, b) for b in (1, 16, 64)}
     result["search"] = {"entries": r.entries, "factory": r.manifest["factory"], "nprobe": r.nprobe,

@@ -31,9 +31,9 @@ def _store(folder, n=12, seed=0, disjoint=False, shard_size=5):
 def test_matches_direct_retrieval_and_marks_invalid_positions(tmp_path):
     codes = _store(tmp_path / "store")
     build_index(tmp_path / "store", tmp_path / "idx", progress=False)
-    construct_train(tmp_path / "store", tmp_path / "idx", k=4, chunk_images=3, progress=False)
+    construct_train(tmp_path / "store", tmp_path / "idx", retrieved_key_num=4, chunk_images=3, progress=False)
     st = codestore.CodeStore.open(tmp_path / "store")
-    got = load_retrieved(tmp_path / "store", st, k=4)
+    got = load_retrieved(tmp_path / "store", st, retrieved_key_num=4)
     assert got.shape == (12, 25, 4) and got.dtype == np.int16
     assert (got[:, ~valid_mask(5, 5).reshape(-1)] == -1).all()
     r = PatchRetriever.load(tmp_path / "idx")
@@ -45,8 +45,8 @@ def test_matches_direct_retrieval_and_marks_invalid_positions(tmp_path):
 def test_exclude_self_drops_hits_from_the_same_image(tmp_path):
     _store(tmp_path / "store", disjoint=True)
     build_index(tmp_path / "store", tmp_path / "idx", progress=False)
-    construct_train(tmp_path / "store", tmp_path / "idx", tmp_path / "with_self", k=3, progress=False)
-    construct_train(tmp_path / "store", tmp_path / "idx", tmp_path / "no_self", k=3, exclude_self=True,
+    construct_train(tmp_path / "store", tmp_path / "idx", tmp_path / "with_self", retrieved_key_num=3, progress=False)
+    construct_train(tmp_path / "store", tmp_path / "idx", tmp_path / "no_self", retrieved_key_num=3, exclude_self=True,
                     progress=False)
     st = codestore.CodeStore.open(tmp_path / "store")
     own = lambda got: (got // 10 == np.arange(12)[:, None, None]) & (got >= 0)  # noqa: E731
@@ -60,16 +60,16 @@ def test_exclude_self_drops_hits_from_the_same_image(tmp_path):
 def test_resumes_after_an_interruption(tmp_path):
     _store(tmp_path / "store")
     build_index(tmp_path / "store", tmp_path / "idx", progress=False)
-    construct_train(tmp_path / "store", tmp_path / "idx", k=2, progress=False)
+    construct_train(tmp_path / "store", tmp_path / "idx", retrieved_key_num=2, progress=False)
     before = np.load(tmp_path / "store" / "retrieved-00001.npy")
     (tmp_path / "store" / "retrieved-00001.npy").unlink()  # as if killed while writing shard 1
     (tmp_path / "store" / "retrieved-00001.npy.tmp").write_bytes(b"partial")
     mtime = (tmp_path / "store" / "retrieved-00000.npy").stat().st_mtime_ns
-    construct_train(tmp_path / "store", tmp_path / "idx", k=2, progress=False)
+    construct_train(tmp_path / "store", tmp_path / "idx", retrieved_key_num=2, progress=False)
     np.testing.assert_array_equal(np.load(tmp_path / "store" / "retrieved-00001.npy"), before)
     assert (tmp_path / "store" / "retrieved-00000.npy").stat().st_mtime_ns == mtime  # finished shards kept
     with pytest.raises(ArragError, match="made with other settings \\(k differ\\)"):
-        construct_train(tmp_path / "store", tmp_path / "idx", k=3, progress=False)
+        construct_train(tmp_path / "store", tmp_path / "idx", retrieved_key_num=3, progress=False)
 
 
 def test_bad_inputs_are_clear(tmp_path):
@@ -89,9 +89,9 @@ def test_bad_inputs_are_clear(tmp_path):
     st = codestore.CodeStore.open(tmp_path / "store")
     with pytest.raises(ArragError, match="run `arrag construct-train` first"):
         load_retrieved(tmp_path / "store", st)
-    construct_train(tmp_path / "store", tmp_path / "idx2", k=2, progress=False)
+    construct_train(tmp_path / "store", tmp_path / "idx2", retrieved_key_num=2, progress=False)
     with pytest.raises(ArragError, match="have K=2, asked for 10"):
-        load_retrieved(tmp_path / "store", st, k=10)
+        load_retrieved(tmp_path / "store", st, retrieved_key_num=10)
     meta = json.loads((tmp_path / "store" / "retrieved.json").read_text())
     assert meta["k"] == 2 and meta["exclude_self"] is False
 

@@ -13,14 +13,20 @@ import torch
 
 from arrag.build_retriever.build_index import build_index
 from arrag.cli import main
+from arrag.decoding import DecodingHook, MethodConfig, SamplingConfig, build_hooks, generate, sample_codes
 from arrag.decoding.daid import DAiD, retrieval_distribution
-from arrag.decoding.sampler import DecodingHook, generate, method_hooks, sample_codes
 from arrag.errors import ArragError
 from arrag.retrieval import codestore
 from arrag.retrieval.neighborhood import get_neighborhood, keys_for_grid
 from arrag.retrieval.retriever import PatchRetriever
 
 KW = dict(image_size=64, progress=False, seed=7)  # 4x4 tokens with the tiny VQ-16: valid targets 5, 6, 9, 10, 13, 14
+
+
+def _codes(model, prompts, parallel_size=1, hooks=()):
+    """sample_codes with this file's sampling settings (KW)."""
+    return sample_codes(model, prompts, SamplingConfig(parallel_size=parallel_size, image_size=64, seed=7),
+                        hooks=hooks, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +66,9 @@ def test_retrieval_distribution_by_hand():
 
 
 def test_lambda_zero_is_exactly_base(tiny_janus, retriever):
-    base = sample_codes(tiny_janus, ["a red circle", "two squares"], parallel_size=2, **KW)
-    daid = sample_codes(tiny_janus, ["a red circle", "two squares"], parallel_size=2,
-                        hooks=method_hooks(tiny_janus, "daid", retriever, daid_lambda=0.0), **KW)
+    base = _codes(tiny_janus, ["a red circle", "two squares"], parallel_size=2)
+    daid = _codes(tiny_janus, ["a red circle", "two squares"], parallel_size=2,
+                  hooks=build_hooks(tiny_janus, MethodConfig("daid", daid_lambda=0.0), retriever))
     torch.testing.assert_close(daid, base, rtol=0, atol=0)
 
 
@@ -78,9 +84,9 @@ def _retrieved_sets(codes, retriever, vq, k):
 def test_lambda_one_samples_only_retrieved_codes_in_every_row(tiny_janus, retriever):
     prompts = ["a red circle", "three blue diamonds left of a square", "a yellow triangle"]
     k = 5
-    base = sample_codes(tiny_janus, prompts, parallel_size=3, **KW)
-    hooks = method_hooks(tiny_janus, "daid", retriever, daid_lambda=1.0, daid_k=k)
-    daid = sample_codes(tiny_janus, prompts, parallel_size=3, hooks=hooks, **KW)
+    base = _codes(tiny_janus, prompts, parallel_size=3)
+    hooks = build_hooks(tiny_janus, MethodConfig("daid", daid_lambda=1.0, daid_k=k), retriever)
+    daid = _codes(tiny_janus, prompts, parallel_size=3, hooks=hooks)
     pos, sets = _retrieved_sets(daid, retriever, tiny_janus.vq, k)
     flat = daid.reshape(9, -1)
     for i in range(9):  # every image of the multi-prompt, multi-sample batch, not only the first
@@ -96,7 +102,7 @@ def test_prefetched_search_gives_the_same_images(tiny_janus, retriever):
     runs = []
     for prefetch in (False, True):
         hook = DAiD(retriever, lam=0.7, k=6, prefetch=prefetch)
-        runs.append(sample_codes(tiny_janus, ["a circle", "two squares"], parallel_size=2, hooks=[hook], **KW))
+        runs.append(_codes(tiny_janus, ["a circle", "two squares"], parallel_size=2, hooks=[hook]))
         assert hook.pool is None and hook.stats["steps_augmented"] == 6
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
 
@@ -112,7 +118,7 @@ def test_invalid_targets_keep_the_model_distribution(tiny_janus, retriever):
 
     before, after = Spy(), Spy()
     daid = DAiD(retriever, lam=0.5, k=4)
-    sample_codes(tiny_janus, ["a circle"], hooks=[before, daid, after], **KW)
+    _codes(tiny_janus, ["a circle"], hooks=[before, daid, after])
     valid = set(get_neighborhood("L").positions(4, 4).tolist())
     for t in range(16):
         same = torch.equal(before.seen[t][0], after.seen[t][0])

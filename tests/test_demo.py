@@ -94,7 +94,7 @@ def test_prompt_records_round_trip_through_the_geneval_layout(tmp_path):
 
 
 def test_shipped_assets_load_and_generate_a_valid_image():
-    from arrag.decoding.sampler import generate
+    from arrag.decoding import generate
     from arrag.janus import JanusPro
 
     total = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file())

@@ -11,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 from arrag.cli import main
+from arrag.decoding import Generator, SamplingConfig
 from arrag.errors import ArragError
 from arrag.eval.batch_generate import ProcessSlot, generate_into_layout
 from arrag.eval.fid import compute_fid
@@ -88,11 +89,12 @@ def test_dpg_layout_is_a_gapless_2x2_grid_per_prompt_id(tmp_path, tiny_janus_dir
 def test_resume_skips_finished_prompts(tmp_path, tiny_janus):
     items = read_prompt_source(_geneval_file(tmp_path))
     layout = make_layout("geneval", tmp_path / "g", 2)
-    kw = dict(seed=5, image_size=64, progress=False)
-    assert generate_into_layout(tiny_janus, items, layout, **kw)["generated"] == 3
+    gen, cfg = Generator(tiny_janus), SamplingConfig(parallel_size=2, seed=5, image_size=64)
+    kw = dict(progress=False)
+    assert generate_into_layout(gen, items, layout, cfg, **kw)["generated"] == 3
     kept = (tmp_path / "g/00000/samples/0000.png").stat().st_mtime_ns
     (tmp_path / "g/00002/metadata.jsonl").unlink()  # prompt 2 "interrupted" before its marker was written
-    again = generate_into_layout(tiny_janus, items, layout, **kw)
+    again = generate_into_layout(gen, items, layout, cfg, **kw)
     assert again["generated"] == 1 and again["skipped"] == 2
     assert (tmp_path / "g/00002/metadata.jsonl").is_file()
     assert (tmp_path / "g/00000/samples/0000.png").stat().st_mtime_ns == kept
@@ -100,12 +102,12 @@ def test_resume_skips_finished_prompts(tmp_path, tiny_janus):
 
 def test_two_processes_write_the_same_files_as_one(tmp_path, tiny_janus):
     items = read_prompt_source(_geneval_file(tmp_path))
-    kw = dict(seed=3, image_size=64, progress=False, top_k=40)
+    gen, cfg = Generator(tiny_janus), SamplingConfig(parallel_size=2, seed=3, image_size=64, top_k=40)
     one = make_layout("flat", tmp_path / "one", 2)
-    generate_into_layout(tiny_janus, items, one, prompts_per_batch=2, **kw)
+    generate_into_layout(gen, items, one, cfg, prompts_per_batch=2, progress=False)
     two = make_layout("flat", tmp_path / "two", 2)
     for rank in (1, 0):
-        generate_into_layout(tiny_janus, items, two, slot=ProcessSlot(rank, 2), **kw)
+        generate_into_layout(gen, items, two, cfg, slot=ProcessSlot(rank, 2), progress=False)
     names = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
     assert len(names) == 6 and names == sorted(p.name for p in (tmp_path / "two").glob("*.png"))
     for n in names:

@@ -11,10 +11,11 @@ import torch
 
 from arrag.build_retriever.build_index import build_index
 from arrag.cli import main
-from arrag.decoding.faid import FaidContext, SmoothPatchBlender, full_sequence_logits, gather_windows
-from arrag.decoding.sampler import generate, method_hooks, sample_codes
+from arrag.decoding import MethodConfig, SamplingConfig, build_hooks, generate, sample_codes
 from arrag.errors import ArragError
 from arrag.janus import JanusPro, Prompter
+from arrag.janus.blender import SmoothPatchBlender, gather_windows
+from arrag.janus.faid_layers import FaidContext, full_sequence_logits
 from arrag.retrieval import codestore
 from arrag.retrieval.neighborhood import causal_window_index, get_neighborhood
 from arrag.retrieval.retriever import PatchRetriever
@@ -141,11 +142,10 @@ def _incremental_logits(model, ids, mask, codes, cands, row_mask):
     with torch.no_grad():
         for step in range(t):
             cand = cands[:, step] if step in valid else None
-            model.faid_context = FaidContext("step", GRID, cand, row_mask, target=step, buffers=buffers,
-                                             cells=model.config.language.faid_cells)
+            ctx = FaidContext("step", GRID, cand, row_mask, target=step, buffers=buffers,
+                              cells=model.config.language.faid_cells)
             x = model.text_embeddings(ids) if step == 0 else model.image_embeddings(codes[:, step - 1])[:, None]
-            outs.append(model.llm(x, mask if step == 0 else None, cache)[:, -1])
-        model.faid_context = None
+            outs.append(model.llm(x, mask if step == 0 else None, cache, context=ctx)[:, -1])
     return model.image_logits(torch.stack(outs, 1))
 
 
@@ -191,7 +191,7 @@ def _original_training_logits(model, ids, mask, codes, cands):
     retrieved[cands < 0] = 0
     state = {"retrieved": retrieved}
 
-    def hook(h, normed, idx):
+    def hook(h, normed, idx, context):
         layer = model.llm.layers[idx]
         out = _original_blender(layer.blender, normed[:, -t:], layer.retrieval_layernorm(state["retrieved"]), GRID)
         state["retrieved"] = out
@@ -205,7 +205,7 @@ def _original_training_logits(model, ids, mask, codes, cands):
         model.llm.layers[i].after_attention = hook
     try:
         embeds = torch.cat([model.text_embeddings(ids), model.image_embeddings(codes)], 1)
-        hidden = model.llm(embeds, torch.cat([mask, torch.ones(len(ids), t, dtype=torch.bool)], 1))
+        hidden = model.llm(embeds, torch.cat([mask, torch.ones(len(ids), t, dtype=torch.bool)], 1), context="on")
     finally:
         for i in layers:
             model.llm.layers[i].after_attention = saved[i]
@@ -307,12 +307,13 @@ def test_faid_sampling_is_seeded_and_uses_retrieval(faid_model, faid_retriever, 
     base = generate(faid_model, ["a red circle", "a square"], **kw)
     np.testing.assert_array_equal(a, b)
     assert a.shape == (4, 64, 64, 3) and not np.array_equal(a, base)
-    combo = sample_codes(faid_model, ["a circle"], hooks=method_hooks(faid_model, "faid+daid", r, daid_lambda=1.0,
-                                                                      daid_k=4), **kw)
+    combo = sample_codes(faid_model, ["a circle"], SamplingConfig(image_size=64, seed=3, parallel_size=2),
+                         hooks=build_hooks(faid_model, MethodConfig("faid+daid", daid_lambda=1.0, daid_k=4), r),
+                         progress=False)
     database_codes = set(range(40))  # the index holds codes 0..39 only: lambda 1 keeps valid targets there
     valid = get_neighborhood("L").positions(*GRID)
     assert set(combo.reshape(2, -1)[:, valid].flatten().tolist()) <= database_codes
-    assert faid_model.faid_context is None  # nothing left behind after decoding
+    assert not hasattr(faid_model, "faid_context")  # the candidates travel with each forward call, never stored
     with pytest.raises(ArragError, match="has no FAiD blenders"):
         generate(tiny_janus, ["a"], method="faid", retriever=r, **kw)
 

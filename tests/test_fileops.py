@@ -65,7 +65,7 @@ def test_remove_owned_dir_and_stale_temporaries(tmp_path):
     fileops.remove_owned_dir(folder, what="layout", owned=owned)
     assert not folder.exists()
     # A temporary of a process that is gone is swept; ours and other hosts' are not.
-    dead = tmp_path / f"x.npy.{fileops._HOST}-999999999.tmp"
+    dead = tmp_path / f"x.npy.{fileops.HOST}-999999999.tmp"
     mine = fileops.temp_path(tmp_path / "y.npy")
     other = tmp_path / "z.npy.otherhost-1.tmp"
     for p in (dead, mine, other):

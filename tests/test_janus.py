@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaModel as HFLlamaModel
 
-from arrag.decoding.sampler import DecodingHook, sample_codes
+from arrag.decoding import DecodingHook, SamplingConfig, sample_codes
 from arrag.errors import ArragError
 from arrag.janus import JanusPro, Prompter
 from arrag.janus.prompting import sft_format, t2i_prompt
@@ -117,8 +117,8 @@ def test_first_step_cfg_matches_independent_computation(tiny_janus_dir, tiny_jan
             return probs
 
     grab = Grab()
-    sample_codes(m, prompts, cfg_weight=w, temperature=temp, seed=0, image_size=32, hooks=[grab], prompter=p,
-                 progress=False)
+    sample_codes(m, prompts, SamplingConfig(cfg_weight=w, temperature=temp, seed=0, image_size=32), hooks=[grab],
+                 prompter=p, progress=False)
     torch.testing.assert_close(grab.first, torch.stack(expected), atol=1e-6, rtol=1e-4)
 
 
@@ -151,7 +151,7 @@ def test_missing_tokenizer_is_clear(tmp_path, tiny_janus):
     folder, tiny_janus.source_folder = tiny_janus.source_folder, None
     try:
         with pytest.raises(ArragError, match="pass prompter="):
-            sample_codes(tiny_janus, ["a"], image_size=32)
+            sample_codes(tiny_janus, ["a"], SamplingConfig(image_size=32))
     finally:
         tiny_janus.source_folder = folder
 

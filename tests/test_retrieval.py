@@ -21,8 +21,9 @@ from arrag.errors import ArragError
 from arrag.image_io import save_image
 from arrag.retrieval import codestore
 from arrag.retrieval.codestore import CodeStore
+from arrag.retrieval.keys import sample_entry_keys
 from arrag.retrieval.neighborhood import key_vectors, keys_for_grid
-from arrag.retrieval.recall import recall_at_k, sample_queries
+from arrag.retrieval.recall import recall_at_k
 from arrag.retrieval.retriever import PatchRetriever
 from arrag.vq import VQModel, codebook_fingerprint
 
@@ -310,8 +311,8 @@ def test_build_retriever_script(tmp_path, images, vq_file):
 def test_sample_queries_are_seeded(tmp_path):
     make_store(tmp_path / "store", n=10)
     st = CodeStore.open(tmp_path / "store")
-    np.testing.assert_array_equal(sample_queries(st, 20, 1), sample_queries(st, 20, 1))
-    assert not np.array_equal(sample_queries(st, 20, 1), sample_queries(st, 20, 2))
+    np.testing.assert_array_equal(sample_entry_keys(st, 20, 1), sample_entry_keys(st, 20, 1))
+    assert not np.array_equal(sample_entry_keys(st, 20, 1), sample_entry_keys(st, 20, 2))
 
 
 def test_saved_hf_dataset_source(tmp_path, vq_file):

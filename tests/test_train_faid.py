@@ -34,14 +34,14 @@ def world(tmp_path_factory, tiny_janus_dir, tiny_janus):
     captions = [f"{WORDS[k]} {WORDS[3 + k % 2]}" for k in kinds]
     codestore.write_store(root / "store", codes, tiny_janus.vq, shard_size=7, captions=captions)
     build_index(root / "store", root / "idx", progress=False)
-    construct_train(root / "store", root / "idx", k=4, progress=False)
+    construct_train(root / "store", root / "idx", retrieved_key_num=4, progress=False)
     return {"root": root, "base": str(tiny_janus_dir), "store": str(root / "store"), "idx": str(root / "idx")}
 
 
 def _cfg(world, out, **kw):
-    base = dict(base=world["base"], store=world["store"], out=str(out), num_blender=1, num_hop="1,2", k=4, lora_r=8,
-                lora_alpha=16, batch_size=4, grad_accum=1, epochs=3, lr=1e-3, num_workers=0, save_every=4,
-                cpu=True, progress=False)
+    base = dict(base=world["base"], store=world["store"], out=str(out), num_blender=1, num_hop="1,2",
+                retrieved_key_num=4, lora_r=8, lora_alpha=16, batch_size=4, grad_accum=1, epochs=3, lr=1e-3,
+                num_workers=0, save_every=4, cpu=True, progress=False)
     return FaidTrainConfig(**{**base, **kw})
 
 
@@ -157,7 +157,7 @@ def test_caption_drop_and_candidate_shuffle_are_seeded(world, tiny_janus):
 
 
 def test_caption_dropped_rows_get_no_features(trained, world):
-    from arrag.decoding.faid import full_sequence_logits
+    from arrag.janus.faid_layers import full_sequence_logits
 
     model = JanusPro.from_pretrained(trained.output_dir(), device="cpu", quiet=True)
     store, batch = _fixed_batch(trained, model)
@@ -185,7 +185,7 @@ def test_prompts_longer_than_the_limit_are_cut_at_a_word(tiny_janus):
 
 def test_bad_inputs_give_clear_errors(world, tmp_path, tiny_janus, capsys):
     with pytest.raises(ArragError, match="K=4, asked for 3"):
-        train_faid(_cfg(world, tmp_path / "a", k=3))
+        train_faid(_cfg(world, tmp_path / "a", retrieved_key_num=3))
     bare = tmp_path / "bare_store"
     codes = np.zeros((3, 6, 6), np.uint16)
     codestore.write_store(bare, codes, tiny_janus.vq, captions=["a", "b", "c"])

@@ -19,9 +19,10 @@ from tqdm import tqdm
 
 from arrag import fileops
 from arrag.errors import ArragError
-from arrag.retrieval import index as fx
+from arrag.retrieval import index as faiss_index
 from arrag.retrieval.codestore import CodeStore
-from arrag.retrieval.neighborhood import get_neighborhood, grid_key_vectors, keys_for_grid
+from arrag.retrieval.keys import KEY_SOURCES, grid_entries, sample_entry_keys
+from arrag.retrieval.neighborhood import get_neighborhood
 
 INDEX_FORMAT = "arrag-index/1"
 # Every file build-index writes into its folder: the only files `--overwrite` may remove.
@@ -44,31 +45,6 @@ def check_out_folder(store_dir: Path, out: Path, overwrite: bool) -> None:
                               overwrite=overwrite)
 
 
-def chunk_keys(codes: np.ndarray, latents: np.ndarray | None, shape, codebook: np.ndarray, key_source: str):
-    """Keys [c*P, d] float32 and values [c*P] uint16 for a chunk of code grids [c, h, w]."""
-    if key_source == "code":
-        pos, keys = grid_key_vectors(codes, codebook, shape)
-    else:
-        pos, nbr_lat = keys_for_grid(latents, shape)
-        keys = nbr_lat.astype(np.float32)
-    values = codes.reshape(len(codes), -1)[:, pos]
-    return np.ascontiguousarray(keys.reshape(len(codes) * len(pos), -1), dtype=np.float32), values.reshape(-1)
-
-
-def sample_training_keys(store: CodeStore, n_sample: int, shape, codebook: np.ndarray, key_source: str,
-                         seed: int) -> np.ndarray:
-    """A reproducible uniform sample of n_sample entries' keys [n_sample, d] (same seed, same sample)."""
-    nb = get_neighborhood(shape)
-    h, w = store.grid
-    p = len(nb.positions(h, w))
-    entries = np.sort(np.random.default_rng(seed).choice(store.num_images * p, n_sample, replace=False))
-    images, inverse = np.unique(entries // p, return_inverse=True)
-    codes = store.gather(images)
-    latents = store.gather(images, "latents") if key_source == "latent" else None
-    keys, _ = chunk_keys(codes, latents, nb, codebook, key_source)
-    return keys.reshape(len(images), p, -1)[inverse, entries % p]
-
-
 def build_index(store_dir: str | Path, out: str | Path, *, shape: str = "L", key_source: str = "code",
                 factory: str = "auto", memory_budget: str | int = "16G", nprobe: int | None = None,
                 train_size: int | None = None, seed: int = 0, chunk_images: int = 1024, gpus=None,
@@ -77,7 +53,7 @@ def build_index(store_dir: str | Path, out: str | Path, *, shape: str = "L", key
     t0 = time.time()
     store = CodeStore.open(store_dir)
     nb = get_neighborhood(shape)
-    if key_source not in ("code", "latent"):
+    if key_source not in KEY_SOURCES:
         raise ArragError(f"--key-source {key_source!r}: choose code or latent")
     if key_source == "latent" and not store.has_latents:
         raise ArragError(f"--key-source latent needs latents in {store.folder}: encode with --save-latents")
@@ -101,26 +77,26 @@ def build_index(store_dir: str | Path, out: str | Path, *, shape: str = "L", key
         raise ArragError(f"code store {store.folder} holds no images")
     codebook = store.codebook()
     d = nb.key_dim(codebook.shape[1])
-    budget = fx.parse_bytes(memory_budget)
+    budget = faiss_index.parse_bytes(memory_budget)
     if factory == "auto":
-        factory, reason = fx.choose_factory(n, d, budget)
+        factory, reason = faiss_index.choose_factory(n, d, budget)
     else:
         reason = "given with --factory"
-    gpu_ids = fx.parse_gpus(gpus)
-    index = fx.create_index(factory, d)
+    gpu_ids = faiss_index.parse_gpus(gpus)
+    index = faiss_index.create_index(factory, d)
     if progress:
         print(f"[build-index] {n:,} entries ({store.num_images:,} images x {p} positions), d={d}: {factory} "
               f"({reason})")
 
     n_train = 0
     if not index.is_trained:
-        n_train = train_size if train_size is not None else fx.train_sample_size(index, n)
+        n_train = train_size if train_size is not None else faiss_index.train_sample_size(index, n)
         n_train = min(max(n_train, 1), n)
-        sample = sample_training_keys(store, n_train, nb, codebook, key_source, seed)
+        sample = sample_entry_keys(store, n_train, seed, nb, key_source)
         if progress:
             print(f"[build-index] training on {n_train:,} sampled entries (seed {seed})"
                   + (f" with GPUs {gpu_ids}" if gpu_ids else ""))
-        fx.train(index, sample, gpu_ids)
+        faiss_index.train(index, sample, gpu_ids)
         del sample
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -129,9 +105,9 @@ def build_index(store_dir: str | Path, out: str | Path, *, shape: str = "L", key
     tmp.mkdir()
     try:
         _add_entries(tmp, index, store, nb, codebook, key_source, chunk_images, progress)
-        nlist = fx.nlist_of(index)
-        nprobe = nprobe if nprobe is not None else (fx.default_nprobe(nlist) if nlist else None)
-        fx.write_index(index, tmp / "index.faiss")
+        nlist = faiss_index.nlist_of(index)
+        nprobe = nprobe if nprobe is not None else (faiss_index.default_nprobe(nlist) if nlist else None)
+        faiss_index.write_index(index, tmp / "index.faiss")
         manifest = {
             "format": INDEX_FORMAT,
             "neighborhood": {"shape": nb.name, "offsets": [list(o) for o in nb.offsets], "causal": nb.causal},
@@ -140,7 +116,7 @@ def build_index(store_dir: str | Path, out: str | Path, *, shape: str = "L", key
             "metric": "L2",
             "factory": factory,
             "factory_reason": reason,
-            "index_type": fx.describe(index),
+            "index_type": faiss_index.describe(index),
             "entries": int(n),
             "images": store.num_images,
             "entries_per_image": p,
@@ -179,7 +155,7 @@ def _add_entries(folder: Path, index, store: CodeStore, nb, codebook: np.ndarray
     bar = tqdm(total=store.num_images, desc="build-index", unit="img", disable=not progress)
     for i0, codes in store.iter_chunks(chunk_images, "codes"):
         latents = next(lat_iter)[1] if lat_iter is not None else None
-        keys, vals = chunk_keys(codes, latents, nb, codebook, key_source)
+        keys, vals = grid_entries(codes, latents, nb, codebook, key_source)
         index.add(keys)
         values[i0 * p:(i0 + len(codes)) * p] = vals
         bar.update(len(codes))

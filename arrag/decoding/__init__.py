@@ -1,5 +1,8 @@
-"""Decoding: the sampling loop and the retrieval augmentations that plug into it."""
+"""Decoding: the sampling loop, the retrieval augmentations that plug into it, and the generators built from them."""
 
-from arrag.decoding.sampler import DecodingHook, generate, sample_codes
+from arrag.decoding.hooks import DecodeState, DecodingHook
+from arrag.decoding.loop import SamplingConfig, decode_images, sample_codes
+from arrag.decoding.methods import METHODS, Generator, MethodConfig, build_hooks, generate
 
-__all__ = ["DecodingHook", "generate", "sample_codes"]
+__all__ = ["METHODS", "DecodeState", "DecodingHook", "Generator", "MethodConfig", "SamplingConfig", "build_hooks",
+           "decode_images", "generate", "sample_codes"]

@@ -17,14 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from arrag.decoding.sampler import DecodeState, DecodingHook
+from arrag.decoding.hooks import DecodeState, DecodingHook
 from arrag.decoding.step_queries import StepQueries
 from arrag.errors import ArragError
 
-# Defaults. k = 2048 is the original code's; tau = 1.0 is its retri_temperature default. The paper's tuned
-# lambda is not known (the original example passed none, so it ran at 0): 0.1 is provisional until the
-# ShapesWorld sweep (README, "DAiD defaults").
-DEFAULT_LAMBDA, DEFAULT_TAU, DEFAULT_K = 0.1, 1.0, 2048
+# Defaults (MethodConfig and the CLI take theirs from here). k = 2048 is the original code's; tau = 1.0 is its
+# retri_temperature default. The paper's tuned lambda is not published (the original example passed none, so
+# it ran at 0); 0.1 is the library default, and the README's "DAiD defaults" says what the ShapesWorld sweep found.
+DEFAULT_LAMBDA, DEFAULT_TAU, DEFAULT_K, DEFAULT_AGGREGATE = 0.1, 1.0, 2048, "nearest"
+AGGREGATES = ("nearest", "sum")
 
 
 def retrieval_distribution(distances: torch.Tensor, codes: torch.Tensor, vocab_size: int, tau: float = 1.0,
@@ -59,18 +60,23 @@ class DAiD(DecodingHook):
     """The DAiD hook for the sampling loop (see the module docstring)."""
 
     def __init__(self, retriever, lam: float = DEFAULT_LAMBDA, tau: float = DEFAULT_TAU, k: int = DEFAULT_K,
-                 aggregate: str = "nearest", prefetch: bool | None = None):
+                 aggregate: str = DEFAULT_AGGREGATE, prefetch: bool | None = None):
+        self.check_settings(lam, tau, k, aggregate)
+        self.retriever, self.lam, self.tau, self.k, self.aggregate = retriever, lam, tau, k, aggregate
+        self.prefetch, self.pool, self.pending = prefetch, None, None
+        self.stats = {"steps_augmented": 0, "rows_augmented": 0, "rows_without_hits": 0}
+
+    @staticmethod
+    def check_settings(lam: float, tau: float, k: int, aggregate: str) -> None:
+        """One-line errors for DAiD settings that cannot work."""
         if not 0.0 <= lam <= 1.0:
             raise ArragError(f"--daid-lambda must lie in [0, 1], got {lam}")
         if tau <= 0:
             raise ArragError(f"--daid-tau must be > 0, got {tau}")
         if k < 1:
             raise ArragError(f"--daid-k must be >= 1, got {k}")
-        if aggregate not in ("nearest", "sum"):
+        if aggregate not in AGGREGATES:
             raise ArragError(f"--daid-aggregate {aggregate!r}: choose nearest or sum")
-        self.retriever, self.lam, self.tau, self.k, self.aggregate = retriever, lam, tau, k, aggregate
-        self.prefetch, self.pool, self.pending = prefetch, None, None
-        self.stats = {"steps_augmented": 0, "rows_augmented": 0, "rows_without_hits": 0}
 
     def begin(self, state: DecodeState) -> None:
         self.queries = StepQueries(self.retriever, state)
@@ -86,8 +92,9 @@ class DAiD(DecodingHook):
             warnings.warn(f"retriever {self.retriever.folder} is empty: DAiD decodes as base", stacklevel=2)
 
     def before_forward(self, state: DecodeState, target: int) -> None:
-        # The query for `target` is complete once the token before it is sampled, i.e. now: search in a
-        # background thread while the model's forward pass computes the logits (FAISS releases the GIL).
+        # DAiD gives the decoder no context; it only starts the search early. The query for `target` is complete
+        # once the token before it is sampled, i.e. now: search in a background thread while the model's forward
+        # pass computes the logits (FAISS releases the GIL).
         if self.active and self.prefetch and self.queries.valid[target]:
             query = self.queries.query(state, target)
             self.pending = (target, self.pool.submit(self.retriever.search, query, self.k))

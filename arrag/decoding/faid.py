@@ -1,330 +1,24 @@
-"""FAiD: the SmoothPatchBlender, which blends retrieved patch features into the decoder's hidden states.
-
-For a target cell and each retrieved candidate k (K per target):
-  window_h   the (2h+1)^2 window of the layer's normed hidden states centred on the target, cells at or
-             after the target in raster order zeroed, the centre replaced by the candidate's feature
-  hop_h      conv_b(conv_a(window_h)): two Conv2d(D, D, kernel h+1) down to 1x1 (hops 1, 2, 3)
-  out_k      sum_h softmax(conv_weights)_h * hop_h
-  feature_k  sigmoid(mlp(out_k)) * out_k            (mlp: Linear(D, D), ReLU, Linear(D, 1))
-  added      mean_k feature_k, added to the residual after attention at the position predicting the target
-The conv chain has no nonlinearity, so hop_h = conv_b(conv_a(neighbourhood window)) + M_h @ feature, with
-M_h = sum_ij Wb[:, :, i, j] @ Wa[:, :, h-i, h-j]: the neighbourhood part is computed once per target, not
-K times. `direct=True` computes every candidate's window in full (the reference the tests compare with).
-Parameter names are the released checkpoint's: conv1/conv12, conv2/conv22, conv3/conv32, conv_weights, mlp.0,
-mlp.2 (plus the layer's retrieval_layernorm, which lives on the decoder layer).
-"""
+"""The FAiD decoding hook: one batched retrieval per step, handed to the blenders as the forward's context."""
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
-from arrag.decoding.sampler import DecodeState, DecodingHook
+from arrag.decoding.hooks import DecodeState, DecodingHook
 from arrag.decoding.step_queries import StepQueries
 from arrag.errors import ArragError
+from arrag.janus.faid_layers import FaidContext
 
-CONV_NAMES = {1: ("conv1", "conv12"), 2: ("conv2", "conv22"), 3: ("conv3", "conv32")}
-
-
-class SmoothPatchBlender(nn.Module):
-    def __init__(self, dim: int, hops: tuple[int, ...] = (1, 2)):
-        super().__init__()
-        hops = tuple(sorted(set(int(h) for h in hops)))
-        if not hops or any(h not in CONV_NAMES for h in hops):
-            raise ValueError(f"num_hop must be a subset of 1,2,3; got {hops}")
-        self.dim, self.hops = dim, hops
-        for h, (a, b) in CONV_NAMES.items():  # all three exist, as in the released layout; unused hops stay idle
-            setattr(self, a, nn.Conv2d(dim, dim, h + 1))
-            setattr(self, b, nn.Conv2d(dim, dim, h + 1))
-        if len(hops) > 1:
-            self.conv_weights = nn.Parameter(torch.ones(len(hops)))
-        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 1))
-        self._cache: dict[int, tuple] = {}
-        self.reset_parameters()
-
-    @property
-    def window(self) -> int:
-        """Side of the largest window used: 2 * max(hops) + 1."""
-        return 2 * max(self.hops) + 1
-
-    def reset_parameters(self) -> None:
-        """The original initialisation: Kaiming-normal weights (ReLU gain) and zero biases for every conv and
-        both gate linears; conv_weights ones."""
-        layers = [getattr(self, n) for names in CONV_NAMES.values() for n in names] + [self.mlp[0], self.mlp[2]]
-        for layer in layers:
-            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-            nn.init.zeros_(layer.bias)
-        if hasattr(self, "conv_weights"):
-            nn.init.ones_(self.conv_weights)
-
-    def _past_mask(self, windows: torch.Tensor) -> torch.Tensor:
-        """[S, S] of ones before the centre (raster order), zeros at and after it."""
-        s, c = self.window, self.window // 2
-        key = ("mask", s, windows.device, windows.dtype)
-        if key not in self._cache:
-            r, q = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
-            self._cache[key] = ((r < c) | ((r == c) & (q < c))).to(windows.device, windows.dtype)
-        return self._cache[key]
-
-    def hop_weights(self) -> torch.Tensor:
-        if hasattr(self, "conv_weights"):
-            return torch.softmax(self.conv_weights.float(), 0)
-        return torch.ones(1, device=self.mlp[0].weight.device)
-
-    def centre_map(self, hop: int) -> torch.Tensor:
-        """M_h [D, D]: what the bias-free conv chain of hop h does to the centre cell of its window.
-
-        Without autograd (decoding) it is cached until the conv weights change: (h+1)^2 D x D products per
-        step would otherwise cost more than the rest of the blender.
-        """
-        a, b = (getattr(self, n).weight for n in CONV_NAMES[hop])
-        key = (a._version, b._version, a.data_ptr(), b.data_ptr(), a.dtype, a.device)
-        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-            return self._centre_map(a, b, hop)
-        cached = self._cache.get(hop)
-        if cached is None or cached[0] != key:
-            cached = self._cache[hop] = (key, self._centre_map(a, b, hop))
-        return cached[1]
-
-    @staticmethod
-    def _centre_map(a: torch.Tensor, b: torch.Tensor, hop: int) -> torch.Tensor:
-        return SmoothPatchBlender._cell_map(a, b, hop, hop, hop)
-
-    @staticmethod
-    def _cell_map(a: torch.Tensor, b: torch.Tensor, hop: int, u: int, v: int) -> torch.Tensor:
-        """[D, D]: the bias-free conv chain's map from window cell (u, v) to the 1x1 output."""
-        return sum(b[:, :, i, j] @ a[:, :, u - i, v - j] for i in range(hop + 1) for j in range(hop + 1)
-                   if 0 <= u - i <= hop and 0 <= v - j <= hop)
-
-    def past_maps(self, hop: int) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
-        """The conv chain of hop h on a causal window as one linear map (used when decoding, no autograd).
-
-        Returns the window cells before the centre [(u, v)], their stacked maps [n*D, D] and the constant
-        [D] (the biases carried through): chain(window) = concat(cells) @ maps + constant. Cached until
-        the weights change; per row it costs n*D^2 instead of the convolutions' ~(h+1)^2 (2h+2) D^2.
-        """
-        a_conv, b_conv = (getattr(self, n) for n in CONV_NAMES[hop])
-        a, b = a_conv.weight, b_conv.weight
-        key = ("past", a._version, b._version, a_conv.bias._version, b_conv.bias._version, a.data_ptr(), a.dtype)
-        cached = self._cache.get(("past", hop))
-        if cached is None or cached[0] != key:
-            cells = [(u, v) for u in range(2 * hop + 1) for v in range(2 * hop + 1) if (u, v) < (hop, hop)]
-            maps = torch.cat([self._cell_map(a, b, hop, u, v).T for u, v in cells], 0)
-            const = b_conv.bias + b.sum((2, 3)) @ a_conv.bias
-            cached = self._cache[("past", hop)] = (key, (cells, maps, const))
-        return cached[1]
-
-    def _past_part(self, hop: int, crop: torch.Tensor) -> torch.Tensor:
-        """chain(crop) with a zero centre and zero cells after it: [M, D, 2h+1, 2h+1] -> [M, D]."""
-        cells, maps, const = self.past_maps(hop)
-        rows, cols = zip(*cells, strict=True)
-        x = crop[:, :, list(rows), list(cols)].transpose(1, 2).reshape(crop.shape[0], -1)  # [M, n*D]
-        return torch.addmm(const, x, maps)
-
-    def _chain(self, hop: int, x: torch.Tensor) -> torch.Tensor:
-        a, b = (getattr(self, n) for n in CONV_NAMES[hop])
-        return _conv(_conv(x, a), b).flatten(1)
-
-    def forward(self, windows: torch.Tensor, features: torch.Tensor, direct: bool = False):
-        """windows [M, D, S, S] (causally masked; S = self.window), features [M, K, D]
-        -> (per-candidate features [M, K, D], their mean [M, D]). Cells at and after the centre are ignored."""
-        m, k, d = features.shape
-        hw = self.hop_weights().to(features.dtype)
-        outs = 0
-        c = self.window // 2
-        windows = windows * self._past_mask(windows)  # only cells before the centre count; it takes the candidate
-        for weight, hop in zip(hw, self.hops, strict=True):
-            crop = windows[:, :, c - hop:c + hop + 1, c - hop:c + hop + 1]
-            if direct:
-                full = crop[:, None].expand(m, k, *crop.shape[1:]).clone()
-                full[:, :, :, hop, hop] = features
-                out = self._chain(hop, full.reshape(m * k, d, 2 * hop + 1, 2 * hop + 1)).reshape(m, k, d)
-            elif torch.is_grad_enabled():  # training: the convolutions themselves, autograd through them
-                out = self._chain(hop, crop)[:, None] + features @ self.centre_map(hop).T
-            else:  # decoding: the same linear function as precomputed per-cell maps
-                out = self._past_part(hop, crop)[:, None] + features @ self.centre_map(hop).T
-            outs = outs + weight * out
-        gated = torch.sigmoid(self.mlp(outs)) * outs
-        return gated, gated.mean(1)
-
-
-def _conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """A valid (unpadded, stride 1) Conv2d as unfold + one matmul: [M, D, S, S] -> [M, D', S-k+1, S-k+1].
-
-    Same numbers as conv(x); for these tiny windows it avoids the per-call weight reordering of the CPU conv
-    kernels (measured: 1.3 ms per call for D=256 at decode time, most of FAiD's step cost).
-    """
-    m, _, s, _ = x.shape
-    k = conv.kernel_size[0]
-    o = s - k + 1
-    cols = torch.nn.functional.unfold(x, k).transpose(1, 2)  # [M, o*o, D*k*k]
-    y = torch.addmm(conv.bias, cols.reshape(m * o * o, -1), conv.weight.reshape(conv.out_channels, -1).T)
-    return y.reshape(m, o, o, -1).permute(0, 3, 1, 2)
-
-
-def gather_windows(grid: torch.Tensor, window_index: torch.Tensor, zero_row: bool = False) -> torch.Tensor:
-    """grid [B, C, D] (C = h*w cells), window_index [T, S, S] (-1 = zero) -> windows [B*T, D, S, S].
-
-    zero_row=True: grid already ends with an all-zero row (C = h*w + 1), so no padded copy is made.
-    """
-    b, c, d = grid.shape
-    t, s, _ = window_index.shape
-    if not zero_row:
-        grid = torch.cat([grid, grid.new_zeros(b, 1, d)], 1)
-        c += 1
-    idx = torch.where(window_index >= 0, window_index, torch.full_like(window_index, c - 1))  # -1 -> zero row
-    win = grid[:, idx.reshape(-1)]  # [B, T*S*S, D]
-    return win.reshape(b * t, s, s, d).permute(0, 3, 1, 2)
-
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Wiring into the decoder: one hook per blender layer, driven by a context set for each forward pass.
-
-
-@dataclass
-class FaidContext:
-    """What the blender layers need for one forward pass.
-
-    full mode (training, teacher forcing): `candidates` Long [B, T, K] for every cell of the image, the
-    image tokens' inputs at sequence positions image_start .. image_start + T - 1; `centre_cells` bool [T]
-    marks the cells that take a retrieved centre (the valid targets; elsewhere the centre is zero).
-    step mode (decoding): the forward consumes token target - 1 (one position per row) and predicts
-    `target`; `candidates` Long [B, K], or None when the target gets no retrieval (zero centre); `buffers`
-    keep each blender layer's normed hidden states per cell, preallocated [B, h*w + 1, D] (last row zero).
-    `cells`: "all" adds the blender output at every image cell, as the original trains and decodes (a
-    cell without retrieval still gets the gated neighbourhood part); "valid" only at centre cells.
-    Rows where `row_mask` is False (unconditional CFG rows) get no features.
-    """
-
-    mode: str
-    grid: tuple[int, int]
-    candidates: torch.Tensor | None
-    row_mask: torch.Tensor
-    centre_cells: torch.Tensor | None = None  # full mode
-    cells: str = "all"
-    image_start: int = 0                  # full mode
-    target: int = 0                       # step mode
-    buffers: dict | None = None           # step mode
-    carry: torch.Tensor | None = field(default=None, repr=False)  # per-candidate outputs of the previous blender
-
-
-class FaidLayerHook:
-    """The after-attention hook of a decoder layer that holds `blender` and `retrieval_layernorm`."""
-
-    def __init__(self, model, layer_idx: int):
-        self.model, self.layer_idx = model, layer_idx
-
-    def __call__(self, h: torch.Tensor, normed: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        ctx: FaidContext | None = self.model.faid_context
-        if ctx is None:
-            return h
-        layer = self.model.llm.layers[layer_idx]
-        blender: SmoothPatchBlender = layer.blender
-        index = self.model.faid_window_index(ctx.grid, max(blender.hops), h.device)
-        # Only the rows that receive features are blended (unconditional CFG rows get none, so skip them).
-        sel = ctx.row_mask.nonzero().squeeze(1)
-        if len(sel) == 0:
-            return h
-        if ctx.mode == "full":
-            t = ctx.grid[0] * ctx.grid[1]
-            targets = (torch.arange(t, device=h.device) if ctx.cells == "all"
-                       else ctx.centre_cells.nonzero().squeeze(1))
-            if len(targets) == 0:
-                return h
-            cells = normed[sel, ctx.image_start:ctx.image_start + t]
-            if cells.shape[1] < t:  # the last image token is never an input; no window reaches its cell
-                cells = torch.cat([cells, cells.new_zeros(cells.shape[0], t - cells.shape[1], cells.shape[2])], 1)
-            windows = gather_windows(cells, index[targets])
-            positions = ctx.image_start + targets - 1  # the positions whose outputs predict the targets
-            cand = ctx.candidates[sel][:, targets]  # [S, P, K]
-            has_centre = ctx.centre_cells[targets]
-        else:
-            if ctx.target > 0:  # the input at this step is image token target - 1: its cell is now known
-                ctx.buffers[layer_idx][:, ctx.target - 1] = normed[:, -1]
-            if ctx.candidates is None and ctx.cells == "valid":
-                return h
-            windows = gather_windows(ctx.buffers[layer_idx][sel], index[[ctx.target]], zero_row=True)
-            positions = torch.tensor([h.shape[1] - 1], device=h.device)
-            if ctx.candidates is None:  # no retrieval: every candidate's centre is zero, so one stands for all K
-                cand = torch.full((len(sel), 1, 1), -1, dtype=torch.long, device=h.device)
-                has_centre = torch.zeros(1, dtype=torch.bool, device=h.device)
-            else:
-                cand = ctx.candidates[sel][:, None]  # [S, 1, K]
-                has_centre = torch.ones(1, dtype=torch.bool, device=h.device)
-        rows = (len(sel), cand.shape[1])
-        if ctx.carry is None:
-            feats = self.model.image_embeddings(cand.clamp_min(0)) * (cand >= 0)[..., None].to(h.dtype)
-        else:  # progressive: the previous blender's per-candidate outputs are this blender's candidates
-            feats = ctx.carry
-        # As the original trains: cells without retrieval get a zero centre in every blender, the later ones
-        # included (its decoding instead passes the first blender's outputs on there; see the README).
-        feats = layer.retrieval_layernorm(feats) * has_centre[None, :, None, None].to(h.dtype)
-        per_candidate, mean = blender(windows.to(h.dtype), feats.reshape(rows[0] * rows[1], cand.shape[-1], -1))
-        ctx.carry = per_candidate.reshape(*rows, *per_candidate.shape[1:])
-        h = h.clone()
-        h[sel[:, None], positions[None, :]] += mean.reshape(*rows, -1)
-        return h
-
-
-def attach_blenders(model) -> None:
-    """Give the layers named by the config a SmoothPatchBlender, a retrieval_layernorm and the FAiD hook."""
-    from arrag.janus.llama import RMSNorm
-
-    cfg = model.config.language
-    for i in cfg.blender_layers():
-        layer = model.llm.layers[i]
-        layer.blender = SmoothPatchBlender(cfg.hidden_size, tuple(cfg.hops))
-        layer.retrieval_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        layer.after_attention = FaidLayerHook(model, i)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The two modes: teacher forcing over whole sequences, and the decoding hook for the sampling loop.
-
-
-def full_sequence_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, codes: torch.Tensor,
-                         candidates: torch.Tensor | None, grid: tuple[int, int], shape: str = "L",
-                         row_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Teacher-forced logits for every image token: fp32 [B, T, V].
-
-    input_ids/attention_mask [B, L]: left-padded prompts ending with <begin_of_image>; codes [B, T] the
-    ground-truth image tokens; candidates Long [B, T, K] retrieved codes per cell (-1 = missing). Cells
-    that are not valid targets for `shape` (row 0, first and last column for L) take a zero centre whatever
-    their candidates; the model's `faid_cells` says whether they still get the blender output (the original
-    does). Rows where `row_mask` [B] is False (training's caption-dropped rows, like decoding's
-    unconditional CFG rows) get no features. With candidates None (or a model without blenders) this is
-    plain teacher forcing: the base AR loss.
-    """
-    from arrag.retrieval.neighborhood import get_neighborhood
-
-    b, length = input_ids.shape
-    t = grid[0] * grid[1]
-    embeds = torch.cat([model.text_embeddings(input_ids), model.image_embeddings(codes[:, :-1])], 1)
-    mask = torch.cat([attention_mask.bool(), attention_mask.new_ones(b, t - 1, dtype=torch.bool)], 1)
-    if candidates is None:
-        return model.image_logits(model.llm(embeds, mask)[:, length - 1:length - 1 + t])
-    centre = torch.from_numpy(get_neighborhood(shape).valid_mask(*grid).reshape(-1)).to(input_ids.device)
-    if row_mask is None:
-        row_mask = torch.ones(b, dtype=torch.bool, device=embeds.device)
-    model.faid_context = FaidContext("full", grid, candidates, row_mask.to(embeds.device).bool(),
-                                     centre_cells=centre, cells=model.config.language.faid_cells,
-                                     image_start=length)
-    try:
-        hidden = model.llm(embeds, mask)
-    finally:
-        model.faid_context = None
-    return model.image_logits(hidden[:, length - 1:length - 1 + t])
+DEFAULT_FAID_K = 10  # candidates per step, as the released model was trained and run
 
 
 class FAiD(DecodingHook):
     """FAiD decoding: before each forward pass, retrieve K codes per row for the target and hand them to
-    the blenders (one batched search per step; unconditional rows get no features)."""
+    the blenders as that pass's context (one batched search per step; unconditional rows get no features)."""
 
-    def __init__(self, retriever, k: int = 10):
+    def __init__(self, retriever, k: int = DEFAULT_FAID_K):
         if k < 1:
             raise ArragError(f"--faid-k must be >= 1, got {k}")
         self.retriever, self.k = retriever, k
@@ -347,17 +41,16 @@ class FAiD(DecodingHook):
         if not self.active:
             warnings.warn(f"retriever {self.retriever.folder} is empty: FAiD decodes without features", stacklevel=2)
 
-    def before_forward(self, state: DecodeState, target: int) -> None:
+    def before_forward(self, state: DecodeState, target: int) -> FaidContext:
         candidates = None
         if self.active and self.queries.valid[target]:
             _, codes = self.retriever.search(self.queries.query(state, target), self.k)
             candidates = codes.to(state.codes.device).repeat_interleave(2, 0)  # one copy for each CFG row
             self.stats["steps_augmented"] += 1
-        state.model.faid_context = FaidContext("step", state.grid, candidates, self.row_mask, target=target,
-                                               buffers=self.buffers, cells=state.model.config.language.faid_cells)
+        return FaidContext("step", state.grid, candidates, self.row_mask, target=target, buffers=self.buffers,
+                           cells=state.model.config.language.faid_cells)
 
     def end(self, state: DecodeState) -> None:
-        state.model.faid_context = None
         self.buffers = {}
 
     def settings(self) -> dict:

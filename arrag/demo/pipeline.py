@@ -13,18 +13,34 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from arrag.decoding.loop import SamplingConfig
+from arrag.decoding.methods import Generator, MethodConfig
+from arrag.demo.database import DEMO_RETRIEVER, build_demo_retriever
+from arrag.demo.score import (
+    VQEncoderFeatures,
+    accuracy,
+    prompt_records,
+    read_generated,
+    realism_fid,
+    write_prompt_file,
+)
+from arrag.demo.score import reference_images as render_reference
 from arrag.demo.shapes import CATEGORIES, ShapesWorld
 from arrag.errors import ArragError
+from arrag.eval.batch_generate import generate_into_layout
+from arrag.eval.layouts import make_layout
+from arrag.eval.prompts import read_prompt_source
 from arrag.fileops import remove_owned_dir
-from arrag.image_io import make_grid, save_image
+from arrag.image_io import make_grid, save_image, to_tensor, to_uint8
+from arrag.janus.model import JanusPro
 from arrag.provenance import write_json, write_sidecar
+from arrag.retrieval.retriever import PatchRetriever
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 METHODS = ("base", "daid", "faid")
@@ -33,37 +49,8 @@ DEMO_DAID = {"daid_lambda": 0.3, "daid_tau": 1.0, "daid_k": 256}
 DEMO_FAID_K = 10
 
 
-def build_demo_retriever(vq_source: Path, folder: Path, images: int, image_size: int, seed: int = 0,
-                         progress: bool = True) -> Path:
-    """Render `images` database images, encode them and index them under `folder` (reused when up to date)."""
-    from arrag.build_retriever.build_index import build_index
-    from arrag.build_retriever.encode import encode
-    from arrag.retrieval.codestore import STORE_FILES
-    from arrag.vq import load_vq
-
-    vq = load_vq(vq_source)
-    index = folder / "index"
-    if (index / "manifest.json").exists():
-        man = json.loads((index / "manifest.json").read_text())
-        if vq.matches(man.get("vq_fingerprint")) and man.get("images") == images:
-            print(f"[demo] reusing the demo retriever {index} ({man.get('entries'):,} entries)", file=sys.stderr)
-            return index
-    from arrag.demo.train_demo import render_split
-
-    with tempfile.TemporaryDirectory() as tmp:
-        render_split(Path(tmp), "database", images, image_size, seed)
-        store = folder / "codes"
-        remove_owned_dir(store, what="code store", owned=STORE_FILES)
-        encode(tmp, store, vq_source, image_size=image_size, batch_size=64, num_workers=0, min_size=8,
-               progress=progress)
-    build_index(store, index, overwrite=True, progress=progress)
-    return index
-
-
 def load_demo_models(assets: Path, device: torch.device):
     """The shipped base and FAiD models; a clear error when the assets are missing."""
-    from arrag.janus import JanusPro
-
     for name in ("base", "faid"):
         if not (assets / name / "config.json").is_file():
             raise ArragError(f"demo weights missing in {assets / name}: train them with "
@@ -75,24 +62,9 @@ def load_demo_models(assets: Path, device: torch.device):
 def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = (0,), split: str = "test",
              per_category: int = 4, samples: int = 4, methods: tuple[str, ...] = METHODS,
              daid: dict | None = None, faid_k: int = DEMO_FAID_K, database_images: int = 4800,
-             retriever_dir: str | Path = "data/retriever/demo_L", assets: str | Path = ASSETS,
+             retriever_dir: str | Path = DEMO_RETRIEVER, assets: str | Path = ASSETS,
              reference_images: int = 512, device: str | torch.device = "cpu", progress: bool = True) -> dict:
     """Generate the split's prompts with each method and seed, score them, write grid.png and scores.json."""
-    from arrag.decoding.sampler import method_hooks
-    from arrag.demo.score import (
-        VQEncoderFeatures,
-        accuracy,
-        prompt_records,
-        read_generated,
-        realism_fid,
-        write_prompt_file,
-    )
-    from arrag.demo.score import reference_images as render_reference
-    from arrag.eval.batch_generate import generate_into_layout
-    from arrag.eval.layouts import make_layout
-    from arrag.eval.prompts import read_prompt_source
-    from arrag.retrieval.retriever import PatchRetriever
-
     t_start = time.time()
     out, assets = Path(out_dir), Path(assets)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,13 +97,15 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = (0
     for seed in seeds:
         for method in methods:
             model = models["faid" if method == "faid" else "base"]
-            hooks = method_hooks(model, method, None if method == "base" else retriever, faid_k=faid_k, **daid)
+            generator = Generator(model, MethodConfig(method=method, faid_k=faid_k, **daid),
+                                  None if method == "base" else retriever)
             folder = out / method / f"seed{seed}"
             layout = make_layout("geneval", folder, samples)
             remove_owned_dir(folder, what="GenEval image folder", owned=layout.owned)  # always fresh images
             t0 = time.time()
-            generate_into_layout(model, items, layout, seed=seed, hooks=hooks, prompts_per_batch=len(items),
-                                 progress=progress, image_size=size)
+            generate_into_layout(generator, items, layout, SamplingConfig(parallel_size=samples, seed=seed,
+                                                                          image_size=size),
+                                 prompts_per_batch=len(items), progress=progress)
             seconds = time.time() - t0
             images, scenes, _ = read_generated(folder)
             score = accuracy(images, scenes)
@@ -144,11 +118,9 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = (0
     truth_score = accuracy(truth, truth_scenes)
     truth_score["realism_fid"] = realism_fid(truth, reference, features)
     # The tokenizer's ceiling: the same ground truth after a VQ round trip (what a perfect AR model could reach).
-    from arrag.image_io import to_tensor, to_uint8
-
     with torch.no_grad():
         vq = models["base"].vq
-        recon = to_uint8(vq.decode_codes(vq.encode_to_codes(to_tensor(truth).to(device))))
+        recon = to_uint8(vq.decode_codes(vq.encode_to_codes(to_tensor(truth).to(device))), "janus")
     recon_score = accuracy(recon, truth_scenes)
     recon_score["realism_fid"] = realism_fid(recon, reference, features)
     summary = {"split": split, "prompts": len(items), "samples_per_prompt": samples, "seeds": list(seeds),

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from arrag import fileops
+from arrag.demo.database import DEMO_RETRIEVER, build_demo_retriever, render_split
 from arrag.demo.shapes import ShapesWorld
 from arrag.image_io import to_tensor
 from arrag.vq import VQModel
@@ -111,7 +112,6 @@ def train_vq(preset: str = "VQ-tiny-8", image_size: int = 64, steps: int = 100, 
 # The full recipe (stages 1-4)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-DEMO_RETRIEVER = Path("data/retriever/demo_L")
 
 
 @dataclass
@@ -147,20 +147,6 @@ class DemoRecipe:
     lora_alpha: int = 32
 
 
-def render_split(folder: Path, split: str, count: int, size: int, seed: int) -> Path:
-    """Render images 0..count-1 of a split as PNGs with same-named .txt captions (for `arrag encode`)."""
-    from arrag.image_io import save_image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    world = ShapesWorld(split, seed=seed, size=size)
-    for i in tqdm(range(count), desc=f"render {split}", unit="img", leave=False):
-        png = folder / f"{i:06d}.png"
-        if not png.exists():
-            (folder / f"{i:06d}.txt").write_text(world.scene(i).caption)
-            save_image(world.image(i), png)
-    return folder
-
-
 def encode_split(workdir: Path, name: str, split: str, count: int, vq_path: Path, recipe: DemoRecipe) -> Path:
     """Render + `arrag encode` a split into a code store with captions (resumable)."""
     from arrag.build_retriever.encode import encode
@@ -178,9 +164,9 @@ def encode_split(workdir: Path, name: str, split: str, count: int, vq_path: Path
 
 def train_base(out: Path, store_dir: Path, vq_path: Path, recipe: DemoRecipe, progress: bool = True) -> dict:
     """Stage 2: a small Janus trained from scratch on (caption, codes); checkpoints every 250 steps."""
-    from arrag.decoding.faid import full_sequence_logits
     from arrag.demo.presets import build_word_tokenizer, tiny_janus_config
     from arrag.janus import JanusPro, Prompter
+    from arrag.janus.faid_layers import full_sequence_logits
     from arrag.retrieval.codestore import CodeStore
     from arrag.vq import load_vq
 
@@ -264,7 +250,6 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
                retriever_dir: str | Path = DEMO_RETRIEVER, recipe: DemoRecipe | None = None,
                progress: bool = True) -> dict:
     """Stages 1-4 (see the module docstring); returns the report also written to <assets>/recipe.json."""
-    from arrag.demo.pipeline import build_demo_retriever
     from arrag.provenance import write_json
     from arrag.train.construct import construct_train
     from arrag.train.train_faid import FaidTrainConfig, train_faid
@@ -304,11 +289,11 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
     index = build_demo_retriever(base_dir, Path(retriever_dir), recipe.database_images, recipe.image_size,
                                  recipe.seed)
     faid_store = encode_split(workdir, "faid", "train", recipe.faid_images, vq_path, recipe)
-    construct_train(faid_store, index, k=recipe.k, progress=progress)
+    construct_train(faid_store, index, retrieved_key_num=recipe.k, progress=progress)
     faid_dir = workdir / "faid"
     if not (faid_dir / "settings.json").exists():
         train_faid(FaidTrainConfig(base=str(base_dir), store=str(faid_store), out=str(faid_dir),
-                                   num_blender=recipe.num_blender, num_hop=recipe.num_hop, k=recipe.k,
+                                   num_blender=recipe.num_blender, num_hop=recipe.num_hop, retrieved_key_num=recipe.k,
                                    lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lr=recipe.faid_lr,
                                    batch_size=recipe.faid_batch, grad_accum=1, max_steps=recipe.faid_steps,
                                    schedule="cosine", warmup_ratio=0.05, cfg_drop=recipe.cfg_drop, seed=recipe.seed,

@@ -1,22 +1,33 @@
-"""Benchmark generation: every prompt of a source into a layout, resumable, split across processes.
+"""Benchmark generation: every prompt of a source into a layout, resumable, shared by several processes.
 
-Prompt j's sample s draws its randomness from (seed, j * parallel_size + s) (`sample_codes(prompt_indices=)`),
-so the images do not depend on the batch, on which prompts were already done, or on how many processes
-share the work. Process r of W takes the prompts with j % W == r; under `accelerate launch` (or torchrun)
-the rank and world size come from the environment.
+Prompt j's sample s draws its randomness from (seed, j * parallel_size + s), so the images do not depend on
+the batch, on which prompts were already done, or on how many processes share the work. Process r of W
+(under `accelerate launch` or torchrun, from the environment) takes the prompts with j % W == r. Before a
+prompt is generated it is claimed with a marker file created atomically, so independent runs started on
+the same folder split the prompts instead of each doing all of them; a claim whose process has died on
+this host (or that is older than a day, from another host) is taken over.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm import tqdm
 
-from arrag.eval.layouts import Layout
+from arrag import fileops
+from arrag.decoding.loop import SamplingConfig
+from arrag.decoding.methods import Generator
+from arrag.eval.layouts import CLAIMS, Layout, write_prompt_list
 from arrag.eval.prompts import PromptItem
+from arrag.provenance import SettingsLock
+
+STALE_CLAIM_SECONDS = 24 * 3600  # a claim from another host is trusted this long
 
 
 @dataclass(frozen=True)
@@ -37,32 +48,125 @@ class ProcessSlot:
         return [it for it in items if it.index % self.world == self.rank]
 
 
-def generate_into_layout(model, items: Sequence[PromptItem], layout: Layout, *, seed: int, hooks=(),
-                         prompts_per_batch: int = 1, slot: ProcessSlot = ProcessSlot(), progress: bool = True,
-                         before_write=None, **sampling) -> dict:
-    """Generate this process's unfinished prompts into `layout`; returns counts and timing.
+def prompts_digest(items: Sequence[PromptItem]) -> str:
+    """sha256 of every prompt's index, name, text and record: an edited prompt file gives another digest."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it.index, it.name, it.text, it.metadata]).encode())
+    return h.hexdigest()[:16]
 
-    `sampling`: sample_codes keywords (cfg_weight, temperature, top_k, top_p, image_size, batch_size).
+
+class Claims:
+    """Marker files <out>/.claims/<index>: created with O_EXCL, so exactly one process takes each prompt."""
+
+    def __init__(self, out: Path):
+        self.folder = out / CLAIMS
+
+    def _path(self, item: PromptItem) -> Path:
+        return self.folder / f"{item.index:08d}"
+
+    def take(self, item: PromptItem) -> bool:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self._path(item)
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._stale(path):
+                    return False
+                path.unlink(missing_ok=True)  # its process is gone: take it over
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"host": fileops.HOST, "pid": os.getpid(), "time": time.time()}, f)
+            return True
+        return False
+
+    def release(self, item: PromptItem) -> None:
+        self._path(item).unlink(missing_ok=True)
+
+    def tidy(self) -> None:
+        """Remove the claims folder once no run holds a claim (evaluators list every folder of the output)."""
+        try:
+            self.folder.rmdir()
+        except OSError:  # not empty (another run is working) or already gone
+            pass
+
+    @staticmethod
+    def _stale(path: Path) -> bool:
+        try:
+            owner = json.loads(path.read_text())
+        except (OSError, ValueError):  # being written right now, or gone
+            return not path.exists()
+        if owner.get("host") == fileops.HOST:
+            return not fileops.pid_alive(int(owner.get("pid", 0)))
+        return time.time() - float(owner.get("time", 0)) > STALE_CLAIM_SECONDS
+
+
+def generate_into_layout(generator: Generator, items: Sequence[PromptItem], layout: Layout,
+                         sampling: SamplingConfig, *, prompts_per_batch: int = 1, slot: ProcessSlot = ProcessSlot(),
+                         progress: bool = True, before_write: Callable[[], None] | None = None) -> dict:
+    """Generate this process's unfinished, unclaimed prompts into `layout`; returns counts and timing.
+
+    `before_write` runs once, just before the first images are written (the caller locks its settings then).
     """
-    from arrag.decoding.sampler import decode_images, sample_codes
-
+    if layout.parallel_size != sampling.parallel_size:
+        raise ValueError("the layout and the sampling config disagree on the samples per prompt")
     mine = slot.mine(items)
     todo = [it for it in mine if not layout.done(it)]
-    bar = tqdm(total=len(todo), desc=f"generate [{slot.rank + 1}/{slot.world}]", unit="prompt",
-               disable=not progress)
+    claims = Claims(layout.out)
+    bar = tqdm(total=len(todo), desc=f"generate [{slot.rank + 1}/{slot.world}]", unit="prompt", disable=not progress)
     t0 = time.perf_counter()
-    p = layout.parallel_size
-    for start in range(0, len(todo), prompts_per_batch):
-        batch = todo[start:start + prompts_per_batch]
-        codes = sample_codes(model, [it.text for it in batch], parallel_size=p, seed=seed, hooks=hooks,
-                             prompt_indices=[it.index for it in batch], progress=False, **sampling)
-        images = decode_images(model, codes)
-        if before_write is not None:  # the first results: lock the folder's settings now, not before
-            before_write()
-            before_write = None
-        for k, it in enumerate(batch):
-            layout.write(it, images[k * p:(k + 1) * p])
+    p, generated, elsewhere = sampling.parallel_size, 0, 0
+    pending = list(todo)
+    while pending:
+        batch = []
+        while pending and len(batch) < prompts_per_batch:
+            it = pending.pop(0)
+            if layout.done(it) or not claims.take(it):
+                elsewhere += 1  # finished or being generated by another run on this folder
+                bar.update(1)
+                continue
+            batch.append(it)
+        if not batch:
+            break
+        try:
+            images = generator.generate([it.text for it in batch], sampling, progress=False,
+                                        image_indices=[it.index * p + s for it in batch for s in range(p)])
+            if before_write is not None:  # the first results: lock the folder's settings now, not before
+                before_write()
+                before_write = None
+            for k, it in enumerate(batch):
+                layout.write(it, images[k * p:(k + 1) * p])
+        finally:
+            for it in batch:
+                claims.release(it)
+        generated += len(batch)
         bar.update(len(batch))
     bar.close()
-    return {"prompts": len(mine), "skipped": len(mine) - len(todo), "generated": len(todo),
-            "seconds": round(time.perf_counter() - t0, 3)}
+    claims.tidy()
+    return {"prompts": len(mine), "skipped": len(mine) - len(todo), "generated": generated,
+            "done_elsewhere": elsewhere, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def run_layout(generator: Generator, items: Sequence[PromptItem], layout: Layout, sampling: SamplingConfig, *,
+               prompts_source: str | None, slot: ProcessSlot = ProcessSlot(), prompts_per_batch: int = 1,
+               progress: bool = True) -> dict:
+    """`generate --layout`: lock the settings (checked now, recorded with the first images), write the prompt
+    list, and generate this process's share. A rerun with the same settings resumes; other settings, another
+    model or an edited prompt file are refused."""
+    settings = {**generator.settings(), **sampling.settings(), "layout": layout.name,
+                "prompts": str(Path(prompts_source).resolve()) if prompts_source else None,
+                "num_prompts": len(items), "prompts_sha256": prompts_digest(items)}
+    settings.pop("device", None)  # processes of one run use different devices
+    settings.pop("batch_size", None)  # does not change the images
+    lock = SettingsLock(layout.out / "settings.json", settings, what="images", has_results=layout.has_results,
+                        start_over=f"use another --out (or delete {layout.out} to start over)")
+    lock.check()
+
+    def first_images() -> None:
+        lock.record()
+        if slot.rank == 0:
+            write_prompt_list(layout, items)
+
+    return generate_into_layout(generator, items, layout, sampling, prompts_per_batch=prompts_per_batch, slot=slot,
+                                progress=progress, before_write=first_images)

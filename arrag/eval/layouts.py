@@ -26,13 +26,15 @@ from arrag.provenance import write_json
 LAYOUTS = ("geneval", "dpg", "flat")
 
 
-# Files every layout folder may hold besides the images: the run's records.
-RECORD_FILES = (r"settings\.json", r"prompts\.json")
+CLAIMS = ".claims"  # markers of prompts being generated (see batch_generate.Claims)
+# Files every layout folder may hold besides the images: the run's records and the claims.
+RECORD_FILES = (r"settings\.json", r"prompts\.json", r"\.claims/\d{8}")
 
 
 class Layout:
     """Paths of a prompt's outputs, whether they are all there, and how to write them."""
 
+    name = ""
     owned: tuple[str, ...] = RECORD_FILES  # regexes of every file the layout writes (what arrag may remove)
 
     def __init__(self, out: str | Path, parallel_size: int, fmt: str = "png", grid: bool = False):
@@ -54,6 +56,7 @@ class Layout:
 
 
 class GenevalLayout(Layout):
+    name = "geneval"
     owned = (*RECORD_FILES, r"\d{5}/metadata\.jsonl", r"\d{5}/samples/\d{4}\.png", r"\d{5}/grid\.png")
 
     def __init__(self, out: str | Path, parallel_size: int, fmt: str = "png", grid: bool = False):
@@ -79,6 +82,7 @@ class GenevalLayout(Layout):
 
 
 class DpgLayout(Layout):
+    name = "dpg"
     owned = (*RECORD_FILES, r"[^/]+\.(png|jpg|webp)")
 
     def __init__(self, out: str | Path, parallel_size: int, fmt: str = "png", grid: bool = False):
@@ -97,6 +101,7 @@ class DpgLayout(Layout):
 
 
 class FlatLayout(Layout):
+    name = "flat"
     owned = (*RECORD_FILES, r"\d{5}(_\d{2})?\.(png|jpg|webp)")
 
     def paths(self, item: PromptItem) -> list[Path]:
@@ -107,6 +112,20 @@ class FlatLayout(Layout):
     def write(self, item: PromptItem, images: np.ndarray) -> None:
         for path, image in zip(self.paths(item), images, strict=True):
             save_image(image, path)
+
+
+def write_plain(images: np.ndarray, out: str | Path, parallel_size: int, fmt: str = "png",
+                grid: str | Path | None = None) -> list[str]:
+    """Plain `arrag generate` output: <out>/<prompt 4 digits>_<sample 2 digits>.<fmt>, plus an optional grid of
+    all images (one row per prompt); returns the file names."""
+    out = Path(out)
+    files = []
+    for i, image in enumerate(images):
+        j, s = divmod(i, parallel_size)
+        files.append(save_image(image, out / f"{j:04d}_{s:02d}.{fmt}").name)
+    if grid:
+        save_image(make_grid(images, ncol=parallel_size), grid)
+    return files
 
 
 def make_layout(name: str, out: str | Path, parallel_size: int, fmt: str = "png", grid: bool = False) -> Layout:

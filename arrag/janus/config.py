@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from arrag.errors import ArragError
-from arrag.vq import VQ_PRESETS, VQConfig, vq_config
+from arrag.vq import VQ_PRESETS, VQConfig, vq_config, vq_config_from_janus
 
 FAID_CELLS = ("all", "valid")
 
@@ -147,18 +147,7 @@ class JanusConfig:
             if key not in d:
                 raise ArragError(f"{source} has no {key!r}: is this a Janus-Pro checkpoint (deepseek-ai layout)?")
         language = LlamaConfig.from_dict(d["language_config"])
-        vision = d["gen_vision_config"]
-        vq_name = vision.get("cls", "VQ-16")
-        params = vision.get("params", {})
-        if "arrag_vq_config" in params:  # tiny presets written by arrag carry their full VQ config
-            vq = vq_config(params["arrag_vq_config"])
-        elif vq_name in VQ_PRESETS:
-            vq = vq_config(vq_name)
-        else:
-            raise ArragError(f"{source}: gen_vision_config.cls={vq_name!r} is not a known VQ "
-                             f"({', '.join(VQ_PRESETS)})")
-        vq.codebook_size = params.get("image_token_size", vq.codebook_size)
-        vq.codebook_embed_dim = params.get("n_embed", vq.codebook_embed_dim)
+        vq_name, vq = vq_config_from_janus(d, source)
         head = d["gen_head_config"].get("params", {})
         aligner = d["gen_aligner_config"].get("params", {})
         if aligner.get("projector_type", "mlp_gelu") != "mlp_gelu" or aligner.get("depth", 2) != 2:

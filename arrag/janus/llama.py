@@ -15,8 +15,10 @@ from torch import nn
 
 from arrag.janus.config import LlamaConfig
 
-# hook(hidden after attention [B,T,D], normed layer input [B,T,D], layer index) -> new hidden [B,T,D]
-AfterAttentionHook = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+# hook(hidden after attention [B,T,D], normed layer input [B,T,D], layer index, the forward's context)
+# -> new hidden [B,T,D]. The context is whatever the caller passed to LlamaModel.forward (FAiD: its
+# retrieved candidates); a hook given None does nothing.
+AfterAttentionHook = Callable[[torch.Tensor, torch.Tensor, int, object], torch.Tensor]
 
 
 class DecodeLinear(nn.Linear):
@@ -130,11 +132,11 @@ class DecoderLayer(nn.Module):
         # The hook point: called after attention and before the MLP. FAiD adds its features here.
         self.after_attention: AfterAttentionHook | None = None
 
-    def forward(self, x, cos, sin, attn_mask, cache):
+    def forward(self, x, cos, sin, attn_mask, cache, context=None):
         normed = self.input_layernorm(x)
         h = x + self.self_attn(normed, cos, sin, attn_mask, cache, self.layer_idx)
-        if self.after_attention is not None:
-            h = self.after_attention(h, normed, self.layer_idx)
+        if self.after_attention is not None and context is not None:
+            h = self.after_attention(h, normed, self.layer_idx, context)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -153,11 +155,12 @@ class LlamaModel(nn.Module):
         return KVCache(self.config, batch, max_len, w.device, w.dtype)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, context: object = None) -> torch.Tensor:
         """inputs_embeds [B, T, D], attention_mask bool [B, T] (False = left padding) -> hidden [B, T, D].
 
         With a cache, the T tokens go to the next T slots and attend to everything cached before them.
         Rotary positions count only real tokens, so a left-padded row equals the same prompt run alone.
+        `context` goes to every layer's after-attention hook for this pass only (FAiD's candidates).
         """
         b, t, _ = inputs_embeds.shape
         dev = inputs_embeds.device
@@ -184,7 +187,7 @@ class LlamaModel(nn.Module):
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
         h = inputs_embeds
         for layer in self.layers:
-            h = layer(h, cos, sin, attn_mask, cache)
+            h = layer(h, cos, sin, attn_mask, cache, context)
         if cache is not None:
             cache.length += t
         return self.norm(h)

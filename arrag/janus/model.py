@@ -18,7 +18,9 @@ from torch import nn
 
 from arrag.errors import ArragError
 from arrag.fileops import atomic_path, write_text
+from arrag.janus.blender import CONV_NAMES
 from arrag.janus.config import JanusConfig
+from arrag.janus.faid_layers import attach_blenders
 from arrag.janus.llama import DecodeLinear, LlamaCausalLM
 from arrag.vq import VQModel, load_state_strict
 
@@ -67,26 +69,13 @@ class JanusPro(nn.Module):
         self.gen_head = VisionHead(d, config.image_token_embed, config.image_token_size)
         self.gen_embed = nn.Embedding(config.image_token_size, config.aligner_input_dim)
         self.source_folder: Path | None = None
-        self.faid_context = None  # set per forward pass by FAiD (arrag.decoding.faid.FaidContext)
-        self._window_cache: dict = {}
         if self.has_faid:
-            from arrag.decoding.faid import attach_blenders
-
             attach_blenders(self)
 
     @property
     def has_faid(self) -> bool:
         """True when the config carries FAiD blenders (num_SmoothPatchBlender and num_hop)."""
         return bool(self.config.language.num_SmoothPatchBlender and self.config.language.hops)
-
-    def faid_window_index(self, grid: tuple[int, int], hop: int, device) -> torch.Tensor:
-        """Cached causal window table [h*w, 2hop+1, 2hop+1] on `device` (see retrieval.neighborhood)."""
-        key = (tuple(grid), hop, str(device))
-        if key not in self._window_cache:
-            from arrag.retrieval.neighborhood import causal_window_index
-
-            self._window_cache[key] = torch.from_numpy(causal_window_index(*grid, hop)).to(device)
-        return self._window_cache[key]
 
     # -- pieces the sampler and FAiD use ------------------------------------------------------------------
     @property
@@ -201,8 +190,6 @@ def _idle_hop_conv_keys(model: JanusPro) -> dict[str, torch.Size]:
     """Keys (and shapes) of the blender convs of hops the config does not use."""
     if not model.has_faid:
         return {}
-    from arrag.decoding.faid import CONV_NAMES
-
     hops = set(model.config.language.hops)
     keys = {}
     for i in model.config.language.blender_layers():

@@ -13,28 +13,10 @@ import time
 import numpy as np
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
-from arrag.build_retriever.build_index import chunk_keys
 from arrag.errors import ArragError
 from arrag.retrieval.codestore import CodeStore
-from arrag.retrieval.neighborhood import get_neighborhood
+from arrag.retrieval.keys import entry_keys, grid_entries
 from arrag.retrieval.retriever import PatchRetriever
-
-
-def entry_keys(store: CodeStore, entries: np.ndarray, shape, key_source: str = "code") -> np.ndarray:
-    """True keys [len(entries), d] for entry ids of `store` (entry e = image e // P, valid position e % P)."""
-    p = len(get_neighborhood(shape).positions(*store.grid))
-    images, inverse = np.unique(entries // p, return_inverse=True)
-    codes = store.gather(images)
-    latents = store.gather(images, "latents") if key_source == "latent" else None
-    keys, _ = chunk_keys(codes, latents, shape, store.codebook(), key_source)
-    return keys.reshape(len(images), p, -1)[inverse, entries % p]
-
-
-def sample_queries(store: CodeStore, n: int, seed: int, shape="L", key_source: str = "code") -> np.ndarray:
-    """Keys of n random entries of `store` (seeded) as queries [n, d]."""
-    total = store.num_images * len(get_neighborhood(shape).positions(*store.grid))
-    entries = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
-    return entry_keys(store, entries, shape, key_source)
 
 
 def exact_distances(retriever: PatchRetriever, store: CodeStore, queries: np.ndarray, k: int = 10,
@@ -48,7 +30,7 @@ def exact_distances(retriever: PatchRetriever, store: CodeStore, queries: np.nda
         lat_iter = store.iter_chunks(chunk_images, "latents") if key_source == "latent" else None
         for _, codes in store.iter_chunks(chunk_images):
             latents = next(lat_iter)[1] if lat_iter is not None else None
-            yield chunk_keys(codes, latents, retriever.neighborhood, codebook, key_source)[0]
+            yield grid_entries(codes, latents, retriever.neighborhood, codebook, key_source)[0]
 
     return knn_ground_truth(np.ascontiguousarray(queries, dtype=np.float32), blocks(), k)[0]
 

@@ -16,7 +16,7 @@ import torch
 
 from arrag import fileops
 from arrag.errors import ArragError
-from arrag.retrieval import index as fx
+from arrag.retrieval import index as faiss_index
 from arrag.retrieval.neighborhood import Neighborhood, get_neighborhood
 
 ORIGINAL_INDEX, ORIGINAL_VALUES = "faiss_ivf_pq_opq.index", "next_codes.npy"
@@ -30,7 +30,7 @@ class PatchRetriever:
         self.manifest = manifest
         self.folder = folder
         self.gpus = gpus
-        self.nprobe = fx.set_nprobe(index, manifest.get("nprobe"))
+        self.nprobe = faiss_index.set_nprobe(index, manifest.get("nprobe"))
         self._values_torch: dict[str, torch.Tensor] = {}
 
     # -- loading ------------------------------------------------------------------------------------------
@@ -56,19 +56,19 @@ class PatchRetriever:
                 if not (folder / name).is_file():
                     raise ArragError(f"{folder}: {name} is missing; rebuild the index with `arrag build-index`")
                 fileops.verify_file(folder / name, record, hash_contents=verify, hint=hint)
-            index = fx.read_index(folder / "index.faiss")
+            index = faiss_index.read_index(folder / "index.faiss")
         elif (folder / ORIGINAL_INDEX).exists():
             warnings.warn(f"{folder} is the original AR-RAG prebuilt database: its tokenizer cannot be verified "
                           "(no fingerprint); it was built with LlamaGen's vq_ds16_t2i.pt and latent keys",
                           stacklevel=2)
-            index = fx.read_index(folder / ORIGINAL_INDEX)
+            index = faiss_index.read_index(folder / ORIGINAL_INDEX)
             values_path = folder / ORIGINAL_VALUES
-            nlist = fx.nlist_of(index)
+            nlist = faiss_index.nlist_of(index)
             # The original searched with nprobe 4096, every list of its IVF4096 index (exhaustive over lists).
             manifest = {"format": "ar-rag-original", "neighborhood": {"shape": "L"}, "key_source": "latent",
                         "dim": index.d, "metric": "L2", "entries": int(index.ntotal), "nlist": nlist,
                         "nprobe": min(nlist, ORIGINAL_NPROBE) if nlist else None, "vq_fingerprint": None,
-                        "index_type": fx.describe(index)}
+                        "index_type": faiss_index.describe(index)}
         else:
             raise ArragError(f"{folder} holds no index: expected manifest.json + index.faiss, or the original "
                              f"{ORIGINAL_INDEX} + {ORIGINAL_VALUES}")
@@ -84,9 +84,9 @@ class PatchRetriever:
                              f"{index.ntotal} entries")
         if nprobe is not None:
             manifest = {**manifest, "nprobe": int(nprobe)}
-        gpus = fx.parse_gpus(_gpu_spec(device))
+        gpus = faiss_index.parse_gpus(_gpu_spec(device))
         if gpus:
-            index = fx.to_gpus(index, gpus, shard=True)
+            index = faiss_index.to_gpus(index, gpus, shard=True)
         return cls(index, values, manifest, folder, gpus)
 
     # -- facts --------------------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ class PatchRetriever:
         return self.manifest.get("vq_fingerprint")
 
     def set_nprobe(self, nprobe: int) -> None:
-        self.nprobe = fx.set_nprobe(self.index, nprobe)
+        self.nprobe = faiss_index.set_nprobe(self.index, nprobe)
 
     def check_compatible(self, vq, allow_unknown: bool = False) -> None:
         """Refuse a retriever whose VQ fingerprint differs from the model's (or is unknown, unless allowed)."""

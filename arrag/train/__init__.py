@@ -1,1 +1,1 @@
-"""FAiD training: the retrieval-augmented training set and (to come) the LoRA + blender trainer."""
+"""FAiD training: the retrieval-augmented training set (construct.py) and the LoRA + blender trainer (train_faid.py)."""

@@ -32,10 +32,12 @@ def retrieved_name(k: int) -> str:
     return f"retrieved-{k:05d}.npy"
 
 
-def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str | Path | None = None, *, k: int = 10,
+def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str | Path | None = None, *,
+                    retrieved_key_num: int = 10,
                     exclude_self: bool = False, chunk_images: int = 256, nprobe: int | None = None,
                     progress: bool = True, verify_index: bool = True) -> dict:
     """Write the retrieved codes of every shard of `store_dir` into `out` (default: the store folder)."""
+    k = retrieved_key_num  # K candidates per position (the original's retrieved_key_num)
     store = CodeStore.open(store_dir)
     if not store.has_captions:
         raise ArragError(f"code store {store.folder} has no captions: encode image-caption data for FAiD training")
@@ -105,7 +107,7 @@ def _first_k_not_self(codes: np.ndarray, is_self: np.ndarray, k: int) -> np.ndar
     return np.where(np.take_along_axis(keep, order, -1)[..., :k], picked, -1)
 
 
-def load_retrieved(folder: str | Path, store: CodeStore, k: int | None = None) -> np.ndarray:
+def load_retrieved(folder: str | Path, store: CodeStore, retrieved_key_num: int | None = None) -> np.ndarray:
     """All retrieved codes [N, h*w, K] of a store (memory-mapped shards concatenated); checks K and tokenizer."""
     folder = Path(folder)
     meta_path = folder / "retrieved.json"
@@ -115,6 +117,7 @@ def load_retrieved(folder: str | Path, store: CodeStore, k: int | None = None) -
     if meta["vq_fingerprint"] != store.fingerprint:
         raise ArragError(f"retrieved codes in {folder} were built with another tokenizer (VQ {meta['vq_fingerprint']}"
                          f", store {store.fingerprint})")
+    k = retrieved_key_num
     if k is not None and meta["k"] != k:
         raise ArragError(f"retrieved codes in {folder} have K={meta['k']}, asked for {k}; rerun construct-train")
     parts = []

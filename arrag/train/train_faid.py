@@ -32,10 +32,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from arrag import fileops
 from arrag.errors import ArragError
+from arrag.janus.blender import CONV_NAMES
 from arrag.janus.config import FAID_CELLS, parse_hops
-from arrag.janus.prompting import TOKENIZER_FILES
+from arrag.janus.faid_layers import attach_blenders, full_sequence_logits
+from arrag.janus.model import JanusPro
+from arrag.janus.prompting import TOKENIZER_FILES, Prompter
 from arrag.provenance import SettingsLock, write_json
 from arrag.retrieval.codestore import CodeStore
+from arrag.train.construct import load_retrieved
 
 # Settings a rerun may change without invalidating the checkpoints it resumes from.
 RESUMABLE_CHANGES = ("max_steps", "resume", "overwrite", "save_every", "keep_checkpoints", "num_workers", "progress",
@@ -57,7 +61,7 @@ class FaidTrainConfig:
     num_blender: int = 2                # 0 trains plain LoRA (no blenders): the baseline of bench/train_speed.py
     num_hop: str = "1,2"                # written to the config as a list, [1, 2]
     faid_cells: str = "all"             # where blender output is added: every image cell (original) or valid
-    k: int = 10                         # retrieved codes per position (the original's retrieved_key_num)
+    retrieved_key_num: int = 10         # K retrieved codes per position (the original's name)
     lora_r: int = 128
     lora_alpha: int = 256
     lora_dropout: float = 0.05
@@ -95,7 +99,7 @@ class FaidTrainConfig:
         parse_hops(self.num_hop)  # one-line error for hops outside 1, 2, 3
         need(bool(parse_hops(self.num_hop)), "num-hop", repr(self.num_hop), "give hop sizes such as 1,2")
         need(self.faid_cells in FAID_CELLS, "faid-cells", self.faid_cells, f"choose {' or '.join(FAID_CELLS)}")
-        need(self.k >= 1, "k", self.k, "retrieved codes per position must be >= 1")
+        need(self.retrieved_key_num >= 1, "k", self.retrieved_key_num, "retrieved codes per position must be >= 1")
         need(self.lora_r >= 0, "lora-r", self.lora_r, "LoRA rank must be >= 0 (0 disables LoRA)")
         need(0 <= self.lora_dropout < 1, "lora-dropout", self.lora_dropout, "must be in [0, 1)")
         need(self.lr > 0, "lr", self.lr, "the learning rate must be > 0")
@@ -200,8 +204,6 @@ class FaidObjective(nn.Module):
         self.janus, self.grid = janus, grid
 
     def forward(self, input_ids, attention_mask, codes, candidates, features) -> torch.Tensor:
-        from arrag.decoding.faid import full_sequence_logits
-
         logits = full_sequence_logits(self.janus, input_ids, attention_mask, codes, candidates, self.grid,
                                       row_mask=features)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
@@ -214,8 +216,6 @@ def add_blenders(janus, num_blender: int, num_hop, faid_cells: str = "all") -> N
     as the original training script does, so the blenders sit in layers 0, n, 2n, ... (0 and 12 for two in
     Janus-Pro-1B's 24 layers).
     """
-    from arrag.decoding.faid import attach_blenders
-
     lang = janus.config.language
     layers = lang.num_hidden_layers
     if num_blender < 1 or layers % num_blender:
@@ -229,9 +229,6 @@ def add_blenders(janus, num_blender: int, num_hop, faid_cells: str = "all") -> N
 def build_model(cfg: FaidTrainConfig, device: str | torch.device = "cpu"):
     """Base Janus-Pro (fp32) + blenders + LoRA, with exactly the trainable parameters of the recipe."""
     from peft import LoraConfig, inject_adapter_in_model
-
-    from arrag.decoding.faid import CONV_NAMES
-    from arrag.janus import JanusPro
 
     janus = JanusPro.from_pretrained(cfg.base, dtype=torch.float32, device=device, quiet=True)
     hops = parse_hops(cfg.num_hop)
@@ -308,16 +305,13 @@ def _checkpoints(out: Path) -> list[Path]:
 
 
 def _open_data(cfg: FaidTrainConfig, janus):
-    from arrag.janus.prompting import Prompter
-    from arrag.train.construct import load_retrieved
-
     store = CodeStore.open(cfg.store)
     if not store.has_captions:
         raise ArragError(f"code store {store.folder} has no captions: encode image-caption data for FAiD training")
     if not janus.vq.matches(store.fingerprint):
         raise ArragError(f"code store {store.folder} was encoded with another tokenizer (VQ {store.fingerprint}) "
                          f"than {cfg.base}'s (VQ {janus.vq.fingerprint()}); re-encode with this model's VQ")
-    retrieved = load_retrieved(cfg.retrieved or cfg.store, store, cfg.k)
+    retrieved = load_retrieved(cfg.retrieved or cfg.store, store, cfg.retrieved_key_num)
     prompter = Prompter.from_folder(janus.source_folder)
     return store, FaidTrainSet(store, retrieved, prompter, seed=cfg.seed, cfg_drop=cfg.cfg_drop,
                                max_text_len=cfg.max_text_len), Collate(prompter)

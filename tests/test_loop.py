@@ -1,4 +1,4 @@
-"""The sampling loop: determinism, batch independence, filters, errors."""
+"""The sampling loop (decoding/loop.py) and generate(): determinism, batch independence, filters, errors."""
 
 import json
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from arrag.cli import main
-from arrag.decoding.sampler import filter_probs, generate, image_seeds, sample_codes, sample_from
+from arrag.decoding import SamplingConfig, generate, sample_codes
+from arrag.decoding.loop import filter_probs, image_seeds, sample_from
 from arrag.errors import ArragError
 
 
@@ -25,14 +26,14 @@ def test_same_seed_same_images_different_seed_different(tiny_janus):
 def test_batch_composition_does_not_change_an_image(tiny_janus):
     """Left-padded mixed-length batches, chunking and index offsets give each image its own result."""
     prompts = ["a square", "two red circles left of a blue triangle", "an orange diamond"]
-    kw = dict(image_size=64, seed=11, progress=False, top_k=50)
-    together = sample_codes(tiny_janus, prompts, parallel_size=2, **kw)
-    chunked = sample_codes(tiny_janus, prompts, parallel_size=2, batch_size=3, **kw)
+    cfg = SamplingConfig(parallel_size=2, image_size=64, seed=11, top_k=50)
+    together = sample_codes(tiny_janus, prompts, cfg, progress=False)
+    chunked = sample_codes(tiny_janus, prompts, SamplingConfig(**{**cfg.settings(), "batch_size": 3}), progress=False)
     torch.testing.assert_close(chunked, together, rtol=0, atol=0)
     for j, p in enumerate(prompts):
-        alone = sample_codes(tiny_janus, [p], parallel_size=2, image_index_offset=2 * j, **kw)
+        alone = sample_codes(tiny_janus, [p], cfg, image_indices=[2 * j, 2 * j + 1], progress=False)
         torch.testing.assert_close(alone, together[2 * j:2 * j + 2], rtol=0, atol=0)
-    picked = sample_codes(tiny_janus, [prompts[2], prompts[0]], parallel_size=2, prompt_indices=[2, 0], **kw)
+    picked = sample_codes(tiny_janus, [prompts[2], prompts[0]], cfg, image_indices=[4, 5, 0, 1], progress=False)
     torch.testing.assert_close(picked, together[[4, 5, 0, 1]], rtol=0, atol=0)
 
 
@@ -65,8 +66,8 @@ def test_inverse_cdf_sampling():
 
 
 def test_greedy_is_deterministic_without_seed_effect(tiny_janus):
-    a = sample_codes(tiny_janus, ["a circle"], temperature=0, seed=1, image_size=32, progress=False)
-    b = sample_codes(tiny_janus, ["a circle"], temperature=0, seed=2, image_size=32, progress=False)
+    a = sample_codes(tiny_janus, ["a circle"], SamplingConfig(temperature=0, seed=1, image_size=32), progress=False)
+    b = sample_codes(tiny_janus, ["a circle"], SamplingConfig(temperature=0, seed=2, image_size=32), progress=False)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -77,7 +78,7 @@ def test_sampler_errors(tiny_janus):
         generate(tiny_janus, ["a"], method="nope", image_size=32)
     with pytest.raises(ArragError, match="--method daid needs a retriever"):
         generate(tiny_janus, ["a"], method="daid", image_size=32)
-    with pytest.raises(ArragError, match="parallel-size must be >= 1"):
+    with pytest.raises(ArragError, match="--parallel-size 0: must be >= 1"):
         generate(tiny_janus, ["a"], parallel_size=0, image_size=32)
 
 

@@ -1,0 +1,53 @@
+"""ShapesWorld splits rendered to folders, and the demo retriever built from one with the real encode/build-index."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from arrag.build_retriever.build_index import build_index
+from arrag.build_retriever.encode import encode
+from arrag.demo.shapes import ShapesWorld
+from arrag.fileops import remove_owned_dir
+from arrag.image_io import save_image
+from arrag.retrieval.codestore import STORE_FILES
+from arrag.vq import load_vq
+
+DEMO_RETRIEVER = Path("data/retriever/demo_L")
+
+
+def render_split(folder: Path, split: str, count: int, size: int, seed: int) -> Path:
+    """Render images 0..count-1 of a split as PNGs with same-named .txt captions (for `arrag encode`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    world = ShapesWorld(split, seed=seed, size=size)
+    for i in tqdm(range(count), desc=f"render {split}", unit="img", leave=False):
+        png = folder / f"{i:06d}.png"
+        if not png.exists():
+            (folder / f"{i:06d}.txt").write_text(world.scene(i).caption)
+            save_image(world.image(i), png)
+    return folder
+
+
+def build_demo_retriever(vq_source: Path, folder: Path, images: int, image_size: int, seed: int = 0,
+                         progress: bool = True) -> Path:
+    """Render `images` database images, encode them and index them under `folder`/index (reused when up to
+    date: same tokenizer, same image count)."""
+    vq = load_vq(vq_source)
+    index = folder / "index"
+    if (index / "manifest.json").exists():
+        man = json.loads((index / "manifest.json").read_text())
+        if vq.matches(man.get("vq_fingerprint")) and man.get("images") == images:
+            print(f"[demo] reusing the demo retriever {index} ({man.get('entries'):,} entries)", file=sys.stderr)
+            return index
+    with tempfile.TemporaryDirectory() as tmp:
+        render_split(Path(tmp), "database", images, image_size, seed)
+        store = folder / "codes"
+        remove_owned_dir(store, what="code store", owned=STORE_FILES)
+        encode(tmp, store, vq_source, image_size=image_size, batch_size=64, num_workers=0, min_size=8,
+               progress=progress)
+    build_index(store, index, overwrite=True, progress=progress)
+    return index
