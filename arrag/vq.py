@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arrag.errors import ArragError
+from arrag.errors import ArragError, one_line
 
 
 @dataclass
@@ -495,7 +495,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
                 meta = f.metadata() or {}
                 state = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise ArragError(f"cannot read VQ checkpoint {path}: {str(e).splitlines()[0]}") from None
+            raise ArragError(f"cannot read VQ checkpoint {path}: {one_line(e)}") from None
         cfg = json.loads(meta["arrag_vq_config"]) if "arrag_vq_config" in meta else None
         return state, cfg
     try:
@@ -503,14 +503,14 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if "weights_only" not in str(e) and "Unsupported global" not in str(e):
-            raise ArragError(f"cannot read VQ checkpoint {path}: {str(e).splitlines()[0]}; "
+            raise ArragError(f"cannot read VQ checkpoint {path}: {one_line(e)}; "
                              "expected LlamaGen's .pt (a dict with 'model') or .safetensors") from None
         # The training script stores extra Python objects (args); the file is the user's own, so unpickle it.
         warnings.warn(f"{path} holds Python objects besides tensors; loading it with full unpickling", stacklevel=3)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e2:
-            raise ArragError(f"cannot read VQ checkpoint {path}: {str(e2).splitlines()[0]}") from None
+            raise ArragError(f"cannot read VQ checkpoint {path}: {one_line(e2)}") from None
     if isinstance(obj, Mapping):
         for key in ("ema", "model", "state_dict"):
             if isinstance(obj.get(key), Mapping):

@@ -102,3 +102,18 @@ def test_cli(tmp_path, capsys):
     assert main(["construct-train", str(tmp_path / "store"), "--retriever", str(tmp_path / "idx"), "--k", "3",
                  "--out", str(tmp_path / "ts")]) == 0
     assert (tmp_path / "ts" / "retrieved-00002.npy").exists() and "top-3" in capsys.readouterr().out
+
+
+def test_a_failed_run_does_not_lock_and_the_advice_unlocks(tmp_path):
+    _store(tmp_path / "store")
+    build_index(tmp_path / "store", tmp_path / "idx", progress=False)
+    with pytest.raises(ArragError, match="--chunk-images must be >= 1"):
+        construct_train(tmp_path / "store", tmp_path / "idx", tmp_path / "out", chunk_images=0, progress=False)
+    assert not (tmp_path / "out").exists()
+    construct_train(tmp_path / "store", tmp_path / "idx", tmp_path / "out", retrieved_key_num=2, progress=False)
+    with pytest.raises(ArragError, match="delete .*out/retrieved.json and .*out/retrieved-\\*.npy") as e:
+        construct_train(tmp_path / "store", tmp_path / "idx", tmp_path / "out", retrieved_key_num=3, progress=False)
+    assert "\n" not in str(e.value)
+    for p in [tmp_path / "out" / "retrieved.json", *(tmp_path / "out").glob("retrieved-*.npy")]:
+        p.unlink()  # exactly what the message says
+    construct_train(tmp_path / "store", tmp_path / "idx", tmp_path / "out", retrieved_key_num=3, progress=False)

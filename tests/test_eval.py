@@ -152,3 +152,59 @@ def test_fid_without_inception_weights_says_what_to_do(tmp_path, capsys):
                  str(tmp_path / "missing.pth")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.pth: no such file; download https://" in err[0]
+
+
+def _gen(model_dir, prompts, out, *extra):
+    return main(["generate", "--model", str(model_dir), "--prompts", str(prompts), "--layout", "geneval",
+                 "--parallel-size", "1", "--image-size", "32", "--out", str(out), "--device", "cpu", *extra])
+
+
+@pytest.mark.parametrize("bad", [["--nprobe", "-1"], ["--seed", "-1"], ["--temperature", "-1"], ["--top-k", "0"],
+                                 ["--top-p", "0"], ["--top-p", "2"], ["--batch-size", "0"], ["--parallel-size", "0"],
+                                 ["--prompts-per-batch", "0"]])
+def test_bad_flags_fail_in_one_line_and_leave_the_folder_unlocked(tmp_path, tiny_janus_dir, capsys, bad):
+    prompts, out = _geneval_file(tmp_path), tmp_path / "g"
+    assert _gen(tiny_janus_dir, prompts, out, *bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"arrag: error: {bad[0]}") and not (out / "settings.json").exists()
+    assert _gen(tiny_janus_dir, prompts, out) == 0  # the corrected command is accepted
+
+
+def test_dpg_with_no_samples_is_refused_before_loading(tmp_path, tiny_janus_dir, capsys):
+    args = ["generate", "--model", str(tiny_janus_dir), "--prompts", str(_geneval_file(tmp_path)), "--layout", "dpg",
+            "--parallel-size", "0", "--out", str(tmp_path / "d"), "--device", "cpu"]
+    assert main(args) == 2 and "--parallel-size 0" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
+def test_an_edited_prompt_file_is_refused_on_resume(tmp_path, tiny_janus_dir, capsys):
+    prompts, out = _geneval_file(tmp_path), tmp_path / "g"
+    assert _gen(tiny_janus_dir, prompts, out) == 0
+    records = [dict(r) for r in GENEVAL]
+    records[1]["prompt"] = "a photo of three cats"  # same path, same count, other content
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert _gen(tiny_janus_dir, prompts, out) == 2
+    assert "prompts_sha256 differ" in capsys.readouterr().err
+
+
+def test_a_prompt_file_that_is_not_utf8_is_one_line(tmp_path, tiny_janus_dir, capsys):
+    (tmp_path / "latin1.txt").write_bytes("une pomme rôtie\n".encode("latin-1"))
+    assert _gen(tiny_janus_dir, tmp_path / "latin1.txt", tmp_path / "g") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not UTF-8 text" in err[0]
+
+
+def test_concurrent_runs_split_the_prompts(tmp_path, tiny_janus_dir):
+    """Two `generate --layout` runs started together on one folder claim prompts, so no prompt is made twice."""
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("".join(f"{c} circle\n" for c in ["red", "blue", "green", "yellow", "purple", "orange"] * 2))
+    cmd = [sys.executable, "-m", "arrag", "generate", "--model", str(tiny_janus_dir), "--prompts", str(prompts),
+           "--layout", "flat", "--image-size", "64", "--out", str(tmp_path / "f"), "--device", "cpu"]
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
+    outputs = [r.communicate(timeout=300)[0] for r in runs]
+    assert all(r.returncode == 0 for r in runs)
+    made = [int(re.search(r"(\d+) prompts generated", o).group(1)) for o in outputs]
+    assert sum(made) == 12 and len(list((tmp_path / "f").glob("*.png"))) == 12
+    assert not (tmp_path / "f" / ".claims").exists()

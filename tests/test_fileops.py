@@ -120,3 +120,55 @@ def test_killed_build_index_resumes_to_identical_bytes(tmp_path):
         assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "ref", "store"]  # the killed run's temp swept
     assert np.array_equal(np.load(out / "values.npy"), np.load(tmp_path / "ref" / "values.npy"))
+
+
+def _hammer(path, n):
+    from arrag.image_io import save_image
+
+    img = np.full((8, 8, 3), 7, np.uint8)
+    for _ in range(n):
+        save_image(img, path)
+
+
+def test_two_processes_writing_one_path_do_not_race(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_hammer, args=(tmp_path / "same.png", 150)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["same.png"]
+
+
+def test_dataloader_workers_die_with_a_killed_encode(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from arrag.image_io import save_image
+    from arrag.vq import VQModel
+
+    folder = tmp_path / "imgs"
+    for i in range(400):
+        save_image(np.random.default_rng(i).integers(0, 255, (96, 96, 3), dtype=np.uint8), folder / f"{i:04d}.png")
+    VQModel("VQ-tiny-16").save(tmp_path / "vq.safetensors")
+    p = subprocess.Popen([sys.executable, "-m", "arrag", "encode", str(folder), "--out", str(tmp_path / "store"),
+                          "--vq", str(tmp_path / "vq.safetensors"), "--image-size", "64", "--workers", "2",
+                          "--batch-size", "2", "--device", "cpu"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    parent = psutil.Process(p.pid)
+    deadline = time.time() + 120
+    while len(parent.children()) < 2 and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    workers = parent.children()
+    assert len(workers) >= 2, "the DataLoader workers never started"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"workers outlived their parent: {[w.pid for w in alive]}"

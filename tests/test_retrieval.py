@@ -328,3 +328,86 @@ def test_saved_hf_dataset_source(tmp_path, vq_file):
     st = CodeStore.open(res.folder)
     assert st.num_images == 4 and st.captions() == [w.scene(i).caption for i in range(4)]
     assert st.manifest["source"]["type"] == "hf_disk" and st.manifest["source"]["caption_column"] == "caption"
+
+
+def test_every_side_file_is_checked_against_the_codes(tmp_path):
+    codes, book = make_store(tmp_path / "store", n=10, shard_size=4)
+    codestore.write_store(tmp_path / "cap", codes, book, shard_size=4, captions=[f"c{i}" for i in range(10)])
+    cap = tmp_path / "cap" / "captions-00001.jsonl"
+    cap.write_text("".join(cap.read_text().splitlines(keepends=True)[:-1]))  # one caption short
+    with pytest.raises(ArragError, match="captions-00001.jsonl holds 3 captions, its shard has 4 images"):
+        CodeStore.open(tmp_path / "cap").captions()
+    st = CodeStore.open(tmp_path / "store")
+    np.save(tmp_path / "store" / "codes-00001.npy", codes[4:7])  # a shard file shorter than its metadata
+    with pytest.raises(ArragError, match="codes-00001.npy holds 3 images, its shard has 4"):
+        st.gather(np.arange(10))
+    np.save(tmp_path / "store" / "codes-00001.npy", codes[4:8])
+    raw = (tmp_path / "store" / "codes-00002.npy").read_bytes()
+    (tmp_path / "store" / "codes-00002.npy").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(ArragError, match="codes-00002.npy .*truncated or damaged"):
+        list(st.iter_chunks(4))
+    (tmp_path / "store" / "codes-00000.npy").unlink()
+    with pytest.raises(ArragError, match="codes-00000.npy is missing; rerun `arrag encode`"):
+        list(st.iter_chunks(4))
+    (tmp_path / "store" / "manifest.json").write_text("{oops")
+    with pytest.raises(ArragError, match="manifest.json is not valid JSON"):
+        CodeStore.open(tmp_path / "store")
+
+
+def test_rerunning_encode_repairs_a_damaged_store(tmp_path, images, vq_file):
+    kw = dict(image_size=64, batch_size=4, shard_size=4, num_workers=0, progress=False, device="cpu")
+    enc.encode(str(images), tmp_path / "store", vq_file, **kw)
+    before = (tmp_path / "store" / "codes-00001.npy").read_bytes()
+    (tmp_path / "store" / "codes-00001.npy").unlink()  # shard-00001.json still says the shard is done
+    (tmp_path / "store" / "codes-00002.npy").write_bytes(b"\x93NUMPY")  # truncated
+    res = enc.encode(str(images), tmp_path / "store", vq_file, **kw)
+    assert res.complete and res.shards_written == [1, 2]
+    assert (tmp_path / "store" / "codes-00001.npy").read_bytes() == before
+    assert sum(len(c) for _, c in CodeStore.open(tmp_path / "store").iter_chunks(100)) == 12
+
+
+def test_encode_reads_16_bit_images_and_refuses_absurd_ones(tmp_path, vq_file):
+    from PIL import Image
+
+    w = ShapesWorld("database", size=64)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    eight = w.image(0)
+    save_image(eight, folder / "a_8bit.png")
+    grey16 = (eight.mean(2).round().astype(np.uint16) * 257)  # the same picture in 16-bit greyscale
+    Image.fromarray(grey16).save(folder / "b_16bit.png")
+    save_image(np.repeat(eight.mean(2, keepdims=True).round().astype(np.uint8), 3, 2), folder / "c_grey.png")
+    Image.fromarray(np.zeros((20, 2000), np.uint8)).save(folder / "d_strip.png")  # a 100:1 strip
+    res = enc.encode(str(folder), tmp_path / "store", vq_file, image_size=64, num_workers=0, progress=False,
+                     device="cpu", min_size=8)
+    st = CodeStore.open(tmp_path / "store")
+    assert res.encoded == 3 and res.skipped == 1
+    assert st.manifest["skipped"][0]["reason"].startswith("refused: aspect ratio 100:1")
+    codes = st.gather(np.arange(3))
+    np.testing.assert_array_equal(codes[1], codes[2])  # 16-bit grey == 8-bit grey, not an all-white image
+
+
+def test_a_full_disk_during_encode_is_one_line_and_leaves_no_temporary(tmp_path, images, vq_file, monkeypatch):
+    import errno
+
+    real_save = np.save
+
+    def full(f, arr, *a, **k):  # the disk fills up when the first shard is written
+        if "codes-" in str(getattr(f, "name", f)):
+            f.write(b"\x93NUMPY partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(f, arr, *a, **k)
+
+    monkeypatch.setattr(np, "save", full)
+    with pytest.raises(ArragError, match="no space left on device while writing .*codes-00000.npy"):
+        enc.encode(str(images), tmp_path / "store", vq_file, image_size=64, num_workers=0, progress=False,
+                   device="cpu")
+    assert not [p for p in (tmp_path / "store").iterdir() if ".tmp" in p.name]
+    assert not list((tmp_path / "store").glob("codes-*")) and not list((tmp_path / "store").glob("shard-*"))
+
+
+def test_a_failed_encode_does_not_lock_its_folder(tmp_path, images, vq_file):
+    with pytest.raises(ArragError, match="--batch-size must be >= 1"):
+        enc.encode(str(images), tmp_path / "store", vq_file, image_size=64, batch_size=0)
+    assert not (tmp_path / "store").exists()
+    enc.encode(str(images), tmp_path / "store", vq_file, image_size=64, num_workers=0, progress=False, device="cpu")

@@ -3,6 +3,7 @@
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -205,3 +206,59 @@ def test_bad_inputs_give_clear_errors(world, tmp_path, tiny_janus, capsys):
                  "--num-blender", "1", "--k", "4", "--cpu", "--num-workers", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("arrag: error: no retrieved codes") and "Traceback" not in "".join(err)
+
+
+def test_flags_that_cannot_work_are_refused_before_anything_is_written(world, tmp_path):
+    cases = {"batch_size": (0, "--batch-size 0"), "grad_accum": (0, "--grad-accum 0"), "num_hop": ("1,4", "num_hop"),
+             "max_steps": (0, "--max-steps 0: must be >= 1"), "epochs": (0, "--epochs 0: train at least one epoch"),
+             "keep_checkpoints": (0, "--keep-checkpoints 0"), "seed": (-1, "--seed -1"), "lr": (0.0, "--lr 0.0")}
+    for field_name, (value, message) in cases.items():
+        out = tmp_path / field_name
+        with pytest.raises(ArragError, match=re.escape(message)):
+            train_faid(_cfg(world, out, **{field_name: value}))
+        assert not out.exists()
+
+
+def test_a_failed_run_does_not_lock_its_folder(world, tmp_path, tiny_janus):
+    other = tmp_path / "other_store"
+    book = np.random.default_rng(1).normal(size=tuple(tiny_janus.vq.quantize.codebook().shape)).astype(np.float32)
+    codestore.write_store(other, np.zeros((3, 6, 6), np.uint16), book / np.linalg.norm(book, axis=1, keepdims=True),
+                          captions=["a", "b", "c"])
+    out = tmp_path / "run"
+    with pytest.raises(ArragError, match="another tokenizer"):
+        train_faid(_cfg(world, out, store=str(other)))
+    assert not (out / "train.json").exists()
+    train_faid(_cfg(world, out, max_steps=1))  # the corrected command is accepted
+    assert json.loads((out / "train.json").read_text())["store"] == world["store"]
+
+
+def test_a_rerun_without_resume_is_refused_where_checkpoints_exist(world, tmp_path):
+    out = tmp_path / "run"
+    train_faid(_cfg(world, out, max_steps=4))
+    first = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(ArragError, match="checkpoints exist in .*: pass --resume .* or --overwrite"):
+        train_faid(_cfg(world, out, max_steps=8))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == first  # nothing rotated away
+    train_faid(_cfg(world, out, max_steps=2, overwrite=True))  # starts over
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002"]
+    (out / "checkpoints" / "notes.txt").write_text("mine")
+    with pytest.raises(ArragError, match="holds files arrag did not write \\(notes.txt\\)"):
+        train_faid(_cfg(world, out, max_steps=2, overwrite=True))
+    assert (out / "checkpoints" / "notes.txt").exists()
+
+
+def test_killed_training_resumes_to_the_uninterrupted_weights(trained, world):
+    """SIGKILL `arrag train-faid` after its first checkpoint, rerun with --resume: the same final weights."""
+    from killing import arrag_command, run_and_kill
+
+    out = world["root"] / "run_killed"
+    flags = {"base": trained.base, "store": trained.store, "out": str(out), "num-blender": "1", "num-hop": "1,2",
+             "k": "4", "lora-r": "8", "lora-alpha": "16", "batch-size": "4", "grad-accum": "1", "epochs": "3",
+             "lr": "1e-3", "num-workers": "0", "save-every": "4"}
+    cmd = arrag_command("train-faid", *[x for k, v in flags.items() for x in (f"--{k}", v)], "--cpu")
+    killed = run_and_kill(cmd, lambda: (out / "checkpoints" / "step-0000004").is_dir())
+    assert killed and not (out / "model.safetensors").exists()
+    assert main(["train-faid", *[x for k, v in flags.items() for x in (f"--{k}", v)], "--cpu", "--resume"]) == 0
+    full, resumed = (load_file(str(p / "model.safetensors")) for p in (trained.output_dir(), out))
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-6)

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from arrag import fileops
-from arrag.errors import ArragError
+from arrag.errors import ArragError, one_line
 from arrag.image_io import IMAGE_SUFFIXES, RESIZE_MODES, ImageRejected, open_rgb, resize_crop, to_rgb, to_tensor
 from arrag.provenance import SettingsLock
 from arrag.retrieval import codestore
@@ -198,7 +198,7 @@ def _hf_from_hub(name: str):
     try:
         ds = datasets.load_dataset(repo, split=split or "train")
     except Exception as e:
-        raise ArragError(f"cannot fetch hub dataset {repo!r} ({str(e).splitlines()[0][:160]}); on a machine without "
+        raise ArragError(f"cannot fetch hub dataset {repo!r} ({one_line(e)}); on a machine without "
                          "network, save it with Dataset.save_to_disk elsewhere and pass that folder") from None
     return HFSource(ds, {"type": "hf_hub", "name": repo, "split": split or "train"})
 

@@ -69,17 +69,34 @@ class Claims:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self._path(item)
         for _ in range(2):
+            if self._create(path):
+                return True
+            if not self._stale(path):
+                return False
+            path.unlink(missing_ok=True)  # its process is gone: take it over
+        return False
+
+    @staticmethod
+    def _create(path: Path) -> bool:
+        """Create `path` holding this process's identity, atomically: the claim never exists half-written
+        (a hard link of a finished temporary file; link() fails if the name exists)."""
+        tmp = fileops.temp_path(path)
+        tmp.write_text(json.dumps({"host": fileops.HOST, "pid": os.getpid(), "time": time.time()}))
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: exclusive creation, then the content
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                if not self._stale(path):
-                    return False
-                path.unlink(missing_ok=True)  # its process is gone: take it over
-                continue
+                return False
             with os.fdopen(fd, "w") as f:
-                json.dump({"host": fileops.HOST, "pid": os.getpid(), "time": time.time()}, f)
+                f.write(tmp.read_text())
             return True
-        return False
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def release(self, item: PromptItem) -> None:
         self._path(item).unlink(missing_ok=True)
@@ -95,8 +112,8 @@ class Claims:
     def _stale(path: Path) -> bool:
         try:
             owner = json.loads(path.read_text())
-        except (OSError, ValueError):  # being written right now, or gone
-            return not path.exists()
+        except (OSError, ValueError):  # gone, or (without hard links) still being written
+            return not path.exists() or time.time() - path.stat().st_mtime > 60
         if owner.get("host") == fileops.HOST:
             return not fileops.pid_alive(int(owner.get("pid", 0)))
         return time.time() - float(owner.get("time", 0)) > STALE_CLAIM_SECONDS

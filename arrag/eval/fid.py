@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from arrag.errors import ArragError
+from arrag.errors import ArragError, one_line
 from arrag.fileops import atomic_path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -74,7 +74,7 @@ def make_metric(feature: nn.Module | None = None, inception_weights: str | None 
                                         feature_extractor_weights_path=inception_weights)
     except Exception as e:  # the download failed: offline machine, proxy, ...
         hub = Path(torch.hub.get_dir()) / "checkpoints"
-        raise ArragError(f"Inception weights are not cached and cannot be downloaded ({str(e).splitlines()[0][:120]}"
+        raise ArragError(f"Inception weights are not cached and cannot be downloaded ({one_line(e)}"
                          f"); download {INCEPTION_URL} and pass --inception-weights PATH (or put the file in "
                          f"{hub})") from None
 

@@ -30,7 +30,14 @@ class PromptItem:
 
 def read_prompt_source(path: str | Path, caption_column: str | None = None) -> list[PromptItem]:
     """Every prompt of a benchmark source, in order (see the module docstring for the formats)."""
-    path = Path(path)
+    try:
+        return _read(Path(path), caption_column)
+    except UnicodeDecodeError as e:
+        raise ArragError(f"--prompts {path}: not UTF-8 text ({e.reason} at byte {e.start}); save the prompts as "
+                         "UTF-8") from None
+
+
+def _read(path: Path, caption_column: str | None) -> list[PromptItem]:
     if path.is_dir():
         return _dpg_folder(path)
     if not path.is_file():

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arrag.errors import ArragError
+from arrag.errors import ArragError, one_line
 from arrag.fileops import atomic_path, write_text
 from arrag.janus.blender import CONV_NAMES
 from arrag.janus.config import JanusConfig
@@ -242,14 +242,14 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                     for k in sf.keys():
                         yield k, sf.get_tensor(k)
             except (OSError, RuntimeError, ValueError) as e:
-                raise ArragError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
+                raise ArragError(f"cannot read {f}: {one_line(e)}") from None
             except Exception as e:  # safetensors' own SafetensorError
-                raise ArragError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
+                raise ArragError(f"cannot read {f}: {one_line(e)}") from None
         else:
             try:
                 state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
-                raise ArragError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
+                raise ArragError(f"cannot read {f}: {one_line(e)}") from None
             if not isinstance(state, dict):
                 raise ArragError(f"{f} does not hold a state dict")
             yield from state.items()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from arrag.errors import ArragError
+from arrag.errors import ArragError, one_line
 
 SEP, SEP2 = "\n\n", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT = "<|User|>", "<|Assistant|>"
@@ -50,7 +50,7 @@ def load_tokenizer(folder: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # transformers raises OSError/ValueError/KeyError depending on what is missing
-        raise ArragError(f"cannot load the tokenizer in {folder}: {str(e).splitlines()[0]}") from None
+        raise ArragError(f"cannot load the tokenizer in {folder}: {one_line(e)}") from None
     finally:
         hf_logging.set_verbosity(level)
 

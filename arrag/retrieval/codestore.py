@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from arrag.errors import ArragError
+from arrag.errors import ArragError, one_line
 from arrag.fileops import save_npy, write_text
 
 STORE_FORMAT = "arrag-codestore/1"
@@ -195,7 +195,7 @@ class CodeStore:
         try:
             arr = np.load(path, mmap_mode="r")
         except (ValueError, OSError, EOFError) as e:
-            raise ArragError(f"cannot read {path} ({str(e).splitlines()[0][:100]}): it is truncated or damaged; "
+            raise ArragError(f"cannot read {path} ({one_line(e)}): it is truncated or damaged; "
                              f"{fix}") from None
         if len(arr) != count:
             raise ArragError(f"{path} holds {len(arr)} images, its shard has {count}; {fix}")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from arrag import fileops
-from arrag.errors import ArragError
+from arrag.errors import ArragError, one_line
 from arrag.retrieval import index as faiss_index
 from arrag.retrieval.neighborhood import Neighborhood, get_neighborhood
 
@@ -77,7 +77,7 @@ class PatchRetriever:
         try:
             values = np.load(values_path, mmap_mode="r" if mmap_values else None)
         except (ValueError, OSError, EOFError) as e:
-            raise ArragError(f"cannot read {values_path} ({str(e).splitlines()[0][:120]}): the file is truncated "
+            raise ArragError(f"cannot read {values_path} ({one_line(e)}): the file is truncated "
                              "or damaged; rebuild the index") from None
         if len(values) != index.ntotal:
             raise ArragError(f"{folder}: {values_path.name} has {len(values)} values but the index has "

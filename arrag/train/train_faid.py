@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from arrag import fileops
-from arrag.errors import ArragError
+from arrag.errors import ArragError, one_line
 from arrag.janus.blender import CONV_NAMES
 from arrag.janus.config import FAID_CELLS, parse_hops
 from arrag.janus.faid_layers import attach_blenders, full_sequence_logits
@@ -39,6 +39,7 @@ from arrag.janus.model import JanusPro
 from arrag.janus.prompting import TOKENIZER_FILES, Prompter
 from arrag.provenance import SettingsLock, write_json
 from arrag.retrieval.codestore import CodeStore
+from arrag.runtime import kill_with_parent
 from arrag.train.construct import load_retrieved
 
 # Settings a rerun may change without invalidating the checkpoints it resumes from.
@@ -249,7 +250,7 @@ def build_model(cfg: FaidTrainConfig, device: str | torch.device = "cpu"):
         try:
             inject_adapter_in_model(lora, janus)
         except ValueError as e:
-            raise ArragError(f"--lora-targets {cfg.lora_targets}: {str(e).splitlines()[0]}") from None
+            raise ArragError(f"--lora-targets {cfg.lora_targets}: {one_line(e)}") from None
     janus.train()
     janus.gen_vision_model.eval()  # the VQ is frozen and only decodes
     idle = {n for h, names in CONV_NAMES.items() if h not in janus.config.language.hops for n in names}
@@ -376,6 +377,7 @@ def train_faid(cfg: FaidTrainConfig) -> Path:
     objective = FaidObjective(janus, store.grid)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=PassSampler(len(dataset), cfg.epochs, cfg.seed),
                         collate_fn=collate, num_workers=cfg.num_workers, drop_last=False,
+                        worker_init_fn=kill_with_parent,
                         # its own generator: creating the iterator must not draw from the global RNG, which
                         # drives LoRA dropout and is restored on --resume
                         generator=torch.Generator().manual_seed(cfg.seed))
