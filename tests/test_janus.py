@@ -148,6 +148,11 @@ def test_load_errors_are_clear(tmp_path, tiny_janus_dir):
 def test_missing_tokenizer_is_clear(tmp_path, tiny_janus):
     with pytest.raises(ArragError, match="no tokenizer files in"):
         Prompter.from_folder(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{}")  # a config without the tokenizer itself
+    with pytest.raises(ArragError) as e:
+        Prompter.from_folder(tmp_path)
+    message = str(e.value)  # transformers' multi-line explanation, whole and on one line
+    assert "\n" not in message and message.startswith("cannot load the tokenizer") and "(3)" in message
     folder, tiny_janus.source_folder = tiny_janus.source_folder, None
     try:
         with pytest.raises(ArragError, match="pass prompter="):

@@ -263,6 +263,11 @@ def test_bad_inputs_give_clear_errors(tmp_path, vq_file):
         build_index(tmp_path / "store", tmp_path / "idx", factory="IVFzz", progress=False)
     with pytest.raises(ArragError, match="--key-source latent needs latents"):
         build_index(tmp_path / "store", tmp_path / "idx", key_source="latent", progress=False)
+    for bad, message in ((dict(seed=-1), "--seed must be >= 0"), (dict(nprobe=0), "--nprobe must be >= 1"),
+                         (dict(chunk_images=0), "--chunk-images must be >= 1")):
+        with pytest.raises(ArragError, match=message):
+            build_index(tmp_path / "store", tmp_path / "idx", progress=False, **bad)
+    assert main(["search-stats", str(tmp_path / "nowhere"), "--seed", "-1"]) == 2
     build_index(tmp_path / "store", tmp_path / "idx", progress=False)
     with pytest.raises(ArragError, match="already holds an index; pass --overwrite"):
         build_index(tmp_path / "store", tmp_path / "idx", progress=False)
