@@ -86,7 +86,7 @@ def _generate(args: argparse.Namespace) -> int:
     generator = Generator.load(args.model, method, retriever=args.retriever, device=args.device, dtype=args.dtype,
                                retriever_device=args.retriever_device, nprobe=args.nprobe,
                                verify_index=not args.no_verify_index,
-                               local_rank=slot.local_rank if slot.world > 1 else None)
+                               local_rank=slot.local_rank if slot.world > 1 else None, step_mode=args.decode_step)
     if layout is not None:
         stats = run_layout(generator, items, layout, sampling, prompts_source=args.prompts, slot=slot,
                            prompts_per_batch=args.prompts_per_batch)
@@ -144,7 +144,8 @@ def _search_stats(args: argparse.Namespace) -> int:
     m = r.manifest
     stats = {"index": str(args.index), "entries": r.entries, "type": m.get("index_type"),
              "factory": m.get("factory"), "nlist": m.get("nlist"), "nprobe": r.nprobe,
-             "memory_bytes": faiss_index.index_memory_bytes(r.index) if not r.gpus else None,
+             "memory_bytes": faiss_index.index_memory_bytes(r.index) if r.backend == "faiss-cpu" else None,
+             "backend": r.backend,
              "key_source": m.get("key_source"), "neighborhood": m["neighborhood"]["shape"],
              "vq_fingerprint": m.get("vq_fingerprint")}
     store_dir = args.store or m.get("store")
@@ -304,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="duplicate codes: weight of the nearest hit (original, default) or the sum (kNN-LM)")
     gen.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per search (default: the index's)")
     gen.add_argument("--retriever-device", default=None,
-                     help="where the index lives: cpu, cuda (all GPUs, sharded) or ids such as 0,1 "
-                          "(default: cuda with GPU FAISS on a CUDA run, else cpu)")
+                     help="where the index lives: cpu, cuda (all GPUs, sharded) or ids such as 0,1 (default: the "
+                          "model's GPU on a CUDA run, through faiss-gpu or, for Flat and IVF-Flat indexes, the "
+                          "torch search backend; the CPU when neither applies)")
     gen.add_argument("--allow-unknown-vq", action="store_true",
                      help="accept an index without a VQ fingerprint (the original prebuilt database)")
     gen.add_argument("--no-verify-index", action="store_true",
@@ -332,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(gen)
     gen.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                      help="weights dtype (default auto: bf16 on CUDA, fp32 on CPU)")
+    gen.add_argument("--decode-step", default="auto", choices=["auto", "eager", "static", "graph"],
+                     help="how a decode step runs: auto (a CUDA graph on CUDA, eager elsewhere), eager (the "
+                          "reference), static (fixed shapes, no graph), graph (CUDA graph replay)")
     gen.set_defaults(func=_generate)
 
     enc = sub.add_parser(

@@ -136,14 +136,14 @@ def _incremental_logits(model, ids, mask, codes, cands, row_mask):
     b, length = ids.shape
     t = GRID[0] * GRID[1]
     valid = set(get_neighborhood("L").positions(*GRID).tolist())
-    buffers = {i: torch.zeros(b, t + 1, model.config.hidden_size) for i in model.config.language.blender_layers()}
+    buffers = {i: torch.zeros(b, t + 2, model.config.hidden_size) for i in model.config.language.blender_layers()}
     cache = model.llm.new_cache(b, length + t)
     outs = []
     with torch.no_grad():
         for step in range(t):
-            cand = cands[:, step] if step in valid else None
-            ctx = FaidContext("step", GRID, cand, row_mask, target=step, buffers=buffers,
-                              cells=model.config.language.faid_cells)
+            cand = cands[:, step] if step in valid else torch.full_like(cands[:, step], -1)
+            ctx = FaidContext("step", GRID, cand, row_mask, target=torch.tensor([step]), buffers=buffers,
+                              has_centre=torch.tensor([step in valid]), cells=model.config.language.faid_cells)
             x = model.text_embeddings(ids) if step == 0 else model.image_embeddings(codes[:, step - 1])[:, None]
             outs.append(model.llm(x, mask if step == 0 else None, cache, context=ctx)[:, -1])
     return model.image_logits(torch.stack(outs, 1))
@@ -332,3 +332,22 @@ def test_cli_faid_and_script(tmp_path, faid_dir, faid_retriever):
     p = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
     assert (tmp_path / "example_t2i_faid.jpg").exists()
+
+
+@pytest.mark.parametrize("mode", ["static", "graph"])
+def test_faid_and_daid_in_the_fixed_shape_step_give_the_eager_tokens(faid_model, faid_retriever, mode):
+    if mode == "graph" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    r = PatchRetriever.load(faid_retriever)
+    model = faid_model if mode == "static" else faid_model.to("cuda")
+    try:
+        cfg = SamplingConfig(parallel_size=2, image_size=64, seed=5)
+        for method in ("faid", "faid+daid"):
+            hooks = lambda: build_hooks(model, MethodConfig(method, daid_lambda=0.5, daid_k=6), r)  # noqa: E731
+            eager = sample_codes(model, ["a red circle", "a square"], cfg, hooks=hooks(), progress=False,
+                                 step_mode="eager")
+            other = sample_codes(model, ["a red circle", "a square"], cfg, hooks=hooks(), progress=False,
+                                 step_mode=mode)
+            torch.testing.assert_close(other, eager, rtol=0, atol=0)
+    finally:
+        faid_model.to("cpu")

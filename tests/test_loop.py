@@ -98,3 +98,21 @@ def test_cli_generate_writes_images_and_settings(tmp_path, tiny_janus_dir, capsy
     assert (tmp_path / "grid.jpg").exists() and (tmp_path / "grid.jpg.json").exists()
     rc = main(["generate", "--model", str(tiny_janus_dir), "--out", str(out)])
     assert rc == 2 and "no prompts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["static", "graph"])
+def test_fixed_shape_and_graph_steps_give_the_eager_tokens(tiny_janus, mode):
+    """The step a CUDA graph records (fixed shapes, tensor indices) samples what the eager forward samples."""
+    if mode == "graph" and not torch.cuda.is_available():
+        with pytest.raises(ArragError, match="CUDA graphs need the model on a CUDA device"):
+            sample_codes(tiny_janus, ["a"], SamplingConfig(image_size=32), progress=False, step_mode="graph")
+        return
+    model = tiny_janus if mode == "static" else tiny_janus.to("cuda")
+    try:
+        cfg = SamplingConfig(parallel_size=2, image_size=64, seed=9, top_k=100)
+        prompts = ["a red circle", "two blue squares left of a yellow triangle"]  # left padding in the batch
+        eager = sample_codes(model, prompts, cfg, progress=False, step_mode="eager")
+        other = sample_codes(model, prompts, cfg, progress=False, step_mode=mode)
+        torch.testing.assert_close(other, eager, rtol=0, atol=0)
+    finally:
+        tiny_janus.to("cpu")

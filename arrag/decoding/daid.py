@@ -80,6 +80,7 @@ class DAiD(DecodingHook):
 
     def begin(self, state: DecodeState) -> None:
         self.queries = StepQueries(self.retriever, state)
+        self.hits = self.misses = torch.zeros((), dtype=torch.long, device=state.codes.device)
         self.active = self.lam > 0 and self.retriever.entries > 0
         self.pending = None
         if self.prefetch is None:
@@ -111,8 +112,8 @@ class DAiD(DecodingHook):
                                        self.tau, self.aggregate)
         has_hits = p_ret.sum(1, keepdim=True) > 0
         self.stats["steps_augmented"] += 1
-        self.stats["rows_augmented"] += int(has_hits.sum())
-        self.stats["rows_without_hits"] += int((~has_hits).sum())
+        self.hits = self.hits + has_hits.sum()  # counted on the device: no host sync per step
+        self.misses = self.misses + (~has_hits).sum()
         return torch.where(has_hits, (1 - self.lam) * probs + self.lam * p_ret, probs)
 
     def end(self, state: DecodeState) -> None:
@@ -120,6 +121,8 @@ class DAiD(DecodingHook):
         if self.pool is not None:
             self.pool.shutdown(wait=True)
             self.pool = None
+        self.stats["rows_augmented"] += int(self.hits)
+        self.stats["rows_without_hits"] += int(self.misses)
         if self.stats["rows_without_hits"]:
             warnings.warn(f"DAiD: {self.stats['rows_without_hits']} row-steps found no entry and decoded as base",
                           stacklevel=2)

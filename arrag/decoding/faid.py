@@ -33,22 +33,29 @@ class FAiD(DecodingHook):
         h, w = state.grid
         rows, dim = 2 * state.n_images, model.config.hidden_size
         device, dtype = state.codes.device, model.dtype
-        self.buffers = {i: torch.zeros(rows, h * w + 1, dim, device=device, dtype=dtype)
+        # per blender layer, the normed hidden state of every cell, plus a scratch row and a zero row
+        self.buffers = {i: torch.zeros(rows, h * w + 2, dim, device=device, dtype=dtype)
                         for i in model.config.language.blender_layers()}
         self.row_mask = torch.zeros(rows, dtype=torch.bool, device=device)
         self.row_mask[state.cond_rows] = True
+        # Everything a step needs already on the device: steps pass views, never host values.
+        self.targets = torch.arange(h * w, device=device)
+        self.no_candidates = torch.full((rows, self.k), -1, dtype=torch.long, device=device)
+        self.centre = torch.tensor([False, True], device=device)
         self.active = self.retriever.entries > 0
         if not self.active:
             warnings.warn(f"retriever {self.retriever.folder} is empty: FAiD decodes without features", stacklevel=2)
 
     def before_forward(self, state: DecodeState, target: int) -> FaidContext:
-        candidates = None
+        candidates, retrieved = self.no_candidates, False
         if self.active and self.queries.valid[target]:
             _, codes = self.retriever.search(self.queries.query(state, target), self.k)
             candidates = codes.to(state.codes.device).repeat_interleave(2, 0)  # one copy for each CFG row
+            retrieved = True
             self.stats["steps_augmented"] += 1
-        return FaidContext("step", state.grid, candidates, self.row_mask, target=target, buffers=self.buffers,
-                           cells=state.model.config.language.faid_cells)
+        return FaidContext("step", state.grid, candidates, self.row_mask, rows=state.cond_rows,
+                           target=self.targets[target:target + 1], has_centre=self.centre[int(retrieved):][:1],
+                           buffers=self.buffers, cells=state.model.config.language.faid_cells)
 
     def end(self, state: DecodeState) -> None:
         self.buffers = {}

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from arrag.decoding.hooks import DecodeState, DecodingHook
+from arrag.decoding.step import cfg_logits, make_step
 from arrag.errors import ArragError
 from arrag.image_io import to_uint8
 
@@ -100,17 +101,15 @@ def _context(hooks: Sequence[DecodingHook], state: DecodeState, target: int):
     return context
 
 
-def prefill(model, batch, cache, context=None) -> torch.Tensor:
-    """Run the prompts (PromptBatch, 2N interleaved CFG rows) into the cache -> last hidden states [2N, D]."""
-    return model.llm(model.text_embeddings(batch.input_ids), batch.attention_mask, cache, context=context)[:, -1]
+def prefill(model, batch, cache, cfg_weight: float, context=None) -> torch.Tensor:
+    """Run the prompts (PromptBatch, 2N interleaved CFG rows) into the cache -> CFG logits of token 0 [N, V]."""
+    hidden = model.llm(model.text_embeddings(batch.input_ids), batch.attention_mask, cache, context=context)[:, -1]
+    return cfg_logits(model, hidden, cfg_weight)
 
 
-def decode_one_token(model, state: DecodeState, hidden: torch.Tensor, target: int, sampling: SamplingConfig,
+def decode_one_token(state: DecodeState, logits: torch.Tensor, target: int, sampling: SamplingConfig,
                      uniforms: torch.Tensor, hooks: Sequence[DecodingHook]) -> torch.Tensor:
-    """Hidden states [2N, D] predicting `target` -> its sampled codes Long [N] (CFG, temperature, hooks, filters)."""
-    logits = model.image_logits(hidden)
-    cond, uncond = logits[0::2], logits[1::2]
-    logits = uncond + sampling.cfg_weight * (cond - uncond)
+    """CFG logits [N, V] predicting `target` -> its sampled codes Long [N] (temperature, hooks, filters)."""
     probs = torch.softmax(logits / sampling.temperature if sampling.temperature > 0 else logits, dim=-1)
     for hook in hooks:
         probs = hook.adjust_probs(state, target, probs)
@@ -120,28 +119,31 @@ def decode_one_token(model, state: DecodeState, hidden: torch.Tensor, target: in
 
 
 def decode_n_tokens(model, state: DecodeState, batch, cache, sampling: SamplingConfig, uniforms: torch.Tensor,
-                    hooks: Sequence[DecodingHook], progress: bool = True) -> None:
-    """The raster loop: prefill, then one token per step into state.codes [N, h*w]."""
+                    hooks: Sequence[DecodingHook], progress: bool = True, step_mode: str = "auto") -> None:
+    """The raster loop: prefill, then one token per step into state.codes [N, h*w] (see decoding.step for
+    how a step runs: eagerly, or replayed as a CUDA graph)."""
     steps = state.codes.shape[1]
-    hidden = prefill(model, batch, cache, _context(hooks, state, 0))
+    logits = prefill(model, batch, cache, sampling.cfg_weight, _context(hooks, state, 0))
+    step = make_step(step_mode, model, cache, sampling.cfg_weight, state.n_images, start=cache.length)
+    uniforms = uniforms.to(state.codes.device)  # one copy, not one per step
     for t in tqdm(range(steps), desc="decoding", unit="tok", disable=not progress, leave=False):
-        tokens = decode_one_token(model, state, hidden, t, sampling, uniforms, hooks)
+        tokens = decode_one_token(state, logits, t, sampling, uniforms, hooks)
         state.codes[:, t] = tokens
         if t == steps - 1:
             break
-        context = _context(hooks, state, t + 1)
-        emb = model.image_embeddings(tokens.repeat_interleave(2))[:, None]  # same token for cond and uncond rows
-        hidden = model.llm(emb, None, cache, context=context)[:, -1]
+        logits = step(tokens, t + 1, _context(hooks, state, t + 1))
 
 
 @torch.no_grad()
 def sample_codes(model, prompts: Sequence[str], sampling: SamplingConfig, *, hooks: Sequence[DecodingHook] = (),
-                 prompter=None, image_indices: Sequence[int] | None = None, progress: bool = True) -> torch.Tensor:
+                 prompter=None, image_indices: Sequence[int] | None = None, progress: bool = True,
+                 step_mode: str = "auto") -> torch.Tensor:
     """Sample code grids for every prompt x parallel_size: Long [len(prompts) * parallel_size, h, w].
 
     Image j*parallel_size + s is sample s of prompt j. Its random draws come from (seed, image_indices[that
     image]) (default: its position), so callers that split a benchmark across runs give each image its index
-    in the whole benchmark and get the same images whatever the split.
+    in the whole benchmark and get the same images whatever the split. step_mode: auto (a CUDA graph on
+    CUDA, eager elsewhere), eager, static or graph (decoding.step).
     """
     from arrag.janus.prompting import Prompter
 
@@ -162,12 +164,13 @@ def sample_codes(model, prompts: Sequence[str], sampling: SamplingConfig, *, hoo
     out = []
     for s in range(0, len(captions), chunk):
         out.append(_sample_chunk(model, prompter, captions[s:s + chunk], seeds[s:s + chunk], (h, w), sampling,
-                                 hooks, progress))
+                                 hooks, progress, step_mode))
     return torch.cat(out).reshape(len(captions), h, w)
 
 
 def _sample_chunk(model, prompter, captions: list[str], seeds: list[int], grid: tuple[int, int],
-                  sampling: SamplingConfig, hooks: Sequence[DecodingHook], progress: bool) -> torch.Tensor:
+                  sampling: SamplingConfig, hooks: Sequence[DecodingHook], progress: bool,
+                  step_mode: str) -> torch.Tensor:
     device = model.device
     n, steps = len(captions), grid[0] * grid[1]
     batch = prompter.batch(captions, device)
@@ -181,7 +184,8 @@ def _sample_chunk(model, prompter, captions: list[str], seeds: list[int], grid: 
     for hook in hooks:
         hook.begin(state)
     try:
-        decode_n_tokens(model, state, batch, cache, sampling, image_uniforms(seeds, steps), hooks, progress)
+        decode_n_tokens(model, state, batch, cache, sampling, image_uniforms(seeds, steps), hooks, progress,
+                        step_mode)
     finally:  # hooks release what they hold even when decoding fails
         for hook in hooks:
             hook.end(state)

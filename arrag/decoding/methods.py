@@ -89,20 +89,22 @@ class Generator:
     """A ready text-to-image generator: model + retriever + the method's hooks, and the record of them."""
 
     def __init__(self, model, method: MethodConfig | None = None, retriever=None,
-                 extra_hooks: Sequence[DecodingHook] = (), prompter=None):
+                 extra_hooks: Sequence[DecodingHook] = (), prompter=None, step_mode: str = "auto"):
         self.model, self.method, self.retriever = model, method or MethodConfig(), retriever
         self.hooks = [*build_hooks(model, self.method, retriever), *extra_hooks]
-        self.prompter = prompter
+        self.prompter, self.step_mode = prompter, step_mode
 
     @classmethod
     def load(cls, model_path: str | Path, method: MethodConfig | None = None, *, retriever: str | Path | None = None,
              device: str = "auto", dtype: str = "auto", retriever_device: str | None = None,
-             nprobe: int | None = None, verify_index: bool = True, local_rank: int | None = None) -> Generator:
+             nprobe: int | None = None, verify_index: bool = True, local_rank: int | None = None,
+             step_mode: str = "auto") -> Generator:
         """Load a Janus-Pro folder and, for retrieval methods, its index; everything is checked before loading.
 
-        device 'auto' is CUDA when present (GPU `local_rank` when several processes share a machine); the
-        index goes to the GPUs when the model is on CUDA and FAISS has GPU support, unless retriever_device
-        says otherwise. nprobe overrides the index's.
+        device 'auto' is CUDA when present (GPU `local_rank` when several processes share a machine). With the
+        model on CUDA the index goes to the GPU too (faiss-gpu, or the torch backend for Flat and IVF-Flat
+        indexes), staying on the CPU with a notice when neither applies; retriever_device overrides. nprobe
+        overrides the index's.
         """
         from arrag.janus.model import JanusPro
         from arrag.runtime import parse_dtype, resolve_device
@@ -120,20 +122,20 @@ class Generator:
             dev = resolve_device(f"cuda:{local_rank % torch.cuda.device_count()}")
         index = None
         if retriever:  # the index first: a bad one fails before minutes of model loading
-            from arrag.retrieval.index import has_gpu_faiss
             from arrag.retrieval.retriever import PatchRetriever
 
-            where = retriever_device or ("cuda" if dev.type == "cuda" and has_gpu_faiss() else "cpu")
-            index = PatchRetriever.load(retriever, device=where, nprobe=nprobe, verify=verify_index)
+            where = retriever_device or (str(dev) if dev.type == "cuda" else "cpu")
+            index = PatchRetriever.load(retriever, device=where, nprobe=nprobe, verify=verify_index,
+                                        gpu_fallback=retriever_device is None)
         model = JanusPro.from_pretrained(model_path, dtype=parse_dtype(dtype, dev), device=dev)
-        return cls(model, method, index)
+        return cls(model, method, index, step_mode=step_mode)
 
     # -- generating -----------------------------------------------------------------------------------------
     def sample_codes(self, prompts: Sequence[str], sampling: SamplingConfig, *,
                      image_indices: Sequence[int] | None = None, progress: bool = True) -> torch.Tensor:
         """Code grids Long [len(prompts) * parallel_size, h, w] (see loop.sample_codes)."""
         return sample_codes(self.model, prompts, sampling, hooks=self.hooks, prompter=self.prompter,
-                            image_indices=image_indices, progress=progress)
+                            image_indices=image_indices, progress=progress, step_mode=self.step_mode)
 
     def images(self, codes: torch.Tensor) -> np.ndarray:
         """Code grids -> uint8 images [N, H, W, 3]."""
@@ -149,6 +151,7 @@ class Generator:
         model = self.model
         d = {"model": str(Path(model.source_folder).resolve()) if model.source_folder else None,
              "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
+             "decode_step": self.step_mode,
              "vq_fingerprint": model.vq.fingerprint(), **self.method.settings()}
         for hook in self.hooks:
             d.update(hook.settings())

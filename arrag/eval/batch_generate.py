@@ -175,6 +175,7 @@ def run_layout(generator: Generator, items: Sequence[PromptItem], layout: Layout
                 "prompts": str(Path(prompts_source).resolve()) if prompts_source else None,
                 "num_prompts": len(items), "prompts_sha256": prompts_digest(items)}
     settings.pop("device", None)  # processes of one run use different devices
+    settings.pop("decode_step", None)  # eager, static and graph steps give the same images
     settings.pop("batch_size", None)  # does not change the images
     lock = SettingsLock(layout.out / "settings.json", settings, what="images", has_results=layout.has_results,
                         start_over=f"use another --out (or delete {layout.out} to start over)")

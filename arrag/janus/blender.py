@@ -92,11 +92,11 @@ class SmoothPatchBlender(nn.Module):
         return sum(b[:, :, i, j] @ a[:, :, u - i, v - j] for i in range(hop + 1) for j in range(hop + 1)
                    if 0 <= u - i <= hop and 0 <= v - j <= hop)
 
-    def past_maps(self, hop: int) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
+    def past_maps(self, hop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The conv chain of hop h on a causal window as one linear map (used when decoding, no autograd).
 
-        Returns the window cells before the centre [(u, v)], their stacked maps [n*D, D] and the constant
-        [D] (the biases carried through): chain(window) = concat(cells) @ maps + constant. Cached until
+        Returns the window cells before the centre (Long [2, n]: rows, columns), their stacked maps [n*D, D]
+        and the constant [D] (the biases carried through): chain(window) = concat(cells) @ maps + constant. Cached until
         the weights change; per row it costs n*D^2 instead of the convolutions' ~(h+1)^2 (2h+2) D^2.
         """
         a_conv, b_conv = (getattr(self, n) for n in CONV_NAMES[hop])
@@ -107,14 +107,15 @@ class SmoothPatchBlender(nn.Module):
             cells = [(u, v) for u in range(2 * hop + 1) for v in range(2 * hop + 1) if (u, v) < (hop, hop)]
             maps = torch.cat([self._cell_map(a, b, hop, u, v).T for u, v in cells], 0)
             const = b_conv.bias + b.sum((2, 3)) @ a_conv.bias
-            cached = self._cache[("past", hop)] = (key, (cells, maps, const))
+            # the cells as index tensors on the weights' device: no host-to-device copy per step (graph capture)
+            where = torch.tensor(cells, dtype=torch.long, device=a.device).T
+            cached = self._cache[("past", hop)] = (key, (where, maps, const))
         return cached[1]
 
     def _past_part(self, hop: int, crop: torch.Tensor) -> torch.Tensor:
         """chain(crop) with a zero centre and zero cells after it: [M, D, 2h+1, 2h+1] -> [M, D]."""
-        cells, maps, const = self.past_maps(hop)
-        rows, cols = zip(*cells, strict=True)
-        x = crop[:, :, list(rows), list(cols)].transpose(1, 2).reshape(crop.shape[0], -1)  # [M, n*D]
+        where, maps, const = self.past_maps(hop)
+        x = crop[:, :, where[0], where[1]].transpose(1, 2).reshape(crop.shape[0], -1)  # [M, n*D]
         return torch.addmm(const, x, maps)
 
     def _chain(self, hop: int, x: torch.Tensor) -> torch.Tensor:

@@ -33,11 +33,14 @@ class FaidContext:
     image tokens' inputs at sequence positions image_start .. image_start + T - 1; `centre_cells` bool [T]
     marks the cells that take a retrieved centre (the valid targets; elsewhere the centre is zero).
     step mode (decoding): the forward consumes token target - 1 (one position per row) and predicts
-    `target`; `candidates` Long [B, K], or None when the target gets no retrieval (zero centre); `buffers`
-    keep each blender layer's normed hidden states per cell, preallocated [B, h*w + 1, D] (last row zero).
+    `target` (Long [1], a tensor); `candidates` Long [B, K] (-1 = none); `has_centre` bool [1] is False
+    when the target gets no retrieval (zero centre); `buffers` keep each blender layer's normed hidden
+    states per cell, preallocated [B, h*w + 2, D] (row h*w is scratch, the last row stays zero). Everything
+    is a tensor of fixed shape, so a decode step can be captured as a CUDA graph.
     `cells`: "all" adds the blender output at every image cell, as the original trains and decodes (a
     cell without retrieval still gets the gated neighbourhood part); "valid" only at centre cells.
-    Rows where `row_mask` is False (unconditional CFG rows) get no features.
+    Rows where `row_mask` is False (unconditional CFG rows) get no features; `rows` (Long) may list the
+    others once for all steps, which avoids a device-to-host sync per step.
     """
 
     mode: str
@@ -47,9 +50,13 @@ class FaidContext:
     centre_cells: torch.Tensor | None = None  # full mode
     cells: str = "all"
     image_start: int = 0                  # full mode
-    target: int = 0                       # step mode
+    target: torch.Tensor | None = None    # step mode: Long [1]
+    has_centre: torch.Tensor | None = None  # step mode: bool [1]
     buffers: dict | None = None           # step mode
+    rows: torch.Tensor | None = None      # the rows of row_mask, when known in advance
     carry: torch.Tensor | None = field(default=None, repr=False)  # per-candidate outputs of the previous blender
+
+    STEP_INPUTS = ("target", "candidates", "has_centre")  # what changes from one decode step to the next
 
 
 class FaidLayerHook:
@@ -60,51 +67,60 @@ class FaidLayerHook:
 
     def __call__(self, h: torch.Tensor, normed: torch.Tensor, layer_idx: int, ctx: FaidContext) -> torch.Tensor:
         layer = self.model.llm.layers[layer_idx]
-        blender: SmoothPatchBlender = layer.blender
-        index = window_index(*ctx.grid, max(blender.hops), str(h.device))
+        index = window_index(*ctx.grid, max(layer.blender.hops), str(h.device))
         # Only the rows that receive features are blended (unconditional CFG rows get none, so skip them).
-        sel = ctx.row_mask.nonzero().squeeze(1)
+        sel = ctx.rows if ctx.rows is not None else ctx.row_mask.nonzero().squeeze(1)
         if len(sel) == 0:
             return h
-        if ctx.mode == "full":
-            t = ctx.grid[0] * ctx.grid[1]
-            targets = (torch.arange(t, device=h.device) if ctx.cells == "all"
-                       else ctx.centre_cells.nonzero().squeeze(1))
-            if len(targets) == 0:
-                return h
-            cells = normed[sel, ctx.image_start:ctx.image_start + t]
-            if cells.shape[1] < t:  # the last image token is never an input; no window reaches its cell
-                cells = torch.cat([cells, cells.new_zeros(cells.shape[0], t - cells.shape[1], cells.shape[2])], 1)
-            windows = gather_windows(cells, index[targets])
-            positions = ctx.image_start + targets - 1  # the positions whose outputs predict the targets
-            cand = ctx.candidates[sel][:, targets]  # [S, P, K]
-            has_centre = ctx.centre_cells[targets]
-        else:
-            if ctx.target > 0:  # the input at this step is image token target - 1: its cell is now known
-                ctx.buffers[layer_idx][:, ctx.target - 1] = normed[:, -1]
-            if ctx.candidates is None and ctx.cells == "valid":
-                return h
-            windows = gather_windows(ctx.buffers[layer_idx][sel], index[[ctx.target]], zero_row=True)
-            positions = torch.tensor([h.shape[1] - 1], device=h.device)
-            if ctx.candidates is None:  # no retrieval: every candidate's centre is zero, so one stands for all K
-                cand = torch.full((len(sel), 1, 1), -1, dtype=torch.long, device=h.device)
-                has_centre = torch.zeros(1, dtype=torch.bool, device=h.device)
-            else:
-                cand = ctx.candidates[sel][:, None]  # [S, 1, K]
-                has_centre = torch.ones(1, dtype=torch.bool, device=h.device)
-        rows = (len(sel), cand.shape[1])
+        if ctx.mode == "step":
+            return self._step(h, normed, layer_idx, ctx, sel, index)
+        if ctx.mode != "full":
+            raise ValueError(f"FaidContext mode {ctx.mode!r}: full or step")
+        t = ctx.grid[0] * ctx.grid[1]
+        targets = torch.arange(t, device=h.device) if ctx.cells == "all" else ctx.centre_cells.nonzero().squeeze(1)
+        if len(targets) == 0:
+            return h
+        cells = normed[sel, ctx.image_start:ctx.image_start + t]
+        if cells.shape[1] < t:  # the last image token is never an input; no window reaches its cell
+            cells = torch.cat([cells, cells.new_zeros(cells.shape[0], t - cells.shape[1], cells.shape[2])], 1)
+        windows = gather_windows(cells, index[targets])
+        positions = ctx.image_start + targets - 1  # the positions whose outputs predict the targets
+        cand = ctx.candidates[sel][:, targets]  # [S, P, K]
+        mean = self._blend(layer, ctx, windows, cand, ctx.centre_cells[targets], h.dtype)
+        h = h.clone()
+        h[sel[:, None], positions[None, :]] += mean
+        return h
+
+    def _step(self, h, normed, layer_idx: int, ctx: FaidContext, sel, index) -> torch.Tensor:
+        """Decoding, one position per row; tensor indices only (no host values), so it can be graph-captured."""
+        buf = ctx.buffers[layer_idx]
+        scratch = buf.shape[1] - 2
+        # The input at this step is image token target - 1, so its cell is now known (step 0: the prompt's
+        # last position, which belongs to no cell, goes to the scratch row).
+        cell = torch.where(ctx.target > 0, ctx.target - 1, torch.full_like(ctx.target, scratch))
+        buf.index_copy_(1, cell, normed[:, -1:].to(buf.dtype))
+        windows = gather_windows(buf.index_select(0, sel), index.index_select(0, ctx.target), zero_row=True)
+        mean = self._blend(self.model.llm.layers[layer_idx], ctx, windows, ctx.candidates.index_select(0, sel)[:, None],
+                           ctx.has_centre, h.dtype)[:, 0]
+        if ctx.cells == "valid":  # arrag's variant: nothing is added where there is no retrieval
+            mean = mean * ctx.has_centre.to(mean.dtype)
+        h = h.clone()
+        h[:, -1].index_add_(0, sel, mean)
+        return h
+
+    def _blend(self, layer, ctx: FaidContext, windows, cand, has_centre, dtype) -> torch.Tensor:
+        """The blender on windows [S*P, D, s, s] with candidates Long [S, P, K] -> mean feature [S, P, D]."""
+        rows = (cand.shape[0], cand.shape[1])
         if ctx.carry is None:
-            feats = self.model.image_embeddings(cand.clamp_min(0)) * (cand >= 0)[..., None].to(h.dtype)
+            feats = self.model.image_embeddings(cand.clamp_min(0)) * (cand >= 0)[..., None].to(dtype)
         else:  # progressive: the previous blender's per-candidate outputs are this blender's candidates
             feats = ctx.carry
         # As the original trains: cells without retrieval get a zero centre in every blender, the later ones
         # included (its decoding instead passes the first blender's outputs on there; see the README).
-        feats = layer.retrieval_layernorm(feats) * has_centre[None, :, None, None].to(h.dtype)
-        per_candidate, mean = blender(windows.to(h.dtype), feats.reshape(rows[0] * rows[1], cand.shape[-1], -1))
+        feats = layer.retrieval_layernorm(feats) * has_centre[None, :, None, None].to(dtype)
+        per_candidate, mean = layer.blender(windows.to(dtype), feats.reshape(rows[0] * rows[1], cand.shape[-1], -1))
         ctx.carry = per_candidate.reshape(*rows, *per_candidate.shape[1:])
-        h = h.clone()
-        h[sel[:, None], positions[None, :]] += mean.reshape(*rows, -1)
-        return h
+        return mean.reshape(*rows, -1)
 
 
 def attach_blenders(model) -> None:

@@ -94,13 +94,18 @@ class Attention(nn.Module):
         self.v_proj = DecodeLinear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = DecodeLinear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, layer_idx: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, layer_idx: int,
+                slot: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
+        if slot is not None:  # static decode step: write slot `slot`, attend over every slot through the mask
+            cache.k[layer_idx].index_copy_(2, slot, k)
+            cache.v[layer_idx].index_copy_(2, slot, v)
+            k, v = cache.k[layer_idx], cache.v[layer_idx]
+        elif cache is not None:
             s0 = cache.length
             cache.k[layer_idx, :, :, s0:s0 + t] = k
             cache.v[layer_idx, :, :, s0:s0 + t] = v
@@ -132,9 +137,9 @@ class DecoderLayer(nn.Module):
         # The hook point: called after attention and before the MLP. FAiD adds its features here.
         self.after_attention: AfterAttentionHook | None = None
 
-    def forward(self, x, cos, sin, attn_mask, cache, context=None):
+    def forward(self, x, cos, sin, attn_mask, cache, context=None, slot=None):
         normed = self.input_layernorm(x)
-        h = x + self.self_attn(normed, cos, sin, attn_mask, cache, self.layer_idx)
+        h = x + self.self_attn(normed, cos, sin, attn_mask, cache, self.layer_idx, slot)
         if self.after_attention is not None and context is not None:
             h = self.after_attention(h, normed, self.layer_idx, context)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -190,6 +195,26 @@ class LlamaModel(nn.Module):
             h = layer(h, cos, sin, attn_mask, cache, context)
         if cache is not None:
             cache.length += t
+        return self.norm(h)
+
+    def decode_static(self, inputs_embeds: torch.Tensor, cache: KVCache, slot: torch.Tensor,
+                      context: object = None) -> torch.Tensor:
+        """One token per row [B, 1, D] into cache slot `slot` (Long [1], a tensor) -> hidden [B, 1, D].
+
+        Every shape is fixed and no value is read back to the host: each layer writes its key and value with
+        index_copy_ and attends over all max_len slots through the key mask (slots not yet written are
+        masked), so the step can be captured as a CUDA graph and replayed. The same numbers as forward()
+        on the same cache, up to float rounding. cache.length is left alone: the caller owns `slot`.
+        """
+        # this token's rotary position (a left-padded row's own), taken before the counter moves on
+        cos, sin = rotary_cos_sin(cache.next_pos[:, None], self.config.head_dim, self.config.rope_theta,
+                                  inputs_embeds.dtype)
+        cache.key_mask.index_fill_(1, slot, True)
+        cache.next_pos += 1
+        attn_mask = cache.key_mask[:, None, None, :]  # [B, 1, 1, S]
+        h = inputs_embeds
+        for layer in self.layers:
+            h = layer(h, cos, sin, attn_mask, cache, context, slot)
         return self.norm(h)
 
 

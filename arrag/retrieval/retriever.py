@@ -17,7 +17,9 @@ import torch
 from arrag import fileops
 from arrag.errors import ArragError, one_line
 from arrag.retrieval import index as faiss_index
+from arrag.retrieval import torch_search
 from arrag.retrieval.neighborhood import Neighborhood, get_neighborhood
+from arrag.retrieval.torch_search import TorchIndex
 
 ORIGINAL_INDEX, ORIGINAL_VALUES = "faiss_ivf_pq_opq.index", "next_codes.npy"
 ORIGINAL_NPROBE = 4096  # the original DAiD/FAiD search setting (all 4096 lists of its index)
@@ -25,23 +27,34 @@ ORIGINAL_NPROBE = 4096  # the original DAiD/FAiD search setting (all 4096 lists 
 
 class PatchRetriever:
     def __init__(self, index, values: np.ndarray, manifest: dict, folder: Path, gpus: list[int]):
-        self.index = index
+        self.index = index  # a faiss index (CPU or GPU) or a TorchIndex
         self.values = values
         self.manifest = manifest
         self.folder = folder
         self.gpus = gpus
-        self.nprobe = faiss_index.set_nprobe(index, manifest.get("nprobe"))
         self._values_torch: dict[str, torch.Tensor] = {}
+        self.set_nprobe(manifest.get("nprobe"))
+
+    @property
+    def backend(self) -> str:
+        """Where searches run: 'faiss-cpu', 'faiss-gpu' or 'torch:<device>'."""
+        if isinstance(self.index, TorchIndex):
+            return f"torch:{self.index.device}"
+        return "faiss-gpu" if self.gpus else "faiss-cpu"
 
     # -- loading ------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, folder: str | Path, device: str | int | list[int] = "cpu", nprobe: int | None = None,
-             mmap_values: bool = True, verify: bool = True) -> PatchRetriever:
+             mmap_values: bool = True, verify: bool = True, backend: str = "auto",
+             gpu_fallback: bool = False) -> PatchRetriever:
         """Load from `folder`: our layout (manifest.json, index.faiss, values.npy) or the original prebuilt one.
 
         device: "cpu", "cuda" (every GPU, sharded), "cuda:1", or a list of GPU ids. nprobe overrides the
-        manifest's default. File sizes are always checked against the manifest; `verify` also checks their
-        hashes (about 1 s per GB: turn it off for very large indexes, `--no-verify-index`).
+        manifest's default. On GPUs the index goes to faiss-gpu when it is installed, else (Flat and IVF-Flat) to
+        the torch search backend; `backend` "torch" or "faiss" forces one. `gpu_fallback`: stay on the CPU,
+        with a notice, when neither can serve the index on the GPU (a PQ index without faiss-gpu). File sizes
+        are always checked against the manifest; `verify` also checks their hashes (about 1 s per GB: turn it
+        off for very large indexes, `--no-verify-index`).
         """
         folder = Path(folder)
         if not folder.is_dir():
@@ -84,7 +97,23 @@ class PatchRetriever:
                              f"{index.ntotal} entries")
         if nprobe is not None:
             manifest = {**manifest, "nprobe": int(nprobe)}
-        gpus = faiss_index.parse_gpus(_gpu_spec(device))
+        if backend not in ("auto", "faiss", "torch"):
+            raise ArragError(f"retriever backend {backend!r}: choose auto, faiss or torch")
+        spec = _gpu_spec(device)
+        if backend == "torch":
+            target = "cpu" if spec is None else _torch_device(spec)
+            return cls(TorchIndex.from_faiss(index, target), values, manifest, folder, [])
+        if spec is not None and backend == "auto" and not faiss_index.has_gpu_faiss():
+            if torch.cuda.is_available() and torch_search.supports(index):
+                return cls(TorchIndex.from_faiss(index, _torch_device(spec)), values, manifest, folder, [])
+            reason = ("no CUDA device" if not torch.cuda.is_available() else
+                      f"{faiss_index.describe(index)} needs faiss-gpu (the torch backend serves Flat and IVF-Flat)")
+            if gpu_fallback:
+                warnings.warn(f"retriever {folder} stays on the CPU: {reason}", stacklevel=2)
+                return cls(index, values, manifest, folder, [])
+            raise ArragError(f"cannot put the index {folder} on the GPU: {reason}; install faiss-gpu, build a Flat or "
+                             "IVF-Flat index (--factory), or search on the CPU (--retriever-device cpu)")
+        gpus = faiss_index.parse_gpus(spec)
         if gpus:
             index = faiss_index.to_gpus(index, gpus, shard=True)
         return cls(index, values, manifest, folder, gpus)
@@ -106,8 +135,13 @@ class PatchRetriever:
     def fingerprint(self) -> str | None:
         return self.manifest.get("vq_fingerprint")
 
-    def set_nprobe(self, nprobe: int) -> None:
-        self.nprobe = faiss_index.set_nprobe(self.index, nprobe)
+    def set_nprobe(self, nprobe: int | None) -> None:
+        if isinstance(self.index, TorchIndex):
+            if self.index.nlist and nprobe is not None:
+                self.index.nprobe = int(min(nprobe, self.index.nlist))
+            self.nprobe = self.index.nprobe
+        else:
+            self.nprobe = faiss_index.set_nprobe(self.index, nprobe)
 
     def check_compatible(self, vq, allow_unknown: bool = False) -> None:
         """Refuse a retriever whose VQ fingerprint differs from the model's (or is unknown, unless allowed)."""
@@ -155,6 +189,11 @@ class PatchRetriever:
         return codes
 
     def _search_torch(self, queries: torch.Tensor, k: int):
+        if isinstance(self.index, TorchIndex):  # searched where the index lives, codes looked up there too
+            dist, ids = self.index.search(queries.detach().to(self.index.device), k)
+            values = self._values_on(self.index.device)
+            codes = torch.where(ids >= 0, values[ids.clamp_min(0)], torch.full_like(ids, -1))
+            return dist.to(queries.device), codes.to(queries.device)
         if queries.is_cuda and self.gpus:
             import faiss.contrib.torch_utils  # noqa: F401  (lets GPU indexes take CUDA tensors directly)
 
@@ -181,6 +220,17 @@ def _read_manifest(path: Path) -> dict:
     if not isinstance(manifest, dict) or any(k not in manifest for k in required):
         raise ArragError(f"{path} is not an arrag index manifest (needs {', '.join(required)}); rebuild the index")
     return manifest
+
+
+def _torch_device(spec) -> str:
+    """The torch device of a GPU spec ('cuda', 'cuda:1', [1, 2] -> its first GPU)."""
+    if isinstance(spec, list):
+        return f"cuda:{spec[0]}"
+    spec = str(spec)
+    if spec.startswith("cuda"):
+        return spec
+    first = spec.split(",")[0].strip()
+    return f"cuda:{first}" if first.isdigit() else "cuda"
 
 
 def _gpu_spec(device):

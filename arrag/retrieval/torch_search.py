@@ -1,0 +1,135 @@
+"""Exact k-NN in torch over a FAISS Flat or IVF-Flat index's own vectors: GPU retrieval without faiss-gpu.
+
+The index's stored vectors are copied once into tensors on the device: Flat as one [N, d] matrix; IVF-Flat as
+its trained centroids plus the inverted lists laid out contiguously (CSR: vectors [N, d] grouped by list,
+their entry ids [N], list offsets [nlist + 1]). A search probes the nprobe nearest centroids, gathers the
+probed lists' vectors for every query at once and keeps the k smallest squared-L2 distances, which are
+computed directly (sum of squared differences), as FAISS's IVF-Flat scanner does. The results are FAISS's:
+the same ids and distances up to float rounding (tested against faiss-cpu). PQ indexes stay on FAISS.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import torch
+
+from arrag.errors import ArragError
+
+FLAT_BLOCK = 1 << 18  # database rows scored per block in exact search (bounds the [Q, block] distance matrix)
+
+
+class TorchIndex:
+    """search(queries [Q, d], k) -> (distances float32 [Q, k], ids int64 [Q, k], -1 where fewer than k exist)."""
+
+    def __init__(self, vectors: torch.Tensor, ids: torch.Tensor | None, centroids: torch.Tensor | None = None,
+                 offsets: torch.Tensor | None = None, nprobe: int = 1):
+        self.vectors, self.ids, self.centroids, self.offsets = vectors, ids, centroids, offsets
+        self.d = vectors.shape[1]
+        self.ntotal = vectors.shape[0]
+        self.nlist = None if centroids is None else centroids.shape[0]
+        self.nprobe = min(nprobe, self.nlist) if self.nlist else None
+        if offsets is not None:
+            self.sizes = offsets[1:] - offsets[:-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.vectors.device
+
+    @classmethod
+    def from_faiss(cls, index: faiss.Index, device: str | torch.device = "cpu") -> TorchIndex:
+        """Copy a faiss IndexFlatL2 or IndexIVFFlat (L2) to `device`; any other type is a one-line error."""
+        index = faiss.downcast_index(index)
+        if index.metric_type != faiss.METRIC_L2:
+            raise ArragError("the torch search backend supports L2 indexes only")
+        if isinstance(index, faiss.IndexFlat):
+            vectors = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d), np.float32)
+            return cls(torch.from_numpy(np.ascontiguousarray(vectors)).to(device), None)
+        if isinstance(index, faiss.IndexIVFFlat):
+            quantizer = faiss.downcast_index(index.quantizer)
+            centroids = quantizer.reconstruct_n(0, index.nlist)
+            lists = faiss.extract_index_ivf(index).invlists
+            parts, id_parts, sizes = [], [], []
+            for lst in range(index.nlist):
+                n = lists.list_size(lst)
+                sizes.append(n)
+                if n == 0:
+                    continue
+                codes = faiss.rev_swig_ptr(lists.get_codes(lst), n * index.code_size)
+                parts.append(np.frombuffer(codes, dtype=np.float32).reshape(n, index.d).copy())
+                id_parts.append(faiss.rev_swig_ptr(lists.get_ids(lst), n).copy())
+            vectors = np.concatenate(parts) if parts else np.zeros((0, index.d), np.float32)
+            ids = np.concatenate(id_parts).astype(np.int64) if id_parts else np.zeros(0, np.int64)
+            offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+            return cls(t(vectors), t(ids), t(centroids), t(offsets), nprobe=int(index.nprobe))
+        raise ArragError(f"the torch search backend handles Flat and IVF-Flat indexes, not {type(index).__name__}; "
+                         "install faiss-gpu for PQ indexes on the GPU, or search on the CPU")
+
+    def search(self, queries, k: int):
+        """Like faiss.Index.search; NumPy in gives NumPy out, torch in gives torch out on this device."""
+        as_numpy = isinstance(queries, np.ndarray)
+        q = torch.as_tensor(queries, dtype=torch.float32, device=self.device).reshape(-1, self.d)
+        with torch.no_grad():
+            if self.centroids is None:
+                dist, ids = self._flat(q, k)
+            else:
+                dist, ids = self._ivf(q, k)
+        return (dist.cpu().numpy(), ids.cpu().numpy()) if as_numpy else (dist, ids)
+
+    def _flat(self, q: torch.Tensor, k: int):
+        """Exact search in blocks of rows, keeping a running top-k."""
+        best_d = torch.full((len(q), k), float("inf"), device=self.device)
+        best_i = torch.full((len(q), k), -1, dtype=torch.long, device=self.device)
+        q_sq = (q * q).sum(1, keepdim=True)
+        for s in range(0, self.ntotal, FLAT_BLOCK):
+            block = self.vectors[s:s + FLAT_BLOCK]
+            d = (q_sq + (block * block).sum(1)[None] - 2 * q @ block.T).clamp_min_(0)
+            d, i = torch.cat([best_d, d], 1), torch.cat([best_i, torch.arange(s, s + len(block), device=self.device)
+                                                         .expand(len(q), -1)], 1)
+            best_d, pick = d.topk(min(k, d.shape[1]), dim=1, largest=False)
+            best_i = i.gather(1, pick)
+        return _pad(best_d, best_i, k)
+
+    def _ivf(self, q: torch.Tensor, k: int):
+        n_q, nprobe = len(q), self.nprobe
+        c = self.centroids
+        coarse = (q * q).sum(1, keepdim=True) + (c * c).sum(1)[None] - 2 * q @ c.T
+        probe = coarse.topk(nprobe, dim=1, largest=False).indices            # [Q, P] lists to scan
+        lens = self.sizes[probe].reshape(-1)                                   # [Q*P]
+        starts = self.offsets[:-1][probe].reshape(-1)
+        per_query = lens.reshape(n_q, nprobe).sum(1)                           # candidates per query
+        total = int(per_query.sum())
+        if total == 0:
+            return _pad(q.new_zeros(n_q, 0), torch.zeros(n_q, 0, dtype=torch.long, device=self.device), k)
+        seg = torch.repeat_interleave(torch.arange(n_q * nprobe, device=self.device), lens)
+        seg_start = torch.cumsum(lens, 0) - lens
+        within = torch.arange(total, device=self.device) - seg_start[seg]
+        rows = starts[seg] + within                                            # stored vector of each candidate
+        owner = seg // nprobe                                                  # its query
+        col = torch.arange(total, device=self.device) - (torch.cumsum(per_query, 0) - per_query)[owner]
+        diff = self.vectors[rows] - q[owner]
+        dist = torch.full((n_q, int(per_query.max())), float("inf"), device=self.device)
+        dist[owner, col] = (diff * diff).sum(1)
+        cand = torch.full(dist.shape, -1, dtype=torch.long, device=self.device)
+        cand[owner, col] = self.ids[rows]
+        best_d, pick = dist.topk(min(k, dist.shape[1]), dim=1, largest=False)
+        return _pad(best_d, cand.gather(1, pick), k)
+
+
+def _pad(dist: torch.Tensor, ids: torch.Tensor, k: int):
+    """Fill to k columns as FAISS does where no entry was found: id -1, distance the largest float32."""
+    if dist.shape[1] < k:
+        extra = k - dist.shape[1]
+        dist = torch.cat([dist, dist.new_full((len(dist), extra), float("inf"))], 1)
+        ids = torch.cat([ids, ids.new_full((len(ids), extra), -1)], 1)
+    missing = torch.isinf(dist)
+    ids = torch.where(missing, torch.full_like(ids, -1), ids)
+    dist = torch.where(missing, torch.full_like(dist, torch.finfo(torch.float32).max), dist)
+    return dist.float(), ids
+
+
+def supports(index: faiss.Index) -> bool:
+    """True for the index types the torch backend can serve (Flat and IVF-Flat, L2)."""
+    index = faiss.downcast_index(index)
+    return index.metric_type == faiss.METRIC_L2 and isinstance(index, (faiss.IndexFlat, faiss.IndexIVFFlat))
