@@ -343,7 +343,7 @@ def test_faid_and_daid_in_the_fixed_shape_step_give_the_eager_tokens(faid_model,
     try:
         cfg = SamplingConfig(parallel_size=2, image_size=64, seed=5)
         for method in ("faid", "faid+daid"):
-            hooks = lambda: build_hooks(model, MethodConfig(method, daid_lambda=0.5, daid_k=6), r)  # noqa: E731
+            hooks = lambda m=method: build_hooks(model, MethodConfig(m, daid_lambda=0.5, daid_k=6), r)  # noqa: E731
             eager = sample_codes(model, ["a red circle", "a square"], cfg, hooks=hooks(), progress=False,
                                  step_mode="eager")
             other = sample_codes(model, ["a red circle", "a square"], cfg, hooks=hooks(), progress=False,
