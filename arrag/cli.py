@@ -488,18 +488,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="DataLoader workers per process (default %(default)s)")
     tf.set_defaults(func=_train_faid)
 
-    ev = sub.add_parser("eval", help="evaluate generated images (FID)", description="Evaluate generated images.")
+    ev = sub.add_parser("eval", help="evaluate generated images (FID, ShapesWorld scores)",
+                        description="Evaluate generated images.")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
     fid = ev_sub.add_parser(
         "fid", help="FID between a folder of generated images and reference images or statistics",
-        description="Frechet Inception Distance with torchmetrics (Inception-v3 features, pool 2048). Images are "
-                    "read as RGB and resized to 299x299 inside the network (TF1-style bilinear, as pytorch-fid and "
-                    "torch-fidelity); --resize N first centre-crops and bicubic-resizes both sides to N.")
+        description="Frechet Inception Distance with arrag's FID Inception (pytorch-fid's network and weights "
+                    "file, pool3 2048 features; no torchvision needed). Images are read as RGB and resized to "
+                    "299x299 inside the network (bilinear); --resize N first centre-crops and bicubic-resizes both "
+                    "sides to N.")
     fid.add_argument("--real", required=True, help="reference images folder, or an .npz from --save-stats")
     fid.add_argument("--fake", required=True, help="generated images folder (searched recursively)")
     fid.add_argument("--save-stats", default=None, help="cache the reference statistics in this .npz")
     fid.add_argument("--inception-weights", default=None,
-                     help="local copy of weights-inception-2015-12-05-6726825d.pth (offline machines)")
+                     help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache, "
+                          "downloaded there when online)")
     fid.add_argument("--resize", type=int, default=None, help="centre-crop and resize both sides to N first")
     fid.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default 50)")
     fid.add_argument("--out", default=None, help="result JSON (default <fake>_fid.json)")

@@ -208,3 +208,52 @@ def test_concurrent_runs_split_the_prompts(tmp_path, tiny_janus_dir):
     made = [int(re.search(r"(\d+) prompts generated", o).group(1)) for o in outputs]
     assert sum(made) == 12 and len(list((tmp_path / "f").glob("*.png"))) == 12
     assert not (tmp_path / "f" / ".claims").exists()
+
+
+def test_our_frechet_distance_equals_torchmetrics_on_the_fid_inception_features(tmp_path):
+    """A random-weight FID Inception (the architecture and key layout of pytorch-fid's weights file) as the
+    feature extractor: our FID and torchmetrics' FrechetInceptionDistance agree on the same features."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from arrag.eval.fid import FeatureStats, frechet_distance
+    from arrag.eval.inception import WEIGHTS_NAME, FIDInception, load_fid_inception
+
+    torch.manual_seed(0)
+    net = FIDInception().eval()
+    names = net.state_dict()
+    assert names["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3) and names["fc.weight"].shape == (1008, 2048)
+    assert names["Mixed_7c.branch3x3dbl_3b.bn.running_var"].shape == (384,)
+    assert sum(k.endswith(".conv.weight") for k in names) == 94  # Inception-v3's 94 convolutions (no aux head)
+    with torch.no_grad():  # random BN statistics, so that the features spread
+        for k, v in names.items():
+            if k.endswith("running_var"):
+                v.uniform_(0.5, 2.0)
+            elif k.endswith("running_mean"):
+                v.normal_(0, 0.1)
+    torch.save({k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")},
+               tmp_path / WEIGHTS_NAME)  # as pytorch-fid's file: no batch counters
+    net = load_fid_inception(tmp_path / WEIGHTS_NAME)
+    rng = np.random.default_rng(0)
+    real = torch.from_numpy(rng.integers(0, 256, (6, 3, 40, 40), dtype=np.uint8))
+    fake = torch.from_numpy(np.clip(rng.integers(0, 256, (6, 3, 40, 40)) + 30, 0, 255).astype(np.uint8))
+    with torch.no_grad():
+        fr, ff = net(real), net(fake)
+    assert fr.shape == (6, 2048)
+    ours = [FeatureStats(2048, "x", None) for _ in range(2)]
+    ours[0].add(fr)
+    ours[1].add(ff)
+    metric = FrechetInceptionDistance(feature=_Fixed({real.data_ptr(): fr, fake.data_ptr(): ff}))
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    assert frechet_distance(*ours) == pytest.approx(float(metric.compute()), rel=1e-5)
+
+
+class _Fixed(nn.Module):
+    """A feature 'extractor' that returns precomputed features for known inputs (2048 for anything else)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, x):
+        return self.table.get(x.data_ptr(), torch.zeros(len(x), 2048)).double()

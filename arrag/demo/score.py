@@ -173,16 +173,18 @@ class VQEncoderFeatures(nn.Module):
 
 
 def realism_fid(images: np.ndarray, reference: np.ndarray, features: nn.Module) -> float:
-    """FID (torchmetrics) between uint8 [N, H, W, 3] images and reference images, over `features`."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    """FID (arrag.eval.fid's statistics) between uint8 [N, H, W, 3] images and reference images, over `features`."""
+    from arrag.eval.fid import FeatureStats, frechet_distance
 
-    metric = FrechetInceptionDistance(feature=features, reset_real_features=False)
-    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)  # noqa: E731
-    for s in range(0, len(reference), 64):
-        metric.update(to(reference[s:s + 64]), real=True)
-    for s in range(0, len(images), 64):
-        metric.update(to(images[s:s + 64]), real=False)
-    return float(metric.compute())
+    def stats(arr: np.ndarray) -> FeatureStats:
+        out = None
+        for s in range(0, len(arr), 64):
+            f = features(torch.from_numpy(np.ascontiguousarray(arr[s:s + 64])).permute(0, 3, 1, 2))
+            out = out or FeatureStats(f.shape[1], type(features).__name__, None)
+            out.add(f)
+        return out
+
+    return frechet_distance(stats(reference), stats(images))
 
 
 def reference_images(split: str, count: int, size: int, seed: int = 0, start: int = 0) -> np.ndarray:

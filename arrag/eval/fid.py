@@ -1,13 +1,15 @@
-"""`arrag eval fid`: Fréchet Inception Distance between two image folders (or cached statistics), via torchmetrics.
+"""`arrag eval fid`: Fréchet Inception Distance between two image folders (or cached statistics).
 
-Resizing: images are read as RGB uint8 at their stored size and handed to torchmetrics' FID Inception
-network (torch-fidelity's port of the TF FID graph), which resizes them to 299x299 with TF1-style bilinear
-interpolation, as the original TF code, pytorch-fid and torch-fidelity do. With `--resize N` each image is
-first centre-cropped to a square and resized to N x N with PIL bicubic (for example 256, the usual
+Features: arrag's FID Inception (arrag/eval/inception.py), pytorch-fid's network and weights file, so the
+numbers are pytorch-fid's: images are read as RGB uint8, resized to 299x299 inside the network (bilinear),
+and the 2048 pool3 features are used. No torchvision or torch-fidelity is needed. With `--resize N` each
+image is first centre-cropped to a square and resized to N x N with PIL bicubic (for example 256, the usual
 MSCOCO-30K protocol, so that generated 384-px images and COCO photos meet at one size).
-Statistics (`--save-stats`) are the metric's own running sums (features sum, outer-product sum, count)
-plus mu and sigma, in an .npz, tagged with the feature extractor and resize so that they are only
-compared with like.
+Statistics: running sums in float64 (feature sum, outer-product sum, count), so any number of images
+streams through in batches; FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2), the trace of the
+square root taken as the sum of the square roots of the eigenvalues of S1 S2 (tested equal to
+torchmetrics' FrechetInceptionDistance on the same features). `--save-stats` writes the sums plus mu and
+sigma to an .npz, tagged with the feature extractor and resize so that it is only compared with like.
 """
 
 from __future__ import annotations
@@ -20,13 +22,64 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from arrag.errors import ArragError, one_line
+from arrag.errors import ArragError
 from arrag.fileops import atomic_path
+from arrag.image_io import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-                 "weights-inception-2015-12-05-6726825d.pth")
-INCEPTION_NAME = "inception-v3-compat:2048"
+
+class FeatureStats:
+    """Running float64 sums of features [N, F]: their mean and covariance, saved and loaded as .npz."""
+
+    def __init__(self, dim: int, extractor: str, resize: int | None):
+        self.total = np.zeros(dim)
+        self.outer = np.zeros((dim, dim))
+        self.count = 0
+        self.extractor, self.resize = extractor, resize
+
+    def add(self, features: torch.Tensor) -> None:
+        f = features.detach().double().cpu().numpy()
+        self.total += f.sum(0)
+        self.outer += f.T @ f
+        self.count += len(f)
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.count < 2:
+            raise ArragError(f"FID needs at least 2 images on each side, got {self.count}")
+        mu = self.total / self.count
+        return mu, (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+
+    def save(self, path: str | Path) -> Path:
+        mu, sigma = self.mean_cov()
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would append .npz to a name
+            np.savez(f, features_sum=self.total, features_cov_sum=self.outer, num_samples=self.count, mu=mu,
+                     sigma=sigma, extractor=self.extractor, resize=-1 if self.resize is None else self.resize)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, extractor: str, resize: int | None) -> FeatureStats:
+        """Saved statistics; refused when made with another extractor or resize."""
+        try:
+            z = np.load(path)
+            saved = (str(z["extractor"]), int(z["resize"]))
+            total, outer, count = z["features_sum"], z["features_cov_sum"], int(z["num_samples"])
+        except (OSError, KeyError, ValueError) as e:
+            raise ArragError(f"--real {path}: not an arrag FID statistics file ({e})") from None
+        want = (extractor, -1 if resize is None else resize)
+        if saved != want:
+            raise ArragError(f"--real {path} was computed with extractor {saved[0]}, resize {saved[1]}; this run "
+                             f"uses {want[0]}, resize {want[1]}")
+        stats = cls(len(total), extractor, resize)
+        stats.total, stats.outer, stats.count = total.astype(np.float64), outer.astype(np.float64), count
+        return stats
+
+
+def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
+    """|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^1/2)."""
+    mu_a, s_a = a.mean_cov()
+    mu_b, s_b = b.mean_cov()
+    eig = torch.linalg.eigvals(torch.from_numpy(s_a) @ torch.from_numpy(s_b))
+    trace_sqrt = float(eig.sqrt().real.sum())
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * trace_sqrt)
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -54,98 +107,60 @@ def load_uint8(path: Path, resize: int | None = None) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def make_metric(feature: nn.Module | None = None, inception_weights: str | None = None):
-    """torchmetrics FrechetInceptionDistance with the standard Inception (default) or a custom extractor."""
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-    except ImportError:
-        raise ArragError("FID needs torchmetrics: pip install torchmetrics (the `eval` extra)") from None
-    if feature is not None:
-        return FrechetInceptionDistance(feature=feature, reset_real_features=False)
-    if inception_weights and not Path(inception_weights).is_file():
-        raise ArragError(f"--inception-weights {inception_weights}: no such file; download {INCEPTION_URL} there")
-    try:
-        import torch_fidelity  # noqa: F401
-    except Exception:  # ImportError, or a torchvision that does not match torch failing at import
-        raise ArragError("FID's Inception network comes from torch-fidelity: pip install torch-fidelity (with a "
-                         "torchvision built for your torch)") from None
-    try:
-        return FrechetInceptionDistance(feature=2048, reset_real_features=False,
-                                        feature_extractor_weights_path=inception_weights)
-    except Exception as e:  # the download failed: offline machine, proxy, ...
-        hub = Path(torch.hub.get_dir()) / "checkpoints"
-        raise ArragError(f"Inception weights are not cached and cannot be downloaded ({one_line(e)}"
-                         f"); download {INCEPTION_URL} and pass --inception-weights PATH (or put the file in "
-                         f"{hub})") from None
+def extractor_name(feature: nn.Module) -> str:
+    from arrag.eval.inception import FEATURES, FIDInception
+
+    return FEATURES if isinstance(feature, FIDInception) else f"custom:{type(feature).__name__}"
 
 
-def extractor_name(metric) -> str:
-    return INCEPTION_NAME if not metric.used_custom_model else f"custom:{type(metric.inception).__name__}"
-
-
-def add_folder(metric, folder: str | Path, real: bool, *, resize: int | None = None, batch_size: int = 50,
-               device: str | torch.device = "cpu", progress: bool = True) -> int:
-    """Feed every image of `folder` to the metric's real or fake side; returns the count."""
+@torch.no_grad()
+def folder_stats(feature: nn.Module, folder: str | Path, *, resize: int | None = None, batch_size: int = 50,
+                 device: str | torch.device = "cpu", progress: bool = True) -> FeatureStats:
+    """Features of every image of `folder`, streamed in batches of one image size."""
     files = image_files(folder)
-    images = [load_uint8(f, resize) for f in tqdm(files, desc=f"read {Path(folder).name}", unit="img",
-                                                    disable=not progress)]
-    by_size: dict = {}
-    for im in images:  # batches need one size; mixed folders are grouped
-        by_size.setdefault(tuple(im.shape), []).append(im)
-    for group in by_size.values():
-        for s in range(0, len(group), batch_size):
-            metric.update(torch.stack(group[s:s + batch_size]).to(device), real=real)
-    return len(files)
+    stats = None
+    batch: list[torch.Tensor] = []
 
+    def flush():
+        nonlocal stats
+        feats = feature(torch.stack(batch).to(device))
+        if stats is None:
+            stats = FeatureStats(feats.shape[1], extractor_name(feature), resize)
+        stats.add(feats)
+        batch.clear()
 
-def save_stats(metric, path: str | Path, *, resize: int | None) -> Path:
-    """The real side's statistics as .npz (written under a temporary name, then renamed)."""
-    n = int(metric.real_features_num_samples)
-    total = metric.real_features_sum.double().cpu().numpy()
-    outer = metric.real_features_cov_sum.double().cpu().numpy()
-    mu = total / n
-    sigma = (outer - n * np.outer(mu, mu)) / (n - 1)
-    path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would append .npz to a name
-        np.savez(f, features_sum=total, features_cov_sum=outer, num_samples=n, mu=mu, sigma=sigma,
-                 extractor=extractor_name(metric), resize=-1 if resize is None else resize)
-    return path
-
-
-def load_stats(metric, path: str | Path, *, resize: int | None) -> int:
-    """Put saved statistics on the metric's real side; refuses another extractor or resize."""
-    try:
-        z = np.load(path)
-        saved = (str(z["extractor"]), int(z["resize"]))
-    except (OSError, KeyError, ValueError) as e:
-        raise ArragError(f"--real {path}: not an arrag FID statistics file ({e})") from None
-    want = (extractor_name(metric), -1 if resize is None else resize)
-    if saved != want:
-        raise ArragError(f"--real {path} was computed with extractor {saved[0]}, resize {saved[1]}; this run uses "
-                         f"{want[0]}, resize {want[1]}")
-    dev = metric.real_features_sum.device
-    metric.real_features_sum = torch.from_numpy(z["features_sum"]).to(dev)
-    metric.real_features_cov_sum = torch.from_numpy(z["features_cov_sum"]).to(dev)
-    metric.real_features_num_samples = torch.tensor(int(z["num_samples"]), device=dev)
-    return int(z["num_samples"])
+    for f in tqdm(files, desc=f"features {Path(folder).name}", unit="img", disable=not progress):
+        image = load_uint8(f, resize)
+        if batch and (image.shape != batch[0].shape or len(batch) == batch_size):
+            flush()
+        batch.append(image)
+    flush()
+    return stats
 
 
 def compute_fid(real: str | Path, fake: str | Path, *, feature: nn.Module | None = None,
                 inception_weights: str | None = None, save_stats_to: str | Path | None = None,
                 resize: int | None = None, batch_size: int = 50, device: str | torch.device = "cpu",
                 progress: bool = True) -> dict:
-    """FID between `real` (a folder or a saved .npz) and the `fake` folder."""
-    metric = make_metric(feature, inception_weights).to(device)
+    """FID between `real` (a folder or a saved .npz) and the `fake` folder. `feature` (a module mapping uint8
+    images [B, 3, H, W] to features) replaces the FID Inception, e.g. for ShapesWorld's realism score."""
+    if batch_size < 1:
+        raise ArragError(f"--batch-size must be >= 1, got {batch_size}")
+    if feature is None:
+        from arrag.eval.inception import load_fid_inception
+
+        feature = load_fid_inception(inception_weights, device)
+    feature = feature.to(device).eval()
     real = Path(real)
     if real.is_file():
-        n_real = load_stats(metric, real, resize=resize)
+        real_stats = FeatureStats.load(real, extractor_name(feature), resize)
     else:
-        n_real = add_folder(metric, real, True, resize=resize, batch_size=batch_size, device=device,
-                            progress=progress)
+        real_stats = folder_stats(feature, real, resize=resize, batch_size=batch_size, device=device,
+                                  progress=progress)
         if save_stats_to:
-            save_stats(metric, save_stats_to, resize=resize)
-            print(f"arrag: reference statistics of {n_real} images -> {save_stats_to}", file=sys.stderr)
-    n_fake = add_folder(metric, fake, False, resize=resize, batch_size=batch_size, device=device, progress=progress)
-    value = float(metric.compute())
-    return {"fid": value, "real": str(real), "fake": str(fake), "num_real": n_real, "num_fake": n_fake,
-            "extractor": extractor_name(metric), "resize": resize}
+            real_stats.save(save_stats_to)
+            print(f"arrag: reference statistics of {real_stats.count} images -> {save_stats_to}", file=sys.stderr)
+    fake_stats = folder_stats(feature, fake, resize=resize, batch_size=batch_size, device=device, progress=progress)
+    return {"fid": frechet_distance(real_stats, fake_stats), "real": str(real), "fake": str(fake),
+            "num_real": real_stats.count, "num_fake": fake_stats.count, "extractor": extractor_name(feature),
+            "resize": resize}
