@@ -23,6 +23,7 @@ def _vq_reconstruct(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     vq = load_vq(args.vq, preset=args.vq_preset, device=device)
+    args.size = args.size or vq.config.image_size
     vq.grid_size(args.size)
     image = resize_crop(load_rgb(args.image), args.size, args.resize)
     with torch.no_grad():
@@ -69,7 +70,7 @@ def _configs_from(args: argparse.Namespace, *classes) -> list:
 def _generate(args: argparse.Namespace) -> int:
     from arrag.decoding import Generator, MethodConfig, SamplingConfig
     from arrag.eval.batch_generate import ProcessSlot, run_layout
-    from arrag.eval.layouts import make_layout, write_plain
+    from arrag.eval.layouts import check_plain_out, make_layout, write_plain
     from arrag.provenance import write_sidecar
 
     items = _read_prompts(args)
@@ -83,6 +84,8 @@ def _generate(args: argparse.Namespace) -> int:
     slot = ProcessSlot.from_env() if args.layout else ProcessSlot()
     layout = make_layout(args.layout, args.out, args.parallel_size, args.format, grid=args.prompt_grids) \
         if args.layout else None
+    if layout is None:
+        check_plain_out(args.out, args.overwrite)
     generator = Generator.load(args.model, method, retriever=args.retriever, device=args.device, dtype=args.dtype,
                                retriever_device=args.retriever_device, nprobe=args.nprobe,
                                verify_index=not args.no_verify_index,
@@ -95,6 +98,7 @@ def _generate(args: argparse.Namespace) -> int:
               + f" (process {slot.rank + 1}/{slot.world}, {stats['seconds']:.1f} s) -> {layout.out}")
         return 0
     prompts = [it.text for it in items]
+    sampling = sampling.for_model(generator.model)
     images = generator.generate(prompts, sampling)
     files = write_plain(images, args.out, args.parallel_size, args.format, grid=args.grid)
     settings = {**generator.settings(), **sampling.settings(), "prompts": prompts, "prompts_file": args.prompts,
@@ -115,8 +119,7 @@ def _encode(args: argparse.Namespace) -> int:
                save_latents=args.save_latents, shard=args.shard, device=args.device, min_size=args.min_size,
                max_images=args.max_images, resize=args.resize)
     state = "complete: manifest.json written" if r.complete else "other shards still pending (rerun to finish)"
-    print(f"encoded {r.encoded} images into {len(r.shards_written)} new shards, skipped {r.skipped}; "
-          f"store {r.folder} {state}")
+    print(f"{r.summary()}; store {r.folder} {state}")
     return 0
 
 
@@ -236,6 +239,19 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_shapes_prompts(args: argparse.Namespace) -> int:
+    from arrag.demo.score import prompt_records, write_prompt_file
+    from arrag.demo.shapes import CATEGORIES
+
+    if args.per_category < 1:
+        raise ArragError(f"--per-category must be >= 1, got {args.per_category}")
+    records = prompt_records(args.split, args.per_category * len(CATEGORIES), args.size, seed=args.seed)
+    path = write_prompt_file(args.out, records)
+    print(f"wrote {len(records)} ShapesWorld {args.split} prompts ({args.per_category} per category) to {path}; "
+          f"generate with `arrag generate --prompts {path} --layout geneval ...`, score with `arrag eval shapes`")
+    return 0
+
+
 def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
 
@@ -261,9 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--vq", required=True, help="tokenizer weights: LlamaGen vq_ds16_t2i.pt or a .safetensors")
     rec.add_argument("--out", required=True, help="output image (.png, .jpg or .webp)")
     rec.add_argument("--vq-preset", default=None,
-                     help="architecture preset (VQ-16, VQ-8, VQ-tiny-16, VQ-tiny-8); default: from the file, "
-                          "else VQ-16")
-    rec.add_argument("--size", type=int, default=384, help="centre-crop size in pixels (default 384 = 24x24 tokens)")
+                     help="architecture preset (VQ-16, VQ-8, VQ-tiny-16, VQ-tiny-8, VQ-tiny-4); default: from "
+                          "the file, else VQ-16")
+    rec.add_argument("--size", type=int, default=None,
+                     help="crop size in pixels (default: the tokenizer's, 384 = 24x24 tokens for VQ-16)")
     rec.add_argument("--side-by-side", action="store_true", help="write original and reconstruction side by side")
     rec.add_argument("--resize", default="original", choices=["original", "adm"],
                      help="original: Resize + CenterCrop as AR-RAG (default); adm: LlamaGen's crop")
@@ -284,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--layout", default=None, choices=["geneval", "dpg", "flat"],
                      help="write a benchmark layout (resumable; processes of `accelerate launch` split the prompts): "
                           "geneval = <out>/<00000>/metadata.jsonl + samples/<0000>.png; dpg = <out>/<id>.png, "
-                          "a 2x2 grid of 4 samples; flat = <out>/<00000>.png")
+                          "a 2x2 grid of 4 samples; flat = <out>/<00000 or the id>.png")
     gen.add_argument("--prompts-per-batch", type=int, default=1,
                      help="with --layout: prompts decoded together (each with --parallel-size samples; default 1)")
     gen.add_argument("--prompt-grids", action="store_true", help="with --layout geneval: also write grid.png")
@@ -325,12 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=_default(s_, "seed"),
                      help=f"seed; image i uses a generator seeded with (seed, i) (default {_default(s_, 'seed')})")
     gen.add_argument("--image-size", type=int, default=_default(s_, "image_size"),
-                     help=f"pixels per side (default {_default(s_, 'image_size')} = 24x24 tokens with VQ-16)")
+                     help="pixels per side (default: the model's, 384 = 24x24 tokens for Janus-Pro)")
     gen.add_argument("--batch-size", type=int, default=_default(s_, "batch_size"),
                      help="images per forward pass (default all)")
     gen.add_argument("--out", default="result/generated_imgs", help="output folder (default result/generated_imgs)")
     gen.add_argument("--format", default="png", choices=["png", "jpg", "webp"], help="image format (default png)")
     gen.add_argument("--grid", default=None, help="also write all images as one grid to this file")
+    gen.add_argument("--overwrite", action="store_true",
+                     help="without --layout: replace the images an earlier run left in --out (else refused)")
     _add_device(gen)
     gen.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                      help="weights dtype (default auto: bf16 on CUDA, fp32 on CPU)")
@@ -348,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--out", required=True, help="code store folder")
     enc.add_argument("--vq", required=True, help="tokenizer weights (vq_ds16_t2i.pt or .safetensors)")
     enc.add_argument("--vq-preset", default=None, help="VQ architecture preset (default: from the file, else VQ-16)")
-    enc.add_argument("--image-size", type=int, default=384, help="crop size in pixels (default 384 = 24x24)")
+    enc.add_argument("--image-size", type=int, default=None,
+                     help="crop size in pixels (default: the tokenizer's, 384 = 24x24 tokens for VQ-16)")
     enc.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (default 32)")
     enc.add_argument("--shard-size", type=int, default=4096, help="images per shard file (default 4096)")
     enc.add_argument("--workers", type=int, default=None,
@@ -520,6 +540,18 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--reference-images", type=int, default=512, help="rendered reference images (default 512)")
     sh.add_argument("--out", default=None, help="result JSON (default <folder>/shapes_scores.json)")
     sh.set_defaults(func=_eval_shapes)
+
+    sp = ev_sub.add_parser(
+        "shapes-prompts", help="write a ShapesWorld prompt file (GenEval-style jsonl with each scene)",
+        description="Write GenEval-style records of ShapesWorld scenes (prompt, tag, objects and the full scene), "
+                    "the prompt file that `arrag generate --layout geneval` reads and `arrag eval shapes` scores.")
+    sp.add_argument("--out", required=True, help="the .jsonl file to write")
+    sp.add_argument("--split", default="test", choices=["train", "database", "validation", "test"],
+                    help="which split's scenes (default test)")
+    sp.add_argument("--per-category", type=int, default=4, help="prompts per GenEval category (default 4)")
+    sp.add_argument("--size", type=int, default=64, help="image size the scenes are laid out for (default 64)")
+    sp.add_argument("--seed", type=int, default=0, help="ShapesWorld seed (default 0)")
+    sp.set_defaults(func=_eval_shapes_prompts)
 
     demo = sub.add_parser(
         "demo", help="run the main job on the embedded default (ShapesWorld)",

@@ -41,6 +41,9 @@ class VQConfig:
     num_res_blocks: int = 2
     norm_groups: int = 32
     dropout: float = 0.0
+    # The image size the tokenizer's generators work at (384 px = 24x24 tokens for Janus-Pro and AR-RAG): the
+    # default of --image-size everywhere (encode, generate, train), so that stores, indexes and models agree.
+    image_size: int = 384
 
     @property
     def downsample(self) -> int:
@@ -50,15 +53,15 @@ class VQConfig:
 
 VQ_PRESETS: dict[str, VQConfig] = {
     "VQ-16": VQConfig(),
-    "VQ-8": VQConfig(encoder_ch_mult=[1, 2, 2, 4], decoder_ch_mult=[1, 2, 2, 4]),
+    "VQ-8": VQConfig(encoder_ch_mult=[1, 2, 2, 4], decoder_ch_mult=[1, 2, 2, 4], image_size=256),
     # Same classes, a fraction of the width: for tests and the ShapesWorld demo.
     "VQ-tiny-16": VQConfig(codebook_size=1024, encoder_ch_mult=[1, 1, 2, 2, 2], decoder_ch_mult=[1, 1, 2, 2, 2],
-                           z_channels=32, ch=32, num_res_blocks=1, norm_groups=8),
+                           z_channels=32, ch=32, num_res_blocks=1, norm_groups=8, image_size=64),
     "VQ-tiny-8": VQConfig(codebook_size=1024, encoder_ch_mult=[1, 2, 2, 2], decoder_ch_mult=[1, 2, 2, 2],
-                          z_channels=32, ch=32, num_res_blocks=1, norm_groups=8),
+                          z_channels=32, ch=32, num_res_blocks=1, norm_groups=8, image_size=64),
     # ShapesWorld's tokenizer: downsampling 4, so a 64-px image is 16x16 tokens (CPU-sized convolutions).
     "VQ-tiny-4": VQConfig(codebook_size=1024, encoder_ch_mult=[1, 2, 2], decoder_ch_mult=[1, 2, 2],
-                          z_channels=32, ch=32, num_res_blocks=1, norm_groups=8),
+                          z_channels=32, ch=32, num_res_blocks=1, norm_groups=8, image_size=64),
 }
 
 
@@ -553,26 +556,37 @@ def load_vq(path: str | Path, preset: str | VQConfig | Mapping | None = None,
     """Load a VQ-VAE from LlamaGen's .pt (weights under 'ema', 'model' or 'state_dict') or safetensors.
 
     The config comes from `preset`, else from the file's metadata (arrag safetensors), else VQ-16.
-    A Janus-Pro state dict is accepted too: its `gen_vision_model.` prefix is stripped. A Janus-Pro folder
-    (config.json + model.safetensors) gives both the VQ config and the weights.
+    A Janus-Pro checkpoint is accepted too, as its folder or one of its weight files: the VQ config comes
+    from the folder's config.json and the `gen_vision_model.` weights are taken. A Hub id (a repository, or
+    a repository and a file) is looked up in the Hugging Face cache or downloaded.
     Loads strictly; any mismatch is one ArragError line naming the file and the first bad keys.
     """
-    path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        if preset is None:
-            try:
-                janus_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ArragError(f"{path / 'config.json'} is not valid JSON: {e}") from None
-            preset = vq_config_from_janus(janus_config, str(path / "config.json"))[1]
-        path = path / "model.safetensors"
-    state, file_cfg = _read_checkpoint(path)
+    from arrag import hub
+    from arrag.weight_files import iter_tensors, weight_files
+
+    path = hub.resolve(path, "VQ checkpoint")  # e.g. peizesun/llamagen_t2i/vq_ds16_t2i.pt or a model repository
+    folder = path if path.is_dir() else path.parent
+    file_cfg = None
+    if (folder / "config.json").is_file() and (path.is_dir() or path.name.startswith(("model", "pytorch_model"))):
+        try:
+            janus_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ArragError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
+        if "gen_vision_config" in janus_config:  # a Janus-Pro checkpoint: its own VQ config and weights
+            file_cfg = vq_config_from_janus(janus_config, str(folder / "config.json"))[1]
+            state = dict(iter_tensors(weight_files(folder), "gen_vision_model."))
+    if file_cfg is None:
+        if path.is_dir():
+            raise ArragError(f"VQ checkpoint {path} is a folder without a Janus-Pro config.json; pass the .pt or "
+                             ".safetensors file, or the model folder")
+        state, file_cfg = _read_checkpoint(path)
     prefix = "gen_vision_model."
     if not any(k.startswith("encoder.") for k in state) and any(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     cfg = vq_config(preset if preset is not None else (file_cfg if file_cfg is not None else "VQ-16"))
     model = VQModel(cfg)
-    load_state_strict(model, state, f"VQ checkpoint {path}")
+    named = preset if isinstance(preset, str) else ("the file's own config" if file_cfg is not None else "VQ-16")
+    load_state_strict(model, state, f"VQ checkpoint {path} (as {named}; --vq-preset chooses another)")
     model.eval().to(device)
     if dtype is not None:
         model.to(dtype)

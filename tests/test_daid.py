@@ -180,3 +180,13 @@ def test_cli_daid_and_script(tmp_path, tiny_janus_dir, retriever_dir):
         rc = main(["generate", "--model", str(tiny_janus_dir), "--prompt", "a", "--retriever", str(retriever_dir),
                    "--out", str(out)])
     assert rc == 2
+
+
+def test_an_index_of_another_grid_is_refused(tmp_path, tiny_janus):
+    codestore.write_store(tmp_path / "store", np.zeros((3, 6, 6), np.uint16), tiny_janus.vq)  # 96-px grids
+    build_index(tmp_path / "store", tmp_path / "index", progress=False)
+    r = PatchRetriever.load(tmp_path / "index")
+    with pytest.raises(ArragError, match="built from 6x6 code grids, but this model decodes 4x4 tokens"):
+        generate(tiny_janus, ["a"], method="daid", retriever=r, **KW)  # 64 px = 4x4 with the tiny VQ-16
+    # The model's own size is the default: 64 px for the tiny VQ-16 preset.
+    assert generate(tiny_janus, ["a"], progress=False, seed=0).shape == (1, 64, 64, 3)

@@ -81,7 +81,7 @@ def test_dpg_layout_is_a_gapless_2x2_grid_per_prompt_id(tmp_path, tiny_janus_dir
     flat = tmp_path / "flat"
     assert main(["generate", "--model", str(tiny_janus_dir), "--prompts", str(dpg), "--layout", "flat",
                  "--parallel-size", "4", "--image-size", "64", "--out", str(flat), "--device", "cpu"]) == 0
-    np.testing.assert_array_equal(grid[:64, 64:], np.asarray(Image.open(flat / "00001_01.png")))
+    np.testing.assert_array_equal(grid[:64, 64:], np.asarray(Image.open(flat / "xyz_01.png")))  # named by its id
     with pytest.raises(ArragError, match="--parallel-size must be 1, 4, 9"):
         make_layout("dpg", out, 2)
 
@@ -257,3 +257,28 @@ class _Fixed(nn.Module):
 
     def forward(self, x):
         return self.table.get(x.data_ptr(), torch.zeros(len(x), 2048)).double()
+
+
+def test_flat_layout_names_files_by_a_csv_id_column(tmp_path, tiny_janus_dir):
+    with (tmp_path / "mjhq.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["id", "caption"], ["a1b2", "a red circle"], ["zz/9", "a blue square"]])
+    items = read_prompt_source(tmp_path / "mjhq.csv")
+    assert [it.name for it in items] == ["a1b2", "zz_9"]  # safe as file names
+    assert main(["generate", "--model", str(tiny_janus_dir), "--prompts", str(tmp_path / "mjhq.csv"), "--layout",
+                 "flat", "--image-size", "32", "--out", str(tmp_path / "f"), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "f").glob("*.png")) == ["a1b2.png", "zz_9.png"]
+
+
+def test_shapes_prompt_file_from_the_cli(tmp_path):
+    assert main(["eval", "shapes-prompts", "--out", str(tmp_path / "p.jsonl"), "--per-category", "2"]) == 0
+    items = read_prompt_source(tmp_path / "p.jsonl")
+    tags = [json.loads(it.metadata)["tag"] for it in items]
+    assert len(items) == 12 and len(set(tags)) == 6 and all("scene" in json.loads(it.metadata) for it in items)
+
+
+def test_words_the_tokenizer_does_not_know_are_named(tiny_janus_dir):
+    from arrag.janus import Prompter
+
+    p = Prompter.from_folder(tiny_janus_dir)
+    with pytest.warns(UserWarning, match="does not know 'bicycle'"):
+        p.ids("a red bicycle")

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -171,7 +172,11 @@ def test_encode_folder_skips_bad_images_and_keeps_captions(tmp_path, images, vq_
 
     first = to_tensor(center_crop_arr(load_rgb(images / "0" / "000.png"), 64))
     np.testing.assert_array_equal(codes[0], vq.encode_to_codes(first)[0].numpy())
-    assert not st.has_captions  # only one image had a caption file
+    # Captions are kept per image: the one image with a .txt has it, the others are null (and counted).
+    caps = st.captions()
+    assert caps[0] == "a caption" and caps[1:] == [None] * 11 and st.manifest["num_without_caption"] == 11
+    assert st.manifest["formats"] == {"png": 12} and st.manifest["skipped_by_reason"] == {"unreadable": 1,
+                                                                                          "too small": 1}
     assert st.has_latents and st.gather(np.array([3, 0]), "latents").shape == (2, 4, 4, 8)
 
 
@@ -310,7 +315,17 @@ def test_build_retriever_script(tmp_path, images, vq_file):
     assert (tmp_path / "index_L" / "manifest.json").exists() and "recall@10" in p.stdout
     env["VQ_CKPT"] = str(tmp_path / "missing.pt")
     p = subprocess.run(["bash", script, str(images)], env=env, capture_output=True, text=True)
-    assert p.returncode == 2 and "missing.pt not found" in p.stderr
+    assert p.returncode == 2 and re.search("VQ checkpoint not found: .*missing.pt", p.stderr)
+    # A model folder as VQ_CKPT, no preset and no size: the model decides (its VQ, its 64-px images).
+    from arrag.demo.presets import make_tiny_janus
+
+    make_tiny_janus(tmp_path / "model")
+    env = {**env, "VQ_CKPT": str(tmp_path / "model"), "STORE": str(tmp_path / "codes2"),
+           "INDEX": str(tmp_path / "index2")}
+    del env["VQ_PRESET"], env["IMAGE_SIZE"]
+    p = subprocess.run(["bash", script, str(images)], env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((tmp_path / "index2" / "manifest.json").read_text())["grid"] == [4, 4]
 
 
 def test_sample_queries_are_seeded(tmp_path):
@@ -416,3 +431,11 @@ def test_a_failed_encode_does_not_lock_its_folder(tmp_path, images, vq_file):
         enc.encode(str(images), tmp_path / "store", vq_file, image_size=64, batch_size=0)
     assert not (tmp_path / "store").exists()
     enc.encode(str(images), tmp_path / "store", vq_file, image_size=64, num_workers=0, progress=False, device="cpu")
+
+
+def test_encode_takes_the_tokenizers_size_and_warns_about_another(tmp_path, images, vq_file):
+    kw = dict(num_workers=0, progress=False, device="cpu")
+    assert enc.encode(str(images), tmp_path / "a", vq_file, **kw).complete  # the tiny VQ-16's 64 px
+    assert CodeStore.open(tmp_path / "a").grid == (4, 4)
+    with pytest.warns(UserWarning, match="--image-size 96 differs from the 64 px"):
+        enc.encode(str(images), tmp_path / "b", vq_file, image_size=96, **kw)

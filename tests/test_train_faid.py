@@ -262,3 +262,33 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(trained, world):
     full, resumed = (load_file(str(p / "model.safetensors")) for p in (trained.output_dir(), out))
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-6)
+
+
+def test_train_faid_script_passes_every_setting_through(world, tmp_path):
+    """train_FAiD.sh: the model folder decides the sizes; MAX_STEPS and friends reach the CLI."""
+    import os
+
+    out = tmp_path / "scripted"
+    env = {**os.environ, "BASE": world["base"], "TRAIN_STORE": world["store"], "RETRIEVER": world["idx"], "K": "4",
+           "NUM_BLENDER": "1", "MAX_STEPS": "1", "BATCH_SIZE": "2", "GRAD_ACCUM": "1", "LORA_R": "4",
+           "NUM_WORKERS": "0", "MIXED_PRECISION": "no", "OUT": str(out), "EXTRA": "--cpu",
+           "ARRAG": f"{sys.executable} -m arrag", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    script = os.path.join(os.path.dirname(__file__), "..", "arrag", "train", "train_FAiD.sh")
+    p = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["steps"] == 1 and settings["max_steps"] == 1 and settings["lora_r"] == 4
+    assert "arrag generate --model" in p.stdout and "--prompt" in p.stdout  # the printed hint is runnable
+
+
+def test_sequences_longer_than_the_model_are_refused(tmp_path, tiny_janus):
+    from arrag.demo.presets import make_tiny_janus
+
+    make_tiny_janus(tmp_path / "short", max_positions=60)
+    codestore.write_store(tmp_path / "store", np.zeros((4, 8, 8), np.uint16), tiny_janus.vq,
+                          captions=["a", "b", "c", "d"])  # 64 image tokens > 60 positions
+    cfg = FaidTrainConfig(base=str(tmp_path / "short"), store=str(tmp_path / "store"), out=str(tmp_path / "o"),
+                          cpu=True, num_workers=0)
+    with pytest.raises(ArragError, match="64 image tokens, but .* has 60 positions; encode .*--image-size 64"):
+        train_faid(cfg)
+    assert not (tmp_path / "o").exists()

@@ -130,7 +130,8 @@ def test_load_errors_are_one_clear_line(tmp_path, tiny_vq):
         load_vq(tmp_path / "keys.pt", preset="VQ-tiny-16")
     cases.append(e)
     torch.save({"model": tiny_vq.state_dict()}, tmp_path / "tiny.pt")
-    with pytest.raises(ArragError, match=r"tiny.pt does not match the model: missing keys") as e:
+    with pytest.raises(ArragError, match=r"tiny.pt \(as VQ-16; --vq-preset chooses another\) does not match the model: "
+                                         "missing keys") as e:
         load_vq(tmp_path / "tiny.pt")  # default preset VQ-16: other keys and shapes
     cases.append(e)
     with pytest.raises(ArragError, match=r"key quantize.embedding.weight has shape \(1024, 8\).*\(16384, 8\)") as e:

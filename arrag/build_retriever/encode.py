@@ -15,6 +15,7 @@ import math
 import os
 import re
 import tarfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,7 +225,19 @@ class _Images(torch.utils.data.Dataset):
         if min(image.size) < self.min_size:
             return {"index": i, "id": ident, "array": None, "reason": f"too small: {image.size[0]}x{image.size[1]}"}
         return {"index": i, "id": ident, "array": np.asarray(resize_crop(image, self.size, self.resize)),
-                "caption": caption}
+                "caption": caption, "format": _format(self.source, i)}
+
+
+def _format(source, i: int) -> str:
+    """The file format of item i, by its name (folders and tar shards) or 'dataset' (Hugging Face)."""
+    if isinstance(source, FolderSource):
+        name = source.files[i]
+    elif isinstance(source, TarSource):
+        name = source.items[i][2]
+    else:
+        return "dataset"
+    suffix = Path(name).suffix.lower().lstrip(".")
+    return {"jpeg": "jpg", "tiff": "tif"}.get(suffix, suffix) or "unknown"
 
 
 def _safe_id(source, i: int) -> str:
@@ -249,6 +262,16 @@ class EncodeResult:
     skipped: int = 0
     shards_written: list[int] = field(default_factory=list)
     complete: bool = False
+    formats: dict = field(default_factory=dict)            # images read, by file format
+    skipped_by_reason: dict = field(default_factory=dict)  # unreadable, too small, refused
+    without_caption: int = 0
+
+    def summary(self) -> str:
+        """One line: what was read, what was skipped and why, how many images lack a caption."""
+        fmts = ", ".join(f"{n} {f}" for f, n in sorted(self.formats.items())) or "none"
+        why = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped_by_reason.items()))
+        return (f"encoded {self.encoded} images ({fmts}) into {len(self.shards_written)} new shards; skipped "
+                f"{self.skipped}" + (f" ({why})" if why else "") + f"; {self.without_caption} without a caption")
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -261,12 +284,15 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str | None = None, image_size: int = 384,
+def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str | None = None,
+           image_size: int | None = None,
            batch_size: int = 32, shard_size: int = 4096, num_workers: int | None = None, save_latents: bool = False,
            shard: str | None = None, device: str = "auto", min_size: int = 64, progress: bool = True,
            max_images: int | None = None, resize: str = "original") -> EncodeResult:
     """Encode every image of `source` into a code store at `out` (resumable; see the module docstring).
 
+    image_size: the crop size; None takes the tokenizer's (its config's image_size: 384 for VQ-16, the size
+    Janus-Pro generates at), so the store's grid matches the models that will use it.
     resize: 'original' (Resize + CenterCrop, as AR-RAG built its database) or 'adm' (LlamaGen's crop).
     num_workers: DataLoader processes decoding images (default: the CPUs available, at most 16).
     """
@@ -275,7 +301,7 @@ def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str 
 
     rank, world = parse_shard(shard)
     for flag, value, low in (("--batch-size", batch_size, 1), ("--shard-size", shard_size, 1),
-                             ("--image-size", image_size, 1), ("--min-size", min_size, 0)):
+                             ("--image-size", image_size or 1, 1), ("--min-size", min_size, 0)):
         if value < low:
             raise ArragError(f"{flag} must be >= {low}, got {value}")
     if num_workers is not None and num_workers < 0:
@@ -289,6 +315,12 @@ def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str 
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
     dev = resolve_device(device)
     vq = load_vq(vq_path, preset=vq_preset, device=dev)
+    if image_size is None:
+        image_size = vq.config.image_size
+    elif image_size != vq.config.image_size:
+        warnings.warn(f"--image-size {image_size} differs from the {vq.config.image_size} px this tokenizer's models "
+                      f"generate at: the store's {image_size // vq.downsample}x{image_size // vq.downsample} grid "
+                      "will only serve models run at that size", stacklevel=2)
     grid = vq.grid_size(image_size)
     src = open_source(source)
     n_total = len(src) if max_images is None else min(len(src), max_images)
@@ -346,8 +378,18 @@ def _flush(folder: Path, k: int, rows: list[dict], grid: int, save_latents: bool
     if save_latents:
         latents = np.stack([b["latents"] for b in good]) if good else np.zeros((0, grid, grid, 8), np.float16)
     caps = [b.get("caption") for b in good]
-    captions = caps if good and all(c is not None for c in caps) else None
-    codestore.write_shard(folder, k, codes, [b["id"] for b in good], latents, captions, skipped)
+    formats: dict = {}
+    for b in good:
+        formats[b["format"]] = formats.get(b["format"], 0) + 1
+    # Captions are kept per image: a missing one is null, and does not drop the others.
+    captions = caps
+    codestore.write_shard(folder, k, codes, [b["id"] for b in good], latents, captions, skipped, formats)
     result.encoded += len(good)
     result.skipped += len(skipped)
     result.shards_written.append(k)
+    result.without_caption += sum(c is None for c in caps)
+    for fmt, n in formats.items():
+        result.formats[fmt] = result.formats.get(fmt, 0) + n
+    for s in skipped:
+        why = s["reason"].split(":")[0]
+        result.skipped_by_reason[why] = result.skipped_by_reason.get(why, 0) + 1

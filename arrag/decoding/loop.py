@@ -13,7 +13,7 @@ index and prompt, not on which other images share its batch.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ class SamplingConfig:
     top_k: int | None = None        # keep only the k most likely codes
     top_p: float | None = None      # nucleus mass in (0, 1]
     seed: int = 0                   # image i draws from a generator seeded with (seed, i)
-    image_size: int = 384           # pixels per side (24x24 tokens with VQ-16)
+    image_size: int | None = None   # pixels per side; None = the model's (384 = 24x24 tokens for Janus-Pro)
     batch_size: int | None = None   # images per forward pass (None = all); results do not depend on it
 
     def validate(self) -> None:
@@ -46,7 +46,7 @@ class SamplingConfig:
             (self.top_k is None or self.top_k >= 1, "--top-k", self.top_k, "must be >= 1 (leave it out for none)"),
             (self.top_p is None or 0 < self.top_p <= 1, "--top-p", self.top_p, "must be in (0, 1]"),
             (0 <= self.seed < 2**63, "--seed", self.seed, "must be in [0, 2^63)"),
-            (self.image_size >= 1, "--image-size", self.image_size, "must be >= 1"),
+            (self.image_size is None or self.image_size >= 1, "--image-size", self.image_size, "must be >= 1"),
             (self.batch_size is None or self.batch_size >= 1, "--batch-size", self.batch_size, "must be >= 1"),
         ]
         for ok, flag, value, what in checks:
@@ -55,6 +55,10 @@ class SamplingConfig:
 
     def settings(self) -> dict:
         return asdict(self)
+
+    def for_model(self, model) -> SamplingConfig:
+        """A copy with what the model decides filled in (the image size its tokenizer works at)."""
+        return replace(self, image_size=self.image_size or model.vq.config.image_size)
 
 
 def image_seeds(seed: int, indices: Iterable[int]) -> list[int]:
@@ -147,6 +151,7 @@ def sample_codes(model, prompts: Sequence[str], sampling: SamplingConfig, *, hoo
     """
     from arrag.janus.prompting import Prompter
 
+    sampling = sampling.for_model(model)
     sampling.validate()
     if not prompts:
         raise ArragError("no prompts given")

@@ -173,7 +173,7 @@ class Generator:
 def generate(model, prompts: Sequence[str], *, method: str = "base", retriever=None,
              parallel_size: int = SamplingConfig.parallel_size, cfg_weight: float = SamplingConfig.cfg_weight,
              temperature: float = SamplingConfig.temperature, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, image_size: int = SamplingConfig.image_size,
+             seed: int | None = None, image_size: int | None = None,
              daid_lambda: float | None = None, daid_tau: float | None = None, daid_k: int | None = None,
              daid_aggregate: str = DEFAULT_AGGREGATE, faid_k: int = DEFAULT_FAID_K, allow_unknown_vq: bool = False,
              hooks: Sequence[DecodingHook] = (), prompter=None, batch_size: int | None = None,

@@ -20,6 +20,11 @@ class StepQueries:
         if retriever.dim != need:
             raise ArragError(f"the retriever's keys have {retriever.dim} dims; this model's VQ and the "
                              f"{nb.name!r} neighbourhood give {need}")
+        grid = retriever.manifest.get("grid")
+        if grid is not None and tuple(grid) != tuple(state.grid):
+            raise ArragError(f"the retriever {retriever.folder} was built from {grid[0]}x{grid[1]} code grids, but "
+                             f"this model decodes {state.grid[0]}x{state.grid[1]} tokens; generate at the index's "
+                             "image size (--image-size) or build an index from images encoded at this size")
         table = nb.step_table(*state.grid)
         self.table = torch.from_numpy(table).to(state.codes.device)
         self.valid: list[bool] = (table >= 0).all(1).tolist()  # valid[t]: target t gets a retrieval

@@ -171,6 +171,7 @@ def run_layout(generator: Generator, items: Sequence[PromptItem], layout: Layout
     """`generate --layout`: lock the settings (checked now, recorded with the first images), write the prompt
     list, and generate this process's share. A rerun with the same settings resumes; other settings, another
     model or an edited prompt file are refused."""
+    sampling = sampling.for_model(generator.model)
     settings = {**generator.settings(), **sampling.settings(), "layout": layout.name,
                 "prompts": str(Path(prompts_source).resolve()) if prompts_source else None,
                 "num_prompts": len(items), "prompts_sha256": prompts_digest(items)}

@@ -5,7 +5,8 @@
            finished prompt (GenEval's evaluate_images.py reads both).
   dpg      <out>/<id>.png: the samples tiled without gaps into a square grid (4 samples -> 2x2), which
            DPG-Bench's compute_dpg_bench.py cuts back into --pic-num crops of --resolution pixels.
-  flat     <out>/<5-digit index>.png, or <index>_<2-digit sample>.png with several samples (FID folders).
+  flat     <out>/<name>.png, or <name>_<2-digit sample>.png with several samples (FID folders); the name is the
+           5-digit index, or the CSV's id (MJHQ-30K's image ids).
 Every image is written under a temporary name and renamed, so a prompt's files exist only when complete.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -102,16 +104,30 @@ class DpgLayout(Layout):
 
 class FlatLayout(Layout):
     name = "flat"
-    owned = (*RECORD_FILES, r"\d{5}(_\d{2})?\.(png|jpg|webp)")
+    owned = (*RECORD_FILES, r"[^/]+\.(png|jpg|webp)")
 
     def paths(self, item: PromptItem) -> list[Path]:
         if self.parallel_size == 1:
-            return [self.out / f"{item.index:05d}.{self.fmt}"]
-        return [self.out / f"{item.index:05d}_{s:02d}.{self.fmt}" for s in range(self.parallel_size)]
+            return [self.out / f"{item.name}.{self.fmt}"]
+        return [self.out / f"{item.name}_{s:02d}.{self.fmt}" for s in range(self.parallel_size)]
 
     def write(self, item: PromptItem, images: np.ndarray) -> None:
         for path, image in zip(self.paths(item), images, strict=True):
             save_image(image, path)
+
+
+PLAIN_IMAGE = re.compile(r"\d{4,}_\d{2}\.(png|jpg|webp)")
+
+
+def check_plain_out(out: str | Path, overwrite: bool) -> None:
+    """Refuse to write plain output over the images of an earlier run, unless `overwrite` (which removes them)."""
+    out = Path(out)
+    earlier = sorted(p for p in out.iterdir() if PLAIN_IMAGE.fullmatch(p.name)) if out.is_dir() else []
+    if earlier and not overwrite:
+        raise ArragError(f"{out} holds {len(earlier)} images of an earlier run ({earlier[0].name}, ...); pass "
+                         "--overwrite to replace them, or another --out")
+    for p in earlier:
+        p.unlink()
 
 
 def write_plain(images: np.ndarray, out: str | Path, parallel_size: int, fmt: str = "png",

@@ -2,7 +2,8 @@
 
   a folder            DPG-Bench's prompts folder: one `<id>.txt` per prompt (sorted by id)
   *.jsonl             GenEval's evaluation_metadata.jsonl: the `prompt` field; the whole line is kept
-  *.csv / *.tsv       a caption column (COCO-style FID sets): --caption-column, else caption/text/prompt
+  *.csv / *.tsv       a caption column (COCO-style FID sets): --caption-column, else caption/text/prompt;
+                      an `id` column, when present, names each prompt's files (MJHQ-30K's image ids)
   anything else       a text file, one prompt per line (blank lines skipped)
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,8 +89,18 @@ def _csv(path: Path, column: str | None, delimiter: str) -> list[PromptItem]:
                 raise ArragError(f"--prompts {path}: no caption column among {fields}; pass --caption-column NAME")
         elif column not in fields:
             raise ArragError(f"--caption-column {column}: not a column of {path} ({', '.join(fields)})")
-        texts = [(row.get(column) or "").strip() for row in reader]
-    return _non_empty([PromptItem(i, t, f"{i:05d}") for i, t in enumerate(texts) if t], path)
+        id_column = next((c for c in fields if c.lower() == "id"), None)
+        rows = [((row.get(column) or "").strip(), (row.get(id_column) or "").strip() if id_column else "")
+                for row in reader]
+    items = []
+    for text, ident in rows:
+        if text:
+            i = len(items)
+            name = re.sub(r"[^\w.-]", "_", ident) if ident else f"{i:05d}"  # safe as a file name
+            items.append(PromptItem(i, text, name))
+    if len({it.name for it in items}) != len(items):
+        raise ArragError(f"--prompts {path}: the id column repeats an id; ids name the output files")
+    return _non_empty(items, path)
 
 
 def _non_empty(items: list[PromptItem], path: Path, what: str = "no prompts") -> list[PromptItem]:

@@ -9,25 +9,24 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arrag.errors import ArragError, one_line
+from arrag import hub
+from arrag.errors import ArragError
 from arrag.fileops import atomic_path, write_text
 from arrag.janus.blender import CONV_NAMES
 from arrag.janus.config import JanusConfig
 from arrag.janus.faid_layers import attach_blenders
 from arrag.janus.llama import DecodeLinear, LlamaCausalLM
 from arrag.vq import VQModel, load_state_strict
+from arrag.weight_files import iter_tensors, weight_files
 
 # Keys of the full Janus-Pro checkpoint that the generation path does not use.
 SKIPPED_PREFIXES = ("vision_model.", "aligner.", "language_model.lm_head.")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
 # Every file save_pretrained and the trainers write into a checkpoint folder (what arrag may replace).
 CHECKPOINT_FILES = (r"config\.json", r"model\.safetensors", r"model-\d{5}-of-\d{5}\.safetensors",
                     r"model\.safetensors\.index\.json", r"settings\.json", r"tokenizer\.json",
@@ -118,18 +117,19 @@ class JanusPro(nn.Module):
         """
         from arrag.runtime import default_dtype, resolve_device
 
-        path = Path(path)
+        path = hub.resolve(path, "model")  # a Hub id (deepseek-ai/Janus-Pro-1B) comes from the cache or a download
         if not path.exists():
-            raise ArragError(f"model not found: {path}; pass a Janus-Pro checkpoint folder (config.json + weights)")
+            raise ArragError(f"model not found: {path}; pass a Janus-Pro checkpoint folder (config.json + weights) "
+                             "or a Hugging Face id such as deepseek-ai/Janus-Pro-1B")
         folder = path if path.is_dir() else path.parent
         config = JanusConfig.from_file(folder / "config.json")
-        files = _weight_files(path)
+        files = weight_files(path)
         device = resolve_device(device or "auto")
         dtype = dtype or default_dtype(device)
         with torch.device("meta"):
             model = cls(config)
         state, skipped = {}, 0
-        for key, tensor in _iter_tensors(files):
+        for key, tensor in iter_tensors(files):
             if key.startswith(SKIPPED_PREFIXES):
                 skipped += 1
                 continue
@@ -208,48 +208,3 @@ def _fill_unused_hop_convs(model: JanusPro, state: dict) -> None:
     for key, shape in _idle_hop_conv_keys(model).items():
         if key not in state:
             state[key] = torch.zeros(shape)
-
-
-def _weight_files(path: Path) -> list[Path]:
-    """The weight files of a checkpoint folder (or the given file), shards resolved through their index."""
-    if path.is_file():
-        candidates = [path]
-    else:
-        candidates = [path / n for n in WEIGHT_FILES if (path / n).exists()]
-        if not candidates:
-            raise ArragError(f"no weights in {path}: expected one of {', '.join(WEIGHT_FILES)}")
-    first = candidates[0]
-    if first.name.endswith(".index.json"):
-        try:
-            weight_map = json.loads(first.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ArragError(f"{first} is not a valid shard index ({e})") from None
-        files = [first.parent / n for n in dict.fromkeys(weight_map.values())]
-        missing = [str(f) for f in files if not f.exists()]
-        if missing:
-            raise ArragError(f"{first} names shard {missing[0]}, which is missing; download all shards")
-        return files
-    return [first]
-
-
-def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    for f in files:
-        if f.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            try:
-                with safe_open(str(f), framework="pt") as sf:
-                    for k in sf.keys():
-                        yield k, sf.get_tensor(k)
-            except (OSError, RuntimeError, ValueError) as e:
-                raise ArragError(f"cannot read {f}: {one_line(e)}") from None
-            except Exception as e:  # safetensors' own SafetensorError
-                raise ArragError(f"cannot read {f}: {one_line(e)}") from None
-        else:
-            try:
-                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                raise ArragError(f"cannot read {f}: {one_line(e)}") from None
-            if not isinstance(state, dict):
-                raise ArragError(f"{f} does not hold a state dict")
-            yield from state.items()

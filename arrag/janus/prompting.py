@@ -7,6 +7,7 @@ pad id, vocab['<｜▁pad▁｜>'] (resolved from the vocabulary, not tokenizer.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,7 @@ class Prompter:
         if self.bos_id is None:
             raise ArragError("the tokenizer has no BOS token: is it Janus-Pro's tokenizer?")
         self.fill_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.cfg_pad_id
+        self._warned: set[str] = set()
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> Prompter:
@@ -106,6 +108,12 @@ class Prompter:
 
     def _ids(self, text: str) -> list[int]:
         ids = list(self.tokenizer.encode(t2i_prompt(text)))
+        unk = self.tokenizer.unk_token_id
+        if unk is not None and unk in ids and text not in self._warned:
+            self._warned.add(text)
+            unknown = [w for w in text.split() if unk in self.tokenizer.encode(w, add_special_tokens=False)]
+            warnings.warn(f"the tokenizer does not know {', '.join(repr(w) for w in unknown) or 'some words'} in "
+                          f"{text!r}: they become its unknown token", stacklevel=3)
         if not ids or ids[0] != self.bos_id:
             ids = [self.bos_id, *ids]
         if ids[-1] != self.image_start_id:

@@ -52,13 +52,16 @@ def shard_done(folder: str | Path, k: int) -> bool:
 
 
 def write_shard(folder: str | Path, k: int, codes: np.ndarray, ids: list[str], latents: np.ndarray | None = None,
-                captions: list[str] | None = None, skipped: list[dict] | None = None) -> None:
-    """Write shard k (codes uint16 [n, h, w], optional latents and captions); the metadata file goes last."""
+                captions: list[str | None] | None = None, skipped: list[dict] | None = None,
+                formats: dict | None = None) -> None:
+    """Write shard k (codes uint16 [n, h, w], optional latents and captions, None for an image without one);
+    the metadata file goes last."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if codes.size and int(codes.max()) > np.iinfo(np.uint16).max:
         raise ValueError("codes do not fit in uint16")
-    meta = {"shard": k, "count": int(len(codes)), "ids": list(ids), "skipped": list(skipped or [])}
+    meta = {"shard": k, "count": int(len(codes)), "ids": list(ids), "skipped": list(skipped or []),
+            "formats": dict(formats or {})}
     save_npy(folder / f"codes-{k:05d}.npy", codes.astype(np.uint16))
     meta["codes"] = f"codes-{k:05d}.npy"
     if latents is not None:
@@ -67,6 +70,7 @@ def write_shard(folder: str | Path, k: int, codes: np.ndarray, ids: list[str], l
     if captions is not None:
         write_text(folder / f"captions-{k:05d}.jsonl", "".join(json.dumps(c) + "\n" for c in captions))
         meta["captions"] = f"captions-{k:05d}.jsonl"
+        meta["captioned"] = sum(c is not None for c in captions)
     write_text(shard_meta_path(folder, k), json.dumps(meta) + "\n")
 
 
@@ -82,20 +86,31 @@ def finalize(folder: str | Path, num_shards: int, info: dict) -> bool:
     folder = Path(folder)
     if not all(shard_done(folder, k) for k in range(num_shards)):
         return False
-    shards, skipped = [], []
+    shards, skipped, formats = [], [], {}
     for k in range(num_shards):
         meta = json.loads(shard_meta_path(folder, k).read_text())
         skipped += meta.pop("skipped")
+        for fmt, n in meta.pop("formats", {}).items():
+            formats[fmt] = formats.get(fmt, 0) + n
         meta.pop("ids")
         shards.append(meta)
+    reasons: dict = {}
+    for s in skipped:
+        why = s["reason"].split(":")[0]
+        reasons[why] = reasons.get(why, 0) + 1
+    num_images = sum(s["count"] for s in shards)
+    captioned = sum(s.get("captioned", s["count"] if "captions" in s else 0) for s in shards)
     manifest = {
         "format": STORE_FORMAT,
         **info,
-        "num_images": sum(s["count"] for s in shards),
+        "num_images": num_images,
+        "formats": formats,
         "num_skipped": len(skipped),
+        "skipped_by_reason": reasons,
         "skipped": skipped[:1000],  # the first 1000 with reasons; every shard file lists its own
         "has_latents": all("latents" in s for s in shards),
-        "has_captions": all("captions" in s for s in shards),
+        "has_captions": captioned > 0 and all("captions" in s for s in shards if s["count"]),
+        "num_without_caption": num_images - captioned,
         "shards": shards,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

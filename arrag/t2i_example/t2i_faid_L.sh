@@ -3,16 +3,21 @@
 #
 #   bash arrag/t2i_example/t2i_faid_L.sh            # run it with bash (the original README said python)
 #
-# Settings (environment variables):
-#   MODEL          FAiD checkpoint folder (arrag train-faid output)  (default result/ckpts/arrag_faid)
-#   RETRIEVER      patch index built by build_retriever.sh           (default data/retriever/index_L)
-#   PROMPT         the prompt                                        (default a photo of a red bicycle leaning on a wall)
-#   OUTPUT         the output image (a grid of PARALLEL_SIZE)        (default result/generated_imgs/example_t2i_faid.jpg)
-#   PARALLEL_SIZE  samples                                           (default 4)
-#   FAID_K         retrieved codes per step                          (default 10)
-#   METHOD         faid, or faid+daid to add DAiD on top             (default faid)
-#   NPROBE CFG_WEIGHT TEMPERATURE SEED IMAGE_SIZE DEVICE             (defaults: the index's, 5, 1.0, 0, 384, auto)
-#   EXTRA          any other `arrag generate` flags
+# Settings (environment variables; an empty one takes `arrag generate`'s default, see `arrag generate --help`):
+#   MODEL          FAiD checkpoint (train-faid output, or jingyq1/arrag_faid)   (default result/ckpts/arrag_faid)
+#   RETRIEVER      patch index built by build_retriever.sh        (default data/retriever/index_L)
+#   PROMPT         the prompt                                     (default a photo of a red bicycle leaning on a wall)
+#   OUTPUT         the output image (a grid of PARALLEL_SIZE)     (default result/generated_imgs/example_t2i_faid.jpg)
+#   PARALLEL_SIZE  samples                                        (default 4)
+#   METHOD         faid, or faid+daid to add DAiD on top          (default faid)
+#   FAID_K         retrieved codes per step                       (default 10)
+#   DAID_LAMBDA DAID_TAU DAID_K DAID_AGGREGATE                    DAiD's settings (with METHOD=faid+daid)
+#   NPROBE RETRIEVER_DEVICE ALLOW_UNKNOWN_VQ=1                    the index (ALLOW_UNKNOWN_VQ for the prebuilt database)
+#   CFG_WEIGHT TEMPERATURE TOP_K TOP_P SEED                       sampling (defaults 5, 1, off, off, 0)
+#   IMAGE_SIZE                                                    pixels per side (default: the model's)
+#   DEVICE DTYPE BATCH_SIZE DECODE_STEP                           where and how it runs
+#   OVERWRITE=1                                                   replace the images of an earlier run
+#   EXTRA                                                         any other `arrag generate` flags
 set -euo pipefail
 
 MODEL=${MODEL:-result/ckpts/arrag_faid}
@@ -20,18 +25,19 @@ RETRIEVER=${RETRIEVER:-data/retriever/index_L}
 PROMPT=${PROMPT:-a photo of a red bicycle leaning on a wall}
 OUTPUT=${OUTPUT:-result/generated_imgs/example_t2i_faid.jpg}
 PARALLEL_SIZE=${PARALLEL_SIZE:-4}
-FAID_K=${FAID_K:-10}
 METHOD=${METHOD:-faid}
-CFG_WEIGHT=${CFG_WEIGHT:-5}
-TEMPERATURE=${TEMPERATURE:-1.0}
-SEED=${SEED:-0}
-IMAGE_SIZE=${IMAGE_SIZE:-384}
-DEVICE=${DEVICE:-auto}
 ARRAG=${ARRAG:-arrag}
 
-OPTIONAL=()
-[ -n "${NPROBE:-}" ] && OPTIONAL+=(--nprobe "$NPROBE")
+ARGS=(--model "$MODEL" --method "$METHOD" --retriever "$RETRIEVER" --prompt "$PROMPT"
+      --parallel-size "$PARALLEL_SIZE" --out "${OUTPUT%.*}" --grid "$OUTPUT")
+add() { [ -n "${2:-}" ] && ARGS+=("$1" "$2") || true; }
+add --faid-k "${FAID_K:-}"; add --daid-lambda "${DAID_LAMBDA:-}"; add --daid-tau "${DAID_TAU:-}"
+add --daid-k "${DAID_K:-}"; add --daid-aggregate "${DAID_AGGREGATE:-}"; add --nprobe "${NPROBE:-}"
+add --retriever-device "${RETRIEVER_DEVICE:-}"; add --cfg-weight "${CFG_WEIGHT:-}"; add --temperature "${TEMPERATURE:-}"
+add --top-k "${TOP_K:-}"; add --top-p "${TOP_P:-}"; add --seed "${SEED:-}"; add --image-size "${IMAGE_SIZE:-}"
+add --device "${DEVICE:-}"; add --dtype "${DTYPE:-}"; add --batch-size "${BATCH_SIZE:-}"
+add --decode-step "${DECODE_STEP:-}"
+[ "${ALLOW_UNKNOWN_VQ:-0}" = "1" ] && ARGS+=(--allow-unknown-vq)
+[ "${OVERWRITE:-0}" = "1" ] && ARGS+=(--overwrite)
 
-$ARRAG generate --model "$MODEL" --method "$METHOD" --retriever "$RETRIEVER" --faid-k "$FAID_K" --prompt "$PROMPT" \
-  --parallel-size "$PARALLEL_SIZE" --cfg-weight "$CFG_WEIGHT" --temperature "$TEMPERATURE" --seed "$SEED" \
-  --image-size "$IMAGE_SIZE" --device "$DEVICE" --out "${OUTPUT%.*}" --grid "$OUTPUT" "${OPTIONAL[@]}" ${EXTRA:-}
+$ARRAG generate "${ARGS[@]}" ${EXTRA:-}

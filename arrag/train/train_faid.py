@@ -18,9 +18,11 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -312,10 +314,28 @@ def _open_data(cfg: FaidTrainConfig, janus):
     if not janus.vq.matches(store.fingerprint):
         raise ArragError(f"code store {store.folder} was encoded with another tokenizer (VQ {store.fingerprint}) "
                          f"than {cfg.base}'s (VQ {janus.vq.fingerprint()}); re-encode with this model's VQ")
+    h, w = store.grid
+    max_pos, size = janus.config.language.max_position_embeddings, janus.vq.config.image_size
+    room = max_pos - h * w  # positions left for the prompt
+    if room < 16:
+        raise ArragError(f"code store {store.folder} holds {h}x{w} grids: {h * w} image tokens, but {cfg.base} has "
+                         f"{max_pos} positions; encode the training images at the model's size (--image-size {size})")
+    if (h * janus.vq.downsample, w * janus.vq.downsample) != (size, size):
+        warnings.warn(f"code store {store.folder} was encoded at {h * janus.vq.downsample} px, the model generates "
+                      f"at {size} px: it will learn that size", stacklevel=2)
+    text_len = min(cfg.max_text_len, room)
+    if text_len < cfg.max_text_len:
+        print(f"arrag: captions are cut to {text_len} tokens: with {h * w} image tokens the model's {max_pos} "
+              "positions leave no more", file=sys.stderr)
     retrieved = load_retrieved(cfg.retrieved or cfg.store, store, cfg.retrieved_key_num)
+    captions = store.captions()
+    missing = sum(c is None for c in captions)
+    if missing:
+        raise ArragError(f"{missing} of {len(captions)} images in {store.folder} have no caption; FAiD trains on "
+                         "image-caption pairs: add the captions (same-named .txt files) and re-encode")
     prompter = Prompter.from_folder(janus.source_folder)
     return store, FaidTrainSet(store, retrieved, prompter, seed=cfg.seed, cfg_drop=cfg.cfg_drop,
-                               max_text_len=cfg.max_text_len), Collate(prompter)
+                               max_text_len=text_len), Collate(prompter)
 
 
 def _accelerator(cfg: FaidTrainConfig):
@@ -479,5 +499,8 @@ def _export(cfg: FaidTrainConfig, state: dict, out: Path, sidecar: dict) -> None
             shutil.copyfile(src, out / name)
     write_json(out / "settings.json", sidecar)
     loss = f" (final loss {sidecar['loss_history'][-1][1]:.4f})" if sidecar["loss_history"] else ""
-    print(f"FAiD checkpoint: {out}{loss}; generate with: arrag generate --model {out} --method faid "
-          "--retriever <index folder>")
+    retrieved = Path(cfg.retrieved or cfg.store) / "retrieved.json"
+    index = json.loads(retrieved.read_text()).get("retriever") if retrieved.is_file() else None
+    print(f"FAiD checkpoint: {out}{loss}; generate with:\n  arrag generate --model {shlex.quote(str(out))} "
+          f"--method faid --retriever {shlex.quote(index) if index else 'INDEX_FOLDER'} "
+          "--prompt 'a photo of a red bicycle'")
