@@ -160,3 +160,34 @@ def make_grid(images: np.ndarray | Sequence[np.ndarray], ncol: int, pad: int = 2
         r, col = divmod(i, ncol)
         grid[r * (h + pad):r * (h + pad) + h, col * (w + pad):col * (w + pad) + w] = im
     return grid
+
+
+def labeled_grid(cells: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str], col_labels: Sequence[str],
+                 scale: int = 3, label_width: int = 260, pad: int = 4) -> np.ndarray:
+    """A readable comparison grid: cells[r][c] uint8 [H, W, 3] upscaled `scale`x (nearest neighbour, so pixels
+    stay sharp), a header row with the column labels and each row's label wrapped to its left."""
+    import textwrap
+
+    from PIL import ImageDraw, ImageFont
+
+    h, w = cells[0][0].shape[:2]
+    ch, cw = h * scale, w * scale
+    try:
+        font = ImageFont.load_default(size=15)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    header = 28
+    width = label_width + len(col_labels) * (cw + pad)
+    height = header + len(cells) * (ch + pad)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, label in enumerate(col_labels):
+        draw.text((label_width + c * (cw + pad) + 4, 6), label, fill="black", font=font)
+    for r, row in enumerate(cells):
+        y = header + r * (ch + pad)
+        text = "\n".join(textwrap.wrap(row_labels[r], width=max(10, label_width // 9)))
+        draw.multiline_text((6, y + 4), text, fill="black", font=font, spacing=2)
+        for c, cell in enumerate(row):
+            big = np.repeat(np.repeat(np.asarray(cell, dtype=np.uint8), scale, 0), scale, 1)
+            canvas.paste(Image.fromarray(big), (label_width + c * (cw + pad), y))
+    return np.asarray(canvas)

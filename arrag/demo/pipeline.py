@@ -37,7 +37,7 @@ from arrag.eval.batch_generate import generate_into_layout
 from arrag.eval.layouts import make_layout
 from arrag.eval.prompts import read_prompt_source
 from arrag.fileops import remove_owned_dir
-from arrag.image_io import make_grid, save_image, to_tensor, to_uint8
+from arrag.image_io import labeled_grid, save_image, to_tensor, to_uint8
 from arrag.janus.model import JanusPro
 from arrag.provenance import write_json, write_sidecar
 from arrag.retrieval.retriever import PatchRetriever
@@ -131,8 +131,9 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = (0
                "per_seed": results, "seconds": round(time.time() - t_start, 1)}
     write_json(out / "scores.json", summary)
     rows = [truth] + [first_images[m] for m in methods]
-    grid = save_image(make_grid(np.stack([im for col in zip(*rows, strict=True) for im in col]), ncol=len(rows)),
-                      out / "grid.png")
+    columns = ["ground truth", *("base" if m == "base" else m.upper().replace("AI", "Ai") for m in methods)]
+    grid = save_image(labeled_grid([list(col) for col in zip(*rows, strict=True)], [r["prompt"] for r in records],
+                                   columns), out / "grid.png")
     write_sidecar(grid, {"columns": ["ground truth", *methods], "rows": [r["prompt"] for r in records],
                          "seed": seeds[0], "split": split})
     _print_table(summary, methods)
