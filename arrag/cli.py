@@ -128,7 +128,17 @@ def _build_index(args: argparse.Namespace) -> int:
 
     build_index(args.store, args.out, shape=args.shape, key_source=args.key_source, factory=args.factory,
                 memory_budget=args.memory_budget, nprobe=args.nprobe, train_size=args.train_size, seed=args.seed,
-                chunk_images=args.chunk_images, gpus=args.gpus, overwrite=args.overwrite)
+                chunk_images=args.chunk_images, gpus=args.gpus, overwrite=args.overwrite, dedup=not args.no_dedup,
+                shard=args.shard, train_only=args.train_only, target_recall=args.target_recall)
+    return 0
+
+
+def _merge_index(args: argparse.Namespace) -> int:
+    from arrag.build_retriever.build_index import merge_index
+
+    if args.wait < 0:
+        raise ArragError(f"--wait must be >= 0, got {args.wait}")
+    merge_index(args.index, wait=args.wait)
     return 0
 
 
@@ -138,24 +148,35 @@ def _search_stats(args: argparse.Namespace) -> int:
     from arrag.retrieval.codestore import CodeStore
     from arrag.retrieval.index import sample_stored_vectors
     from arrag.retrieval.keys import sample_entry_keys
-    from arrag.retrieval.recall import nprobe_sweep, queries_per_second, recall_at_k
+    from arrag.retrieval.recall import (
+        distinct_codes_per_topk,
+        list_balance,
+        nprobe_sweep,
+        queries_per_second,
+        recall_at_k,
+    )
     from arrag.retrieval.retriever import PatchRetriever
 
     if args.seed < 0 or args.queries < 0 or args.recall_k < 1:
         raise ArragError("--seed and --queries must be >= 0 and --k >= 1")
     r = PatchRetriever.load(args.index, device=args.device, nprobe=args.nprobe, verify=not args.no_verify_index)
     m = r.manifest
-    stats = {"index": str(args.index), "entries": r.entries, "type": m.get("index_type"),
+    stats = {"index": str(args.index), "entries": r.entries, "occurrences": m.get("occurrences", r.entries),
+             "dedup_ratio": m.get("dedup_ratio", 1.0), "type": m.get("index_type"),
              "factory": m.get("factory"), "nlist": m.get("nlist"), "nprobe": r.nprobe,
              "memory_bytes": faiss_index.index_memory_bytes(r.index) if r.backend == "faiss-cpu" else None,
              "backend": r.backend,
              "key_source": m.get("key_source"), "neighborhood": m["neighborhood"]["shape"],
              "vq_fingerprint": m.get("vq_fingerprint")}
+    balance = list_balance(r)
+    if balance:
+        stats.update(balance)
     store_dir = args.store or m.get("store")
     if args.queries > 0 and store_dir:
         store = CodeStore.open(store_dir)
         queries = sample_entry_keys(store, args.queries, args.seed, r.neighborhood, m["key_source"])
         stats[f"recall@{args.recall_k}"] = recall_at_k(r, store, queries, args.recall_k)
+        stats[f"distinct_codes@{args.recall_k}"] = round(distinct_codes_per_topk(r, queries, args.recall_k), 2)
         stats["queries_per_s"] = {b: queries_per_second(r, queries, args.recall_k, b) for b in (1, 16, 64)}
         if m.get("nlist") and not args.no_sweep:
             stats["nprobe_sweep"] = nprobe_sweep(r, store, queries, args.recall_k)
@@ -385,8 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bi = sub.add_parser(
         "build-index", help="build the FAISS patch index from a code store (second half of build_retriever.sh)",
-        description="Code store -> (neighbourhood key, target code) for every valid position -> FAISS index. "
-                    "Writes manifest.json, index.faiss and values.npy to --out.")
+        description="Code store -> (neighbourhood key, target code) for every valid position -> FAISS index, "
+                    "de-duplicated with counts. Writes manifest.json, index.faiss, values.npy and the counts to "
+                    "--out; with --shard i/n, one part of a parallel build (then `arrag merge-index`).")
     bi.add_argument("store", help="code store folder written by `arrag encode`")
     bi.add_argument("--out", required=True, help="index folder (e.g. data/retriever/index_L)")
     bi.add_argument("--shape", default="L", help="neighbourhood: L (default), 2hop or ring")
@@ -394,13 +416,34 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keys from normalised codebook rows (default) or stored latents (original project)")
     bi.add_argument("--factory", default="auto", help="'auto' (by size and budget) or a FAISS factory string")
     bi.add_argument("--memory-budget", default="16G", help="index memory budget for --factory auto (default 16G)")
-    bi.add_argument("--nprobe", type=int, default=None, help="default nprobe stored in the manifest")
+    bi.add_argument("--nprobe", type=int, default=None,
+                    help="nprobe stored in the manifest (default: the smallest reaching --target-recall)")
+    bi.add_argument("--target-recall", type=float, default=0.95,
+                    help="recall@10 against probing every list that the tuned nprobe must reach (default 0.95)")
     bi.add_argument("--train-size", type=int, default=None, help="training sample size (default by index type)")
     bi.add_argument("--seed", type=int, default=0, help="seed of the training sample (default 0)")
     bi.add_argument("--chunk-images", type=int, default=1024, help="images per streaming add (default 1024)")
     bi.add_argument("--gpus", default="auto", help="GPU FAISS for training: auto, cpu, or ids such as 0,1")
     bi.add_argument("--overwrite", action="store_true", help="replace an existing index in --out")
+    bi.add_argument("--no-dedup", action="store_true",
+                    help="store every occurrence of a (key, value) pair; by default each distinct pair is stored "
+                         "once with its count and images, and searches expand hits by their counts (same results)")
+    bi.add_argument("--shard", default=None,
+                    help="process i of n (i/n) of a parallel build; default from RANK/WORLD_SIZE (torchrun, "
+                         "accelerate launch); then `arrag merge-index OUT`")
+    bi.add_argument("--train-only", action="store_true",
+                    help="train the quantizer of a parallel build into OUT/parts and stop (else rank 0 trains it "
+                         "while the others wait)")
     bi.set_defaults(func=_build_index)
+
+    mi = sub.add_parser("merge-index", help="join the parts of a parallel build-index into one index",
+                        description="Join OUT/parts/rank-*-of-n (written by `arrag build-index --shard i/n`) into the "
+                                    "index in OUT: IVF indexes into one index with on-disk inverted lists (FAISS's "
+                                    "merge; searched by memory map), other factories as index shards.")
+    mi.add_argument("index", help="the --out folder of the parallel build")
+    mi.add_argument("--wait", type=float, default=0,
+                    help="seconds to wait for parts other processes or machines are still building (default 0)")
+    mi.set_defaults(func=_merge_index)
 
     ss = sub.add_parser("search-stats", help="entries, memory, index type, nprobe and recall of a patch index",
                         description="Describe a patch index and estimate recall@k against exact search on a "

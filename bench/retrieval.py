@@ -9,6 +9,12 @@
    int32 codes plus float32 vectors: about 20 KB per 384-px image).
 4. Recall@10 against exact search (tie-aware, see arrag.retrieval.recall) and queries/s at batch 1, 16, 64
    for the auto-chosen index on a >= 1M-entry database at its default nprobe. Target: recall >= 0.9.
+5. Scale (issue 18): 10M entries from a random-code store, built by 1 process and by 2 processes plus merge
+   (`--train-only` with every core, then the 2 ranks side by side with one core each, then `merge-index`):
+   wall time of each, peak RSS per process, bytes per entry on disk, recall@10 at the default nprobe against
+   exact search. Targets: 2 processes + merge <= 0.6x the wall time of 1 process; recall >= 0.9.
+6. De-duplication on the ShapesWorld index: entries, IVF imbalance factor (target <= 3 de-duplicated), distinct
+   codes per top-10, and DAiD's search time per step (16 queries, k 256 and 2048) de-duplicated vs full.
 The database: ShapesWorld images encoded by a seeded VQ-tiny-8 at 128 px (16x16 tokens, 210 entries each).
 """
 
@@ -16,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -93,12 +101,118 @@ def build_rss(store: Path, out: Path, factory: str) -> dict:
             "rss_minus_index_mb": (int(rss) - index_bytes) / 2**20, "seconds": float(seconds)}
 
 
+def run_python(code: str, threads: int | None = None) -> subprocess.Popen:
+    """Start `code` in a fresh Python (limited to `threads` OpenMP/BLAS threads); it prints its peak RSS last."""
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    code += "\nimport resource; print('PEAK_RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+
+
+def finish(procs: list[subprocess.Popen]) -> list[int]:
+    """Wait for every process; return their peak RSS in bytes."""
+    peaks = []
+    for p in procs:
+        out, _ = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"a benchmark subprocess failed ({p.args[-1][:200]!r})")
+        peaks.append(int(out.split("PEAK_RSS")[-1]))
+    return peaks
+
+
+def random_code_store(folder: Path, entries: int, seed: int = 0) -> Path:
+    """A store of uniformly random 16x16 code grids (210 L-entries each) over a random 16384 x 8 codebook."""
+    from arrag.retrieval import codestore
+
+    images = -(-entries // 210)
+    if (folder / "manifest.json").exists() and CodeStore.open(folder).num_images == images:
+        return folder
+    remove_owned_dir(folder, what="code store", owned=STORE_FILES)
+    rng = np.random.default_rng(seed)
+    book = rng.normal(size=(16384, 8)).astype(np.float32)
+    book /= np.linalg.norm(book, axis=1, keepdims=True)
+    codestore.write_store(folder, rng.integers(0, 16384, (images, 16, 16)).astype(np.uint16), book,
+                          shard_size=4096)
+    return folder
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def scale_build(out: Path, entries: int, queries: int) -> dict:
+    """1 process vs 2 processes + merge over the same random store (see the module docstring, item 5)."""
+    from arrag.retrieval.keys import sample_entry_keys
+    from arrag.retrieval.recall import exact_distances, recall_at_k
+    from arrag.retrieval.retriever import PatchRetriever
+
+    store = random_code_store(out / "random_store", entries)
+    cores = os.cpu_count() or 2
+    call = "from arrag.build_retriever.build_index import build_index, merge_index\n"
+    one, two = out / "scale_1proc", out / "scale_2proc"
+    t0 = time.perf_counter()
+    peak_one = finish([run_python(call + f"build_index({str(store)!r}, {str(one)!r}, overwrite=True, "
+                                         "progress=False)")])
+    t_one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    peaks = finish([run_python(call + f"build_index({str(store)!r}, {str(two)!r}, train_only=True, "
+                                      "overwrite=True, progress=False)")])
+    t_train = time.perf_counter() - t0
+    peaks += finish([run_python(call + f"build_index({str(store)!r}, {str(two)!r}, shard='{r}/2', progress=False)",
+                                threads=max(1, cores // 2)) for r in range(2)])
+    t_add = time.perf_counter() - t0 - t_train
+    peaks += finish([run_python(call + f"merge_index({str(two)!r}, progress=False)")])
+    t_two = time.perf_counter() - t0
+    st = CodeStore.open(store)
+    q = sample_entry_keys(st, queries, seed=1)
+    res = {"entries": st.num_images * 210, "processes_1": {"seconds": t_one, "peak_rss_mb": peak_one[0] / 2**20},
+           "processes_2": {"seconds": t_two, "train_seconds": t_train, "add_seconds": t_add,
+                           "merge_seconds": t_two - t_train - t_add,
+                           "peak_rss_mb": {"train": peaks[0] / 2**20, "rank0": peaks[1] / 2**20,
+                                           "rank1": peaks[2] / 2**20, "merge": peaks[3] / 2**20}},
+           "ratio_2_to_1": t_two / t_one, "target_ratio": 0.6, "target_recall": 0.9}
+    exact = exact_distances(PatchRetriever.load(one, verify=False), st, q, 10)
+    for name, folder in (("processes_1", one), ("processes_2", two)):
+        r = PatchRetriever.load(folder, verify=False)
+        res[name].update(factory=r.manifest["factory"], nprobe=r.nprobe, layout=r.manifest["layout"],
+                         bytes_per_entry=folder_bytes(folder) / r.entries, dedup_ratio=r.manifest["dedup_ratio"],
+                         recall_at_10=recall_at_k(r, st, q, 10, exact=exact))
+    return res
+
+
+def dedup_vs_full(store: Path, out: Path, queries: int) -> dict:
+    """The de-duplicated auto index against the full one on ShapesWorld (see the module docstring, item 6)."""
+    from arrag.build_retriever.build_index import build_index
+    from arrag.retrieval.keys import sample_entry_keys
+    from arrag.retrieval.recall import distinct_codes_per_topk, list_balance, recall_at_k
+    from arrag.retrieval.retriever import PatchRetriever
+
+    st = CodeStore.open(store)
+    q = sample_entry_keys(st, queries, seed=1)
+    res, batch = {}, q[:16]
+    for name, dedup in (("dedup", True), ("full", False)):
+        folder = out / ("idx_auto" if dedup else "idx_auto_full")
+        if not (folder / "manifest.json").exists() or json.loads((folder / "manifest.json").read_text()).get(
+                "dedup", False) != dedup:
+            build_index(store, folder, overwrite=True, dedup=dedup, progress=False)
+        r = PatchRetriever.load(folder)
+        res[name] = {"entries": r.entries, "factory": r.manifest["factory"], "nprobe": r.nprobe,
+                     **(list_balance(r) or {}), "distinct_codes@10": distinct_codes_per_topk(r, q, 10),
+                     "recall@10": recall_at_k(r, st, q, 10),
+                     "ms_per_step_16q": {k: 1e3 * best_of(lambda r=r, k=k: r.search(batch, k)) for k in (256, 2048)}}
+    res["search_time_ratio"] = {k: res["dedup"]["ms_per_step_16q"][k] / res["full"]["ms_per_step_16q"][k]
+                                for k in (256, 2048)}
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=5000, help="database images (210 entries each; default 5000)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--out", default="bench/out/retrieval")
+    ap.add_argument("--scale-entries", type=int, default=10_000_000, help="entries of item 5 (0 skips it)")
     args = ap.parse_args()
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -149,6 +263,29 @@ def main() -> None:
                         "recall@10": recall, "queries_per_s": qps, "target_recall": 0.9}
     print(f"4. {r.manifest['factory']} over {r.entries:,} entries, nprobe {r.nprobe}: recall@10 {recall:.3f} "
           f"(target >= 0.9); queries/s " + ", ".join(f"batch {b}: {v:,.0f}" for b, v in qps.items()))
+
+    result["dedup"] = dd = dedup_vs_full(store, out, args.queries)
+    for name in ("dedup", "full"):
+        d = dd[name]
+        print(f"6. {name:5}: {d['entries']:>9,} entries, {d['factory']} nprobe {d['nprobe']}, imbalance "
+              f"{d.get('imbalance_factor', float('nan')):.2f} (largest list {d.get('largest_list', 0):,}), "
+              f"{d['distinct_codes@10']:.1f} distinct codes per top-10, recall@10 {d['recall@10']:.3f}, search "
+              + ", ".join(f"k {k}: {v:.2f} ms" for k, v in d["ms_per_step_16q"].items()) + " per 16 queries")
+    print("   search time de-duplicated / full: " + ", ".join(f"k {k}: {v:.2f}x"
+                                                          for k, v in dd["search_time_ratio"].items())
+          + " (target: imbalance <= 3 de-duplicated)")
+
+    if args.scale_entries:
+        result["scale"] = sc = scale_build(out, args.scale_entries, args.queries)
+        for name in ("processes_1", "processes_2"):
+            d = sc[name]
+            rss = d["peak_rss_mb"] if isinstance(d["peak_rss_mb"], float) else max(d["peak_rss_mb"].values())
+            print(f"5. {name[-1]} process(es): {sc['entries']:,} entries, {d['factory']} ({d['layout']}), "
+                  f"{d['seconds']:.1f} s, peak RSS {rss:.0f} MiB per process, {d['bytes_per_entry']:.1f} B/entry "
+                  f"on disk, recall@10 {d['recall_at_10']:.3f} at nprobe {d['nprobe']}")
+        print(f"   2 processes + merge / 1 process: {sc['ratio_2_to_1']:.2f}x (target <= 0.6; train "
+              f"{sc['processes_2']['train_seconds']:.1f} s, add {sc['processes_2']['add_seconds']:.1f} s, merge "
+              f"{sc['processes_2']['merge_seconds']:.1f} s)")
     (out / "retrieval.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out / 'retrieval.json'}")
 

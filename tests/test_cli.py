@@ -55,7 +55,8 @@ def test_demo_smoke(tmp_path, capsys):
     scores = json.loads((tmp_path / "demo" / "scores.json").read_text())
     printed = capsys.readouterr().out
     assert set(scores["methods"]) == {"base", "daid", "faid"}
-    assert scores["retriever"]["entries"] == 12 * 15 * 14  # 16x16 grids, L neighbourhood: 15 x 14 targets each
+    assert scores["retriever"]["occurrences"] == 12 * 15 * 14  # 16x16 grids, L neighbourhood: 15 x 14 targets each
+    assert scores["retriever"]["entries"] < scores["retriever"]["occurrences"]  # de-duplicated
     for name, m in scores["methods"].items():  # the printed table carries exactly the measured numbers
         line = next(row for row in printed.splitlines() if row.startswith(f"{name:14}"))
         assert f"{m['overall']['mean']:.2f}" in line and f"{m['realism_fid']['mean']:.2f}" in line

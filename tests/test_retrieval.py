@@ -63,7 +63,8 @@ def vq_file(tmp_path_factory):
 
 def test_index_entries_values_and_exact_search(tmp_path):
     codes, book = make_store(tmp_path / "store")
-    m = build_index(tmp_path / "store", tmp_path / "idx", factory="Flat", chunk_images=7, progress=False)
+    m = build_index(tmp_path / "store", tmp_path / "idx", factory="Flat", chunk_images=7, progress=False,
+                    dedup=False)  # the full layout: entry e is image e // P at position e % P
     p = m["entries_per_image"]
     assert p == 5 * 4 and m["entries"] == 30 * p  # every entry, the last partial chunk included
     r = PatchRetriever.load(tmp_path / "idx")
@@ -98,7 +99,14 @@ def test_ivf_and_pq_builds_are_reproducible(tmp_path):
     make_store(tmp_path / "store", n=120, grid=8)
     m1 = build_index(tmp_path / "store", tmp_path / "a", factory="IVF16,Flat", seed=3, progress=False)
     build_index(tmp_path / "store", tmp_path / "b", factory="IVF16,Flat", seed=3, progress=False)
-    assert m1["nlist"] == 16 and m1["nprobe"] == 16 and m1["entries"] == 120 * 42
+    assert m1["nlist"] == 16 and m1["entries"] == 120 * 42
+    # nprobe tuned: the smallest power of two reaching recall 0.95 against all 16 lists.
+    tuning = m1["nprobe_tuning"]
+    assert m1["nprobe"] == tuning["nprobe"] and tuning["recall"] >= 0.95 and tuning["table"][-1][0] == m1["nprobe"]
+    assert all(r < 0.95 for _, r in tuning["table"][:-1])
+    r = PatchRetriever.load(tmp_path / "a")
+    queries = sample_entry_keys(CodeStore.open(tmp_path / "store"), 200, 4)
+    assert recall_at_k(r, CodeStore.open(tmp_path / "store"), queries, 10) >= 0.9  # an independent measurement
     assert (tmp_path / "a" / "index.faiss").read_bytes() == (tmp_path / "b" / "index.faiss").read_bytes()
     m3 = build_index(tmp_path / "store", tmp_path / "c", factory="IVF16,PQ8x4", progress=False)
     r = PatchRetriever.load(tmp_path / "c", nprobe=4)
@@ -113,7 +121,8 @@ def test_auto_factory_choice_and_budget():
     assert choose_factory(50_000, 32, parse_bytes("1G"))[0] == "Flat"
     assert choose_factory(2_000_000, 32, parse_bytes("4G"))[0] == "IVF4096,Flat"
     assert choose_factory(2_000_000, 32, parse_bytes("100M"))[0] == "OPQ8,IVF4096,PQ8"  # over budget for Flat
-    assert choose_factory(500_000_000, 32, parse_bytes("64G"))[0].startswith("OPQ8,IVF65536,PQ8")
+    assert choose_factory(500_000_000, 32, parse_bytes("32G"))[0].startswith("OPQ8,IVF65536,PQ8")
+    assert choose_factory(20_000_000, 32, parse_bytes("16G"))[0].endswith(",Flat")  # the budget decides
     with pytest.raises(ArragError, match="--memory-budget .* is too small"):
         choose_factory(500_000_000, 32, parse_bytes("1G"))
     with pytest.raises(ArragError, match="expected a size such as"):
@@ -303,6 +312,12 @@ def test_search_stats_cli(tmp_path, capsys):
     assert set(stats["queries_per_s"]) == {"1", "16", "64"}
     sweep = stats["nprobe_sweep"]  # recall and speed at several nprobe values, exact at every list
     assert [row["nprobe"] for row in sweep] == [1, 4, 8] and sweep[-1]["recall"] == 1.0
+    # List balance (FAISS's own imbalance factor) and the spread of codes in a top-10.
+    index = faiss.read_index(str(tmp_path / "idx" / "index.faiss"))
+    assert stats["imbalance_factor"] == pytest.approx(faiss.extract_index_ivf(index).invlists.imbalance_factor(),
+                                                      rel=1e-3)
+    assert 1 <= stats["distinct_codes@10"] <= 10 and stats["dedup_ratio"] >= 1
+    assert stats["occurrences"] == 40 * 7 * 6 and "imbalance_factor" in out
 
 
 def test_build_retriever_script(tmp_path, images, vq_file):
@@ -326,6 +341,30 @@ def test_build_retriever_script(tmp_path, images, vq_file):
     p = subprocess.run(["bash", script, str(images)], env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads((tmp_path / "index2" / "manifest.json").read_text())["grid"] == [4, 4]
+
+
+def test_build_retriever_script_on_two_machines_with_two_processes_each(tmp_path, images, vq_file):
+    """Two copies of the script side by side (MACHINE_RANK 0 and 1 on one filesystem): encode split 2 ways, the
+    quantizer trained once, 4 ranks, merged by machine 0 into the index one process builds."""
+    env = {**os.environ, "VQ_CKPT": str(vq_file), "VQ_PRESET": "VQ-tiny-16", "STORE": str(tmp_path / "codes"),
+           "INDEX": str(tmp_path / "index"), "IMAGE_SIZE": "64", "WORKERS": "0", "SHARD_SIZE": "3",
+           "FACTORY": "Flat", "NUM_PROCS": "2", "NUM_MACHINES": "2", "RUN_ID": "t1", "PYTHONWARNINGS": "ignore",
+           "ARRAG": f"{sys.executable} -m arrag"}
+    script = os.path.join(os.path.dirname(__file__), "..", "arrag", "build_retriever", "build_retriever.sh")
+    procs = [subprocess.Popen(["bash", script, str(images)], env={**env, "MACHINE_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (1, 0)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-4000:] for o in outs]
+    assert "machine 0 merges" in outs[0][0] and "recall@10" in outs[1][0]
+    m = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    assert m["layout"] == "shards" and m["build"]["processes"] == 4 and m["dedup"]
+    one = build_index(tmp_path / "codes", tmp_path / "one", factory="Flat", progress=False)
+    assert (m["entries"], m["occurrences"]) == (one["entries"], one["occurrences"])
+    q = np.random.default_rng(0).normal(size=(8, m["dim"])).astype(np.float32)
+    np.testing.assert_array_equal(PatchRetriever.load(tmp_path / "index").search(q, 5)[0],
+                                  PatchRetriever.load(tmp_path / "one").search(q, 5)[0])
+    p = subprocess.run(["bash", script, str(images)], env={**env, "RUN_ID": ""}, capture_output=True, text=True)
+    assert p.returncode == 2 and "set RUN_ID" in p.stderr
 
 
 def test_sample_queries_are_seeded(tmp_path):

@@ -1,10 +1,21 @@
-"""`arrag build-index`: code store -> (key, value) for every valid position of every image -> FAISS index.
+"""`arrag build-index` and `arrag merge-index`: code store -> (key, value) entries -> FAISS index.
 
 Key = the neighbours' normalised codebook vectors, concatenated (`--key-source code`), or their stored
 pre-quantisation latents (`latent`, as the original project did). Value = the code at the target.
-Entry e is image e // P at valid position e % P (P valid targets per image), so FAISS ids need no side
-table and the image of every hit is known. Keys are added in streaming chunks of images: memory beyond
-the index itself stays flat as the database grows. Output is written to a temporary folder and renamed.
+
+De-duplication (default with code keys, `--no-dedup` to keep every occurrence): each distinct (key, value)
+is stored once with its count and the images it came from (retrieval.dedup); searches expand hits by
+their counts, so results equal the full index's, while the index is smaller and its IVF lists balanced.
+Without it, entry e is image e // P at valid position e % P.
+
+One process: the seeded training sample trains the quantizer, entries are added in streaming chunks, and
+the folder is written under a temporary name and renamed. Several processes or machines (`--shard i/n`, or
+RANK/WORLD_SIZE from torchrun / accelerate launch): the quantizer is trained once (`--train-only`, or by rank
+0 while the others wait for it) into <out>/parts/; each rank adds its part of the entries (a hash partition
+of the rows with de-duplication, a contiguous range of images without) into <out>/parts/rank-i-of-n/; then
+`arrag merge-index <out>` joins the parts: IVF indexes into one index with on-disk inverted lists
+(FAISS's own merge, read by memory map), other factories as index shards. An IVF index's nprobe is then
+tuned to --target-recall against probing every list, unless --nprobe fixes it.
 """
 
 from __future__ import annotations
@@ -12,8 +23,10 @@ from __future__ import annotations
 import errno
 import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 from tqdm import tqdm
 
@@ -21,20 +34,30 @@ from arrag import fileops
 from arrag.errors import ArragError
 from arrag.retrieval import index as faiss_index
 from arrag.retrieval.codestore import CodeStore
-from arrag.retrieval.keys import KEY_SOURCES, grid_entries, sample_entry_keys
+from arrag.retrieval.dedup import dedup as dedup_rows
+from arrag.retrieval.dedup import entry_rows, place
+from arrag.retrieval.keys import KEY_SOURCES, grid_entries, row_keys, sample_distinct_rows, sample_entry_keys
 from arrag.retrieval.neighborhood import get_neighborhood
 
-INDEX_FORMAT = "arrag-index/1"
+INDEX_FORMAT = "arrag-index/2"
 # Every file build-index writes into its folder: the only files `--overwrite` may remove.
-INDEX_FILES = (r"manifest\.json", r"index\.faiss", r"values\.npy")
+INDEX_FILES = (r"manifest\.json", r"index\.faiss", r"values\.npy", r"counts\.npy", r"entry_codes\.npy",
+               r"entry_image_offsets\.npy", r"entry_images\.npy", r"lists\.ivfdata", r"parts/.+", r"spill/.+")
+ARRAYS = ("values.npy", "counts.npy", "entry_codes.npy", "entry_image_offsets.npy", "entry_images.npy")
+SPILL_ROWS = 16_000_000  # rows per de-duplication bucket (~0.6 GB of work memory with the L neighbourhood)
+ADD_ROWS = 1_000_000  # keys made and added at a time
+WAIT_SECONDS = 6 * 3600  # how long ranks wait for rank 0's trained quantizer
 
 
 def is_index_folder(folder: Path) -> bool:
-    """True when `folder`'s manifest says build-index made it."""
-    try:
-        return str(json.loads((folder / "manifest.json").read_text()).get("format", "")).startswith("arrag-index/")
-    except (OSError, ValueError, AttributeError):
-        return False
+    """True when `folder` holds an index or the parts of one that build-index made."""
+    for manifest in (folder / "manifest.json", folder / "parts" / "plan.json"):
+        try:
+            if str(json.loads(manifest.read_text()).get("format", "")).startswith("arrag-index/"):
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
 
 
 def check_out_folder(store_dir: Path, out: Path, overwrite: bool) -> None:
@@ -45,11 +68,51 @@ def check_out_folder(store_dir: Path, out: Path, overwrite: bool) -> None:
                               overwrite=overwrite)
 
 
+@dataclass
+class BuildPlan:
+    """What every process of one build agrees on (parts/plan.json); written by whoever trains the quantizer."""
+
+    format: str
+    store: str
+    vq_fingerprint: str
+    shape: str
+    key_source: str
+    dedup: bool
+    factory: str
+    factory_reason: str
+    dim: int
+    grid: list[int]
+    images: int
+    entries_per_image: int
+    occurrences: int
+    estimated_entries: int
+    nprobe: int | None  # given with --nprobe; None: tuned to target_recall once the index is built
+    target_recall: float
+    seed: int
+    train_size: int
+    memory_budget: int
+
+    def check_same(self, other: BuildPlan) -> None:
+        mine, theirs = asdict(self), asdict(other)
+        skip = {"factory_reason", "estimated_entries", "train_size"} | ({"factory"} if other.factory == "auto"
+                                                                                 else set())
+        diff = [k for k in mine if k not in skip and mine[k] != theirs[k]]
+        if diff:
+            raise ArragError(f"this process's settings differ from the build's plan ({', '.join(diff)}); every process "
+                             "of a build takes the same flags")
+
+
 def build_index(store_dir: str | Path, out: str | Path, *, shape: str = "L", key_source: str = "code",
                 factory: str = "auto", memory_budget: str | int = "16G", nprobe: int | None = None,
                 train_size: int | None = None, seed: int = 0, chunk_images: int = 1024, gpus=None,
-                overwrite: bool = False, progress: bool = True) -> dict:
-    """Build the patch index of a code store into folder `out`; returns the manifest written there."""
+                overwrite: bool = False, progress: bool = True, dedup: bool = True, shard: str | None = None,
+                train_only: bool = False, target_recall: float = 0.95) -> dict:
+    """Build the patch index of a code store into folder `out` (see the module docstring).
+
+    Returns the manifest (one process), the plan (`train_only`) or this part's record (one of several ranks).
+    """
+    from arrag.build_retriever.encode import parse_shard
+
     t0 = time.time()
     store = CodeStore.open(store_dir)
     nb = get_neighborhood(shape)
@@ -57,81 +120,333 @@ def build_index(store_dir: str | Path, out: str | Path, *, shape: str = "L", key
         raise ArragError(f"--key-source {key_source!r}: choose code or latent")
     if key_source == "latent" and not store.has_latents:
         raise ArragError(f"--key-source latent needs latents in {store.folder}: encode with --save-latents")
+    for flag, value, low in (("--seed", seed, 0), ("--chunk-images", chunk_images, 1), ("--nprobe", nprobe, 1),
+                             ("--train-size", train_size, 1)):
+        if value is not None and value < low:
+            raise ArragError(f"{flag} must be >= {low}, got {value}")
+    if not 0 < target_recall <= 1:
+        raise ArragError(f"--target-recall must be in (0, 1], got {target_recall}")
+    rank, world = parse_shard(shard)
     out = Path(out)
-    check_out_folder(store.folder, out, overwrite)
-    if seed < 0:
-        raise ArragError(f"--seed must be >= 0, got {seed}")
-    if chunk_images < 1:
-        raise ArragError(f"--chunk-images must be >= 1, got {chunk_images}")
-    if nprobe is not None and nprobe < 1:
-        raise ArragError(f"--nprobe must be >= 1, got {nprobe}")
-    if train_size is not None and train_size < 1:
-        raise ArragError(f"--train-size must be >= 1, got {train_size}")
+    parallel = world > 1 or train_only
+    if not parallel or rank == 0:
+        # A rerun of a parallel build resumes it (its plan is checked against these settings below); with
+        # --overwrite rank 0 (or --train-only) starts it over.
+        if not (parallel and (out / "parts" / "plan.json").is_file() and not overwrite):
+            check_out_folder(store.folder, out, overwrite)
+            if parallel and out.exists():
+                fileops.remove_owned_dir(out, what="index", owned=INDEX_FILES)
     h, w = store.grid
-    positions = nb.positions(h, w)
-    p = len(positions)
+    p = len(nb.positions(h, w))
     if p == 0:
         raise ArragError(f"a {h}x{w} grid has no valid target for the {nb.name!r} neighbourhood")
-    n = store.num_images * p
-    if n == 0:
+    if store.num_images == 0:
         raise ArragError(f"code store {store.folder} holds no images")
+    dedup = dedup and key_source == "code"  # latent keys are continuous: copies are not exact
+    gpu_ids = faiss_index.parse_gpus(gpus)
+    plan_args = dict(store=store, nb=nb, key_source=key_source, dedup=dedup, factory=factory,
+                     memory_budget=memory_budget, nprobe=nprobe, target_recall=target_recall, train_size=train_size,
+                     seed=seed, gpus=gpu_ids,
+                     progress=progress)
+    if not parallel:
+        plan, index = _plan_and_train(**plan_args)
+        return _build_single(store, out, plan, index, chunk_images, overwrite, progress, t0, gpu_ids)
+
+    parts = out / "parts"
+    if rank == 0 and not (parts / "plan.json").is_file():
+        plan, index = _plan_and_train(**plan_args)
+        parts.mkdir(parents=True, exist_ok=True)
+        faiss_index.write_index(index, parts / "trained.faiss")
+        fileops.write_text(parts / "plan.json", json.dumps(asdict(plan), indent=2) + "\n")  # last: the signal
+    else:
+        plan = _wait_for_plan(parts, progress)
+        mine = _plan_and_train(**plan_args, train=False)[0]
+        plan.check_same(mine)
+    if train_only:
+        return asdict(plan)
+    return _build_rank(store, out, plan, rank, world, chunk_images, progress)
+
+
+def _plan_and_train(*, store: CodeStore, nb, key_source: str, dedup: bool, factory: str, memory_budget, nprobe,
+                    target_recall: float,
+                    train_size, seed: int, gpus, progress: bool, train: bool = True):
+    """The plan of a build and (when `train`) the trained, empty index. Without `train` (a rank checking its
+    flags against rank 0's plan) nothing is sampled, and an automatic factory is left for the plan to say."""
+    h, w = store.grid
+    p = len(nb.positions(h, w))
+    occurrences = store.num_images * p
     codebook = store.codebook()
     d = nb.key_dim(codebook.shape[1])
     budget = faiss_index.parse_bytes(memory_budget)
-    if factory == "auto":
-        factory, reason = faiss_index.choose_factory(n, d, budget)
-    else:
-        reason = "given with --factory"
-    gpu_ids = faiss_index.parse_gpus(gpus)
-    index = faiss_index.create_index(factory, d)
-    if progress:
-        print(f"[build-index] {n:,} entries ({store.num_images:,} images x {p} positions), d={d}: {factory} "
-              f"({reason})")
-
+    estimated = occurrences
+    if dedup and train:  # the distinct share of a seeded sample sizes the index
+        estimated = max(1, int(occurrences * sample_distinct_rows(store, min(100_000, occurrences), seed, nb)[1]))
+    reason = "given with --factory"
+    if factory == "auto" and train:
+        factory, reason = faiss_index.choose_factory(estimated, d, budget)
+    index = faiss_index.create_index(factory, d) if factory != "auto" else None
     n_train = 0
-    if not index.is_trained:
-        n_train = train_size if train_size is not None else faiss_index.train_sample_size(index, n)
-        n_train = min(max(n_train, 1), n)
-        sample = sample_entry_keys(store, n_train, seed, nb, key_source)
+    if train and not index.is_trained:
+        n_train = train_size if train_size is not None else faiss_index.train_sample_size(index, estimated)
+        n_train = min(max(n_train, 1), occurrences)
+        if dedup:  # distinct keys: k-means cannot split copies of one point, so they would crowd a few lists
+            sample = row_keys(sample_distinct_rows(store, n_train, seed, nb)[0], codebook)
+        else:
+            sample = sample_entry_keys(store, n_train, seed, nb, key_source)
+        n_train = len(sample)
         if progress:
-            print(f"[build-index] training on {n_train:,} sampled entries (seed {seed})"
-                  + (f" with GPUs {gpu_ids}" if gpu_ids else ""))
-        faiss_index.train(index, sample, gpu_ids)
-        del sample
+            print(f"[build-index] {occurrences:,} entries ({store.num_images:,} images x {p} positions)"
+                  + (f", about {estimated:,} distinct" if dedup else "") + f", d={d}: {factory} ({reason}); "
+                  f"training on {n_train:,} sampled keys (seed {seed})" + (f" with GPUs {gpus}" if gpus else ""))
+        faiss_index.train(index, sample, gpus)
+    plan = BuildPlan(format=INDEX_FORMAT, store=str(store.folder.resolve()), vq_fingerprint=store.fingerprint,
+                     shape=nb.name, key_source=key_source, dedup=dedup, factory=factory, factory_reason=reason, dim=d,
+                     grid=[h, w], images=store.num_images, entries_per_image=p, occurrences=occurrences,
+                     estimated_entries=estimated,
+                     nprobe=nprobe, target_recall=target_recall,
+                     seed=seed, train_size=int(n_train), memory_budget=budget)
+    return plan, index
 
+
+def _wait_for_plan(parts: Path, progress: bool) -> BuildPlan:
+    t0 = time.time()
+    while not (parts / "plan.json").is_file():
+        if time.time() - t0 > WAIT_SECONDS:
+            raise ArragError(f"no trained quantizer in {parts} after {WAIT_SECONDS // 3600} h: start rank 0, or run "
+                             "`arrag build-index ... --train-only` first")
+        if progress and int(time.time() - t0) % 60 == 0:
+            print(f"[build-index] waiting for rank 0's trained quantizer in {parts}", flush=True)
+        time.sleep(1)
+    return BuildPlan(**json.loads((parts / "plan.json").read_text()))
+
+
+RANK_SHIFT = 40  # IVF parts of a parallel build add ids rank << 40 | local id; merge-index maps them to global ids
+
+
+class _Adder:
+    """Adds keys to one rank's index: plain ids (0, 1, ...) in one process and for non-IVF parts (index shards
+    number their parts' ids successively), rank-tagged ids for the IVF parts of a parallel build."""
+
+    def __init__(self, index, rank: int, world: int):
+        self.index, self.added = index, 0
+        self.tag = rank << RANK_SHIFT if world > 1 and faiss_index.nlist_of(index) is not None else None
+
+    def add(self, keys: np.ndarray) -> None:
+        if self.tag is None:
+            self.index.add(keys)
+        else:
+            self.index.add_with_ids(keys, self.tag + np.arange(self.added, self.added + len(keys), dtype=np.int64))
+        self.added += len(keys)
+
+
+def _spill_rows(store: CodeStore, plan: BuildPlan, rank: int, world: int, chunk_images: int, spill: Path,
+                progress: bool) -> int:
+    """Pass 1 of a de-duplicated build: stream the store and append this rank's rows and their images to
+    bucket files in `spill` (bucket = a hash of the row, so all copies of a row share one). Returns the bucket
+    count; each bucket is small enough to de-duplicate in memory, so memory does not grow with the store."""
+    nb = get_neighborhood(plan.shape)
+    buckets = max(1, -(-plan.occurrences // world // SPILL_ROWS))
+    spill.mkdir(parents=True, exist_ok=True)
+    files = [(open(spill / f"{b:05d}.rows", "wb"), open(spill / f"{b:05d}.images", "wb")) for b in range(buckets)]
+    try:
+        bar = tqdm(total=store.num_images, desc=f"build-index rows [{rank}/{world}]", unit="img",
+                   disable=not progress)
+        for i0, codes in store.iter_chunks(chunk_images):
+            rows, images = entry_rows(codes, nb, i0)
+            owner, bucket = place(rows, world, buckets)
+            keep = owner == rank
+            rows, images, bucket = rows[keep], images[keep], bucket[keep]
+            order = np.argsort(bucket, kind="stable")  # images stay ascending within every bucket
+            bounds = np.searchsorted(bucket[order], np.arange(buckets + 1))
+            for b in range(buckets):
+                pick = order[bounds[b]:bounds[b + 1]]
+                if len(pick):
+                    files[b][0].write(np.ascontiguousarray(rows[pick]).tobytes())
+                    files[b][1].write(images[pick].astype(np.uint32).tobytes())
+            bar.update(len(codes))
+        bar.close()
+    finally:
+        for f_rows, f_images in files:
+            f_rows.close()
+            f_images.close()
+    return buckets
+
+
+def _add_dedup(folder: Path, index, store: CodeStore, plan: BuildPlan, rank: int, world: int, chunk_images: int,
+               progress: bool) -> dict:
+    """De-duplicate this rank's rows bucket by bucket, add the distinct keys, and write values, counts, entry
+    codes and the entry -> images CSR by streaming (see retrieval.dedup)."""
+    width = get_neighborhood(plan.shape).size + 1
+    spill = folder / "spill"
+    buckets = _spill_rows(store, plan, rank, world, chunk_images, spill, progress)
+    codebook = store.codebook()
+    adder = _Adder(index, rank, world)
+    raw = {name: open(spill / name, "wb") for name in ("values", "counts", "entry_codes", "offsets", "entry_images")}
+    entries = occurrences = 0
+    bar = tqdm(total=buckets, desc=f"build-index add [{rank}/{world}]", unit="bucket", disable=not progress)
+    try:
+        raw["offsets"].write(np.zeros(1, np.int64).tobytes())
+        for b in range(buckets):
+            rows = np.fromfile(spill / f"{b:05d}.rows", np.uint16).reshape(-1, width)
+            images = np.fromfile(spill / f"{b:05d}.images", np.uint32)
+            rows, counts, offsets, image_ids = dedup_rows(rows, images)
+            for s in range(0, len(rows), ADD_ROWS):
+                adder.add(row_keys(rows[s:s + ADD_ROWS], codebook))
+            raw["values"].write(np.ascontiguousarray(rows[:, -1]).tobytes())
+            raw["counts"].write(counts.astype(np.uint32).tobytes())
+            raw["entry_codes"].write(np.ascontiguousarray(rows[:, :-1]).tobytes())
+            raw["offsets"].write((offsets[1:] + occurrences).tobytes())
+            raw["entry_images"].write(image_ids.tobytes())
+            entries += len(rows)
+            occurrences += int(counts.sum())
+            (spill / f"{b:05d}.rows").unlink()
+            (spill / f"{b:05d}.images").unlink()
+            bar.update(1)
+        bar.close()
+    finally:
+        for f in raw.values():
+            f.close()
+    for name, dtype, cols in (("values", np.uint16, None), ("counts", np.uint32, None),
+                              ("entry_codes", np.uint16, width - 1), ("offsets", np.int64, None),
+                              ("entry_images", np.uint32, None)):
+        data = np.memmap(spill / name, dtype=dtype, mode="r") if (spill / name).stat().st_size else \
+            np.zeros(0, dtype)
+        target = "entry_image_offsets.npy" if name == "offsets" else f"{name}.npy"
+        concat_npy(folder / target, [data.reshape(-1, cols) if cols else data])
+        del data
+        (spill / name).unlink()
+    spill.rmdir()
+    return {"entries": int(entries), "occurrences": int(occurrences)}
+
+
+def concat_npy(path: Path, arrays: list[np.ndarray], chunk_rows: int = 1 << 22) -> None:
+    """Write the row-wise concatenation of `arrays` (memory maps welcome) to the .npy `path`, chunk by chunk
+    under a temporary name: memory stays at one chunk whatever the total."""
+    rows = sum(len(a) for a in arrays)
+    with fileops.atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=arrays[0].dtype, shape=(rows, *arrays[0].shape[1:]))
+        at = 0
+        for a in arrays:
+            for s in range(0, len(a), chunk_rows):
+                part = np.asarray(a[s:s + chunk_rows])
+                out[at:at + len(part)] = part
+                at += len(part)
+        out.flush()
+        del out
+
+
+def _fill(folder: Path, index, store: CodeStore, plan: BuildPlan, rank: int, world: int, chunk_images: int,
+          progress: bool) -> dict:
+    """Add this rank's entries to `index` and write the index and its arrays into `folder`; return the record.
+    With de-duplication this rank owns the rows that hash to it; without, a contiguous range of images."""
+    if plan.dedup:
+        record = _add_dedup(folder, index, store, plan, rank, world, chunk_images, progress)
+    else:
+        nb = get_neighborhood(plan.shape)
+        codebook = store.codebook()
+        p = plan.entries_per_image
+        lo, hi = store.num_images * rank // world, store.num_images * (rank + 1) // world
+        n = (hi - lo) * p
+        values = np.lib.format.open_memmap(folder / "values.npy", mode="w+", dtype=np.uint16, shape=(n,))
+        lat_iter = store.iter_chunks(chunk_images, "latents", lo, hi) if plan.key_source == "latent" else None
+        adder = _Adder(index, rank, world)
+        bar = tqdm(total=hi - lo, desc=f"build-index [{rank}/{world}]", unit="img", disable=not progress)
+        for i0, codes in store.iter_chunks(chunk_images, "codes", lo, hi):
+            latents = next(lat_iter)[1] if lat_iter is not None else None
+            keys, vals = grid_entries(codes, latents, nb, codebook, plan.key_source)
+            adder.add(keys)
+            values[(i0 - lo) * p:(i0 - lo + len(codes)) * p] = vals
+            bar.update(len(codes))
+        bar.close()
+        values.flush()
+        del values
+        record = {"entries": int(n), "occurrences": int(n), "images": [lo, hi]}
+    if index.ntotal != record["entries"]:
+        raise RuntimeError(f"index holds {index.ntotal} entries, expected {record['entries']}")
+    faiss_index.write_index(index, folder / "index.faiss")
+    return record
+
+
+TUNE_QUERIES = 200  # sampled stored keys that tune nprobe
+
+
+def tuning_queries(store: CodeStore, plan: BuildPlan) -> np.ndarray:
+    """Seeded queries for nprobe tuning [TUNE_QUERIES, d]: half are stored keys, half stored keys with one
+    neighbour's block taken from another entry, a combination the database may not hold (as during
+    generation, where stored keys alone would make probing look easier than it is)."""
+    nb = get_neighborhood(plan.shape)
+    a = sample_entry_keys(store, TUNE_QUERIES, plan.seed + 1, nb, plan.key_source)
+    b = sample_entry_keys(store, TUNE_QUERIES, plan.seed + 2, nb, plan.key_source)
+    rng = np.random.default_rng(plan.seed + 3)
+    e = a.shape[1] // nb.size
+    q = a.copy()
+    for i in range(1, len(q), 2):
+        j = int(rng.integers(nb.size))
+        q[i, j * e:(j + 1) * e] = b[rng.integers(len(b)), j * e:(j + 1) * e]
+    return q
+
+
+def _nprobe_fields(plan: BuildPlan, index, store: CodeStore) -> dict:
+    """The index's nprobe: --nprobe as given, else the smallest reaching --target-recall against probing every
+    list (index.tune_nprobe on tuning_queries), else sqrt(nlist)/2 for an index too big to tune."""
+    nlist = faiss_index.nlist_of(index)
+    if nlist is None:
+        return {"nprobe": None}
+    if plan.nprobe is not None:
+        return {"nprobe": min(plan.nprobe, nlist)}
+    tuning = faiss_index.tune_nprobe(index, tuning_queries(store, plan), 10, plan.target_recall)
+    if tuning is None:
+        return {"nprobe": faiss_index.default_nprobe(nlist), "nprobe_tuning": "skipped: too large to tune here; "
+                "`arrag search-stats` sweeps nprobe"}
+    return {"nprobe": tuning["nprobe"], "nprobe_tuning": tuning}
+
+
+def _manifest(plan: BuildPlan, index, entries: int, occurrences: int, folder: Path, extra: dict,
+              store: CodeStore) -> dict:
+    nb = get_neighborhood(plan.shape)
+    arrays = [a for a in ARRAYS if (folder / a).is_file()]
+    manifest = {
+        "format": INDEX_FORMAT,
+        "neighborhood": {"shape": nb.name, "offsets": [list(o) for o in nb.offsets], "causal": nb.causal},
+        "key_source": plan.key_source,
+        "dim": plan.dim,
+        "metric": "L2",
+        "factory": plan.factory,
+        "factory_reason": plan.factory_reason,
+        "index_type": faiss_index.describe(index),
+        "dedup": plan.dedup,
+        "entries": int(entries),
+        "occurrences": int(occurrences),
+        "dedup_ratio": round(occurrences / max(1, entries), 4),
+        "images": plan.images,
+        "entries_per_image": plan.entries_per_image,
+        "grid": plan.grid,
+        "positions": get_neighborhood(plan.shape).positions(*plan.grid).tolist(),
+        "nlist": faiss_index.nlist_of(index),
+        **_nprobe_fields(plan, index, store),
+        "values": "values.npy",
+        "vq_fingerprint": plan.vq_fingerprint,
+        "store": plan.store,
+        **extra,
+    }
+    manifest["files"] = {name: fileops.file_digest(folder / name) for name in
+                         ["index.faiss", *arrays, *extra.get("shard_files", [])] if (folder / name).is_file()}
+    return manifest
+
+
+def _build_single(store, out: Path, plan: BuildPlan, index, chunk_images: int, overwrite: bool, progress: bool,
+                  t0: float, gpu_ids) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     fileops.sweep_stale_temps(out.parent)  # folders of runs that were killed
     tmp = fileops.temp_path(out)
     tmp.mkdir()
     try:
-        _add_entries(tmp, index, store, nb, codebook, key_source, chunk_images, progress)
-        nlist = faiss_index.nlist_of(index)
-        nprobe = nprobe if nprobe is not None else (faiss_index.default_nprobe(nlist) if nlist else None)
-        faiss_index.write_index(index, tmp / "index.faiss")
-        manifest = {
-            "format": INDEX_FORMAT,
-            "neighborhood": {"shape": nb.name, "offsets": [list(o) for o in nb.offsets], "causal": nb.causal},
-            "key_source": key_source,
-            "dim": d,
-            "metric": "L2",
-            "factory": factory,
-            "factory_reason": reason,
-            "index_type": faiss_index.describe(index),
-            "entries": int(n),
-            "images": store.num_images,
-            "entries_per_image": p,
-            "grid": [h, w],
-            "positions": positions.tolist(),
-            "nlist": nlist,
-            "nprobe": nprobe,
-            "values": "values.npy",
-            "vq_fingerprint": store.fingerprint,
-            "store": str(store.folder.resolve()),
-            "files": {name: fileops.file_digest(tmp / name) for name in ("index.faiss", "values.npy")},
-            "build": {"seed": seed, "train_size": int(n_train),
-                      "memory_budget": budget, "chunk_images": chunk_images, "gpus": gpu_ids,
-                      "seconds": round(time.time() - t0, 2)},
-        }
+        record = _fill(tmp, index, store, plan, 0, 1, chunk_images, progress)
+        manifest = _manifest(plan, index, record["entries"], record["occurrences"], tmp, store=store, extra={
+            "layout": "single",
+            "build": {"seed": plan.seed, "train_size": plan.train_size, "memory_budget": plan.memory_budget,
+                      "chunk_images": chunk_images, "gpus": gpu_ids, "processes": 1,
+                      "seconds": round(time.time() - t0, 2)}})
         fileops.write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         fileops.replace_owned_dir(tmp, out, what="index", is_ours=is_index_folder(out), owned=INDEX_FILES,
                                   overwrite=overwrite)
@@ -141,26 +456,172 @@ def build_index(store_dir: str | Path, out: str | Path, *, shape: str = "L", key
             raise fileops.no_space_error(out) from None
         raise
     if progress:
-        print(f"[build-index] wrote {out} ({n:,} entries, {manifest['build']['seconds']} s)")
+        print(f"[build-index] wrote {out} ({manifest['entries']:,} entries"
+              + (f" from {manifest['occurrences']:,}, dedup ratio {manifest['dedup_ratio']}" if plan.dedup else "")
+              + f", {manifest['build']['seconds']} s)" + _nprobe_note(manifest))
     return manifest
 
 
-def _add_entries(folder: Path, index, store: CodeStore, nb, codebook: np.ndarray, key_source: str,
-                 chunk_images: int, progress: bool) -> None:
-    """Stream every entry's key into `index` and its value into `folder`/values.npy, chunk by chunk."""
-    p = len(nb.positions(*store.grid))
-    n = store.num_images * p
-    values = np.lib.format.open_memmap(folder / "values.npy", mode="w+", dtype=np.uint16, shape=(n,))
-    lat_iter = store.iter_chunks(chunk_images, "latents") if key_source == "latent" else None
-    bar = tqdm(total=store.num_images, desc="build-index", unit="img", disable=not progress)
-    for i0, codes in store.iter_chunks(chunk_images, "codes"):
-        latents = next(lat_iter)[1] if lat_iter is not None else None
-        keys, vals = grid_entries(codes, latents, nb, codebook, key_source)
-        index.add(keys)
-        values[i0 * p:(i0 + len(codes)) * p] = vals
-        bar.update(len(codes))
-    bar.close()
-    if index.ntotal != n:
-        raise RuntimeError(f"index holds {index.ntotal} entries, expected {n}")
-    values.flush()
-    del values
+def _nprobe_note(manifest: dict) -> str:
+    tuning = manifest.get("nprobe_tuning")
+    if isinstance(tuning, dict):
+        return (f"; nprobe {tuning['nprobe']} of {manifest['nlist']} lists reaches recall@{tuning['k']} "
+                f"{tuning['recall']} (target {tuning['target']})")
+    return f"; nprobe {manifest['nprobe']}" if manifest.get("nprobe") else ""
+
+
+def _part_name(rank: int, world: int) -> str:
+    return f"rank-{rank:05d}-of-{world:05d}"
+
+
+def _build_rank(store, out: Path, plan: BuildPlan, rank: int, world: int, chunk_images: int, progress: bool) -> dict:
+    parts = out / "parts"
+    final = parts / _part_name(rank, world)
+    if (out / "manifest.json").is_file():
+        if progress:
+            print(f"[build-index] {out} is already merged; nothing to do (`arrag build-index ... --train-only "
+                  "--overwrite` starts it over)")
+        return json.loads((out / "manifest.json").read_text())
+    if (final / "part.json").is_file():
+        if progress:
+            print(f"[build-index] part {final} is already built")
+        return json.loads((final / "part.json").read_text())
+    fileops.sweep_stale_temps(parts)
+    tmp = fileops.temp_path(final)
+    tmp.mkdir()
+    try:
+        index = faiss_index.read_index(parts / "trained.faiss")
+        record = {"rank": rank, "world": world, **_fill(tmp, index, store, plan, rank, world, chunk_images, progress)}
+        fileops.write_text(tmp / "part.json", json.dumps(record) + "\n")
+        tmp.rename(final)
+    except BaseException as e:
+        fileops.remove_owned_dir(tmp, what="temporary index part", owned=(r".+",))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise fileops.no_space_error(final) from None
+        raise
+    if progress:
+        print(f"[build-index] wrote part {rank + 1} of {world}: {record['entries']:,} entries -> {final}; when all "
+              f"parts are built: arrag merge-index {out}")
+    return record
+
+
+def merge_index(out: str | Path, progress: bool = True, wait: float = 0) -> dict:
+    """Join the parts of a parallel build into the index in `out` (see the module docstring); `wait`: seconds
+    to wait for parts still being built (other machines) before refusing."""
+    t0 = time.time()
+    out = Path(out)
+    parts = out / "parts"
+    while wait > 0 and time.time() - t0 < wait and not _all_parts_built(parts):
+        time.sleep(2)
+    if not (parts / "plan.json").is_file():
+        raise ArragError(f"{out} holds no parallel build (no parts/plan.json); build it with `arrag build-index "
+                         "--shard i/n`")
+    plan = BuildPlan(**json.loads((parts / "plan.json").read_text()))
+    if (out / "manifest.json").is_file():  # a finished merge (its manifest is written last)
+        if progress:
+            print(f"[merge-index] {out} is already merged")
+        return json.loads((out / "manifest.json").read_text())
+    folders = sorted(p for p in parts.iterdir() if p.is_dir() and (p / "part.json").is_file())
+    records = [json.loads((f / "part.json").read_text()) for f in folders]
+    worlds = {r["world"] for r in records}
+    if not worlds:
+        raise ArragError(f"{parts} lacks every part: run the ranks (`arrag build-index ... --shard i/n`) first")
+    if len(worlds) != 1:
+        raise ArragError(f"{parts} holds parts of builds with different process counts ({sorted(worlds)})")
+    world = worlds.pop()
+    missing = sorted(set(range(world)) - {r["rank"] for r in records})
+    if missing:
+        raise ArragError(f"{parts} lacks part(s) {', '.join(map(str, missing))} of {world}; run those ranks "
+                         "(`arrag build-index ... --shard i/n`) first")
+    folders = [parts / _part_name(r, world) for r in range(world)]
+    records = [json.loads((f / "part.json").read_text()) for f in folders]
+    trained = faiss_index.read_index(parts / "trained.faiss")
+    ivf = faiss_index.nlist_of(trained) is not None
+    if ivf:
+        from faiss.contrib.ondisk import merge_ondisk
+
+        # The inverted lists are written in place under their final name (the index file records it); the
+        # manifest, written last, is what marks the merge complete, and a rerun starts the file over.
+        # FAISS's own id shifting (shift_ids) offsets the parts wrongly in faiss 1.15, so the parts carry
+        # rank-tagged ids and are mapped to global ids (parts in rank order) here.
+        (out / "lists.ivfdata").unlink(missing_ok=True)
+        merge_ondisk(trained, [str(f / "index.faiss") for f in folders], str(out / "lists.ivfdata"), shift_ids=False)
+        _globalise_ids(trained, np.cumsum([0] + [r["entries"] for r in records])[:-1])
+        faiss_index.write_index(trained, out / "index.faiss")
+        extra = {"layout": "ondisk", "lists": "lists.ivfdata"}
+    else:
+        extra = {"layout": "shards", "shard_files": [str((f / "index.faiss").relative_to(out)) for f in folders]}
+    _merge_arrays(out, folders, plan.dedup)
+    entries = sum(r["entries"] for r in records)
+    occurrences = sum(r["occurrences"] for r in records)
+    index = faiss_index.read_index(out / "index.faiss", ondisk=True) if ivf else trained
+    if ivf and index.ntotal != entries:
+        raise RuntimeError(f"the merged index holds {index.ntotal} entries, its parts {entries}")
+    extra["build"] = {"seed": plan.seed, "train_size": plan.train_size, "memory_budget": plan.memory_budget,
+                      "processes": world, "merge_seconds": round(time.time() - t0, 2)}
+    manifest = _manifest(plan, index, entries, occurrences, out, extra, CodeStore.open(plan.store))
+    if ivf:  # the parts' lists now live in lists.ivfdata; keep only the plan
+        for f in folders:
+            fileops.remove_owned_dir(f, what="index part", owned=(r".+",))
+    fileops.write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    if progress:
+        print(f"[merge-index] {world} parts -> {out} ({entries:,} entries, {extra['layout']} layout, "
+              f"{extra['build']['merge_seconds']} s)" + _nprobe_note(manifest))
+    return manifest
+
+
+def _globalise_ids(index, bases: np.ndarray) -> None:
+    """Rewrite the rank-tagged ids of a merged IVF index's inverted lists in place: rank << 40 | local ->
+    bases[rank] + local (one list at a time, so memory stays at one list)."""
+    invlists = faiss.extract_index_ivf(index).invlists
+    total, mask = int(index.ntotal), (1 << RANK_SHIFT) - 1
+    for lst in range(invlists.nlist):
+        n = invlists.list_size(lst)
+        if n:
+            ids = faiss.rev_swig_ptr(invlists.get_ids(lst), n)  # a view of the list's ids in lists.ivfdata
+            new = bases[ids >> RANK_SHIFT] + (ids & mask)
+            if new.min() < 0 or new.max() >= total:
+                raise RuntimeError(f"inverted list {lst} holds ids outside the merged index")
+            ids[:] = new
+
+
+def _all_parts_built(parts: Path) -> bool:
+    records = [json.loads((p / "part.json").read_text()) for p in parts.glob("rank-*") if (p / "part.json").is_file()]
+    return bool(records) and len({r["rank"] for r in records}) == records[0]["world"]
+
+
+def _merge_arrays(out: Path, folders: list[Path], dedup: bool) -> None:
+    """Concatenate the parts' arrays in rank order (entry ids are shifted the same way by the merge), streaming."""
+    names = ["values.npy"] + (["counts.npy", "entry_codes.npy", "entry_images.npy"] if dedup else [])
+    for name in names:
+        concat_npy(out / name, [np.load(f / name, mmap_mode="r") for f in folders])
+    if dedup:
+        shifted, base = [np.zeros(1, np.int64)], 0
+        for f in folders:
+            offsets = np.load(f / "entry_image_offsets.npy", mmap_mode="r")
+            shifted.append(_Shifted(offsets, base))
+            base += int(offsets[-1])
+        concat_npy(out / "entry_image_offsets.npy", shifted)
+
+
+class _Shifted:
+    """offsets[1:] + base, sliced lazily (a part's CSR offsets moved past the previous parts' occurrences)."""
+
+    def __init__(self, offsets: np.ndarray, base: int):
+        self.offsets, self.base = offsets, base
+        self.dtype, self.shape = offsets.dtype, (len(offsets) - 1,)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        return np.asarray(self.offsets[1:][s]) + self.base
+
+
+def read_shard_files(folder: Path, names: list[str]) -> faiss.Index:
+    """The shards of a non-IVF parallel build as one faiss.IndexShards with successive ids."""
+    indexes = [faiss_index.read_index(folder / n) for n in names]
+    shards = faiss.IndexShards(indexes[0].d, True, True)  # threaded, successive ids
+    for ix in indexes:
+        shards.add_shard(ix)
+    return shards

@@ -40,7 +40,7 @@ def build_demo_retriever(vq_source: Path, folder: Path, images: int, image_size:
     index = folder / "index"
     if (index / "manifest.json").exists():
         man = json.loads((index / "manifest.json").read_text())
-        if vq.matches(man.get("vq_fingerprint")) and man.get("images") == images:
+        if vq.matches(man.get("vq_fingerprint")) and man.get("images") == images and man.get("dedup"):
             print(f"[demo] reusing the demo retriever {index} ({man.get('entries'):,} entries)", file=sys.stderr)
             return index
     with tempfile.TemporaryDirectory() as tmp:

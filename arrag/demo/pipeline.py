@@ -124,8 +124,10 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = (0
     recon_score = accuracy(recon, truth_scenes)
     recon_score["realism_fid"] = realism_fid(recon, reference, features)
     summary = {"split": split, "prompts": len(items), "samples_per_prompt": samples, "seeds": list(seeds),
-               "daid": daid, "faid_k": faid_k, "retriever": {"folder": str(index_dir), "entries": retriever.entries,
-                                                              "factory": retriever.manifest.get("factory")},
+               "daid": daid, "faid_k": faid_k,
+               "retriever": {"folder": str(index_dir), "entries": retriever.entries,
+                             "occurrences": retriever.manifest.get("occurrences", retriever.entries),
+                             "factory": retriever.manifest.get("factory")},
                "ground_truth": truth_score, "vq_reconstruction": recon_score,
                "methods": {m: _aggregate(results[m]) for m in methods},
                "per_seed": results, "seconds": round(time.time() - t_start, 1)}

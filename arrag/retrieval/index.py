@@ -21,7 +21,6 @@ from arrag.errors import ArragError
 from arrag.fileops import atomic_path
 
 EXACT_MAX = 100_000
-IVF_FLAT_MAX = 10_000_000
 
 
 def parse_bytes(text: str | int) -> int:
@@ -64,8 +63,8 @@ def choose_factory(n: int, d: int, memory_budget: int) -> tuple[str, str]:
     while d % m:
         m -= 1
     options = [("Flat", f"{n:,} entries <= {EXACT_MAX:,}: exact search")] if n <= EXACT_MAX else []
-    if n <= IVF_FLAT_MAX:
-        options.append((f"IVF{nlist},Flat", f"{n:,} entries: inverted lists with exact distances"))
+    # Exact distances whenever they fit the budget: PQ codes lose much recall on patch keys (bench/retrieval.py).
+    options.append((f"IVF{nlist},Flat", f"{n:,} entries: inverted lists with exact distances"))
     options.append((f"OPQ{m},IVF{nlist},PQ{m}", f"{n:,} entries: OPQ + IVF-PQ, {m} bytes per code"))
     for factory, reason in options:
         need = n * bytes_per_entry(factory, d)
@@ -114,6 +113,39 @@ def set_nprobe(index: faiss.Index, nprobe: int | None) -> int | None:
     space = faiss.GpuParameterSpace() if _is_gpu(index) else faiss.ParameterSpace()
     space.set_index_parameter(index, "nprobe", value)
     return value
+
+
+TUNE_MAX_WORK = 2e12  # queries x entries x dim: above it (about 5 min on 2 cores) nprobe is not tuned at build
+
+
+def tune_nprobe(index: faiss.Index, queries: np.ndarray, k: int = 10, target: float = 0.95) -> dict | None:
+    """The smallest power-of-two nprobe whose top-k reaches `target` recall against probing every list.
+
+    Against all lists is exact search for IVF-Flat (for PQ it measures the probing loss only). Recall is
+    tie-aware: a hit counts when its distance is within the all-lists k-th distance. Returns {'nprobe',
+    'recall', 'target', 'queries', 'k', 'table': [[nprobe, recall], ...]}, or None for a non-IVF index or one
+    too large to tune here (`arrag search-stats` sweeps nprobe instead).
+    """
+    nlist = nlist_of(index)
+    if nlist is None or len(queries) * index.ntotal * index.d > TUNE_MAX_WORK or index.ntotal == 0:
+        return None
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    before = faiss.extract_index_ivf(index).nprobe
+    try:
+        set_nprobe(index, nlist)
+        ref = index.search(q, k)[0][:, -1:]
+        table, probe = [], 1
+        while True:
+            set_nprobe(index, probe)
+            dist, ids = index.search(q, k)
+            recall = float(((ids >= 0) & (dist <= ref + 1e-5 * np.maximum(1.0, ref))).mean())
+            table.append([probe, round(recall, 4)])
+            if recall >= target or probe >= nlist:
+                return {"nprobe": probe, "recall": round(recall, 4), "target": target, "queries": len(q), "k": k,
+                        "reference": "all lists", "table": table}
+            probe = min(2 * probe, nlist)
+    finally:
+        set_nprobe(index, before)
 
 
 def _is_gpu(index: faiss.Index) -> bool:
@@ -181,12 +213,15 @@ def write_index(index: faiss.Index, path: str | Path) -> None:
         faiss.write_index(index, str(tmp))
 
 
-def read_index(path: str | Path, mmap: bool = False) -> faiss.Index:
+def read_index(path: str | Path, mmap: bool = False, ondisk: bool = False) -> faiss.Index:
+    """Read an index; `mmap` maps its data instead of loading it, `ondisk` opens on-disk inverted lists that lie
+    beside the index file (merge-index's lists.ivfdata), wherever the folder has moved."""
     path = Path(path)
     if not path.is_file():
         raise ArragError(f"no FAISS index at {path}")
+    flags = (faiss.IO_FLAG_MMAP if mmap else 0) | (faiss.IO_FLAG_ONDISK_SAME_DIR if ondisk else 0)
     try:
-        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
+        return faiss.read_index(str(path), flags)
     except RuntimeError as e:
         raise ArragError(f"cannot read FAISS index {path}: {str(e).strip().splitlines()[-1][:160]}") from None
 
@@ -204,7 +239,10 @@ def describe(index: faiss.Index) -> str:
 
 
 def index_memory_bytes(index: faiss.Index) -> int:
-    """Bytes the index takes when serialised (about its memory footprint)."""
+    """Bytes the index takes when serialised (about its memory footprint; for on-disk inverted lists, only
+    what stays in RAM). Index shards: the sum over their parts."""
+    if isinstance(index, faiss.IndexShards):
+        return sum(index_memory_bytes(faiss.downcast_index(index.at(i))) for i in range(index.count()))
     return int(faiss.serialize_index(index).nbytes)
 
 

@@ -41,9 +41,36 @@ def entry_keys(store: CodeStore, entries: np.ndarray, shape, key_source: str = "
     return keys.reshape(len(images), p, -1)[inverse, entries % p]
 
 
+def sample_entries(store: CodeStore, n: int, seed: int, shape="L") -> np.ndarray:
+    """A uniform sample of min(n, all) entry ids (image * P + position), sorted, without repeats; seeded."""
+    total = store.num_images * len(get_neighborhood(shape).positions(*store.grid))
+    return np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
+
+
 def sample_entry_keys(store: CodeStore, n: int, seed: int, shape="L", key_source: str = "code") -> np.ndarray:
     """Keys [min(n, entries), d] of a uniform sample of entries, without repeats; the same seed gives the same
     sample (quantizer training, recall queries)."""
-    total = store.num_images * len(get_neighborhood(shape).positions(*store.grid))
-    entries = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
-    return entry_keys(store, entries, shape, key_source)
+    return entry_keys(store, sample_entries(store, n, seed, shape), shape, key_source)
+
+
+def sample_distinct_rows(store: CodeStore, n: int, seed: int, shape="L") -> tuple[np.ndarray, float]:
+    """Up to n distinct entry rows (neighbour codes, then value; see retrieval.dedup) from a seeded sample of
+    2n entries, and the sample's distinct fraction (an estimate of the store's, for sizing the index)."""
+    from arrag.retrieval.dedup import dedup, entry_rows
+
+    nb = get_neighborhood(shape)
+    p = len(nb.positions(*store.grid))
+    entries = sample_entries(store, 2 * n, seed, nb)
+    images, inverse = np.unique(entries // p, return_inverse=True)
+    rows, _ = entry_rows(store.gather(images), nb)
+    rows = rows.reshape(len(images), p, -1)[inverse, entries % p]
+    distinct = dedup(rows, np.zeros(len(rows), np.int64))[0]
+    pick = np.random.default_rng(seed + 1).permutation(len(distinct))[:n]
+    return distinct[np.sort(pick)], len(distinct) / max(1, len(rows))
+
+
+def row_keys(rows: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """float32 keys [M, n*e] of entry rows [M, n+1] (the neighbours' normalised codebook vectors)."""
+    from arrag.retrieval.neighborhood import key_vectors
+
+    return np.ascontiguousarray(key_vectors(rows[:, :-1], codebook), dtype=np.float32)

@@ -1,4 +1,5 @@
-"""Search quality and speed of a retriever: recall@k against exact search, queries per second.
+"""Search quality and speed of a retriever: recall@k against exact search, queries per second, IVF list
+balance and how many distinct codes a top-k holds.
 
 Patch keys are concatenated codebook rows, so many entries share a key exactly and the "true" top-k is
 ambiguous among ties. Recall is therefore measured on distances: a returned hit counts when its true
@@ -10,20 +11,22 @@ from __future__ import annotations
 
 import time
 
+import faiss
 import numpy as np
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
 from arrag.errors import ArragError
 from arrag.retrieval.codestore import CodeStore
-from arrag.retrieval.keys import entry_keys, grid_entries
+from arrag.retrieval.keys import grid_entries
 from arrag.retrieval.retriever import PatchRetriever
 
 
 def exact_distances(retriever: PatchRetriever, store: CodeStore, queries: np.ndarray, k: int = 10,
                     chunk_images: int = 1024) -> np.ndarray:
     """The exact k nearest squared-L2 distances [Q, k] of `queries` over every key of the index's code store."""
-    if store.num_images * int(retriever.manifest["entries_per_image"]) != retriever.entries:
-        raise ArragError(f"code store {store.folder} does not match the index ({retriever.entries} entries)")
+    occurrences = int(retriever.manifest.get("occurrences", retriever.entries))
+    if store.num_images * int(retriever.manifest["entries_per_image"]) != occurrences:
+        raise ArragError(f"code store {store.folder} does not match the index ({occurrences} entries)")
     key_source, codebook = retriever.manifest["key_source"], store.codebook()
 
     def blocks():
@@ -41,13 +44,12 @@ def recall_at_k(retriever: PatchRetriever, store: CodeStore, queries: np.ndarray
 
     `exact`: the distances from exact_distances, when several settings are compared on the same queries.
     """
-    key_source = retriever.manifest["key_source"]
     exact_d = exact if exact is not None else exact_distances(retriever, store, queries, k, chunk_images)
-    _, ids = retriever.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    _, ids = retriever.search_ids(np.ascontiguousarray(queries, dtype=np.float32), k)
     found = ids >= 0
     true_d = np.full(ids.shape, np.inf, dtype=np.float32)
     if found.any():
-        keys = entry_keys(store, ids[found], retriever.neighborhood, key_source)
+        keys = retriever.entry_keys(ids[found], store)
         q_rep = np.repeat(queries, found.sum(1), axis=0)
         true_d[found] = ((keys - q_rep) ** 2).sum(1)
     good = true_d <= exact_d[:, k - 1:k] + 1e-5
@@ -74,13 +76,13 @@ def nprobe_sweep(retriever: PatchRetriever, store: CodeStore | None, queries: np
     try:
         if store is None:
             retriever.set_nprobe(nlist)
-            full_ids = retriever.index.search(q, k)[1]
+            full_ids = retriever.search_ids(q, k)[1]
         for nprobe in values:
             retriever.set_nprobe(nprobe)
             if store is not None:
                 row = {"nprobe": retriever.nprobe, "recall": recall_at_k(retriever, store, q, k, exact=exact)}
             else:
-                ids = retriever.index.search(q, k)[1]
+                ids = retriever.search_ids(q, k)[1]
                 same = [len(set(a[a >= 0]) & set(b[b >= 0])) / max(1, (b >= 0).sum())
                         for a, b in zip(ids, full_ids, strict=True)]
                 row = {"nprobe": retriever.nprobe, "recall_vs_all_lists": float(np.mean(same))}
@@ -105,3 +107,25 @@ def queries_per_second(retriever: PatchRetriever, queries: np.ndarray, k: int, b
         elapsed = time.perf_counter() - t0
         if elapsed >= min_seconds and i >= 3:
             return done / elapsed
+
+
+def list_balance(retriever: PatchRetriever) -> dict | None:
+    """IVF list sizes of a CPU FAISS index: {'imbalance_factor': nlist * sum(n_i^2) / N^2 (1 = even lists),
+    'largest_list': the biggest list's entries}; None for other indexes. Uneven lists make searches slow,
+    since a probe of a crowded list scans most of the index."""
+    if retriever.backend != "faiss-cpu" or not retriever.manifest.get("nlist"):
+        return None
+    try:
+        invlists = faiss.extract_index_ivf(retriever.index).invlists
+    except RuntimeError:
+        return None
+    sizes = np.array([invlists.list_size(i) for i in range(invlists.nlist)], dtype=np.float64)
+    total = sizes.sum()
+    factor = len(sizes) * (sizes ** 2).sum() / total ** 2 if total else 1.0
+    return {"imbalance_factor": round(float(factor), 3), "largest_list": int(sizes.max(initial=0))}
+
+
+def distinct_codes_per_topk(retriever: PatchRetriever, queries: np.ndarray, k: int) -> float:
+    """The mean number of different codes among a query's k nearest hits (what DAiD can spread p_ret over)."""
+    codes = retriever.search(np.ascontiguousarray(queries, dtype=np.float32), k)[1]
+    return float(np.mean([len(np.unique(row[row >= 0])) for row in codes])) if len(codes) else 0.0

@@ -2,7 +2,9 @@
 
 search(queries [Q, D], k) -> (distances [Q, k] float32, codes [Q, k] int64), code -1 where fewer than k
 entries exist. NumPy in, NumPy out; torch in, torch out on the same device. With GPU FAISS and CUDA
-tensors, the search and the id -> code lookup stay on the GPU (no host round trip).
+tensors, the search and the id -> code lookup stay on the GPU (no host round trip). A de-duplicated
+index answers as the full one would: each hit is repeated by its count (retrieval.dedup). Indexes
+merged from parallel builds load too: on-disk inverted lists (memory-mapped) or index shards.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from arrag import fileops
 from arrag.errors import ArragError, one_line
 from arrag.retrieval import index as faiss_index
 from arrag.retrieval import torch_search
+from arrag.retrieval.dedup import expand
 from arrag.retrieval.neighborhood import Neighborhood, get_neighborhood
 from arrag.retrieval.torch_search import TorchIndex
 
@@ -33,7 +36,19 @@ class PatchRetriever:
         self.folder = folder
         self.gpus = gpus
         self._values_torch: dict[str, torch.Tensor] = {}
+        self._counts_torch: dict[str, torch.Tensor] = {}
+        self.counts = self._array("counts.npy", len(values)) if manifest.get("dedup") else None
+        self._csr: tuple[np.ndarray, np.ndarray] | None = None
         self.set_nprobe(manifest.get("nprobe"))
+
+    def _array(self, name: str, length: int) -> np.ndarray:
+        try:
+            arr = np.load(self.folder / name, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as e:
+            raise ArragError(f"cannot read {self.folder / name} ({one_line(e)}); rebuild the index") from None
+        if len(arr) != length:
+            raise ArragError(f"{self.folder / name} has {len(arr)} rows, the index {length}; rebuild the index")
+        return arr
 
     @property
     def backend(self) -> str:
@@ -46,7 +61,7 @@ class PatchRetriever:
     @classmethod
     def load(cls, folder: str | Path, device: str | int | list[int] = "cpu", nprobe: int | None = None,
              mmap_values: bool = True, verify: bool = True, backend: str = "auto",
-             gpu_fallback: bool = False) -> PatchRetriever:
+             gpu_fallback: bool = False, mmap: bool = False) -> PatchRetriever:
         """Load from `folder`: our layout (manifest.json, index.faiss, values.npy) or the original prebuilt one.
 
         device: "cpu", "cuda" (every GPU, sharded), "cuda:1", or a list of GPU ids. nprobe overrides the
@@ -54,7 +69,8 @@ class PatchRetriever:
         the torch search backend; `backend` "torch" or "faiss" forces one. `gpu_fallback`: stay on the CPU,
         with a notice, when neither can serve the index on the GPU (a PQ index without faiss-gpu). File sizes
         are always checked against the manifest; `verify` also checks their hashes (about 1 s per GB: turn it
-        off for very large indexes, `--no-verify-index`).
+        off for very large indexes, `--no-verify-index`). `mmap` maps a single-file index instead of reading it
+        into memory (merged on-disk indexes are always mapped).
         """
         folder = Path(folder)
         if not folder.is_dir():
@@ -69,7 +85,13 @@ class PatchRetriever:
                 if not (folder / name).is_file():
                     raise ArragError(f"{folder}: {name} is missing; rebuild the index with `arrag build-index`")
                 fileops.verify_file(folder / name, record, hash_contents=verify, hint=hint)
-            index = faiss_index.read_index(folder / "index.faiss")
+            layout = manifest.get("layout", "single")
+            if layout == "shards":
+                from arrag.build_retriever.build_index import read_shard_files
+
+                index = read_shard_files(folder, manifest["shard_files"])
+            else:
+                index = faiss_index.read_index(folder / "index.faiss", mmap=mmap, ondisk=layout == "ondisk")
         elif (folder / ORIGINAL_INDEX).exists():
             warnings.warn(f"{folder} is the original AR-RAG prebuilt database: its tokenizer cannot be verified "
                           "(no fingerprint); it was built with LlamaGen's vq_ds16_t2i.pt and latent keys",
@@ -159,23 +181,72 @@ class PatchRetriever:
     # -- search -------------------------------------------------------------------------------------------
     def search(self, queries, k: int):
         """Batched k-NN: queries [Q, D] -> (squared-L2 distances [Q, k], codes [Q, k] int64; -1 = no entry)."""
+        self._check(queries, k)
+        if isinstance(queries, torch.Tensor):
+            return self._search_torch(queries, k)
+        dist, ids = self.search_ids(queries, k)
+        return dist, self._codes_np(ids)
+
+    def search_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, entry ids) [Q, k], NumPy; a de-duplicated entry is repeated by its count, as in the full
+        index (-1 = none)."""
+        self._check(queries, k)
+        dist, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        if self.counts is not None:
+            dist, ids = expand(dist, ids, self.counts, k)
+        return dist, ids
+
+    def search_excluding(self, queries: np.ndarray, k: int, owners: np.ndarray) -> np.ndarray:
+        """Codes [Q, k] of the k nearest entries that did not come from image owners[q] (-1 pads): what the
+        full index returns once every copy from the query's own image is dropped (construct-train
+        --exclude-self)."""
+        self._check(queries, k)
+        if self.counts is None and not self.manifest.get("entries_per_image"):
+            raise ArragError(f"{self.folder} does not say which image each entry came from (the original prebuilt "
+                             "database); --exclude-self needs an index built by `arrag build-index`")
+        owners = np.asarray(owners, dtype=np.int64)
+        fetch = 4 * k  # own copies are dropped, so ask for more and keep the first k others
+        dist, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
+        if self.counts is None:  # entry e came from image e // P
+            keep = (ids >= 0) & (ids // int(self.manifest["entries_per_image"]) != owners[:, None])
+            weights = keep.astype(np.int64)
+        else:  # copies from the owner image are subtracted from each entry's count
+            weights = np.where(ids >= 0, self.counts[np.maximum(ids, 0)].astype(np.int64)
+                               - self._own_copies(ids, owners), 0)
+        _, picked = expand(dist, np.where(weights > 0, ids, -1), np.maximum(weights, 0).ravel(),
+                           k, weights_per_hit=True)
+        return self._codes_np(picked)
+
+    def _own_copies(self, ids: np.ndarray, owners: np.ndarray) -> np.ndarray:
+        """How many occurrences of entry ids[q, j] came from image owners[q]: two binary searches in each hit's
+        ascending slice of the CSR image list (memory-mapped; nothing proportional to the index is loaded)."""
+        if self._csr is None:
+            offsets = self._array("entry_image_offsets.npy", len(self.values) + 1)
+            self._csr = (offsets, np.load(self.folder / "entry_images.npy", mmap_mode="r"))
+        offsets, images = self._csr
+        flat = np.maximum(ids, 0).ravel()
+        lo, hi = np.asarray(offsets[flat], np.int64), np.asarray(offsets[flat + 1], np.int64)
+        target = np.broadcast_to(owners[:, None], ids.shape).ravel()
+        return (_bisect(images, lo, hi, target, right=True) - _bisect(images, lo, hi, target, right=False)
+                ).reshape(ids.shape)
+
+    def entry_keys(self, ids: np.ndarray, store) -> np.ndarray:
+        """The true keys [len(ids), D] of entry ids (recall measurement), from the index's entry codes or store."""
+        if self.manifest.get("dedup"):
+            from arrag.retrieval.keys import row_keys
+
+            codes = np.load(self.folder / "entry_codes.npy", mmap_mode="r")
+            rows = np.concatenate([np.asarray(codes[ids]), np.zeros((len(ids), 1), np.uint16)], 1)
+            return row_keys(rows, store.codebook())
+        from arrag.retrieval.keys import entry_keys
+
+        return entry_keys(store, ids, self.neighborhood, self.manifest["key_source"])
+
+    def _check(self, queries, k: int) -> None:
         if k < 1:
             raise ArragError(f"k must be >= 1, got {k}")
         if queries.shape[-1] != self.dim:
             raise ArragError(f"queries have dimension {queries.shape[-1]}, the index expects {self.dim}")
-        if isinstance(queries, torch.Tensor):
-            return self._search_torch(queries, k)
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        dist, ids = self.index.search(q, k)
-        return dist, self._codes_np(ids)
-
-    def search_entries(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Like search (NumPy only), plus the entry ids [Q, k] (-1 = none): entry e is image
-        e // entries_per_image of the index's code store."""
-        if queries.shape[-1] != self.dim:
-            raise ArragError(f"queries have dimension {queries.shape[-1]}, the index expects {self.dim}")
-        dist, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return dist, self._codes_np(ids), ids
 
     def _codes_np(self, ids: np.ndarray) -> np.ndarray:
         codes = np.full(ids.shape, -1, dtype=np.int64)
@@ -191,24 +262,48 @@ class PatchRetriever:
     def _search_torch(self, queries: torch.Tensor, k: int):
         if isinstance(self.index, TorchIndex):  # searched where the index lives, codes looked up there too
             dist, ids = self.index.search(queries.detach().to(self.index.device), k)
+            if self.counts is not None:
+                dist, ids = expand(dist, ids, self._on(self._counts_torch, self.counts, ids.device), k)
             values = self._values_on(self.index.device)
-            codes = torch.where(ids >= 0, values[ids.clamp_min(0)], torch.full_like(ids, -1))
+            codes = torch.where(ids >= 0, values[ids.clamp_min(0)].long(), torch.full_like(ids, -1))
             return dist.to(queries.device), codes.to(queries.device)
         if queries.is_cuda and self.gpus:
             import faiss.contrib.torch_utils  # noqa: F401  (lets GPU indexes take CUDA tensors directly)
 
             dist, ids = self.index.search(queries.float().contiguous(), k)
+            if self.counts is not None:
+                dist, ids = expand(dist, ids, self._on(self._counts_torch, self.counts, ids.device), k)
             values = self._values_on(queries.device)
-            codes = torch.where(ids >= 0, values[ids.clamp_min(0)], torch.full_like(ids, -1))
+            codes = torch.where(ids >= 0, values[ids.clamp_min(0)].long(), torch.full_like(ids, -1))
             return dist, codes
         dist, codes = self.search(queries.detach().float().cpu().numpy(), k)
         return torch.from_numpy(dist).to(queries.device), torch.from_numpy(codes).to(queries.device)
 
     def _values_on(self, device: torch.device) -> torch.Tensor:
+        return self._on(self._values_torch, self.values, device)
+
+    @staticmethod
+    def _on(cache: dict, array: np.ndarray, device) -> torch.Tensor:
+        """An int32 copy of `array` (codes or counts) on `device`, made once: 4 bytes per entry on a GPU."""
         key = str(device)
-        if key not in self._values_torch:
-            self._values_torch[key] = torch.from_numpy(np.asarray(self.values, dtype=np.int64)).to(device)
-        return self._values_torch[key]
+        if key not in cache:
+            cache[key] = torch.from_numpy(np.asarray(array, dtype=np.int32)).to(device)
+        return cache[key]
+
+
+def _bisect(sorted_values: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: np.ndarray, right: bool) -> np.ndarray:
+    """Per element, the first index in [lo, hi) of the ascending `sorted_values` whose value is > target
+    (`right`) or >= target: a vectorised binary search over many slices at once."""
+    lo, hi = lo.copy(), hi.copy()
+    while True:
+        active = lo < hi
+        if not active.any():
+            return lo
+        mid = (lo + hi) // 2
+        v = np.asarray(sorted_values[np.where(active, mid, 0)], np.int64)
+        go_right = active & ((v <= target) if right else (v < target))
+        lo = np.where(go_right, mid + 1, lo)
+        hi = np.where(active & ~go_right, mid, hi)
 
 
 def _read_manifest(path: Path) -> dict:

@@ -61,8 +61,6 @@ def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str |
     h, w = store.grid
     nb = retriever.neighborhood
     codebook = store.codebook()
-    per_image = int(retriever.manifest.get("entries_per_image", 0))
-    fetch = 4 * k if exclude_self else k  # self hits are dropped, so ask for more and keep the first k others
     out = Path(out) if out is not None else store.folder
     settings = {"format": FORMAT, "k": k, "exclude_self": exclude_self, "store": str(store.folder.resolve()),
                 "retriever": str(retriever.folder.resolve()), "vq_fingerprint": store.fingerprint,
@@ -83,12 +81,13 @@ def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str |
         result = np.full((hi - lo, h * w, k), -1, dtype=np.int16)
         for i0, codes in store.iter_chunks(chunk_images, start=lo, stop=hi):
             pos, keys = grid_key_vectors(codes, codebook, nb)
-            _, got, ids = retriever.search_entries(keys.reshape(-1, keys.shape[-1]), fetch)
-            got = got.reshape(len(codes), len(pos), fetch)
-            if exclude_self:
-                owner = (np.arange(i0, i0 + len(codes))[:, None, None])
-                got = _first_k_not_self(got, ids.reshape(got.shape) // per_image == owner, k)
-            result[i0 - lo:i0 - lo + len(codes)][:, pos] = got[..., :k]
+            queries = keys.reshape(-1, keys.shape[-1])
+            if exclude_self:  # every copy from the query's own image is dropped
+                owners = np.repeat(np.arange(i0, i0 + len(codes)), len(pos))
+                got = retriever.search_excluding(queries, k, owners)
+            else:
+                got = retriever.search(queries, k)[1]
+            result[i0 - lo:i0 - lo + len(codes)][:, pos] = got.reshape(len(codes), len(pos), k)
             bar.update(len(codes))
         lock.record()
         save_npy(out / retrieved_name(s), result)
@@ -101,14 +100,6 @@ def _retrieved_intact(path: Path, count: int) -> bool:
         return len(np.load(path, mmap_mode="r")) == count
     except (OSError, ValueError, EOFError):
         return False
-
-
-def _first_k_not_self(codes: np.ndarray, is_self: np.ndarray, k: int) -> np.ndarray:
-    """Per row, the first k codes whose hit is not from the same image, in rank order; -1 pads."""
-    keep = ~is_self & (codes >= 0)
-    order = np.argsort(~keep, axis=-1, kind="stable")  # kept hits first, rank order preserved
-    picked = np.take_along_axis(codes, order, -1)[..., :k]
-    return np.where(np.take_along_axis(keep, order, -1)[..., :k], picked, -1)
 
 
 def load_retrieved(folder: str | Path, store: CodeStore, retrieved_key_num: int | None = None) -> np.ndarray:

@@ -1,0 +1,97 @@
+"""Entries as rows of codes, their de-duplication with counts, and the expansion that undoes it in search results.
+
+An entry of a code-keyed index is fully described by its row of uint16 codes: the neighbours in key order,
+then the value (the code at the target). Identical rows are identical (key, value) pairs: flat backgrounds
+repeat them endlessly. De-duplicated, each distinct row is stored once with its count and the images it
+came from (CSR: offsets per entry into a list of image ids, in image order; an image appears once per
+occurrence). Searching a de-duplicated index and expanding every hit by its count gives the results of the
+full index (the same k nearest (distance, code) pairs), so DAiD, FAiD and construct-train see no difference.
+Rows are partitioned across build processes by a hash of the row, so every copy of a row meets in the same
+process and de-duplication across processes needs no exchange.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from arrag.retrieval.neighborhood import Neighborhood, keys_for_grid
+
+_MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
+                 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x2545F4914F6CDD1D, 0x94D049BB133111EB],
+                dtype=np.uint64)
+
+
+def entry_rows(codes: np.ndarray, nb: Neighborhood, first_image: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Code grids [c, h, w] -> (rows uint16 [c*P, n+1]: neighbours then value, images int64 [c*P])."""
+    pos, nbr = keys_for_grid(codes, nb)
+    values = codes.reshape(len(codes), -1)[:, pos]
+    rows = np.concatenate([nbr.astype(np.uint16), values[..., None].astype(np.uint16)], -1)
+    images = np.repeat(np.arange(first_image, first_image + len(codes), dtype=np.int64), len(pos))
+    return rows.reshape(-1, rows.shape[-1]), images
+
+
+def row_hash(rows: np.ndarray) -> np.ndarray:
+    """A deterministic 64-bit hash per row (the same on every machine): uint64 [N]."""
+    h = np.zeros(len(rows), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(rows.shape[1]):
+            h = (h ^ rows[:, j].astype(np.uint64)) * _MIX[j % len(_MIX)]
+            h ^= h >> np.uint64(29)
+    return h
+
+
+def place(rows: np.ndarray, world: int, buckets: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(build process 0..world-1, bucket 0..buckets-1) of each row, from its hash: every copy of a row lands
+    in the same process and bucket, so each bucket can be de-duplicated on its own."""
+    h = row_hash(rows)
+    return (h % np.uint64(world)).astype(np.int64), ((h // np.uint64(world)) % np.uint64(buckets)).astype(np.int64)
+
+
+def dedup(rows: np.ndarray, images: np.ndarray):
+    """Occurrences (rows [N, m] uint16, images [N] ascending) -> (distinct rows [U, m] in lexicographic order,
+    counts int64 [U], offsets int64 [U+1], image ids uint32 [N]: occurrences of entry u are
+    image_ids[offsets[u]:offsets[u+1]], in image order)."""
+    if len(rows) == 0:
+        return rows, np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.uint32)
+    order = np.lexsort(rows.T[::-1])  # rows in lexicographic order; stable, so images stay ascending per entry
+    srt = rows[order]
+    starts = np.flatnonzero(np.concatenate([[True], (srt[1:] != srt[:-1]).any(1)]))
+    offsets = np.concatenate([starts, [len(rows)]]).astype(np.int64)
+    return rows[order[starts]], np.diff(offsets), offsets, images[order].astype(np.uint32)
+
+
+def expand(dist, ids, counts, k: int, weights_per_hit: bool = False):
+    """Hits of a de-duplicated index -> the hits of the full one: each hit repeated by its count, cut at k.
+
+    dist, ids [Q, k'] (ids -1 = none), counts [U] per entry (NumPy, or torch on the ids' device), or with
+    weights_per_hit one count per hit ([Q * k'], e.g. with some copies excluded) -> (dist, ids) [Q, k], -1 and
+    the largest float where fewer than k copies exist.
+    """
+    torch_in = isinstance(ids, torch.Tensor)
+    lib = torch if torch_in else np
+    found = ids >= 0
+    if weights_per_hit:
+        c = counts.reshape(ids.shape)
+    else:
+        c = counts[ids.clamp(min=0) if torch_in else np.maximum(ids, 0)]
+    c = lib.where(found, c, lib.zeros_like(c)).astype(np.int64) if not torch_in else \
+        torch.where(found, c, torch.zeros_like(c)).long()
+    ends = lib.cumsum(c, 1)  # [Q, k']: copies up to and including each hit
+    slots = lib.arange(k, device=ids.device) if torch_in else np.arange(k)
+    if torch_in:
+        pick = torch.searchsorted(ends.contiguous(), slots.expand(len(ids), k).contiguous(), right=True)
+    else:  # one searchsorted over all rows: each row's sequence shifted past the previous row's values
+        q, width = ends.shape
+        span = int(ends[:, -1].max(initial=0)) + k + 1
+        shift = (np.arange(q, dtype=np.int64) * span)[:, None]
+        pick = np.searchsorted((ends + shift).ravel(), (slots[None, :] + shift).ravel(), side="right")
+        pick = pick.reshape(q, k) - np.arange(q, dtype=np.int64)[:, None] * width
+    valid = pick < ids.shape[1]
+    pick = lib.where(valid, pick, lib.zeros_like(pick))
+    out_ids = lib.take_along_axis(ids, pick, 1) if not torch_in else ids.gather(1, pick)
+    out_d = lib.take_along_axis(dist, pick, 1) if not torch_in else dist.gather(1, pick)
+    out_ids = lib.where(valid, out_ids, lib.full_like(out_ids, -1))
+    big = np.finfo(np.float32).max
+    out_d = lib.where(valid, out_d, lib.full_like(out_d, big))
+    return out_d, out_ids

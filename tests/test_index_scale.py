@@ -1,0 +1,215 @@
+"""Issue 18: de-duplicated indexes answer as the full one does; parallel builds merge to the single-process index."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from arrag.build_retriever import build_index as bi
+from arrag.build_retriever.build_index import build_index, merge_index
+from arrag.decoding.daid import retrieval_distribution
+from arrag.errors import ArragError
+from arrag.retrieval import codestore
+from arrag.retrieval.codestore import CodeStore
+from arrag.retrieval.dedup import dedup, entry_rows, expand, place
+from arrag.retrieval.neighborhood import get_neighborhood, key_vectors, keys_for_grid
+from arrag.retrieval.retriever import PatchRetriever
+
+K_CODES = 6
+
+
+def repetitive_store(folder, n=40, grid=7, seed=0):
+    """Codes with many repeated (key, value) rows whose value is a function of the key, over a random continuous
+    codebook: distinct keys are at distinct distances from a query, so no top-k boundary splits a tie of two
+    different codes and the full and de-duplicated answers must agree exactly."""
+    rng = np.random.default_rng(seed)
+    book = rng.normal(size=(K_CODES, 8)).astype(np.float32)
+    book /= np.linalg.norm(book, axis=1, keepdims=True)
+    codes = rng.integers(0, 2, (n, grid, grid)).astype(np.uint16)  # two colours: backgrounds repeat
+    nb = get_neighborhood("L")
+    for i, j in (divmod(int(p), grid) for p in nb.positions(grid, grid)):  # raster order: neighbours come first
+        nbrs = [codes[:, i + di, j + dj].astype(np.int64) for di, dj in nb.offsets]
+        codes[:, i, j] = (nbrs[0] * 5 + nbrs[1] * 3 + nbrs[2] + nbrs[3] * 2) % K_CODES
+    codes[::7] = codes[1::7]  # whole repeated images
+    codestore.write_store(folder, codes, book, shard_size=16)
+    return codes, book
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale")
+    codes, book = repetitive_store(root / "store")
+    full = build_index(root / "store", root / "full", factory="Flat", dedup=False, progress=False)
+    small = build_index(root / "store", root / "dedup", factory="Flat", progress=False)
+    return root, codes, book, full, small
+
+
+def queries_for(codes, book, n=24, seed=1):
+    _, nbr = keys_for_grid(codes, "L")
+    keys = key_vectors(nbr, book).reshape(-1, 4 * book.shape[1])
+    rng = np.random.default_rng(seed)
+    picked = keys[rng.choice(len(keys), n, replace=False)]
+    return (picked + rng.normal(scale=0.3, size=picked.shape)).astype(np.float32)
+
+
+def test_dedup_rows_counts_and_csr():
+    rows = np.array([[1, 2], [0, 1], [1, 2], [1, 2], [0, 1]], np.uint16)
+    images = np.array([0, 0, 1, 3, 3])
+    distinct, counts, offsets, ids = dedup(rows, images)
+    np.testing.assert_array_equal(distinct, [[0, 1], [1, 2]])
+    np.testing.assert_array_equal(counts, [2, 3])
+    np.testing.assert_array_equal(offsets, [0, 2, 5])
+    np.testing.assert_array_equal(ids, [0, 3, 0, 1, 3])  # per entry, in image order
+    # Expanding hits by counts gives what the full multiset would: [d0 x2, d1 x3] cut at k.
+    d, i = expand(np.array([[0.5, 0.9]], np.float32), np.array([[0, 1]]), counts, k=4)
+    np.testing.assert_array_equal(i, [[0, 0, 1, 1]])
+    np.testing.assert_allclose(d, [[0.5, 0.5, 0.9, 0.9]])
+    td, ti = expand(torch.tensor([[0.5, 0.9]]), torch.tensor([[1, -1]]), torch.tensor(counts), k=4)
+    assert ti.tolist() == [[1, 1, 1, -1]]  # torch in, torch out; missing copies pad with -1
+    # Every copy of a row is owned by the same process and bucket.
+    owner, bucket = place(np.repeat(rows, 3, 0), world=3, buckets=4)
+    for r in range(len(rows)):
+        assert len(set(owner[r * 3:(r + 1) * 3])) == 1 and len(set(bucket[r * 3:(r + 1) * 3])) == 1
+
+
+def test_dedup_index_gives_the_full_index_results(built):
+    root, codes, book, full, small = built
+    assert small["dedup"] and not full["dedup"]
+    assert small["occurrences"] == full["entries"] and small["entries"] < full["entries"] / 1.5
+    assert small["dedup_ratio"] == pytest.approx(full["entries"] / small["entries"], rel=1e-3)
+    a, b = PatchRetriever.load(root / "full"), PatchRetriever.load(root / "dedup")
+    q = queries_for(codes, book)
+    for k in (1, 9, 60):
+        da, ca = a.search(q, k)
+        db, cb = b.search(q, k)
+        np.testing.assert_array_equal(ca, cb)
+        np.testing.assert_allclose(da, db, rtol=1e-5, atol=1e-5)
+        for aggregate in ("nearest", "sum"):  # DAiD's p_ret, the count-weighted sum included
+            pa = retrieval_distribution(torch.from_numpy(da), torch.from_numpy(ca), K_CODES, 1.0, aggregate)
+            pb = retrieval_distribution(torch.from_numpy(db), torch.from_numpy(cb), K_CODES, 1.0, aggregate)
+            torch.testing.assert_close(pa, pb)
+    # The torch search backend expands counts the same way.
+    t = PatchRetriever.load(root / "dedup", backend="torch")
+    _, ct = t.search(torch.from_numpy(q), 9)
+    np.testing.assert_array_equal(ct.numpy(), a.search(q, 9)[1])
+
+
+def test_dedup_exclude_self_gives_the_same_candidates(built):
+    root, codes, book, _, _ = built
+    a, b = PatchRetriever.load(root / "full"), PatchRetriever.load(root / "dedup")
+    pos, nbr = keys_for_grid(codes, "L")
+    q = key_vectors(nbr[:6], book).reshape(-1, 4 * book.shape[1])
+    q = (q + np.random.default_rng(3).normal(scale=0.05, size=q.shape)).astype(np.float32)  # no distance ties
+    owners = np.repeat(np.arange(6), len(pos))
+    for k in (3, 12):
+        np.testing.assert_array_equal(a.search_excluding(q, k, owners), b.search_excluding(q, k, owners))
+    # Sanity: excluding changes something (image 0's copies are found without it).
+    assert (a.search(q, 3)[1] != a.search_excluding(q, 3, owners)).any()
+
+
+def test_small_spill_buckets_give_the_same_index(built, tmp_path, monkeypatch):
+    root, codes, book, _, _ = built
+    monkeypatch.setattr(bi, "SPILL_ROWS", 100)  # many buckets: rows are de-duplicated bucket by bucket
+    m = build_index(root / "store", tmp_path / "idx", factory="Flat", progress=False)
+    ref = json.loads((root / "dedup" / "manifest.json").read_text())
+    assert (m["entries"], m["occurrences"]) == (ref["entries"], ref["occurrences"])
+    q = queries_for(codes, book)
+    np.testing.assert_array_equal(PatchRetriever.load(tmp_path / "idx").search(q, 20)[1],
+                                  PatchRetriever.load(root / "dedup").search(q, 20)[1])
+    assert not (tmp_path / "idx" / "spill").exists()
+
+
+@pytest.mark.parametrize("factory,dedup_on,world", [("Flat", True, 2), ("Flat", False, 2), ("IVF8,Flat", True, 2),
+                                                    ("IVF8,Flat", True, 3), ("IVF8,Flat", False, 3)])
+def test_rank_build_and_merge_equals_one_process(built, tmp_path, factory, dedup_on, world):
+    """Ranks run one after another (the parts differ in size with 3 ranks), merged; the same answers as one
+    process."""
+    root, codes, book, _, _ = built
+    one = build_index(root / "store", tmp_path / "one", factory=factory, dedup=dedup_on, seed=2, progress=False)
+    out = tmp_path / "two"
+    plan = build_index(root / "store", out, factory=factory, dedup=dedup_on, seed=2, train_only=True, progress=False)
+    assert plan["dedup"] == dedup_on and (out / "parts" / "trained.faiss").is_file()
+    with pytest.raises(ArragError, match="lacks every part"):
+        merge_index(out, progress=False)
+    for rank in range(world - 1, 0, -1):
+        build_index(root / "store", out, factory=factory, dedup=dedup_on, seed=2, shard=f"{rank}/{world}",
+                    progress=False)
+    with pytest.raises(ArragError, match=rf"lacks part\(s\) 0 of {world}"):
+        merge_index(out, progress=False)
+    build_index(root / "store", out, factory=factory, dedup=dedup_on, seed=2, shard=f"0/{world}", progress=False)
+    merged = merge_index(out, progress=False)
+    assert merged["layout"] == ("ondisk" if factory.startswith("IVF") else "shards")
+    assert (merged["entries"], merged["occurrences"]) == (one["entries"], one["occurrences"])
+    moved = tmp_path / "moved"  # the on-disk lists are found beside the index wherever the folder goes
+    shutil.move(out, moved)
+    nprobe = 8 if factory.startswith("IVF") else None  # every list: exact, like Flat
+    a = PatchRetriever.load(tmp_path / "one", nprobe=nprobe)
+    b = PatchRetriever.load(moved, nprobe=nprobe)
+    q = queries_for(codes, book)
+    da, ca = a.search(q, 15)
+    db, cb = b.search(q, 15)
+    np.testing.assert_array_equal(ca, cb)
+    np.testing.assert_allclose(da, db, rtol=1e-5, atol=1e-5)
+    # Every merged id points at its own entry: the stored key of the id is at the returned distance.
+    d_ids, ids = b.search_ids(q, 15)
+    true = ((b.entry_keys(ids.ravel(), CodeStore.open(root / "store")).reshape(*ids.shape, -1) - q[:, None]) ** 2
+            ).sum(-1)
+    np.testing.assert_allclose(true, d_ids, rtol=1e-4, atol=1e-4)
+    pos, nbr = keys_for_grid(codes, "L")
+    own = key_vectors(nbr[:3], book).reshape(-1, 4 * book.shape[1])
+    own = (own + np.random.default_rng(3).normal(scale=0.05, size=own.shape)).astype(np.float32)
+    owners = np.repeat(np.arange(3), len(pos))
+    np.testing.assert_array_equal(a.search_excluding(own, 4, owners), b.search_excluding(own, 4, owners))
+
+
+def test_parallel_processes_with_rank_zero_training(built, tmp_path):
+    """Two real processes started together: rank 1 waits for rank 0's quantizer, then merge-index joins them."""
+    root, codes, book, _, _ = built
+    out = tmp_path / "par"
+    env = {**os.environ, "WORLD_SIZE": "2", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "arrag", "build-index", str(root / "store"), "--out", str(out),
+           "--factory", "IVF4,Flat", "--seed", "1"]
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for r in (1, 0)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    run = subprocess.run([sys.executable, "-m", "arrag", "merge-index", str(out)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert (out / "lists.ivfdata").is_file() and sorted(p.name for p in (out / "parts").iterdir()) == [
+        "plan.json", "trained.faiss"]  # the parts' lists now live in lists.ivfdata
+    again = subprocess.run(cmd + ["--shard", "1/2"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already merged" in again.stdout  # a rerun after the merge does nothing
+    assert merge_index(out, progress=False)["entries"] == json.loads((out / "manifest.json").read_text())["entries"]
+    b = PatchRetriever.load(out, nprobe=4)
+    a = PatchRetriever.load(root / "dedup")
+    q = queries_for(codes, book)
+    np.testing.assert_array_equal(a.search(q, 10)[1], b.search(q, 10)[1])
+
+
+def test_a_rank_with_other_settings_is_refused(built, tmp_path):
+    root = built[0]
+    build_index(root / "store", tmp_path / "x", factory="Flat", train_only=True, progress=False)
+    with pytest.raises(ArragError, match="differ from the build's plan.*key_source|differ from the build's plan"):
+        build_index(root / "store", tmp_path / "x", factory="Flat", shard="1/2", dedup=False, progress=False)
+
+
+def test_mmap_load_answers_the_same(built):
+    root, codes, book, _, _ = built
+    q = queries_for(codes, book)
+    np.testing.assert_array_equal(PatchRetriever.load(root / "dedup", mmap=True).search(q, 7)[1],
+                                  PatchRetriever.load(root / "dedup").search(q, 7)[1])
+
+
+def test_entry_rows_match_the_key_builder(built):
+    _, codes, book, _, _ = built
+    rows, images = entry_rows(codes[:3], get_neighborhood("L"), first_image=5)
+    pos, nbr = keys_for_grid(codes[:3], "L")
+    np.testing.assert_array_equal(rows[:, :-1], nbr.reshape(-1, 4))
+    np.testing.assert_array_equal(rows[:, -1], codes[:3].reshape(3, -1)[:, pos].ravel())
+    assert images.tolist() == np.repeat([5, 6, 7], len(pos)).tolist()
