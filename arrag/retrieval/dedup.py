@@ -66,32 +66,20 @@ def expand(dist, ids, counts, k: int, weights_per_hit: bool = False):
 
     dist, ids [Q, k'] (ids -1 = none), counts [U] per entry (NumPy, or torch on the ids' device), or with
     weights_per_hit one count per hit ([Q * k'], e.g. with some copies excluded) -> (dist, ids) [Q, k], -1 and
-    the largest float where fewer than k copies exist.
+    the largest float where fewer than k copies exist. NumPy in, NumPy out; torch in, torch out (one torch
+    implementation serves both: NumPy arrays are wrapped without copying).
     """
-    torch_in = isinstance(ids, torch.Tensor)
-    lib = torch if torch_in else np
-    found = ids >= 0
-    if weights_per_hit:
-        c = counts.reshape(ids.shape)
+    numpy_in = not isinstance(ids, torch.Tensor)
+    if numpy_in:
+        c = counts.reshape(ids.shape) if weights_per_hit else np.asarray(counts[np.maximum(ids, 0)])
+        dist, ids, c = torch.from_numpy(np.asarray(dist)), torch.from_numpy(np.asarray(ids)), torch.from_numpy(c)
     else:
-        c = counts[ids.clamp(min=0) if torch_in else np.maximum(ids, 0)]
-    c = lib.where(found, c, lib.zeros_like(c)).astype(np.int64) if not torch_in else \
-        torch.where(found, c, torch.zeros_like(c)).long()
-    ends = lib.cumsum(c, 1)  # [Q, k']: copies up to and including each hit
-    slots = lib.arange(k, device=ids.device) if torch_in else np.arange(k)
-    if torch_in:
-        pick = torch.searchsorted(ends.contiguous(), slots.expand(len(ids), k).contiguous(), right=True)
-    else:  # one searchsorted over all rows: each row's sequence shifted past the previous row's values
-        q, width = ends.shape
-        span = int(ends[:, -1].max(initial=0)) + k + 1
-        shift = (np.arange(q, dtype=np.int64) * span)[:, None]
-        pick = np.searchsorted((ends + shift).ravel(), (slots[None, :] + shift).ravel(), side="right")
-        pick = pick.reshape(q, k) - np.arange(q, dtype=np.int64)[:, None] * width
+        c = counts.reshape(ids.shape) if weights_per_hit else counts[ids.clamp(min=0)]
+    c = torch.where(ids >= 0, c.long(), 0)
+    slots = torch.arange(k, device=ids.device).expand(len(ids), k).contiguous()
+    pick = torch.searchsorted(c.cumsum(1), slots, right=True)  # the hit holding copy number `slot`
     valid = pick < ids.shape[1]
-    pick = lib.where(valid, pick, lib.zeros_like(pick))
-    out_ids = lib.take_along_axis(ids, pick, 1) if not torch_in else ids.gather(1, pick)
-    out_d = lib.take_along_axis(dist, pick, 1) if not torch_in else dist.gather(1, pick)
-    out_ids = lib.where(valid, out_ids, lib.full_like(out_ids, -1))
-    big = np.finfo(np.float32).max
-    out_d = lib.where(valid, out_d, lib.full_like(out_d, big))
-    return out_d, out_ids
+    pick = pick.clamp(max=ids.shape[1] - 1)
+    out_ids = torch.where(valid, ids.gather(1, pick), -1)
+    out_d = torch.where(valid, dist.gather(1, pick), float(np.finfo(np.float32).max))
+    return (out_d.numpy(), out_ids.numpy()) if numpy_in else (out_d, out_ids)

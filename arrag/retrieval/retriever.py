@@ -184,13 +184,16 @@ class PatchRetriever:
         self._check(queries, k)
         if isinstance(queries, torch.Tensor):
             return self._search_torch(queries, k)
-        dist, ids = self.search_ids(queries, k)
+        dist, ids = self._search_ids(queries, k)
         return dist, self._codes_np(ids)
 
     def search_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(distances, entry ids) [Q, k], NumPy; a de-duplicated entry is repeated by its count, as in the full
         index (-1 = none)."""
         self._check(queries, k)
+        return self._search_ids(queries, k)
+
+    def _search_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         dist, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         if self.counts is not None:
             dist, ids = expand(dist, ids, self.counts, k)
@@ -261,26 +264,21 @@ class PatchRetriever:
 
     def _search_torch(self, queries: torch.Tensor, k: int):
         if isinstance(self.index, TorchIndex):  # searched where the index lives, codes looked up there too
-            dist, ids = self.index.search(queries.detach().to(self.index.device), k)
-            if self.counts is not None:
-                dist, ids = expand(dist, ids, self._on(self._counts_torch, self.counts, ids.device), k)
-            values = self._values_on(self.index.device)
-            codes = torch.where(ids >= 0, values[ids.clamp_min(0)].long(), torch.full_like(ids, -1))
+            dist, codes = self._codes_torch(*self.index.search(queries.detach().to(self.index.device), k), k)
             return dist.to(queries.device), codes.to(queries.device)
         if queries.is_cuda and self.gpus:
             import faiss.contrib.torch_utils  # noqa: F401  (lets GPU indexes take CUDA tensors directly)
 
-            dist, ids = self.index.search(queries.float().contiguous(), k)
-            if self.counts is not None:
-                dist, ids = expand(dist, ids, self._on(self._counts_torch, self.counts, ids.device), k)
-            values = self._values_on(queries.device)
-            codes = torch.where(ids >= 0, values[ids.clamp_min(0)].long(), torch.full_like(ids, -1))
-            return dist, codes
-        dist, codes = self.search(queries.detach().float().cpu().numpy(), k)
-        return torch.from_numpy(dist).to(queries.device), torch.from_numpy(codes).to(queries.device)
+            return self._codes_torch(*self.index.search(queries.float().contiguous(), k), k)
+        dist, ids = self._search_ids(queries.detach().float().cpu().numpy(), k)
+        return torch.from_numpy(dist).to(queries.device), torch.from_numpy(self._codes_np(ids)).to(queries.device)
 
-    def _values_on(self, device: torch.device) -> torch.Tensor:
-        return self._on(self._values_torch, self.values, device)
+    def _codes_torch(self, dist: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw hits on a device -> (distances, codes) there: counts expanded, codes looked up on that device."""
+        if self.counts is not None:
+            dist, ids = expand(dist, ids, self._on(self._counts_torch, self.counts, ids.device), k)
+        values = self._on(self._values_torch, self.values, ids.device)
+        return dist, torch.where(ids >= 0, values[ids.clamp_min(0)].long(), -1)
 
     @staticmethod
     def _on(cache: dict, array: np.ndarray, device) -> torch.Tensor:
