@@ -130,7 +130,7 @@ def tune_nprobe(index: faiss.Index, queries: np.ndarray, k: int = 10, target: fl
     if nlist is None or len(queries) * index.ntotal * index.d > TUNE_MAX_WORK or index.ntotal == 0:
         return None
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    before = faiss.extract_index_ivf(index).nprobe
+    before = _ivf(index).nprobe
     try:
         set_nprobe(index, nlist)
         ref = index.search(q, k)[0][:, -1:]
@@ -246,13 +246,21 @@ def index_memory_bytes(index: faiss.Index) -> int:
     return int(faiss.serialize_index(index).nbytes)
 
 
+def list_sizes(index: faiss.Index) -> np.ndarray:
+    """Entries per inverted list [nlist] of a CPU IVF index (int64)."""
+    ivf = _ivf(index)
+    if ivf is None:
+        raise ArragError("list sizes need an IVF index")
+    return np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
+
+
 def sample_stored_vectors(index: faiss.Index, n: int, seed: int = 0) -> np.ndarray:
     """About n vectors [n, d] reconstructed from a seeded sample of an IVF index's entries (approximate for PQ),
     read from the inverted lists directly (no id map), in the input space of any pre-transform (OPQ)."""
     ivf = _ivf(index)
     if ivf is None:
         raise ArragError("sampling stored vectors needs an IVF index")
-    sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
+    sizes = list_sizes(index)
     if sizes.sum() == 0:
         return np.zeros((0, index.d), np.float32)
     rng = np.random.default_rng(seed)

@@ -30,15 +30,22 @@ def grid_entries(codes: np.ndarray, latents: np.ndarray | None, shape, codebook:
     return np.ascontiguousarray(keys.reshape(len(codes) * len(pos), -1), dtype=np.float32), values.reshape(-1)
 
 
-def entry_keys(store: CodeStore, entries: np.ndarray, shape, key_source: str = "code") -> np.ndarray:
-    """Keys [len(entries), d] of the given entry ids of `store` (any order, repeats allowed)."""
+def _per_entry(store: CodeStore, entries: np.ndarray, shape, of_images) -> np.ndarray:
+    """Rows [len(entries), ...] for entry ids, from of_images(image ids) -> rows [images * P, ...] (each image
+    read once, whatever the order and repeats of `entries`)."""
     p = len(get_neighborhood(shape).positions(*store.grid))
     entries = np.asarray(entries, dtype=np.int64)
     images, inverse = np.unique(entries // p, return_inverse=True)
-    codes = store.gather(images)
-    latents = store.gather(images, "latents") if key_source == "latent" else None
-    keys, _ = grid_entries(codes, latents, shape, store.codebook(), key_source)
-    return keys.reshape(len(images), p, -1)[inverse, entries % p]
+    return of_images(images).reshape(len(images), p, -1)[inverse, entries % p]
+
+
+def entry_keys(store: CodeStore, entries: np.ndarray, shape, key_source: str = "code") -> np.ndarray:
+    """Keys [len(entries), d] of the given entry ids of `store` (any order, repeats allowed)."""
+    def keys_of(images: np.ndarray) -> np.ndarray:
+        latents = store.gather(images, "latents") if key_source == "latent" else None
+        return grid_entries(store.gather(images), latents, shape, store.codebook(), key_source)[0]
+
+    return _per_entry(store, entries, shape, keys_of)
 
 
 def sample_entries(store: CodeStore, n: int, seed: int, shape="L") -> np.ndarray:
@@ -59,11 +66,8 @@ def sample_distinct_rows(store: CodeStore, n: int, seed: int, shape="L") -> tupl
     from arrag.retrieval.dedup import dedup, entry_rows
 
     nb = get_neighborhood(shape)
-    p = len(nb.positions(*store.grid))
-    entries = sample_entries(store, 2 * n, seed, nb)
-    images, inverse = np.unique(entries // p, return_inverse=True)
-    rows, _ = entry_rows(store.gather(images), nb)
-    rows = rows.reshape(len(images), p, -1)[inverse, entries % p]
+    rows = _per_entry(store, sample_entries(store, 2 * n, seed, nb), nb,
+                      lambda images: entry_rows(store.gather(images), nb)[0])
     distinct = dedup(rows, np.zeros(len(rows), np.int64))[0]
     pick = np.random.default_rng(seed + 1).permutation(len(distinct))[:n]
     return distinct[np.sort(pick)], len(distinct) / max(1, len(rows))

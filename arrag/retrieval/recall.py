@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import time
 
-import faiss
 import numpy as np
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
 from arrag.errors import ArragError
+from arrag.retrieval import index as faiss_index
 from arrag.retrieval.codestore import CodeStore
 from arrag.retrieval.keys import grid_entries
 from arrag.retrieval.retriever import PatchRetriever
@@ -116,10 +116,9 @@ def list_balance(retriever: PatchRetriever) -> dict | None:
     if retriever.backend != "faiss-cpu" or not retriever.manifest.get("nlist"):
         return None
     try:
-        invlists = faiss.extract_index_ivf(retriever.index).invlists
-    except RuntimeError:
+        sizes = faiss_index.list_sizes(retriever.index).astype(np.float64)
+    except ArragError:  # not a plain IVF index (e.g. shards)
         return None
-    sizes = np.array([invlists.list_size(i) for i in range(invlists.nlist)], dtype=np.float64)
     total = sizes.sum()
     factor = len(sizes) * (sizes ** 2).sum() / total ** 2 if total else 1.0
     return {"imbalance_factor": round(float(factor), 3), "largest_list": int(sizes.max(initial=0))}
