@@ -33,6 +33,25 @@ PRESETS = {
 }
 
 
+def transformers_llama(model: JanusPro):
+    """transformers' LlamaModel holding `model`'s language-model weights (the baseline), in eval mode."""
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import LlamaModel as HFLlamaModel
+    from transformers.utils import logging as hf_logging
+
+    # The baseline passes past_key_values (the long-standing name); newer transformers warn about it.
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    lang = model.config.language
+    hf = HFLlamaModel(HFLlamaConfig(vocab_size=lang.vocab_size, hidden_size=lang.hidden_size,
+                                    intermediate_size=lang.intermediate_size, num_hidden_layers=lang.num_hidden_layers,
+                                    num_attention_heads=lang.num_attention_heads,
+                                    num_key_value_heads=lang.num_key_value_heads, rms_norm_eps=lang.rms_norm_eps,
+                                    max_position_embeddings=lang.max_position_embeddings))
+    hf.load_state_dict({k[len("model."):]: v for k, v in model.language_model.state_dict().items()})
+    return hf.to(device=model.device, dtype=model.dtype).eval()
+
+
 def baseline_loop(model: JanusPro, hf_llm, prompter: Prompter, prompts: list[str], steps: int, cfg: float,
                   seed: int) -> torch.Tensor:
     """The original project's way: LlamaModel(inputs_embeds, past_key_values=dynamic cache) once per token."""
@@ -65,14 +84,6 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/decode_speed.json")
     args = ap.parse_args()
 
-    from transformers import LlamaConfig as HFLlamaConfig
-    from transformers import LlamaModel as HFLlamaModel
-    from transformers.utils import logging as hf_logging
-
-    # The baseline passes past_key_values (the long-standing name); newer transformers warn about it.
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tmp = Path(tempfile.mkdtemp())
@@ -80,14 +91,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = tiny_janus_config(len(tok), vq_preset="VQ-16", **PRESETS[args.preset])
     model = JanusPro(cfg).to(device=device, dtype=dtype).eval()
-    lang = cfg.language
-    hf = HFLlamaModel(HFLlamaConfig(vocab_size=lang.vocab_size, hidden_size=lang.hidden_size,
-                                    intermediate_size=lang.intermediate_size, num_hidden_layers=lang.num_hidden_layers,
-                                    num_attention_heads=lang.num_attention_heads,
-                                    num_key_value_heads=lang.num_key_value_heads, rms_norm_eps=lang.rms_norm_eps,
-                                    max_position_embeddings=lang.max_position_embeddings))
-    hf.load_state_dict({k[len("model."):]: v for k, v in model.language_model.state_dict().items()})
-    hf = hf.to(device=device, dtype=dtype).eval()
+    hf = transformers_llama(model)
     prompter = Prompter(tok)
     prompts = ["a red circle left of a blue square", "two green triangles", "a yellow diamond",
                "three purple circles"] * ((args.prompts + 3) // 4)

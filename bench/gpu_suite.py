@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -139,37 +138,17 @@ class Suite:
         return out
 
     def versus_transformers(self) -> dict:
-        from transformers import LlamaConfig as HFLlamaConfig
-        from transformers import LlamaModel as HFLlamaModel
-        from transformers.utils import logging as hf_logging
+        from bench.decode_speed import baseline_loop, transformers_llama
 
-        hf_logging.set_verbosity_error()
-        warnings.filterwarnings("ignore", category=FutureWarning)
         model = self.models()["base"]
-        lang = model.config.language
-        hf = HFLlamaModel(HFLlamaConfig(vocab_size=lang.vocab_size, hidden_size=lang.hidden_size,
-                                        intermediate_size=lang.intermediate_size,
-                                        num_hidden_layers=lang.num_hidden_layers,
-                                        num_attention_heads=lang.num_attention_heads,
-                                        num_key_value_heads=lang.num_key_value_heads, rms_norm_eps=lang.rms_norm_eps,
-                                        max_position_embeddings=lang.max_position_embeddings))
-        hf.load_state_dict({k[len("model."):]: v for k, v in model.language_model.state_dict().items()})
-        hf = hf.to(device=self.device, dtype=self.dtype).eval()
+        hf = transformers_llama(model)
         size = self.size["hf_image_size"]
         steps = model.vq.grid_size(size) ** 2
         prompts = self.prompts(self.size["images"])
 
         @torch.no_grad()
         def transformers_loop():
-            batch = self.prompter.batch(prompts, self.device)
-            mask = batch.attention_mask.long()
-            out = hf(inputs_embeds=model.text_embeddings(batch.input_ids), attention_mask=mask, use_cache=True)
-            for _ in range(steps):
-                logits = model.image_logits(out.last_hidden_state[:, -1])
-                tok = (logits[1::2] + 5.0 * (logits[0::2] - logits[1::2])).argmax(-1)
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-                emb = model.image_embeddings(tok.repeat_interleave(2))[:, None]
-                out = hf(inputs_embeds=emb, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+            baseline_loop(model, hf, self.prompter, prompts, steps, 5.0, 0)
 
         transformers_loop()
         ours = lambda: self.sample(model, image_size=size)  # noqa: E731
