@@ -129,5 +129,4 @@ class DAiD(DecodingHook):
 
     def settings(self) -> dict:
         return {"daid_lambda": self.lam, "daid_tau": self.tau, "daid_k": self.k, "daid_aggregate": self.aggregate,
-                "nprobe": self.retriever.nprobe, "retriever": str(self.retriever.folder),
-                "retriever_entries": self.retriever.entries, "retriever_fingerprint": self.retriever.fingerprint}
+                **self.retriever.settings()}

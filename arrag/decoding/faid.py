@@ -61,5 +61,4 @@ class FAiD(DecodingHook):
         self.buffers = {}
 
     def settings(self) -> dict:
-        return {"faid_k": self.k, "nprobe": self.retriever.nprobe, "retriever": str(self.retriever.folder),
-                "retriever_entries": self.retriever.entries, "retriever_fingerprint": self.retriever.fingerprint}
+        return {"faid_k": self.k, **self.retriever.settings()}

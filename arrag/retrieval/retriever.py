@@ -157,6 +157,11 @@ class PatchRetriever:
     def fingerprint(self) -> str | None:
         return self.manifest.get("vq_fingerprint")
 
+    def settings(self) -> dict:
+        """What a generation's sidecar records about the retriever it searched."""
+        return {"nprobe": self.nprobe, "retriever": str(self.folder), "retriever_entries": self.entries,
+                "retriever_fingerprint": self.fingerprint}
+
     def set_nprobe(self, nprobe: int | None) -> None:
         if isinstance(self.index, TorchIndex):
             if self.index.nlist and nprobe is not None:
