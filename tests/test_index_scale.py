@@ -144,6 +144,8 @@ def test_rank_build_and_merge_equals_one_process(built, tmp_path, factory, dedup
     build_index(root / "store", out, factory=factory, dedup=dedup_on, seed=2, shard=f"0/{world}", progress=False)
     merged = merge_index(out, progress=False)
     assert merged["layout"] == ("ondisk" if factory.startswith("IVF") else "shards")
+    if factory.startswith("IVF"):  # the on-disk lists are checked on load like every other file
+        assert merged["files"]["lists.ivfdata"]["bytes"] == (out / "lists.ivfdata").stat().st_size
     assert (merged["entries"], merged["occurrences"]) == (one["entries"], one["occurrences"])
     moved = tmp_path / "moved"  # the on-disk lists are found beside the index wherever the folder goes
     shutil.move(out, moved)

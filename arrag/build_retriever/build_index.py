@@ -429,8 +429,9 @@ def _manifest(plan: BuildPlan, index, entries: int, occurrences: int, folder: Pa
         "store": plan.store,
         **extra,
     }
-    manifest["files"] = {name: fileops.file_digest(folder / name) for name in
-                         ["index.faiss", *arrays, *extra.get("shard_files", [])] if (folder / name).is_file()}
+    names = ["index.faiss", *arrays, *extra.get("shard_files", []), extra.get("lists")]  # every file search reads
+    manifest["files"] = {name: fileops.file_digest(folder / name) for name in names
+                         if name and (folder / name).is_file()}
     return manifest
 
 
