@@ -90,15 +90,15 @@ def sub_store(store: Path, out: Path, shards: int) -> Path:
 
 def build_rss(store: Path, out: Path, factory: str) -> dict:
     """Build in a fresh process; return its peak RSS and the index size."""
-    code = ("import resource, sys; from arrag.build_retriever.build_index import build_index; "
+    code = ("from arrag.build_retriever.build_index import build_index\n"
             f"m = build_index({str(store)!r}, {str(out)!r}, factory={factory!r}, train_size=65536, "
-            "overwrite=True, progress=False); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, m['entries'], m['build']['seconds'])")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    rss, entries, seconds = res.stdout.split()[-3:]
+            "overwrite=True, progress=False)\n"
+            "print('BUILT', m['entries'], m['build']['seconds'])")
+    [(rss, printed)] = finish([run_python(code)])
+    entries, seconds = printed.split("BUILT")[-1].split()[:2]
     index_bytes = (out / "index.faiss").stat().st_size
-    return {"entries": int(entries), "peak_rss_mb": int(rss) / 2**20, "index_mb": index_bytes / 2**20,
-            "rss_minus_index_mb": (int(rss) - index_bytes) / 2**20, "seconds": float(seconds)}
+    return {"entries": int(entries), "peak_rss_mb": rss / 2**20, "index_mb": index_bytes / 2**20,
+            "rss_minus_index_mb": (rss - index_bytes) / 2**20, "seconds": float(seconds)}
 
 
 def run_python(code: str, threads: int | None = None) -> subprocess.Popen:
@@ -110,15 +110,15 @@ def run_python(code: str, threads: int | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
 
 
-def finish(procs: list[subprocess.Popen]) -> list[int]:
-    """Wait for every process; return their peak RSS in bytes."""
-    peaks = []
+def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    """Wait for every process; return (peak RSS in bytes, what it printed) for each."""
+    done = []
     for p in procs:
         out, _ = p.communicate()
         if p.returncode:
             raise SystemExit(f"a benchmark subprocess failed ({p.args[-1][:200]!r})")
-        peaks.append(int(out.split("PEAK_RSS")[-1]))
-    return peaks
+        done.append((int(out.split("PEAK_RSS")[-1]), out))
+    return done
 
 
 def random_code_store(folder: Path, entries: int, seed: int = 0) -> Path:
@@ -150,27 +150,29 @@ def scale_build(out: Path, entries: int, queries: int) -> dict:
     store = random_code_store(out / "random_store", entries)
     cores = os.cpu_count() or 2
     call = "from arrag.build_retriever.build_index import build_index, merge_index\n"
+
+    def peaks(*calls: str, threads: int | None = None) -> list[int]:  # side by side; peak RSS of each
+        return [rss for rss, _ in finish([run_python(call + c, threads) for c in calls])]
+
     one, two = out / "scale_1proc", out / "scale_2proc"
     t0 = time.perf_counter()
-    peak_one = finish([run_python(call + f"build_index({str(store)!r}, {str(one)!r}, overwrite=True, "
-                                         "progress=False)")])
+    peak_one = peaks(f"build_index({str(store)!r}, {str(one)!r}, overwrite=True, progress=False)")
     t_one = time.perf_counter() - t0
     t0 = time.perf_counter()
-    peaks = finish([run_python(call + f"build_index({str(store)!r}, {str(two)!r}, train_only=True, "
-                                      "overwrite=True, progress=False)")])
+    all_peaks = peaks(f"build_index({str(store)!r}, {str(two)!r}, train_only=True, overwrite=True, progress=False)")
     t_train = time.perf_counter() - t0
-    peaks += finish([run_python(call + f"build_index({str(store)!r}, {str(two)!r}, shard='{r}/2', progress=False)",
-                                threads=max(1, cores // 2)) for r in range(2)])
+    all_peaks += peaks(*(f"build_index({str(store)!r}, {str(two)!r}, shard='{r}/2', progress=False)" for r in range(2)),
+                       threads=max(1, cores // 2))
     t_add = time.perf_counter() - t0 - t_train
-    peaks += finish([run_python(call + f"merge_index({str(two)!r}, progress=False)")])
+    all_peaks += peaks(f"merge_index({str(two)!r}, progress=False)")
     t_two = time.perf_counter() - t0
     st = CodeStore.open(store)
     q = sample_entry_keys(st, queries, seed=1)
     res = {"entries": st.num_images * 210, "processes_1": {"seconds": t_one, "peak_rss_mb": peak_one[0] / 2**20},
            "processes_2": {"seconds": t_two, "train_seconds": t_train, "add_seconds": t_add,
                            "merge_seconds": t_two - t_train - t_add,
-                           "peak_rss_mb": {"train": peaks[0] / 2**20, "rank0": peaks[1] / 2**20,
-                                           "rank1": peaks[2] / 2**20, "merge": peaks[3] / 2**20}},
+                           "peak_rss_mb": {"train": all_peaks[0] / 2**20, "rank0": all_peaks[1] / 2**20,
+                                           "rank1": all_peaks[2] / 2**20, "merge": all_peaks[3] / 2**20}},
            "ratio_2_to_1": t_two / t_one, "target_ratio": 0.6, "target_recall": 0.9}
     exact = exact_distances(PatchRetriever.load(one, verify=False), st, q, 10)
     for name, folder in (("processes_1", one), ("processes_2", two)):
