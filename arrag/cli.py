@@ -241,7 +241,7 @@ def _demo(args: argparse.Namespace) -> int:
     run_demo(args.out, seeds=seeds, split=args.split, per_category=args.per_category, samples=args.samples,
              methods=tuple(args.methods.split(",")), daid=daid, faid_k=args.faid_k,
              database_images=args.database_images, retriever_dir=args.retriever_dir,
-             device=resolve_device(args.device))
+             device=resolve_device(args.device), **({"assets": args.assets} if args.assets else {}))
     return 0
 
 
@@ -616,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="database images in the demo retriever (default 4800 = 1,008,000 entries)")
     demo.add_argument("--retriever-dir", default="data/retriever/demo_L",
                       help="where the demo retriever is built and reused (default data/retriever/demo_L)")
+    demo.add_argument("--assets", default=None,
+                      help="folder with base/ and faid/ demo models, e.g. the --assets of your own "
+                           "`python -m arrag.demo.train_demo` run (default: the shipped arrag/demo/assets)")
     _add_device(demo)
     demo.set_defaults(func=_demo)
     return parser

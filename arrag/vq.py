@@ -59,8 +59,9 @@ VQ_PRESETS: dict[str, VQConfig] = {
                            z_channels=32, ch=32, num_res_blocks=1, norm_groups=8, image_size=64),
     "VQ-tiny-8": VQConfig(codebook_size=1024, encoder_ch_mult=[1, 2, 2, 2], decoder_ch_mult=[1, 2, 2, 2],
                           z_channels=32, ch=32, num_res_blocks=1, norm_groups=8, image_size=64),
-    # ShapesWorld's tokenizer: downsampling 4, so a 64-px image is 16x16 tokens (CPU-sized convolutions).
-    "VQ-tiny-4": VQConfig(codebook_size=1024, encoder_ch_mult=[1, 2, 2], decoder_ch_mult=[1, 2, 2],
+    # ShapesWorld's tokenizer: downsampling 4, so a 64-px image is 16x16 tokens (CPU-sized convolutions). 256
+    # codes: flat shapes need no more, and a smaller, lower-entropy code makes a CPU-trained AR model's job easier.
+    "VQ-tiny-4": VQConfig(codebook_size=256, encoder_ch_mult=[1, 2, 2], decoder_ch_mult=[1, 2, 2],
                           z_channels=32, ch=32, num_res_blocks=1, norm_groups=8, image_size=64),
 }
 

@@ -292,3 +292,23 @@ def test_sequences_longer_than_the_model_are_refused(tmp_path, tiny_janus):
     with pytest.raises(ArragError, match="64 image tokens, but .* has 60 positions; encode .*--image-size 64"):
         train_faid(cfg)
     assert not (tmp_path / "o").exists()
+
+
+def test_candidate_gain_is_the_loss_without_minus_with_candidates(trained, world):
+    from arrag.train.train_faid import candidate_gain
+
+    gain = candidate_gain(trained.output_dir(), world["store"], retrieved_key_num=4, images=6, batch_size=4)
+    model = JanusPro.from_pretrained(trained.output_dir(), device="cpu", quiet=True)
+    store, data, collate = _open_data(dataclasses.replace(trained, cfg_drop=0.0), model)
+    batch = collate([data[i] for i in range(6)])  # one batch here, two (4 + 2) inside candidate_gain
+    losses = {}
+    for key, rows in (("with_candidates", torch.ones(6, dtype=torch.bool)),
+                      ("without_candidates", torch.zeros(6, dtype=torch.bool))):
+        with torch.no_grad():
+            loss = FaidObjective(model, store.grid)(batch["input_ids"], batch["attention_mask"], batch["codes"],
+                                                    batch["candidates"], rows)
+        losses[key] = loss.item()
+    assert gain["images"] == 6
+    for key, value in losses.items():
+        assert gain[key] == pytest.approx(value, rel=1e-5)
+    assert gain["gain"] == pytest.approx(losses["without_candidates"] - losses["with_candidates"], rel=1e-4, abs=1e-6)

@@ -33,7 +33,7 @@ def render_split(folder: Path, split: str, count: int, size: int, seed: int) -> 
 
 
 def build_demo_retriever(vq_source: Path, folder: Path, images: int, image_size: int, seed: int = 0,
-                         progress: bool = True) -> Path:
+                         progress: bool = True, device: str = "auto") -> Path:
     """Render `images` database images, encode them and index them under `folder`/index (reused when up to
     date: same tokenizer, same image count)."""
     vq = load_vq(vq_source)
@@ -48,6 +48,6 @@ def build_demo_retriever(vq_source: Path, folder: Path, images: int, image_size:
         store = folder / "codes"
         remove_owned_dir(store, what="code store", owned=STORE_FILES)
         encode(tmp, store, vq_source, image_size=image_size, batch_size=64, num_workers=0, min_size=8,
-               progress=progress)
+               device=device, progress=progress)
     build_index(store, index, overwrite=True, progress=progress)
     return index

@@ -34,15 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="result/demo_tune")
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--assets", default=None, help="demo models to tune (default: the shipped ones)")
+    ap.add_argument("--retriever-dir", default=None, help="their demo retriever (default data/retriever/demo_L)")
     args = ap.parse_args(argv)
+    models = {k: v for k, v in (("assets", args.assets), ("retriever_dir", args.retriever_dir)) if v}
     out, seeds = Path(args.out), tuple(int(s) for s in args.seeds.split(","))
     key = lambda r: (r["overall"], -r["realism_fid"])  # noqa: E731
-    runs = {"base": _point(out / "run", seeds, methods=("base",))}
+    runs = {"base": _point(out / "run", seeds, **models, methods=("base",))}
     print(f"base: {runs['base']['overall']:.3f} (FID {runs['base']['realism_fid']:.2f})")
     daid = []
     for lam, tau in itertools.product(LAMBDAS, TAUS):
         r = {"daid_lambda": lam, "daid_tau": tau, "daid_k": 256,
-             **_point(out / "run", seeds, methods=("daid",), daid={"daid_lambda": lam, "daid_tau": tau,
+             **_point(out / "run", seeds, **models, methods=("daid",), daid={"daid_lambda": lam, "daid_tau": tau,
                                                                    "daid_k": 256})}
         daid.append(r)
         print(f"daid lambda {lam} tau {tau} k 256: {r['overall']:.3f} (FID {r['realism_fid']:.2f})")
@@ -51,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         if k == 256:
             continue
         d = {"daid_lambda": best["daid_lambda"], "daid_tau": best["daid_tau"], "daid_k": k}
-        r = {**d, **_point(out / "run", seeds, methods=("daid",), daid=d)}
+        r = {**d, **_point(out / "run", seeds, **models, methods=("daid",), daid=d)}
         daid.append(r)
         print(f"daid lambda {d['daid_lambda']} tau {d['daid_tau']} k {k}: {r['overall']:.3f} "
               f"(FID {r['realism_fid']:.2f})")
     faid = []
     for k in FAID_KS:
-        r = {"faid_k": k, **_point(out / "run", seeds, methods=("faid",), faid_k=k)}
+        r = {"faid_k": k, **_point(out / "run", seeds, **models, methods=("faid",), faid_k=k)}
         faid.append(r)
         print(f"faid k {k}: {r['overall']:.3f} (FID {r['realism_fid']:.2f})")
     best_faid = max(faid, key=key)

@@ -1,0 +1,50 @@
+"""The demo recipe (`python -m arrag.demo.train_demo`): its VQ loss, and a tiny end-to-end run that
+records what the shipped recipe.json promises (device, round trip, FAiD's candidate gain) and resumes."""
+
+import json
+
+import pytest
+import torch
+
+from arrag.demo.train_demo import DemoRecipe, run_recipe, shape_weighted_mse
+
+
+def test_shape_weight_reaches_past_the_shape_edge():
+    x = torch.full((1, 3, 9, 9), 0.2)  # grey background (not saturated)
+    x[0, :, 4, 4] = torch.tensor([0.9, -0.8, -0.8])  # one saturated red pixel
+    for margin, weighted in ((0, False), (2, True)):
+        rec = x.clone()
+        rec[0, 0, 4, 6] += 0.5  # an error 2 px right of the shape, on the background
+        w = torch.ones(9, 9)
+        if margin:
+            w[4 - margin:5 + margin, 4 - margin:5 + margin] = 10.0
+        else:
+            w[4, 4] = 10.0
+        expected = (w * ((rec - x) ** 2).sum(1)[0]).sum() / 3 / 81 / w.mean()
+        got = shape_weighted_mse(rec, x, weight=10.0, margin=margin)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+        assert (got.item() > 0.25 / (3 * 81) * 2) == weighted  # weighted errors count 10x, not 1x
+
+
+def test_tiny_recipe_runs_end_to_end_records_its_device_and_resumes(tmp_path):
+    recipe = DemoRecipe(vq_steps=3, vq_batch=2, train_images=12, hidden=32, layers=2, heads=2, kv_heads=1,
+                        intermediate=64, base_steps=3, base_batch=2, base_warmup=1, database_images=6,
+                        faid_images=6, faid_steps=2, faid_batch=2, k=4, lora_r=2, lora_alpha=4)
+    kw = dict(workdir=tmp_path / "work", assets=tmp_path / "assets", retriever_dir=tmp_path / "retriever",
+              recipe=recipe, progress=False, device="cpu")
+    report = run_recipe(**kw)
+    saved = json.loads((tmp_path / "assets" / "recipe.json").read_text())
+    assert saved["recipe"]["base_steps"] == 3
+    for stage in ("vq", "base", "faid"):
+        assert saved[stage]["device"].startswith("cpu")
+        assert saved[stage]["seconds"] >= 0
+    assert 0.0 <= saved["vq"]["validation_round_trip"]["overall"] <= 1.0
+    gain = saved["faid"]["candidate_gain"]
+    assert gain["images"] == 6
+    assert gain["gain"] == pytest.approx(gain["without_candidates"] - gain["with_candidates"])
+    for name in ("base", "faid"):
+        assert (tmp_path / "assets" / name / "config.json").is_file()
+    mtime = (tmp_path / "work" / "vq.safetensors").stat().st_mtime_ns
+    again = run_recipe(**kw)  # every stage's output exists: nothing is retrained
+    assert (tmp_path / "work" / "vq.safetensors").stat().st_mtime_ns == mtime
+    assert again["base"]["losses"] == report["base"]["losses"]
