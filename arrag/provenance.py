@@ -37,20 +37,23 @@ def sidecar_path(output: str | Path) -> Path:
     return output / "settings.json" if output.is_dir() else output.with_name(output.name + ".json")
 
 
-def write_sidecar(output: str | Path, settings: Mapping[str, Any]) -> Path:
-    """Record `settings` plus the arrag/torch/python versions and a timestamp next to `output`."""
+def environment() -> dict:
+    """The arrag/torch/python versions, the platform, a timestamp and the command line of this process."""
     import torch
 
-    record = {
+    return {
         "arrag_version": arrag.__version__,
         "torch_version": torch.__version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(sys.argv),
-        "settings": dict(settings),
     }
-    return write_json(sidecar_path(output), record)
+
+
+def write_sidecar(output: str | Path, settings: Mapping[str, Any]) -> Path:
+    """Record `settings` plus the environment (versions, timestamp, command) next to `output`."""
+    return write_json(sidecar_path(output), {**environment(), "settings": dict(settings)})
 
 
 class SettingsLock:

@@ -35,6 +35,7 @@ def test_tiny_recipe_runs_end_to_end_records_its_device_and_resumes(tmp_path):
     report = run_recipe(**kw)
     saved = json.loads((tmp_path / "assets" / "recipe.json").read_text())
     assert saved["recipe"]["base_steps"] == 3
+    assert "torch_version" in saved["environment"]
     for stage in ("vq", "base", "faid"):
         assert saved[stage]["device"].startswith("cpu")
         assert saved[stage]["seconds"] >= 0

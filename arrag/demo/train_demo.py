@@ -146,13 +146,13 @@ class DemoRecipe:
     vq_steps: int = 1500
     vq_batch: int = 16
     vq_lr: float = 2e-3
-    train_images: int = 8000
+    train_images: int = 16000
     hidden: int = 192
     layers: int = 4
     heads: int = 4
     kv_heads: int = 2
     intermediate: int = 512
-    base_steps: int = 2000
+    base_steps: int = 6000
     base_batch: int = 24
     base_lr: float = 1.5e-3
     base_warmup: int = 100
@@ -290,7 +290,7 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
 
     `device` ('auto', 'cpu', 'cuda', 'cuda:1') runs every stage there; each stage records the device it ran
     on and its time, so a recipe.json says how its weights were made."""
-    from arrag.provenance import write_json
+    from arrag.provenance import environment, write_json
     from arrag.runtime import resolve_device
     from arrag.train.construct import construct_train
     from arrag.train.train_faid import FaidTrainConfig, candidate_gain, train_faid
@@ -366,6 +366,7 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
     assets.mkdir(parents=True, exist_ok=True)
     export_assets(base_dir, assets / "base")
     export_assets(faid_dir, assets / "faid")
+    report["environment"] = environment()  # of this (last) run: versions and the command line
     report["assets_bytes"] = sum(f.stat().st_size for f in assets.rglob("*") if f.is_file())
     write_json(report_path, report)
     write_json(assets / "recipe.json", report)
