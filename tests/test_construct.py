@@ -117,3 +117,17 @@ def test_a_failed_run_does_not_lock_and_the_advice_unlocks(tmp_path):
     for p in [tmp_path / "out" / "retrieved.json", *(tmp_path / "out").glob("retrieved-*.npy")]:
         p.unlink()  # exactly what the message says
     construct_train(tmp_path / "store", tmp_path / "idx", tmp_path / "out", retrieved_key_num=3, progress=False)
+
+
+def test_relative_folders_work(tmp_path, monkeypatch):
+    """Retrieved codes of a store given by a relative path load (they were once looked up at store/store/...)."""
+    monkeypatch.chdir(tmp_path)
+    _store(tmp_path / "data" / "store")
+    build_index("data/store", "data/idx", progress=False)
+    construct_train("data/store", "data/idx", retrieved_key_num=4, progress=False)
+    got = load_retrieved("data/store", codestore.CodeStore.open("data/store"), retrieved_key_num=4)
+    np.testing.assert_array_equal(got, load_retrieved(tmp_path / "data" / "store",
+                                                      codestore.CodeStore.open(tmp_path / "data" / "store"), 4))
+    assert main(["construct-train", "data/store", "--retriever", "data/idx", "--retrieved-key-num", "4",
+                 "--out", "data/other"]) == 0
+    assert load_retrieved("data/other", codestore.CodeStore.open("data/store"), 4).shape == got.shape

@@ -201,9 +201,10 @@ class CodeStore:
                 raise ArragError(f"code store {self.folder} has no {key} (encode with --save-latents for latents)")
             yield self.load_shard_file(s[key], s["count"])
 
-    def load_shard_file(self, name: str, count: int, what: str = "") -> np.ndarray:
-        """A per-image .npy of this store (memory-mapped), refused unless it holds exactly `count` rows."""
-        path = self.folder / name
+    def load_shard_file(self, name: str | Path, count: int, what: str = "") -> np.ndarray:
+        """A per-image .npy (memory-mapped), refused unless it holds exactly `count` rows: `name` (str) is a file
+        of this store's folder; a Path is used as it is (a side file that lives elsewhere, e.g. retrieved codes)."""
+        path = name if isinstance(name, Path) else self.folder / name
         fix = what or "rerun `arrag encode` with the same settings to repair the store"
         if not path.is_file():
             raise ArragError(f"{path} is missing; {fix}")
