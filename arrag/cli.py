@@ -500,6 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--faid-cells", default=_default(F, "faid_cells"), choices=["all", "valid"],
                     help="where blender output is added: every image cell, as the original (default), or only "
                          "at targets with retrieval (arrag's earlier variant)")
+    tf.add_argument("--blender-init", default=_default(F, "blender_init"), choices=["original", "zero"],
+                    help="new blenders' initialisation: the original's (default), or zero, where they add nothing "
+                         "at step 0 and their gates start open at 0.5 (small models: the original's gates can start "
+                         "saturated and close for good)")
     tf.add_argument("--retrieved-key-num", "--k", dest="retrieved_key_num", type=int,
                     default=_default(F, "retrieved_key_num"),
                     help="retrieved codes per position; must match construct-train's --k (default %(default)s)")

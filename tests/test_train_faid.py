@@ -312,3 +312,25 @@ def test_candidate_gain_is_the_loss_without_minus_with_candidates(trained, world
     for key, value in losses.items():
         assert gain[key] == pytest.approx(value, rel=1e-5)
     assert gain["gain"] == pytest.approx(losses["without_candidates"] - losses["with_candidates"], rel=1e-4, abs=1e-6)
+
+
+def test_zero_blender_init_adds_nothing_at_first_but_learns(world):
+    """--blender-init zero: at step 0 the loss is the base model's exactly, the gates sit at 0.5, and the
+    second conv of every hop in use gets a gradient (the path the original init can close for good)."""
+    from arrag.janus.blender import CONV_NAMES
+
+    cfg = _cfg(world, world["root"] / "unused", blender_init="zero")
+    model = build_model(cfg)
+    store, batch = _fixed_batch(cfg, model)
+    objective = FaidObjective(model, store.grid)
+    args = (batch["input_ids"], batch["attention_mask"], batch["codes"], batch["candidates"])
+    with_features = objective(*args, torch.ones(4, dtype=torch.bool))
+    without = objective(*args, torch.zeros(4, dtype=torch.bool))
+    assert with_features.item() == pytest.approx(without.item(), abs=1e-6)
+    with_features.backward()
+    blender = model.llm.layers[0].blender
+    assert torch.sigmoid(blender.mlp[2].bias).item() == 0.5
+    for hop in model.config.language.hops:
+        assert getattr(blender, CONV_NAMES[hop][1]).weight.grad.abs().sum() > 0
+    with pytest.raises(ArragError, match="--blender-init"):
+        _cfg(world, world["root"] / "unused", blender_init="kaiming").validate()

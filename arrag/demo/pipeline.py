@@ -44,7 +44,8 @@ from arrag.retrieval.retriever import PatchRetriever
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 METHODS = ("base", "daid", "faid")
-# Tuned on the validation prompts (see README, "ShapesWorld results"); the library default lambda is 0.1.
+# Tuned on the validation prompts for the previous demo models (not re-tuned since; see README, "DAiD defaults");
+# the library default lambda is 0.1.
 DEMO_DAID = {"daid_lambda": 0.3, "daid_tau": 1.0, "daid_k": 256}
 DEMO_FAID_K = 10
 
@@ -54,7 +55,7 @@ def load_demo_models(assets: Path, device: torch.device):
     for name in ("base", "faid"):
         if not (assets / name / "config.json").is_file():
             raise ArragError(f"demo weights missing in {assets / name}: train them with "
-                             "`python -m arrag.demo.train_demo` (about an hour on 2 CPU cores)")
+                             "`python -m arrag.demo.train_demo` (about 75 minutes on 2 CPU cores)")
     return {name: JanusPro.from_pretrained(assets / name, dtype=torch.float32, device=device, quiet=True)
             for name in ("base", "faid")}
 

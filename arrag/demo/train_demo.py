@@ -159,11 +159,12 @@ class DemoRecipe:
     cfg_drop: float = 0.1
     database_images: int = 4800
     faid_images: int = 2000
-    faid_steps: int = 400
+    faid_steps: int = 500
     faid_batch: int = 8
     faid_lr: float = 1e-3
     num_blender: int = 2
     num_hop: str = "1,2"
+    faid_blender_init: str = "zero"  # the original's init saturates this small model's gates shut (README)
     k: int = 10
     lora_r: int = 16
     lora_alpha: int = 32
@@ -343,6 +344,7 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
     if not (faid_dir / "settings.json").exists():
         train_faid(FaidTrainConfig(base=str(base_dir), store=str(faid_store), out=str(faid_dir),
                                    num_blender=recipe.num_blender, num_hop=recipe.num_hop, retrieved_key_num=recipe.k,
+                                   blender_init=recipe.faid_blender_init,
                                    lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lr=recipe.faid_lr,
                                    batch_size=recipe.faid_batch, grad_accum=1, max_steps=recipe.faid_steps,
                                    schedule="cosine", warmup_ratio=0.05, cfg_drop=recipe.cfg_drop, seed=recipe.seed,

@@ -53,6 +53,21 @@ class SmoothPatchBlender(nn.Module):
         if hasattr(self, "conv_weights"):
             nn.init.ones_(self.conv_weights)
 
+    def zero_output_(self) -> None:
+        """Make the blender add exactly zero while keeping every gradient path open (train-faid --blender-init
+        zero): the second conv of each hop starts at zero, so every per-candidate output is 0, and the gate's
+        last linear starts at zero, so the gate is 0.5 rather than saturated. With the original initialisation
+        a small model's gates can start saturated, and closing them is the quickest way to stop the random
+        features from hurting; they then never reopen (sigmoid'(-large) = 0)."""
+        with torch.no_grad():
+            for names in CONV_NAMES.values():
+                second = getattr(self, names[1])
+                second.weight.zero_()
+                second.bias.zero_()
+            self.mlp[2].weight.zero_()
+            self.mlp[2].bias.zero_()
+        self._cache.clear()
+
     def _past_mask(self, windows: torch.Tensor) -> torch.Tensor:
         """[S, S] of ones before the centre (raster order), zeros at and after it."""
         s, c = self.window, self.window // 2

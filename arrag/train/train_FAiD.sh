@@ -17,7 +17,7 @@
 #   RETRIEVER      patch index (build_retriever.sh), built from other images (default data/retriever/index_L)
 #   EXCLUDE_SELF   1 when the training images are also in the index       (default 0)
 #   NPROBE         construct-train's nprobe (the original used 2048)      (default: the index's)
-#   NUM_BLENDER NUM_HOP K FAID_CELLS                                      (defaults 2, 1,2, 10, all)
+#   NUM_BLENDER NUM_HOP K FAID_CELLS BLENDER_INIT                         (defaults 2, 1,2, 10, all, original)
 #   BATCH_SIZE GRAD_ACCUM LR EPOCHS MAX_STEPS                             (defaults 4, 8, 2e-4, 1, none)
 #   SCHEDULE WARMUP_RATIO WEIGHT_DECAY MAX_GRAD_NORM CFG_DROP MAX_TEXT_LEN (defaults constant, 0, 0, 1.0, 0, 512)
 #   LORA_R LORA_ALPHA LORA_DROPOUT LORA_TARGETS                           (defaults 128, 256, 0.05, q_proj,v_proj)
@@ -69,7 +69,8 @@ echo "== 3/3 train-faid -> $OUT"
 TRAIN_ARGS=(train-faid --base "$BASE" --store "$TRAIN_STORE" --out "$OUT" --num-blender "$NUM_BLENDER"
             --num-hop "$NUM_HOP" --retrieved-key-num "$K")
 add() { [ -n "${2:-}" ] && TRAIN_ARGS+=("$1" "$2") || true; }
-add --faid-cells "${FAID_CELLS:-}"; add --batch-size "${BATCH_SIZE:-}"; add --grad-accum "${GRAD_ACCUM:-}"
+add --faid-cells "${FAID_CELLS:-}"; add --blender-init "${BLENDER_INIT:-}"
+add --batch-size "${BATCH_SIZE:-}"; add --grad-accum "${GRAD_ACCUM:-}"
 add --lr "${LR:-}"; add --epochs "${EPOCHS:-}"; add --max-steps "${MAX_STEPS:-}"; add --schedule "${SCHEDULE:-}"
 add --warmup-ratio "${WARMUP_RATIO:-}"; add --weight-decay "${WEIGHT_DECAY:-}"; add --max-grad-norm "${MAX_GRAD_NORM:-}"
 add --cfg-drop "${CFG_DROP:-}"; add --max-text-len "${MAX_TEXT_LEN:-}"; add --lora-r "${LORA_R:-}"

@@ -49,6 +49,7 @@ RESUMABLE_CHANGES = ("max_steps", "resume", "overwrite", "save_every", "keep_che
                      "log_every")
 # What <out>/checkpoints may hold: only step-NNNNNNN folders (train-faid's own names), and in those whatever
 # accelerate or DeepSpeed saved.
+BLENDER_INITS = ("original", "zero")
 CHECKPOINT_DIR_FILES = (r"step-\d{7}(\.tmp)?/.+",)
 STEP_FILES = (r".+",)
 
@@ -64,6 +65,7 @@ class FaidTrainConfig:
     num_blender: int = 2                # 0 trains plain LoRA (no blenders): the baseline of bench/train_speed.py
     num_hop: str = "1,2"                # written to the config as a list, [1, 2]
     faid_cells: str = "all"             # where blender output is added: every image cell (original) or valid
+    blender_init: str = "original"      # original (Kaiming everywhere) or zero (blenders add 0 at step 0)
     retrieved_key_num: int = 10         # K retrieved codes per position (the original's name)
     lora_r: int = 128
     lora_alpha: int = 256
@@ -102,6 +104,8 @@ class FaidTrainConfig:
         parse_hops(self.num_hop)  # one-line error for hops outside 1, 2, 3
         need(bool(parse_hops(self.num_hop)), "num-hop", repr(self.num_hop), "give hop sizes such as 1,2")
         need(self.faid_cells in FAID_CELLS, "faid-cells", self.faid_cells, f"choose {' or '.join(FAID_CELLS)}")
+        need(self.blender_init in BLENDER_INITS, "blender-init", self.blender_init,
+             f"choose {' or '.join(BLENDER_INITS)}")
         need(self.retrieved_key_num >= 1, "k", self.retrieved_key_num, "retrieved codes per position must be >= 1")
         need(self.lora_r >= 0, "lora-r", self.lora_r, "LoRA rank must be >= 0 (0 disables LoRA)")
         need(0 <= self.lora_dropout < 1, "lora-dropout", self.lora_dropout, "must be in [0, 1)")
@@ -212,8 +216,9 @@ class FaidObjective(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
 
 
-def add_blenders(janus, num_blender: int, num_hop, faid_cells: str = "all") -> None:
-    """Give a base Janus-Pro `num_blender` fresh blenders (original init).
+def add_blenders(janus, num_blender: int, num_hop, faid_cells: str = "all", init: str = "original") -> None:
+    """Give a base Janus-Pro `num_blender` fresh blenders: the original initialisation, or with `init` "zero"
+    blenders that add nothing at first (SmoothPatchBlender.zero_output_).
 
     num_blender is a count; the config stores the interval num_SmoothPatchBlender = num_layers // num_blender,
     as the original training script does, so the blenders sit in layers 0, n, 2n, ... (0 and 12 for two in
@@ -226,6 +231,9 @@ def add_blenders(janus, num_blender: int, num_hop, faid_cells: str = "all") -> N
                          f"layers (the config then stores the interval num_SmoothPatchBlender = {layers} // count)")
     lang.num_SmoothPatchBlender, lang.num_hop, lang.faid_cells = layers // num_blender, parse_hops(num_hop), faid_cells
     attach_blenders(janus)
+    if init == "zero":
+        for i in lang.blender_layers():
+            janus.llm.layers[i].blender.zero_output_()
     janus.to(janus.device)
 
 
@@ -243,7 +251,7 @@ def build_model(cfg: FaidTrainConfig, device: str | torch.device = "cpu"):
                              f"pass --num-blender {have[0]} --num-hop {','.join(map(str, have[1]))} --faid-cells "
                              f"{have[2]} to continue training them")
     elif cfg.num_blender:
-        add_blenders(janus, cfg.num_blender, hops, cfg.faid_cells)
+        add_blenders(janus, cfg.num_blender, hops, cfg.faid_cells, cfg.blender_init)
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
     if cfg.lora_r > 0:
         pattern = rf"language_model\.model\.layers\.\d+\..*\b({'|'.join(targets)})"
