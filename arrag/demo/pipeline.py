@@ -44,9 +44,9 @@ from arrag.retrieval.retriever import PatchRetriever
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 METHODS = ("base", "daid", "faid")
-# Tuned on the validation prompts for the previous demo models (not re-tuned since; see README, "DAiD defaults");
-# the library default lambda is 0.1.
-DEMO_DAID = {"daid_lambda": 0.3, "daid_tau": 1.0, "daid_k": 256}
+# Tuned on the validation prompts (`python -m arrag.demo.tune`; see README, "ShapesWorld results"); lambda 0.1 is
+# also the library default.
+DEMO_DAID = {"daid_lambda": 0.1, "daid_tau": 1.0, "daid_k": 256}
 DEMO_FAID_K = 10
 
 
