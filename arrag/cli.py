@@ -232,7 +232,7 @@ def _eval_fid(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from arrag.demo.pipeline import run_demo
+    from arrag.demo.pipeline import ASSETS, run_demo
     from arrag.runtime import resolve_device
 
     seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
@@ -241,7 +241,7 @@ def _demo(args: argparse.Namespace) -> int:
     run_demo(args.out, seeds=seeds, split=args.split, per_category=args.per_category, samples=args.samples,
              methods=tuple(args.methods.split(",")), daid=daid, faid_k=args.faid_k,
              database_images=args.database_images, retriever_dir=args.retriever_dir,
-             device=resolve_device(args.device), **({"assets": args.assets} if args.assets else {}))
+             device=resolve_device(args.device), assets=args.assets or ASSETS)
     return 0
 
 

@@ -430,6 +430,20 @@ class VQModel(nn.Module):
         zq = self.code_embeddings(codes).permute(0, 3, 1, 2).to(self.dtype)
         return self.decoder(self.post_quant_conv(zq))
 
+    @torch.no_grad()
+    def round_trip(self, images, convention: str = "llamagen", batch: int | None = None):
+        """uint8 images [N, H, W, 3] (NumPy) -> decode(encode(images)) as uint8 [N, H, W, 3]; `convention` is
+        image_io.to_uint8's. `batch` images at a time (None: all at once); batching can move a rare pixel by a
+        level (float rounding), so figures to be compared use the same batching."""
+        import numpy as np
+
+        from arrag.image_io import to_tensor, to_uint8
+
+        batch = batch or max(1, len(images))
+        return np.concatenate([to_uint8(self.decode_codes(self.encode_to_codes(to_tensor(images[s:s + batch])
+                                                                                .to(self.device))), convention)
+                               for s in range(0, len(images), batch)])
+
     def forward(self, images: torch.Tensor) -> VQOutput:
         """Training pass: reconstruction plus the codebook, commitment and entropy losses."""
         self._check_images(images)

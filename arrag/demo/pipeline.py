@@ -37,7 +37,7 @@ from arrag.eval.batch_generate import generate_into_layout
 from arrag.eval.layouts import make_layout
 from arrag.eval.prompts import read_prompt_source
 from arrag.fileops import remove_owned_dir
-from arrag.image_io import labeled_grid, save_image, to_tensor, to_uint8
+from arrag.image_io import labeled_grid, save_image
 from arrag.janus.model import JanusPro
 from arrag.provenance import write_json, write_sidecar
 from arrag.retrieval.retriever import PatchRetriever
@@ -119,9 +119,7 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = (0
     truth_score = accuracy(truth, truth_scenes)
     truth_score["realism_fid"] = realism_fid(truth, reference, features)
     # The tokenizer's ceiling: the same ground truth after a VQ round trip (what a perfect AR model could reach).
-    with torch.no_grad():
-        vq = models["base"].vq
-        recon = to_uint8(vq.decode_codes(vq.encode_to_codes(to_tensor(truth).to(device))), "janus")
+    recon = models["base"].vq.round_trip(truth, "janus")
     recon_score = accuracy(recon, truth_scenes)
     recon_score["realism_fid"] = realism_fid(recon, reference, features)
     summary = {"split": split, "prompts": len(items), "samples_per_prompt": samples, "seeds": list(seeds),

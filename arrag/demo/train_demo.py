@@ -43,16 +43,8 @@ class VQTrainResult:
 
 def reconstruction_psnr(model: VQModel, images: np.ndarray, batch: int = 16) -> float:
     """Mean PSNR (dB) of decode(encode(x)) against uint8 images [N, H, W, 3], on the [0, 255] scale."""
-    from arrag.image_io import to_uint8
-
-    model.eval()
-    errs = []
-    with torch.no_grad():
-        for s in range(0, len(images), batch):
-            x = to_tensor(images[s:s + batch]).to(model.device)
-            rec = to_uint8(model.decode_codes(model.encode_to_codes(x))).astype(np.float64)
-            errs.append(((rec - images[s:s + batch].astype(np.float64)) ** 2).reshape(len(rec), -1).mean(1))
-    mse = np.concatenate(errs)
+    rec = model.eval().round_trip(images, batch=batch).astype(np.float64)
+    mse = ((rec - images.astype(np.float64)) ** 2).reshape(len(rec), -1).mean(1)
     return float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))))
 
 
@@ -60,13 +52,9 @@ def round_trip_accuracy(model: VQModel, split: str, count: int, size: int, seed:
     """The scorer's accuracy on decode(encode(x)) of a split's first `count` images: the tokenizer's ceiling
     (what a perfect AR model over these codes could score)."""
     from arrag.demo.score import accuracy
-    from arrag.image_io import to_uint8
 
     world = ShapesWorld(split, seed=seed, size=size)
-    images, scenes = world.images(0, count), [world.scene(i) for i in range(count)]
-    with torch.no_grad():
-        rec = to_uint8(model.decode_codes(model.encode_to_codes(to_tensor(images).to(model.device))), "janus")
-    return accuracy(rec, scenes)
+    return accuracy(model.round_trip(world.images(0, count), "janus"), [world.scene(i) for i in range(count)])
 
 
 def shape_weighted_mse(rec: torch.Tensor, x: torch.Tensor, weight: float = 10.0, margin: int = 2) -> torch.Tensor:
@@ -164,7 +152,7 @@ class DemoRecipe:
     faid_lr: float = 1e-3
     num_blender: int = 2
     num_hop: str = "1,2"
-    faid_blender_init: str = "zero"  # the original's init saturates this small model's gates shut (README)
+    faid_blender_init: str = "zero"  # FAiD starts at the base's loss (the original init raises it; README)
     k: int = 10
     lora_r: int = 16
     lora_alpha: int = 32

@@ -11,6 +11,7 @@ arrag/demo/pipeline.py uses (DEMO_DAID, DEMO_FAID_K) and what the README reports
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 from pathlib import Path
 
@@ -39,14 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     models = {k: v for k, v in (("assets", args.assets), ("retriever_dir", args.retriever_dir)) if v}
     out, seeds = Path(args.out), tuple(int(s) for s in args.seeds.split(","))
+    point = functools.partial(_point, out / "run", seeds, **models)
     key = lambda r: (r["overall"], -r["realism_fid"])  # noqa: E731
-    runs = {"base": _point(out / "run", seeds, **models, methods=("base",))}
+    runs = {"base": point(methods=("base",))}
     print(f"base: {runs['base']['overall']:.3f} (FID {runs['base']['realism_fid']:.2f})")
     daid = []
     for lam, tau in itertools.product(LAMBDAS, TAUS):
         r = {"daid_lambda": lam, "daid_tau": tau, "daid_k": 256,
-             **_point(out / "run", seeds, **models, methods=("daid",), daid={"daid_lambda": lam, "daid_tau": tau,
-                                                                   "daid_k": 256})}
+             **point(methods=("daid",), daid={"daid_lambda": lam, "daid_tau": tau, "daid_k": 256})}
         daid.append(r)
         print(f"daid lambda {lam} tau {tau} k 256: {r['overall']:.3f} (FID {r['realism_fid']:.2f})")
     best = max(daid, key=key)
@@ -54,13 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         if k == 256:
             continue
         d = {"daid_lambda": best["daid_lambda"], "daid_tau": best["daid_tau"], "daid_k": k}
-        r = {**d, **_point(out / "run", seeds, **models, methods=("daid",), daid=d)}
+        r = {**d, **point(methods=("daid",), daid=d)}
         daid.append(r)
         print(f"daid lambda {d['daid_lambda']} tau {d['daid_tau']} k {k}: {r['overall']:.3f} "
               f"(FID {r['realism_fid']:.2f})")
     faid = []
     for k in FAID_KS:
-        r = {"faid_k": k, **_point(out / "run", seeds, **models, methods=("faid",), faid_k=k)}
+        r = {"faid_k": k, **point(methods=("faid",), faid_k=k)}
         faid.append(r)
         print(f"faid k {k}: {r['overall']:.3f} (FID {r['realism_fid']:.2f})")
     best_faid = max(faid, key=key)

@@ -486,19 +486,17 @@ def candidate_gain(model_dir: str | Path, store_dir: str | Path, retrieved: str 
     janus = JanusPro.from_pretrained(model_dir, dtype=torch.float32, device=device, quiet=True).eval()
     if not janus.has_faid:
         raise ArragError(f"{model_dir} has no FAiD blenders: pass a model made by train-faid")
-    store = CodeStore.open(store_dir)
-    dataset = FaidTrainSet(store, load_retrieved(retrieved or store_dir, store, retrieved_key_num),
-                           Prompter.from_folder(janus.source_folder), seed=0, cfg_drop=0.0, max_text_len=128)
-    collate, n = Collate(dataset.prompter), min(images, len(dataset))
+    cfg = FaidTrainConfig(base=str(model_dir), store=str(store_dir), retrieved_key_num=retrieved_key_num,
+                          retrieved=None if retrieved is None else str(retrieved), cfg_drop=0.0)
+    store, dataset, collate = _open_data(cfg, janus)  # the training run's own checks and prompts
+    objective, n = FaidObjective(janus, store.grid), min(images, len(dataset))
     totals = {"with_candidates": 0.0, "without_candidates": 0.0}
     for s in range(0, n, batch_size):
         items = [dataset[i] for i in range(s, min(s + batch_size, n))]
         batch = {k: v.to(janus.device) for k, v in collate(items).items()}
-        target = batch["codes"].reshape(-1)
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["codes"], batch["candidates"])
         for key, rows in (("with_candidates", batch["features"]), ("without_candidates", ~batch["features"])):
-            logits = full_sequence_logits(janus, batch["input_ids"], batch["attention_mask"], batch["codes"],
-                                          batch["candidates"], store.grid, row_mask=rows)
-            totals[key] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, reduction="sum").item()
+            totals[key] += objective(*inputs, rows).item() * batch["codes"].numel()
     tokens = n * store.grid[0] * store.grid[1]
     out = {k: v / tokens for k, v in totals.items()}
     out.update(gain=out["without_candidates"] - out["with_candidates"], images=n)
