@@ -210,11 +210,16 @@ def train_base(out: Path, store_dir: Path, vq_path: Path, recipe: DemoRecipe, pr
     start, losses = 0, []
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False, map_location=device)
+        if state["step"] > steps:
+            raise SystemExit(f"error: {ckpt} is at step {state['step']}, past --base-steps {steps}; "
+                             "raise --base-steps or use a new --workdir")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        # A larger --base-steps than the checkpoint was made with extends the run: the cosine is recomputed
+        # over the new length, so training continues from the checkpoint at that schedule's learning rate.
         sched.load_state_dict(state["scheduler"])
         start, losses = state["step"], state["losses"]
-        print(f"[train-demo] base: resuming at step {start}", file=sys.stderr)
+        print(f"[train-demo] base: resuming at step {start} of {steps}", file=sys.stderr)
     model.train()
     model.gen_vision_model.eval()
     grid = store.grid
@@ -315,10 +320,13 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
 
     train_store = encode_split(workdir, "train", "train", recipe.train_images, vq_path, recipe, str(dev))
     base_dir = workdir / "base"
-    if not (base_dir / "model.safetensors").exists():
+    done_steps = report.get("base", {}).get("steps")
+    if not (base_dir / "model.safetensors").exists() or done_steps != recipe.base_steps:
+        # Missing, or a finished run asked to go on for more steps (resumes from its checkpoint).
         t0 = time.time()
+        earlier = report.get("base", {}).get("seconds", 0) if done_steps else 0
         report["base"] = train_base(base_dir, train_store, vq_path, recipe, progress, dev)
-        report["base"]["seconds"] = round(time.time() - t0)
+        report["base"]["seconds"] = earlier + round(time.time() - t0)
         report["base"]["device"] = where
         write_json(report_path, report)
     print(f"[train-demo] 2/4 base AR: final loss {report['base']['final_loss']:.3f}", file=sys.stderr)
@@ -329,6 +337,15 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
     faid_store = encode_split(workdir, "faid", "train", recipe.faid_images, vq_path, recipe, str(dev))
     construct_train(faid_store, index, retrieved_key_num=recipe.k, progress=progress)
     faid_dir = workdir / "faid"
+    faid_base = report.get("faid", {}).get("base_steps")
+    if (faid_dir / "settings.json").exists() and faid_base != report["base"]["steps"]:
+        # That FAiD was fine-tuned from an earlier (shorter) base: keep it aside and train a new one.
+        aside, n = workdir / f"faid.base{faid_base or 'earlier'}", 1
+        while aside.exists():  # never overwrite an earlier one
+            aside, n = workdir / f"faid.base{faid_base or 'earlier'}.{n}", n + 1
+        faid_dir.rename(aside)
+        report.pop("faid", None)
+        print(f"[train-demo] FAiD was trained from an earlier base; moved to {aside}", file=sys.stderr)
     if not (faid_dir / "settings.json").exists():
         train_faid(FaidTrainConfig(base=str(base_dir), store=str(faid_store), out=str(faid_dir),
                                    num_blender=recipe.num_blender, num_hop=recipe.num_hop, retrieved_key_num=recipe.k,
@@ -341,7 +358,7 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
         history = json.loads((faid_dir / "settings.json").read_text())["loss_history"]
         report["faid"] = {"final_loss": float(np.mean([v for _, v in history[-50:]])),
                           "losses": [v for _, v in history[::10]], "seconds": round(time.time() - t0),
-                          "device": where}
+                          "device": where, "base_steps": report["base"]["steps"]}
         write_json(report_path, report)
     if "candidate_gain" not in report["faid"]:
         # What FAiD takes from retrieval: its training loss with its candidates against without them.
