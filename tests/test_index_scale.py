@@ -16,7 +16,7 @@ from arrag.decoding.daid import retrieval_distribution
 from arrag.errors import ArragError
 from arrag.retrieval import codestore
 from arrag.retrieval.codestore import CodeStore
-from arrag.retrieval.dedup import dedup, entry_rows, expand, place
+from arrag.retrieval.dedup import copies_in_top, dedup, entry_rows, expand, place
 from arrag.retrieval.neighborhood import get_neighborhood, key_vectors, keys_for_grid
 from arrag.retrieval.retriever import PatchRetriever
 
@@ -71,6 +71,10 @@ def test_dedup_rows_counts_and_csr():
     np.testing.assert_allclose(d, [[0.5, 0.5, 0.9, 0.9]])
     td, ti = expand(torch.tensor([[0.5, 0.9]]), torch.tensor([[1, -1]]), torch.tensor(counts), k=4)
     assert ti.tolist() == [[1, 1, 1, -1]]  # torch in, torch out; missing copies pad with -1
+    # Unexpanded, each hit says how many of its copies fall in the top k: 2 of entry 0, then 2 of entry 1's 3.
+    np.testing.assert_array_equal(copies_in_top(np.array([[0, 1, -1]]), counts, k=4), [[2, 2, 0]])
+    np.testing.assert_array_equal(copies_in_top(np.array([[1, 0]]), counts, k=2), [[2, 0]])
+    assert copies_in_top(torch.tensor([[1, 0]]), torch.tensor(counts), k=4).tolist() == [[3, 1]]
     # Every copy of a row is owned by the same process and bucket.
     owner, bucket = place(np.repeat(rows, 3, 0), world=3, buckets=4)
     for r in range(len(rows)):
@@ -93,10 +97,19 @@ def test_dedup_index_gives_the_full_index_results(built):
             pa = retrieval_distribution(torch.from_numpy(da), torch.from_numpy(ca), K_CODES, 1.0, aggregate)
             pb = retrieval_distribution(torch.from_numpy(db), torch.from_numpy(cb), K_CODES, 1.0, aggregate)
             torch.testing.assert_close(pa, pb)
-    # The torch search backend expands counts the same way.
+            # DAiD's path: the raw hits with their copies in the top k, not expanded, give the same p_ret.
+            dc, cc, copies = b.search_counted(q, k)
+            assert a.search_counted(q, k)[2] is None  # nothing to weigh without de-duplication
+            assert (copies.sum(1) == k).all()
+            pc = retrieval_distribution(*map(torch.from_numpy, (dc, cc)), K_CODES, 1.0, aggregate,
+                                        torch.from_numpy(copies))
+            torch.testing.assert_close(pc, pa)
+    # The torch search backend expands counts the same way, and counts copies the same way.
     t = PatchRetriever.load(root / "dedup", backend="torch")
     _, ct = t.search(torch.from_numpy(q), 9)
     np.testing.assert_array_equal(ct.numpy(), a.search(q, 9)[1])
+    for got, want in zip(t.search_counted(torch.from_numpy(q), 9), b.search_counted(q, 9), strict=True):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_dedup_exclude_self_gives_the_same_candidates(built):

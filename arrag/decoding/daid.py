@@ -29,31 +29,30 @@ AGGREGATES = ("nearest", "sum")
 
 
 def retrieval_distribution(distances: torch.Tensor, codes: torch.Tensor, vocab_size: int, tau: float = 1.0,
-                           aggregate: str = "nearest") -> torch.Tensor:
+                           aggregate: str = "nearest", copies: torch.Tensor | None = None) -> torch.Tensor:
     """p_ret [B, V] from k-NN hits: distances [B, k], codes [B, k] (int, -1 = no hit). Rows without hits are 0.
 
     nearest: each distinct code weighs exp(-d_min / tau), its nearest hit's distance (the original DAiD).
     sum:     each distinct code weighs the sum of exp(-d / tau) over its hits (kNN-LM).
+    copies [B, k] (optional, from PatchRetriever.search_counted): each hit stands for that many identical hits
+    (0 = none), so a de-duplicated index's raw hits give the p_ret of its full, repeated hits.
     """
     if tau <= 0:
         raise ArragError(f"--daid-tau must be > 0, got {tau}")
     if aggregate not in ("nearest", "sum"):
         raise ArragError(f"--daid-aggregate {aggregate!r}: choose nearest or sum")
     d = distances.float()
-    valid = codes >= 0
-    idx = codes.clamp_min(0).long()
-    # Subtract each row's smallest valid distance: the softmax is unchanged and exp() cannot underflow to 0.
-    d_min = torch.where(valid, d, torch.full_like(d, float("inf"))).min(1, keepdim=True).values
-    d_min = torch.where(torch.isfinite(d_min), d_min, torch.zeros_like(d_min))
-    if aggregate == "sum":
-        w = torch.where(valid, torch.exp(-(d - d_min) / tau), torch.zeros_like(d))
-        p = torch.zeros(d.shape[0], vocab_size, device=d.device).scatter_add_(1, idx, w)
-    else:
-        nearest = torch.full((d.shape[0], vocab_size), float("inf"), device=d.device)
-        nearest.scatter_reduce_(1, idx, torch.where(valid, d, torch.full_like(d, float("inf"))), reduce="amin")
-        p = torch.where(torch.isfinite(nearest), torch.exp(-(nearest - d_min) / tau), torch.zeros_like(nearest))
-    total = p.sum(1, keepdim=True)
-    return torch.where(total > 0, p / total.clamp_min(1e-30), p)
+    valid = codes >= 0 if copies is None else (codes >= 0) & (copies > 0)
+    # Weights relative to each row's nearest valid hit: the softmax is unchanged and exp() cannot underflow
+    # to an empty row. exp is decreasing, so a code's largest weight is its nearest hit's ('nearest').
+    d_min = torch.where(valid, d, float("inf")).amin(1, keepdim=True)
+    w = torch.exp((d_min - d) / tau)
+    if copies is not None and aggregate == "sum":
+        w = w * copies
+    w = torch.where(valid, w, 0.0)  # also clears rows without hits (their d_min is inf)
+    p = torch.zeros(d.shape[0], vocab_size, device=d.device)
+    p.scatter_reduce_(1, codes.clamp_min(0).long(), w, reduce="sum" if aggregate == "sum" else "amax")
+    return p / p.sum(1, keepdim=True).clamp_min(1e-30)
 
 
 class DAiD(DecodingHook):
@@ -80,7 +79,8 @@ class DAiD(DecodingHook):
 
     def begin(self, state: DecodeState) -> None:
         self.queries = StepQueries(self.retriever, state)
-        self.hits = self.misses = torch.zeros((), dtype=torch.long, device=state.codes.device)
+        self.misses = torch.zeros((), dtype=torch.long, device=state.codes.device)
+        self.rows_searched = 0
         self.active = self.lam > 0 and self.retriever.entries > 0
         self.pending = None
         if self.prefetch is None:
@@ -98,30 +98,31 @@ class DAiD(DecodingHook):
         # pass computes the logits (FAISS releases the GIL).
         if self.active and self.prefetch and self.queries.valid[target]:
             query = self.queries.query(state, target)
-            self.pending = (target, self.pool.submit(self.retriever.search, query, self.k))
+            self.pending = (target, self.pool.submit(self.retriever.search_counted, query, self.k))
 
     def adjust_probs(self, state: DecodeState, target: int, probs: torch.Tensor) -> torch.Tensor:
         if not self.active or not self.queries.valid[target]:
             return probs
         if self.pending is not None and self.pending[0] == target:
-            distances, codes = self.pending[1].result()
+            distances, codes, copies = self.pending[1].result()
             self.pending = None
         else:
-            distances, codes = self.retriever.search(self.queries.query(state, target), self.k)
+            distances, codes, copies = self.retriever.search_counted(self.queries.query(state, target), self.k)
         p_ret = retrieval_distribution(distances.to(probs.device), codes.to(probs.device), probs.shape[1],
-                                       self.tau, self.aggregate)
-        has_hits = p_ret.sum(1, keepdim=True) > 0
+                                       self.tau, self.aggregate, None if copies is None else copies.to(probs.device))
+        missing = codes[:, :1] < 0  # hits come nearest first: a row without a first hit has none
         self.stats["steps_augmented"] += 1
-        self.hits = self.hits + has_hits.sum()  # counted on the device: no host sync per step
-        self.misses = self.misses + (~has_hits).sum()
-        return torch.where(has_hits, (1 - self.lam) * probs + self.lam * p_ret, probs)
+        self.rows_searched += len(codes)
+        self.misses = self.misses + missing.sum()  # counted on the device: no host sync per step
+        # (1 - lambda) p + lambda p_ret, and p unchanged where p_ret is an empty row (no hits).
+        return torch.where(missing, probs, probs * (1 - self.lam) + p_ret * self.lam)
 
     def end(self, state: DecodeState) -> None:
         self.pending = None
         if self.pool is not None:
             self.pool.shutdown(wait=True)
             self.pool = None
-        self.stats["rows_augmented"] += int(self.hits)
+        self.stats["rows_augmented"] += self.rows_searched - int(self.misses)
         self.stats["rows_without_hits"] += int(self.misses)
         if self.stats["rows_without_hits"]:
             warnings.warn(f"DAiD: {self.stats['rows_without_hits']} row-steps found no entry and decoded as base",

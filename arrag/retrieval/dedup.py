@@ -83,3 +83,24 @@ def expand(dist, ids, counts, k: int, weights_per_hit: bool = False):
     out_ids = torch.where(valid, ids.gather(1, pick), -1)
     out_d = torch.where(valid, dist.gather(1, pick), float(np.finfo(np.float32).max))
     return (out_d.numpy(), out_ids.numpy()) if numpy_in else (out_d, out_ids)
+
+
+def copies_in_top(ids, counts, k: int):
+    """How many copies of each raw hit of a de-duplicated index the full index's top k holds: [Q, k'] int64.
+
+    ids [Q, k'] nearest first (-1 = none), counts [U] (NumPy, or torch on the ids' device). A hit holds
+    min(count, k - copies of the nearer hits) copies, 0 once k are filled: the weights that let DAiD work on
+    the raw hits, equal to expanding them (`expand`) and aggregating the copies, at a fraction of the cost.
+    NumPy in, NumPy out; torch in, torch out.
+    """
+    numpy_in = not isinstance(ids, torch.Tensor)
+    if numpy_in:
+        c = torch.from_numpy(np.asarray(counts[np.maximum(ids, 0)]))
+        ids = torch.from_numpy(np.asarray(ids))
+    else:
+        c = counts[ids.clamp(min=0)]
+    c = torch.where(ids >= 0, c.long(), 0)
+    nearer = c.cumsum(1) - c
+    out = torch.minimum(c, k - nearer).clamp_(min=0)
+    return out.numpy() if numpy_in else out
+

@@ -20,7 +20,7 @@ from arrag import fileops
 from arrag.errors import ArragError, one_line
 from arrag.retrieval import index as faiss_index
 from arrag.retrieval import torch_search
-from arrag.retrieval.dedup import expand
+from arrag.retrieval.dedup import copies_in_top, expand
 from arrag.retrieval.neighborhood import Neighborhood, get_neighborhood
 from arrag.retrieval.torch_search import TorchIndex
 
@@ -31,13 +31,15 @@ ORIGINAL_NPROBE = 4096  # the original DAiD/FAiD search setting (all 4096 lists 
 class PatchRetriever:
     def __init__(self, index, values: np.ndarray, manifest: dict, folder: Path, gpus: list[int]):
         self.index = index  # a faiss index (CPU or GPU) or a TorchIndex
-        self.values = values
+        # Plain ndarray views of memory-mapped files (still mapped, nothing read): indexing a np.memmap goes
+        # through its Python __getitem__, a cost paid on every decoding step.
+        self.values = np.asarray(values)
         self.manifest = manifest
         self.folder = folder
         self.gpus = gpus
         self._values_torch: dict[str, torch.Tensor] = {}
         self._counts_torch: dict[str, torch.Tensor] = {}
-        self.counts = self._array("counts.npy", len(values)) if manifest.get("dedup") else None
+        self.counts = np.asarray(self._array("counts.npy", len(values))) if manifest.get("dedup") else None
         self._csr: tuple[np.ndarray, np.ndarray] | None = None
         self.set_nprobe(manifest.get("nprobe"))
 
@@ -188,9 +190,18 @@ class PatchRetriever:
         """Batched k-NN: queries [Q, D] -> (squared-L2 distances [Q, k], codes [Q, k] int64; -1 = no entry)."""
         self._check(queries, k)
         if isinstance(queries, torch.Tensor):
-            return self._search_torch(queries, k)
-        dist, ids = self._search_ids(queries, k)
-        return dist, self._codes_np(ids)
+            return self._search_torch(queries, k, counted=False)
+        return self._search_np(queries, k, counted=False)
+
+    def search_counted(self, queries, k: int):
+        """search() without repeating de-duplicated hits: (distances [Q, k], codes [Q, k], copies [Q, k] int64),
+        copies = how many of each hit's occurrences the full index's top k holds (`dedup.copies_in_top`), or
+        None for an index without de-duplication (every hit is one occurrence). The same multiset of
+        (distance, code) pairs as search(), for callers that aggregate (DAiD's p_ret) instead of listing."""
+        self._check(queries, k)
+        if isinstance(queries, torch.Tensor):
+            return self._search_torch(queries, k, counted=True)
+        return self._search_np(queries, k, counted=True)
 
     def search_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(distances, entry ids) [Q, k], NumPy; a de-duplicated entry is repeated by its count, as in the full
@@ -257,33 +268,47 @@ class PatchRetriever:
             raise ArragError(f"queries have dimension {queries.shape[-1]}, the index expects {self.dim}")
 
     def _codes_np(self, ids: np.ndarray) -> np.ndarray:
-        codes = np.full(ids.shape, -1, dtype=np.int64)
-        hit = ids >= 0
-        if hit.any():
-            flat = ids[hit]
-            order = np.argsort(flat, kind="stable")  # sorted reads from a memory-mapped values file
+        flat = np.maximum(ids, 0).ravel()
+        if len(flat) > 65536:  # many reads from a memory-mapped values file: read them in ascending order
+            order = np.argsort(flat, kind="stable")
             got = np.empty(len(flat), dtype=np.int64)
-            got[order] = np.asarray(self.values[flat[order]], dtype=np.int64)
-            codes[hit] = got
-        return codes
+            got[order] = self.values[flat[order]]
+        else:
+            got = np.asarray(self.values[flat], dtype=np.int64)
+        return np.where(ids >= 0, got.reshape(ids.shape), -1)
 
-    def _search_torch(self, queries: torch.Tensor, k: int):
+    def _search_np(self, queries: np.ndarray, k: int, counted: bool) -> tuple:
+        if counted and self.counts is not None:
+            dist, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+            return dist, self._codes_np(ids), copies_in_top(ids, self.counts, k)
+        dist, ids = self._search_ids(queries, k)
+        return (dist, self._codes_np(ids), None) if counted else (dist, self._codes_np(ids))
+
+    def _search_torch(self, queries: torch.Tensor, k: int, counted: bool) -> tuple:
         if isinstance(self.index, TorchIndex):  # searched where the index lives, codes looked up there too
-            dist, codes = self._codes_torch(*self.index.search(queries.detach().to(self.index.device), k), k)
-            return dist.to(queries.device), codes.to(queries.device)
-        if queries.is_cuda and self.gpus:
+            found = self._codes_torch(*self.index.search(queries.detach().to(self.index.device), k), k, counted)
+        elif queries.is_cuda and self.gpus:
             import faiss.contrib.torch_utils  # noqa: F401  (lets GPU indexes take CUDA tensors directly)
 
-            return self._codes_torch(*self.index.search(queries.float().contiguous(), k), k)
-        dist, ids = self._search_ids(queries.detach().float().cpu().numpy(), k)
-        return torch.from_numpy(dist).to(queries.device), torch.from_numpy(self._codes_np(ids)).to(queries.device)
+            found = self._codes_torch(*self.index.search(queries.float().contiguous(), k), k, counted)
+        else:
+            found = tuple(None if a is None else torch.from_numpy(a)
+                          for a in self._search_np(queries.detach().float().cpu().numpy(), k, counted))
+        return tuple(None if a is None else a.to(queries.device) for a in found)
 
-    def _codes_torch(self, dist: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw hits on a device -> (distances, codes) there: counts expanded, codes looked up on that device."""
+    def _codes_torch(self, dist: torch.Tensor, ids: torch.Tensor, k: int, counted: bool) -> tuple:
+        """Raw hits on a device -> (distances, codes[, copies]) there: counts expanded (or, `counted`, turned into
+        copies per hit), codes looked up on that device."""
+        copies = None
         if self.counts is not None:
-            dist, ids = expand(dist, ids, self._on(self._counts_torch, self.counts, ids.device), k)
+            counts = self._on(self._counts_torch, self.counts, ids.device)
+            if counted:
+                copies = copies_in_top(ids, counts, k)
+            else:
+                dist, ids = expand(dist, ids, counts, k)
         values = self._on(self._values_torch, self.values, ids.device)
-        return dist, torch.where(ids >= 0, values[ids.clamp_min(0)].long(), -1)
+        codes = torch.where(ids >= 0, values[ids.clamp_min(0)].long(), -1)
+        return (dist, codes, copies) if counted else (dist, codes)
 
     @staticmethod
     def _on(cache: dict, array: np.ndarray, device) -> torch.Tensor:
