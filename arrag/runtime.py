@@ -25,13 +25,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def seeded_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A torch.Generator on `device` seeded with `seed`: every random choice in arrag takes one of these."""
-    g = torch.Generator(device=device)
-    g.manual_seed(int(seed))
-    return g
-
-
 def parse_dtype(name: str, device: torch.device) -> torch.dtype:
     """'auto' | 'fp32' | 'bf16' | 'fp16' -> a torch dtype ('auto' = default_dtype(device))."""
     table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
