@@ -238,8 +238,10 @@ def _demo(args: argparse.Namespace) -> int:
     seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
     daid = {k: v for k, v in (("daid_lambda", args.daid_lambda), ("daid_tau", args.daid_tau),
                               ("daid_k", args.daid_k)) if v is not None}
+    sampling = {k: v for k, v in (("cfg_weight", args.cfg_weight), ("temperature", args.temperature))
+                if v is not None}
     run_demo(args.out, seeds=seeds, split=args.split, per_category=args.per_category, samples=args.samples,
-             methods=tuple(args.methods.split(",")), daid=daid, faid_k=args.faid_k,
+             methods=tuple(args.methods.split(",")), daid=daid, faid_k=args.faid_k, sampling=sampling,
              database_images=args.database_images, retriever_dir=args.retriever_dir,
              device=resolve_device(args.device), assets=args.assets or ASSETS)
     return 0
@@ -616,6 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--daid-tau", type=float, default=None, help="DAiD tau (default: the demo's tuned value)")
     demo.add_argument("--daid-k", type=int, default=None, help="DAiD neighbours (default: the demo's tuned value)")
     demo.add_argument("--faid-k", type=int, default=10, help="FAiD candidates per step (default 10)")
+    demo.add_argument("--cfg-weight", type=float, default=None,
+                      help="CFG weight for every method (default: the demo's tuned value)")
+    demo.add_argument("--temperature", type=float, default=None,
+                      help="sampling temperature for every method (default: the demo's tuned value)")
     demo.add_argument("--database-images", type=int, default=4800,
                       help="database images in the demo retriever (default 4800 = 1,008,000 entries)")
     demo.add_argument("--retriever-dir", default="data/retriever/demo_L",

@@ -63,5 +63,11 @@ def test_demo_smoke(tmp_path, capsys):
     assert (tmp_path / "demo" / "grid.png").is_file() and (tmp_path / "demo" / "grid.png.json").is_file()
     assert sorted(p.name for p in (tmp_path / "demo" / "faid" / "seed0").iterdir() if p.is_dir()) == \
         [f"{i:05d}" for i in range(6)]
-    assert main(args) == 0  # a rerun reuses the retriever
+    assert scores["sampling"] == {"cfg_weight": 5.0, "temperature": 1.0}
+    first = (tmp_path / "demo" / "base" / "seed0" / "00000" / "samples" / "0000.png").read_bytes()
+    # A rerun reuses the retriever; the sampling flags reach every method and are recorded.
+    assert main([*args, "--methods", "base", "--cfg-weight", "3", "--temperature", "0.5"]) == 0
     assert "reusing the demo retriever" in capsys.readouterr().err
+    scores = json.loads((tmp_path / "demo" / "scores.json").read_text())
+    assert scores["sampling"] == {"cfg_weight": 3.0, "temperature": 0.5}
+    assert (tmp_path / "demo" / "base" / "seed0" / "00000" / "samples" / "0000.png").read_bytes() != first

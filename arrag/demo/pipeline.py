@@ -48,6 +48,8 @@ METHODS = ("base", "daid", "faid")
 # also the library default.
 DEMO_DAID = {"daid_lambda": 0.1, "daid_tau": 1.0, "daid_k": 256}
 DEMO_FAID_K = 10
+# Sampling for every method, tuned for the base on the validation prompts (Janus-Pro's own: CFG 5, temperature 1).
+DEMO_SAMPLING = {"cfg_weight": 5.0, "temperature": 1.0}
 
 
 def load_demo_models(assets: Path, device: torch.device):
@@ -62,7 +64,8 @@ def load_demo_models(assets: Path, device: torch.device):
 
 def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = (0,), split: str = "test",
              per_category: int = 4, samples: int = 4, methods: tuple[str, ...] = METHODS,
-             daid: dict | None = None, faid_k: int = DEMO_FAID_K, database_images: int = 4800,
+             daid: dict | None = None, faid_k: int = DEMO_FAID_K, sampling: dict | None = None,
+             database_images: int = 4800,
              retriever_dir: str | Path = DEMO_RETRIEVER, assets: str | Path = ASSETS,
              reference_images: int = 512, device: str | torch.device = "cpu", progress: bool = True) -> dict:
     """Generate the split's prompts with each method and seed, score them, write grid.png and scores.json."""
@@ -71,6 +74,7 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = (0
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     daid = {**DEMO_DAID, **(daid or {})}
+    sampling = {**DEMO_SAMPLING, **(sampling or {})}
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ArragError(f"--methods: unknown {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
@@ -105,7 +109,7 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = (0
             remove_owned_dir(folder, what="GenEval image folder", owned=layout.owned)  # always fresh images
             t0 = time.time()
             generate_into_layout(generator, items, layout, SamplingConfig(parallel_size=samples, seed=seed,
-                                                                          image_size=size),
+                                                                          image_size=size, **sampling),
                                  prompts_per_batch=len(items), progress=progress)
             seconds = time.time() - t0
             images, scenes, _ = read_generated(folder)
@@ -123,7 +127,7 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = (0
     recon_score = accuracy(recon, truth_scenes)
     recon_score["realism_fid"] = realism_fid(recon, reference, features)
     summary = {"split": split, "prompts": len(items), "samples_per_prompt": samples, "seeds": list(seeds),
-               "daid": daid, "faid_k": faid_k,
+               "daid": daid, "faid_k": faid_k, "sampling": sampling,
                "retriever": {"folder": str(index_dir), "entries": retriever.entries,
                              "occurrences": retriever.manifest.get("occurrences", retriever.entries),
                              "factory": retriever.manifest.get("factory")},

@@ -2,10 +2,11 @@
 
     python -m arrag.demo.tune [--out result/demo_tune] [--seeds 0]
 
-A coarse grid: lambda x tau at K 256, then K at the best (lambda, tau); FAiD's K over a few values.
+First the sampling (CFG weight x temperature) for the base; then, at that sampling, a coarse DAiD grid: lambda x
+tau at K 256, then K at the best (lambda, tau); FAiD's K over a few values.
 Each point generates the validation prompts (4 per category x 2 samples) and is scored by overall
 accuracy (realism FID breaks ties). Results go to <out>/tune.json; the chosen values are what
-arrag/demo/pipeline.py uses (DEMO_DAID, DEMO_FAID_K) and what the README reports.
+arrag/demo/pipeline.py uses (DEMO_SAMPLING, DEMO_DAID, DEMO_FAID_K) and what the README reports.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ LAMBDAS = (0.1, 0.3, 0.6, 1.0)
 TAUS = (0.3, 1.0)
 DAID_KS = (64, 256, 2048)
 FAID_KS = (4, 10, 20)
+CFG_WEIGHTS = (3.0, 5.0, 7.5, 10.0)
+TEMPERATURES = (1.0, 0.8, 0.6)
 
 
 def _point(out: Path, seeds: tuple[int, ...], **kw) -> dict:
@@ -42,8 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     out, seeds = Path(args.out), tuple(int(s) for s in args.seeds.split(","))
     point = functools.partial(_point, out / "run", seeds, **models)
     key = lambda r: (r["overall"], -r["realism_fid"])  # noqa: E731
-    runs = {"base": point(methods=("base",))}
-    print(f"base: {runs['base']['overall']:.3f} (FID {runs['base']['realism_fid']:.2f})")
+    sampling = []
+    for cfg, temp in itertools.product(CFG_WEIGHTS, TEMPERATURES):
+        r = {"cfg_weight": cfg, "temperature": temp,
+             **point(methods=("base",), sampling={"cfg_weight": cfg, "temperature": temp})}
+        sampling.append(r)
+        print(f"base cfg {cfg} temperature {temp}: {r['overall']:.3f} (FID {r['realism_fid']:.2f})")
+    best_sampling = max(sampling, key=key)
+    chosen_sampling = {"cfg_weight": best_sampling["cfg_weight"], "temperature": best_sampling["temperature"]}
+    point = functools.partial(point, sampling=chosen_sampling)  # every later point samples the same way
+    runs = {"base": best_sampling}
     daid = []
     for lam, tau in itertools.product(LAMBDAS, TAUS):
         r = {"daid_lambda": lam, "daid_tau": tau, "daid_k": 256,
@@ -66,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"faid k {k}: {r['overall']:.3f} (FID {r['realism_fid']:.2f})")
     best_faid = max(faid, key=key)
     ties = [r for r in faid if key(r) == key(best_faid)]
-    chosen = {"daid": {k: v for k, v in max(daid, key=key).items() if k.startswith("daid_")},
+    chosen = {"sampling": chosen_sampling,
+              "daid": {k: v for k, v in max(daid, key=key).items() if k.startswith("daid_")},
               "faid_k": 10 if any(r["faid_k"] == 10 for r in ties) else best_faid["faid_k"]}  # ties keep the original
-    write_json(out / "tune.json", {"seeds": seeds, "base": runs["base"], "daid": daid, "faid": faid,
+    write_json(out / "tune.json", {"seeds": seeds, "sampling": sampling, "base": runs["base"], "daid": daid,
+                                   "faid": faid,
                                    "chosen": chosen})
     print(f"chosen: {chosen}")
     return 0
