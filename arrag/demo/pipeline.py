@@ -48,7 +48,8 @@ METHODS = ("base", "daid", "faid")
 # also the library default.
 DEMO_DAID = {"daid_lambda": 0.1, "daid_tau": 1.0, "daid_k": 256}
 DEMO_FAID_K = 10
-# Sampling for every method, tuned for the base on the validation prompts (Janus-Pro's own: CFG 5, temperature 1).
+# Sampling for every method: Janus-Pro's own. A validation sweep for the base (CFG 3-10 x temperature 0.6-1.0) found
+# nothing better beyond noise; `python -m arrag.demo.tune` repeats it for retrained models.
 DEMO_SAMPLING = {"cfg_weight": 5.0, "temperature": 1.0}
 
 
