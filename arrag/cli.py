@@ -416,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--shape", default="L", help="neighbourhood: L (default), 2hop or ring")
     bi.add_argument("--key-source", default="code", choices=["code", "latent"],
                     help="keys from normalised codebook rows (default) or stored latents (original project)")
-    bi.add_argument("--factory", default="auto", help="'auto' (by size and budget) or a FAISS factory string")
+    bi.add_argument("--factory", default="auto",
+                    help="'auto' (by size and budget), a FAISS factory string, or IVF<nlist>,CodePQ (code keys stored "
+                         "as their codes: about 15 bytes an entry, exact distances)")
     bi.add_argument("--memory-budget", default="16G", help="index memory budget for --factory auto (default 16G)")
     bi.add_argument("--nprobe", type=int, default=None,
                     help="nprobe stored in the manifest (default: the smallest reaching --target-recall)")

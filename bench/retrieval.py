@@ -15,6 +15,9 @@
    exact search. Targets: 2 processes + merge <= 0.6x the wall time of 1 process; recall >= 0.9.
 6. De-duplication on the ShapesWorld index: entries, IVF imbalance factor (target <= 3 de-duplicated), distinct
    codes per top-10, and DAiD's search time per step (16 queries, k 256 and 2048) de-duplicated vs full.
+7. CodePQ (code keys stored as their codes, exact distances) against IVF-Flat, same lists and nprobe, on the
+   de-duplicated ShapesWorld database: index bytes per entry, recall@10, the share of identical top-k codes,
+   search time per 16 queries. Targets: the same answers at a fraction of the bytes.
 The database: ShapesWorld images encoded by a seeded VQ-tiny-8 at 128 px (16x16 tokens, 210 entries each).
 """
 
@@ -208,6 +211,35 @@ def dedup_vs_full(store: Path, out: Path, queries: int) -> dict:
     return res
 
 
+def code_pq_vs_flat(store: Path, out: Path, queries: int) -> dict:
+    """IVF-CodePQ against IVF-Flat built the same way (nlist, seed, nprobe of the auto index), item 7."""
+    from arrag.build_retriever.build_index import build_index
+    from arrag.retrieval.keys import sample_entry_keys
+    from arrag.retrieval.recall import recall_at_k
+    from arrag.retrieval.retriever import PatchRetriever
+
+    st = CodeStore.open(store)
+    auto = PatchRetriever.load(out / "idx_auto")
+    q = sample_entry_keys(st, queries, seed=1)
+    res, found = {}, {}
+    for name, kind in (("ivf_flat", "Flat"), ("code_pq", "CodePQ")):
+        folder = out / f"idx_{name}"
+        factory = f"IVF{auto.manifest['nlist']},{kind}"
+        if not (folder / "manifest.json").exists() or PatchRetriever.load(folder).manifest["factory"] != factory:
+            build_index(store, folder, overwrite=True, factory=factory, nprobe=auto.nprobe, progress=False)
+        r = PatchRetriever.load(folder)
+        found[name] = r.search(q, 256)
+        res[name] = {"factory": factory, "nprobe": r.nprobe,
+                     "index_bytes_per_entry": (folder / "index.faiss").stat().st_size / r.entries,
+                     "recall@10": recall_at_k(r, st, q, 10),
+                     "ms_per_16q_k256": 1e3 * best_of(lambda r=r: r.search(q[:16], 256))}
+    (da, ca), (db, cb) = found["ivf_flat"], found["code_pq"]
+    # Entries at equal distance may come in another order: compare distances, and codes as sorted multisets.
+    res["max_abs_distance_difference@256"] = float(np.abs(da - db).max())
+    res["same_code_multisets@256"] = float((np.sort(ca, 1) == np.sort(cb, 1)).all(1).mean())
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=5000, help="database images (210 entries each; default 5000)")
@@ -276,6 +308,15 @@ def main() -> None:
     print("   search time de-duplicated / full: " + ", ".join(f"k {k}: {v:.2f}x"
                                                           for k, v in dd["search_time_ratio"].items())
           + " (target: imbalance <= 3 de-duplicated)")
+
+    result["code_pq"] = cp = code_pq_vs_flat(store, out, args.queries)
+    for name in ("ivf_flat", "code_pq"):
+        d = cp[name]
+        print(f"7. {d['factory']:15} nprobe {d['nprobe']}: {d['index_bytes_per_entry']:.1f} index bytes/entry, "
+              f"recall@10 {d['recall@10']:.3f}, {d['ms_per_16q_k256']:.2f} ms per 16 queries at k 256")
+    print(f"   top-256: distances differ by at most {cp['max_abs_distance_difference@256']:.1e}, the same codes in "
+          f"{cp['same_code_multisets@256']:.1%} of queries; bytes CodePQ / IVF-Flat: "
+          f"{cp['code_pq']['index_bytes_per_entry'] / cp['ivf_flat']['index_bytes_per_entry']:.3f}")
 
     if args.scale_entries:
         result["scale"] = sc = scale_build(out, args.scale_entries, args.queries)

@@ -15,6 +15,7 @@ from arrag.build_retriever.build_index import build_index, merge_index
 from arrag.decoding.daid import retrieval_distribution
 from arrag.errors import ArragError
 from arrag.retrieval import codestore
+from arrag.retrieval import index as faiss_index
 from arrag.retrieval.codestore import CodeStore
 from arrag.retrieval.dedup import copies_in_top, dedup, entry_rows, expand, place
 from arrag.retrieval.neighborhood import get_neighborhood, key_vectors, keys_for_grid
@@ -137,8 +138,35 @@ def test_small_spill_buckets_give_the_same_index(built, tmp_path, monkeypatch):
     assert not (tmp_path / "idx" / "spill").exists()
 
 
+def test_code_pq_index_is_exact_and_small(built, tmp_path):
+    """IVF,CodePQ stores each key as its neighbour codes: the IVF-Flat index's answers at a fraction of the bytes,
+    on faiss-cpu and on the torch backend; its stored vectors are exact codebook rows."""
+    root, codes, book, _, _ = built
+    build_index(root / "store", tmp_path / "ivf", factory="IVF4,Flat", seed=2, progress=False)
+    m = build_index(root / "store", tmp_path / "cpq", factory="IVF4,CodePQ", seed=2, progress=False)
+    assert m["index_type"] == "IndexIVFPQ" and m["factory"] == "IVF4,CodePQ"
+    a, b = (PatchRetriever.load(tmp_path / name, nprobe=4) for name in ("ivf", "cpq"))
+    t = PatchRetriever.load(tmp_path / "cpq", nprobe=4, backend="torch")
+    q = queries_for(codes, book)
+    for k in (1, 9, 40):
+        da, ca = a.search(q, k)
+        db, cb = b.search(q, k)
+        dt, ct = t.search(torch.from_numpy(q), k)
+        np.testing.assert_array_equal(ca, cb)
+        np.testing.assert_array_equal(ca, ct.numpy())
+        np.testing.assert_allclose(da, db, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(da, dt.numpy(), rtol=1e-5, atol=1e-5)
+    # 6 codes = 3 bits, 4 neighbours: 2 bytes of code + 8 of id per entry, against 4 * 32 + 8.
+    assert (tmp_path / "cpq" / "index.faiss").stat().st_size < (tmp_path / "ivf" / "index.faiss").stat().st_size / 5
+    stored = faiss_index.sample_stored_vectors(b.index, 20).reshape(-1, book.shape[1])
+    assert np.abs(stored[:, None] - book[None]).max(-1).min(1).max() == 0  # every part is exactly a codebook row
+    with pytest.raises(ArragError, match="CodePQ stores code keys"):
+        faiss_index.create_index("IVF4,CodePQ", 32, None)
+
+
 @pytest.mark.parametrize("factory,dedup_on,world", [("Flat", True, 2), ("Flat", False, 2), ("IVF8,Flat", True, 2),
-                                                    ("IVF8,Flat", True, 3), ("IVF8,Flat", False, 3)])
+                                                    ("IVF8,Flat", True, 3), ("IVF8,Flat", False, 3),
+                                                    ("IVF8,CodePQ", True, 2)])
 def test_rank_build_and_merge_equals_one_process(built, tmp_path, factory, dedup_on, world):
     """Ranks run one after another (the parts differ in size with 3 ranks), merged; the same answers as one
     process."""

@@ -123,6 +123,9 @@ def test_auto_factory_choice_and_budget():
     assert choose_factory(2_000_000, 32, parse_bytes("100M"))[0] == "OPQ8,IVF4096,PQ8"  # over budget for Flat
     assert choose_factory(500_000_000, 32, parse_bytes("32G"))[0].startswith("OPQ8,IVF65536,PQ8")
     assert choose_factory(20_000_000, 32, parse_bytes("16G"))[0].endswith(",Flat")  # the budget decides
+    # Code keys (Janus-Pro's 16,384 x 8 codebook): over the IVF-Flat budget, exact CodePQ at 7 + 8 bytes an entry.
+    assert choose_factory(2_000_000, 32, parse_bytes("100M"), (16384, 8))[0] == "IVF4096,CodePQ"
+    assert choose_factory(2_000_000, 32, parse_bytes("4G"), (16384, 8))[0] == "IVF4096,Flat"
     with pytest.raises(ArragError, match="--memory-budget .* is too small"):
         choose_factory(500_000_000, 32, parse_bytes("1G"))
     with pytest.raises(ArragError, match="expected a size such as"):

@@ -60,7 +60,7 @@ def test_other_index_types_are_refused():
     pq = faiss.index_factory(32, "IVF8,PQ8")
     pq.train(xb)
     assert not supports(pq) and supports(faiss.IndexFlatL2(32))
-    with pytest.raises(ArragError, match="Flat and IVF-Flat indexes, not IndexIVFPQ"):
+    with pytest.raises(ArragError, match="IVF-Flat and CodePQ indexes, not IndexIVFPQ"):
         TorchIndex.from_faiss(pq)
 
 

@@ -183,8 +183,11 @@ def _plan_and_train(*, store: CodeStore, nb, key_source: str, dedup: bool, facto
         estimated = max(1, int(occurrences * sample_distinct_rows(store, min(100_000, occurrences), seed, nb)[1]))
     reason = "given with --factory"
     if factory == "auto" and train:
-        factory, reason = faiss_index.choose_factory(estimated, d, budget)
-    index = faiss_index.create_index(factory, d) if factory != "auto" else None
+        factory, reason = faiss_index.choose_factory(estimated, d, budget,
+                                                     codebook.shape if key_source == "code" else None)
+    index = None
+    if factory != "auto":
+        index = faiss_index.create_index(factory, d, codebook if key_source == "code" else None)
     n_train = 0
     if train and not index.is_trained:
         n_train = train_size if train_size is not None else faiss_index.train_sample_size(index, estimated)

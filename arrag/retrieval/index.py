@@ -2,10 +2,16 @@
 
 Index choice follows autofaiss's idea, by entry count under a memory budget:
   exact  Flat                    up to 100k entries (4*d bytes per entry)
-  IVF    IVF{nlist},Flat         up to 10M entries (4*d + 8 bytes per entry, exact distances in probed lists)
-  PQ     OPQ{m},IVF{nlist},PQ{m} beyond, or when the others exceed the budget (m + 8 bytes per entry),
-                                 the original AR-RAG index (m = 8 for 32-d keys)
-An explicit FAISS factory string overrides the choice.
+  IVF    IVF{nlist},Flat         while it fits (4*d + 8 bytes per entry, exact distances in probed lists)
+  codes  IVF{nlist},CodePQ       code keys beyond that (about 15 bytes per entry, still exact; see below)
+  PQ     OPQ{m},IVF{nlist},PQ{m} latent keys beyond that (m + 8 bytes per entry), the original AR-RAG index
+                                 (m = 8 for 32-d keys)
+An explicit FAISS factory string overrides the choice. One name is arrag's own:
+  IVF{nlist},CodePQ  code keys stored as their neighbour codes (n_neighbours x log2(codebook) bits + an 8-byte
+                     id per entry, e.g. 7 + 8 bytes for Janus-Pro's L keys instead of 136), with EXACT distances:
+                     a key is a concatenation of codebook rows, so a product quantiser whose sub-codebooks are
+                     the VQ codebook itself encodes it losslessly (FAISS IVF-PQ, no residual, only the coarse
+                     quantiser trained). Code keys only; searched by faiss-cpu or the torch backend.
 """
 
 from __future__ import annotations
@@ -48,16 +54,33 @@ def default_nprobe(nlist: int) -> int:
     return int(min(nlist, max(16, round(math.sqrt(nlist) / 2))))
 
 
-def bytes_per_entry(factory: str, d: int) -> int:
-    """Approximate index memory per entry for the factories we choose (ids included)."""
+CODE_PQ = re.compile(r"IVF(\d+),CodePQ")
+
+
+def code_pq_shape(d: int, codebook_size: int, e_dim: int) -> tuple[int, int]:
+    """(sub-vectors M, bits per code) of a CodePQ index over d-dim keys of e_dim-dim codebook rows."""
+    if d % e_dim:
+        raise ArragError(f"CodePQ: keys of {d} dims are not whole codebook rows of {e_dim} dims")
+    return d // e_dim, max(1, math.ceil(math.log2(codebook_size)))
+
+
+def bytes_per_entry(factory: str, d: int, codebook_size: int = 16384, e_dim: int = 8) -> int:
+    """Approximate index memory per entry (ids included); CodePQ's depends on the codebook (default Janus-Pro's)."""
     if factory == "Flat":
         return 4 * d
+    if CODE_PQ.fullmatch(factory):
+        sub, bits = code_pq_shape(d, codebook_size, e_dim)
+        return math.ceil(sub * bits / 8) + 8
     m = re.search(r"PQ(\d+)", factory)
     return int(m.group(1)) + 8 if m else 4 * d + 8
 
 
-def choose_factory(n: int, d: int, memory_budget: int) -> tuple[str, str]:
-    """(factory string, one-line reason) for n entries of dimension d under memory_budget bytes."""
+def choose_factory(n: int, d: int, memory_budget: int, codebook_shape: tuple[int, int] | None = None
+                   ) -> tuple[str, str]:
+    """(factory string, one-line reason) for n entries of dimension d under memory_budget bytes.
+
+    codebook_shape (K, e) when the keys are codes (concatenated codebook rows): CodePQ, exact at PQ's size,
+    then comes before PQ."""
     nlist = default_nlist(n)
     m = max(1, d // 4)
     while d % m:
@@ -65,22 +88,46 @@ def choose_factory(n: int, d: int, memory_budget: int) -> tuple[str, str]:
     options = [("Flat", f"{n:,} entries <= {EXACT_MAX:,}: exact search")] if n <= EXACT_MAX else []
     # Exact distances whenever they fit the budget: PQ codes lose much recall on patch keys (bench/retrieval.py).
     options.append((f"IVF{nlist},Flat", f"{n:,} entries: inverted lists with exact distances"))
+    if codebook_shape is not None and d % codebook_shape[1] == 0:
+        options.append((f"IVF{nlist},CodePQ", f"{n:,} entries: inverted lists of the keys' codes, exact distances"))
     options.append((f"OPQ{m},IVF{nlist},PQ{m}", f"{n:,} entries: OPQ + IVF-PQ, {m} bytes per code"))
+    size = {} if codebook_shape is None else {"codebook_size": codebook_shape[0], "e_dim": codebook_shape[1]}
     for factory, reason in options:
-        need = n * bytes_per_entry(factory, d)
+        need = n * bytes_per_entry(factory, d, **size)
         if need <= memory_budget:
             return factory, f"{reason} (~{need / 2**30:.2f} GiB of {memory_budget / 2**30:.2f} GiB budget)"
-    need = n * bytes_per_entry(options[-1][0], d)
+    need = n * bytes_per_entry(options[-1][0], d, **size)
     raise ArragError(f"--memory-budget {memory_budget / 2**30:.2f} GiB is too small for {n:,} entries: even "
                      f"{options[-1][0]} needs ~{need / 2**30:.2f} GiB; raise it or encode fewer images")
 
 
-def create_index(factory: str, d: int) -> faiss.Index:
+def create_index(factory: str, d: int, codebook: np.ndarray | None = None) -> faiss.Index:
+    """An empty index for a FAISS factory string, or arrag's IVF{nlist},CodePQ over `codebook` [K, e]."""
+    m = CODE_PQ.fullmatch(factory)
+    if m:
+        if codebook is None:
+            raise ArragError(f"--factory {factory}: CodePQ stores code keys; it needs --key-source code")
+        sub, bits = code_pq_shape(d, len(codebook), codebook.shape[1])
+        index = faiss.index_factory(d, f"IVF{m.group(1)},PQ{sub}x{bits}", faiss.METRIC_L2)
+        ivf = faiss.downcast_index(index)
+        ivf.by_residual = False  # codes of the keys themselves, not of their residuals to a centroid
+        # Every sub-quantiser is the codebook; rows past K (2**bits > K) lie far away and are never chosen.
+        book = np.full((2 ** bits, codebook.shape[1]), 1e3, np.float32)
+        book[:len(codebook)] = codebook
+        faiss.copy_array_to_vector(np.tile(book, (sub, 1)).ravel(), ivf.pq.centroids)
+        ivf.pq.is_trained = True
+        return index
     try:
         return faiss.index_factory(d, factory, faiss.METRIC_L2)
     except RuntimeError as e:
         raise ArragError(f"--factory {factory!r} is not a valid FAISS factory string for d={d}: "
                          f"{str(e).strip().splitlines()[-1][:160]}") from None
+
+
+def is_code_pq(index: faiss.Index) -> bool:
+    """True for an IVF{nlist},CodePQ index (an IVF-PQ without residuals: only arrag makes those)."""
+    ivf = _ivf(index)
+    return ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ) and not ivf.by_residual
 
 
 def train_sample_size(index: faiss.Index, n: int) -> int:
@@ -198,14 +245,21 @@ def train(index: faiss.Index, sample: np.ndarray, gpus: list[int] | None = None)
     """Train on `sample` [S, d] float32; the coarse k-means runs on the GPUs when given."""
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     ivf = _ivf(index)
+    trainee, trainee_ivf = index, ivf
+    if is_code_pq(index):
+        # Only the coarse quantiser learns: IVF-PQ's own training would replace the codebook by k-means
+        # centroids. An IVF-Flat sharing the quantiser (not owning it) runs FAISS's usual coarse training.
+        trainee = trainee_ivf = faiss.IndexIVFFlat(ivf.quantizer, ivf.d, ivf.nlist)
     gpu_flat = None
-    if gpus and ivf is not None:
+    if gpus and trainee_ivf is not None:
         # IndexIVF trains its coarse quantiser through `clustering_index` when one is set.
-        gpu_flat = to_gpus(faiss.IndexFlatL2(ivf.d), gpus, shard=False)
-        ivf.clustering_index = gpu_flat
-    index.train(sample)
+        gpu_flat = to_gpus(faiss.IndexFlatL2(trainee_ivf.d), gpus, shard=False)
+        trainee_ivf.clustering_index = gpu_flat
+    trainee.train(sample)
     if gpu_flat is not None:
-        ivf.clustering_index = None
+        trainee_ivf.clustering_index = None
+    if trainee is not index:
+        ivf.is_trained = True
 
 
 def write_index(index: faiss.Index, path: str | Path) -> None:

@@ -68,11 +68,11 @@ class PatchRetriever:
 
         device: "cpu", "cuda" (every GPU, sharded), "cuda:1", or a list of GPU ids. nprobe overrides the
         manifest's default. On GPUs the index goes to faiss-gpu when it is installed, else (Flat and IVF-Flat) to
-        the torch search backend; `backend` "torch" or "faiss" forces one. `gpu_fallback`: stay on the CPU,
-        with a notice, when neither can serve the index on the GPU (a PQ index without faiss-gpu). File sizes
-        are always checked against the manifest; `verify` also checks their hashes (about 1 s per GB: turn it
-        off for very large indexes, `--no-verify-index`). `mmap` maps a single-file index instead of reading it
-        into memory (merged on-disk indexes are always mapped).
+        the torch search backend, which also serves CodePQ indexes (always); `backend` "torch" or "faiss"
+        forces one. `gpu_fallback`: stay on the CPU, with a notice, when neither can serve the index on the GPU
+        (a PQ index without faiss-gpu). File sizes are always checked against the manifest; `verify` also
+        checks their hashes (about 1 s per GB: turn it off for very large indexes, `--no-verify-index`). `mmap`
+        maps a single-file index instead of reading it into memory (merged on-disk indexes are always mapped).
         """
         folder = Path(folder)
         if not folder.is_dir():
@@ -127,11 +127,14 @@ class PatchRetriever:
         if backend == "torch":
             target = "cpu" if spec is None else _torch_device(spec)
             return cls(TorchIndex.from_faiss(index, target), values, manifest, folder, [])
-        if spec is not None and backend == "auto" and not faiss_index.has_gpu_faiss():
+        # faiss-gpu's IVF-PQ takes 8-bit codes with residuals only: a CodePQ index goes to the torch backend.
+        if spec is not None and backend == "auto" and (not faiss_index.has_gpu_faiss()
+                                                       or faiss_index.is_code_pq(index)):
             if torch.cuda.is_available() and torch_search.supports(index):
                 return cls(TorchIndex.from_faiss(index, _torch_device(spec)), values, manifest, folder, [])
             reason = ("no CUDA device" if not torch.cuda.is_available() else
-                      f"{faiss_index.describe(index)} needs faiss-gpu (the torch backend serves Flat and IVF-Flat)")
+                      f"{faiss_index.describe(index)} needs faiss-gpu (the torch backend serves Flat, IVF-Flat "
+                      "and CodePQ)")
             if gpu_fallback:
                 warnings.warn(f"retriever {folder} stays on the CPU: {reason}", stacklevel=2)
                 return cls(index, values, manifest, folder, [])

@@ -5,7 +5,8 @@ its trained centroids plus the inverted lists laid out contiguously (CSR: vector
 their entry ids [N], list offsets [nlist + 1]). A search probes the nprobe nearest centroids, gathers the
 probed lists' vectors for every query at once and keeps the k smallest squared-L2 distances, which are
 computed directly (sum of squared differences), as FAISS's IVF-Flat scanner does. The results are FAISS's:
-the same ids and distances up to float rounding (tested against faiss-cpu). PQ indexes stay on FAISS.
+the same ids and distances up to float rounding (tested against faiss-cpu). A CodePQ index's codes are decoded
+to its exact keys, so it is served as IVF-Flat (at IVF-Flat's memory on the device). PQ indexes stay on FAISS.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from arrag.errors import ArragError
+from arrag.retrieval.index import is_code_pq
 
 FLAT_BLOCK = 1 << 18  # database rows scored per block in exact search (bounds the [Q, block] distance matrix)
 
@@ -45,7 +47,8 @@ class TorchIndex:
         if isinstance(index, faiss.IndexFlat):
             vectors = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d), np.float32)
             return cls(torch.from_numpy(np.ascontiguousarray(vectors)).to(device), None)
-        if isinstance(index, faiss.IndexIVFFlat):
+        code_pq = is_code_pq(index)
+        if isinstance(index, faiss.IndexIVFFlat) or code_pq:
             quantizer = faiss.downcast_index(index.quantizer)
             centroids = quantizer.reconstruct_n(0, index.nlist)
             lists = faiss.extract_index_ivf(index).invlists
@@ -56,15 +59,18 @@ class TorchIndex:
                 if n == 0:
                     continue
                 codes = faiss.rev_swig_ptr(lists.get_codes(lst), n * index.code_size)
-                parts.append(np.frombuffer(codes, dtype=np.float32).reshape(n, index.d).copy())
+                if code_pq:  # the keys themselves, decoded exactly from their codebook codes
+                    parts.append(index.pq.decode(np.frombuffer(codes, dtype=np.uint8).reshape(n, index.code_size)))
+                else:
+                    parts.append(np.frombuffer(codes, dtype=np.float32).reshape(n, index.d).copy())
                 id_parts.append(faiss.rev_swig_ptr(lists.get_ids(lst), n).copy())
             vectors = np.concatenate(parts) if parts else np.zeros((0, index.d), np.float32)
             ids = np.concatenate(id_parts).astype(np.int64) if id_parts else np.zeros(0, np.int64)
             offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
             t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
             return cls(t(vectors), t(ids), t(centroids), t(offsets), nprobe=int(index.nprobe))
-        raise ArragError(f"the torch search backend handles Flat and IVF-Flat indexes, not {type(index).__name__}; "
-                         "install faiss-gpu for PQ indexes on the GPU, or search on the CPU")
+        raise ArragError(f"the torch search backend handles Flat, IVF-Flat and CodePQ indexes, not "
+                         f"{type(index).__name__}; install faiss-gpu for PQ indexes on the GPU, or search on the CPU")
 
     def search(self, queries, k: int):
         """Like faiss.Index.search; NumPy in gives NumPy out, torch in gives torch out on this device."""
@@ -130,6 +136,7 @@ def _pad(dist: torch.Tensor, ids: torch.Tensor, k: int):
 
 
 def supports(index: faiss.Index) -> bool:
-    """True for the index types the torch backend can serve (Flat and IVF-Flat, L2)."""
+    """True for the index types the torch backend can serve (Flat, IVF-Flat and CodePQ, L2)."""
     index = faiss.downcast_index(index)
-    return index.metric_type == faiss.METRIC_L2 and isinstance(index, (faiss.IndexFlat, faiss.IndexIVFFlat))
+    return index.metric_type == faiss.METRIC_L2 and (isinstance(index, (faiss.IndexFlat, faiss.IndexIVFFlat))
+                                                     or is_code_pq(index))
