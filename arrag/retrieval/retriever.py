@@ -191,20 +191,20 @@ class PatchRetriever:
     # -- search -------------------------------------------------------------------------------------------
     def search(self, queries, k: int):
         """Batched k-NN: queries [Q, D] -> (squared-L2 distances [Q, k], codes [Q, k] int64; -1 = no entry)."""
-        self._check(queries, k)
-        if isinstance(queries, torch.Tensor):
-            return self._search_torch(queries, k, counted=False)
-        return self._search_np(queries, k, counted=False)
+        return self._search(queries, k, counted=False)
 
     def search_counted(self, queries, k: int):
         """search() without repeating de-duplicated hits: (distances [Q, k], codes [Q, k], copies [Q, k] int64),
         copies = how many of each hit's occurrences the full index's top k holds (`dedup.copies_in_top`), or
         None for an index without de-duplication (every hit is one occurrence). The same multiset of
         (distance, code) pairs as search(), for callers that aggregate (DAiD's p_ret) instead of listing."""
+        return self._search(queries, k, counted=True)
+
+    def _search(self, queries, k: int, counted: bool) -> tuple:
         self._check(queries, k)
         if isinstance(queries, torch.Tensor):
-            return self._search_torch(queries, k, counted=True)
-        return self._search_np(queries, k, counted=True)
+            return self._search_torch(queries, k, counted)
+        return self._search_np(queries, k, counted)
 
     def search_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(distances, entry ids) [Q, k], NumPy; a de-duplicated entry is repeated by its count, as in the full
@@ -212,9 +212,9 @@ class PatchRetriever:
         self._check(queries, k)
         return self._search_ids(queries, k)
 
-    def _search_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_ids(self, queries: np.ndarray, k: int, expand_counts: bool = True) -> tuple[np.ndarray, np.ndarray]:
         dist, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        if self.counts is not None:
+        if self.counts is not None and expand_counts:
             dist, ids = expand(dist, ids, self.counts, k)
         return dist, ids
 
@@ -281,11 +281,10 @@ class PatchRetriever:
         return np.where(ids >= 0, got.reshape(ids.shape), -1)
 
     def _search_np(self, queries: np.ndarray, k: int, counted: bool) -> tuple:
-        if counted and self.counts is not None:
-            dist, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-            return dist, self._codes_np(ids), copies_in_top(ids, self.counts, k)
-        dist, ids = self._search_ids(queries, k)
-        return (dist, self._codes_np(ids), None) if counted else (dist, self._codes_np(ids))
+        dist, ids = self._search_ids(queries, k, expand_counts=not counted)
+        if not counted:
+            return dist, self._codes_np(ids)
+        return dist, self._codes_np(ids), None if self.counts is None else copies_in_top(ids, self.counts, k)
 
     def _search_torch(self, queries: torch.Tensor, k: int, counted: bool) -> tuple:
         if isinstance(self.index, TorchIndex):  # searched where the index lives, codes looked up there too

@@ -47,9 +47,9 @@ from arrag.train.construct import load_retrieved
 # Settings a rerun may change without invalidating the checkpoints it resumes from.
 RESUMABLE_CHANGES = ("max_steps", "resume", "overwrite", "save_every", "keep_checkpoints", "num_workers", "progress",
                      "log_every")
+BLENDER_INITS = ("original", "zero")
 # What <out>/checkpoints may hold: only step-NNNNNNN folders (train-faid's own names), and in those whatever
 # accelerate or DeepSpeed saved.
-BLENDER_INITS = ("original", "zero")
 CHECKPOINT_DIR_FILES = (r"step-\d{7}(\.tmp)?/.+",)
 STEP_FILES = (r".+",)
 
