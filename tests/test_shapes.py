@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from arrag.demo.shapes import CATEGORIES, COLORS, SHAPES, ShapesWorld
+from arrag.demo.shapes import CATEGORIES, COLORS, SHAPES, Scene, ShapesWorld, render_scene
 
 
 def test_renderer_is_deterministic_and_split_dependent():
@@ -37,3 +37,18 @@ def test_scenes_match_their_captions():
 def test_unknown_split_is_clear():
     with pytest.raises(ValueError, match="unknown ShapesWorld split 'dev'"):
         ShapesWorld("dev")
+
+
+def test_object_cells_hold_every_object_pixel_and_nothing_far_from_them():
+    w = ShapesWorld("train", size=64)
+    for i in range(24):
+        scene = w.scene(i)
+        cells = scene.object_cells(16, margin=0)
+        bare = Scene(scene.category, scene.caption, [], scene.background)  # the same background, no objects
+        drawn = np.abs(w.image(i).astype(int) - render_scene(bare, 64, seed=int(w._rng(i).integers(2**31)))).max(-1) > 8
+        touched = drawn.reshape(16, 4, 16, 4).any((1, 3))
+        assert touched.any() and not (touched & ~cells).any()  # every pixel an object changed lies in its cells
+        grown = scene.object_cells(16, margin=1)
+        assert (grown >= cells).all() and grown.sum() > cells.sum()
+        assert cells.mean() < 0.6  # boxes, not the whole image
+

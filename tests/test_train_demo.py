@@ -4,10 +4,12 @@ records what the shipped recipe.json promises (device, round trip, FAiD's candid
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
-from arrag.demo.train_demo import DemoRecipe, run_recipe, shape_weighted_mse
+from arrag.demo.shapes import ShapesWorld
+from arrag.demo.train_demo import DemoRecipe, object_cell_weights, run_recipe, shape_weighted_mse
 
 
 def test_shape_weight_reaches_past_the_shape_edge():
@@ -30,12 +32,13 @@ def test_shape_weight_reaches_past_the_shape_edge():
 def test_tiny_recipe_runs_end_to_end_records_its_device_and_resumes(tmp_path):
     recipe = DemoRecipe(vq_steps=3, vq_batch=2, train_images=12, hidden=32, layers=2, heads=2, kv_heads=1,
                         intermediate=64, base_steps=3, base_batch=2, base_warmup=1, database_images=6,
-                        faid_images=6, faid_steps=2, faid_batch=2, k=4, lora_r=2, lora_alpha=4)
+                        faid_images=6, faid_steps=2, faid_batch=2, k=4, lora_r=2, lora_alpha=4,
+                        shape_weight=4.0)  # shape cells weigh 4x in the base loss
     kw = dict(workdir=tmp_path / "work", assets=tmp_path / "assets", retriever_dir=tmp_path / "retriever",
               recipe=recipe, progress=False, device="cpu")
     report = run_recipe(**kw)
     saved = json.loads((tmp_path / "assets" / "recipe.json").read_text())
-    assert saved["recipe"]["base_steps"] == 3
+    assert saved["recipe"]["base_steps"] == 3 and saved["recipe"]["shape_weight"] == 4.0
     assert "torch_version" in saved["environment"]
     for stage in ("vq", "base", "faid"):
         assert saved[stage]["device"].startswith("cpu")
@@ -60,3 +63,15 @@ def test_tiny_recipe_runs_end_to_end_records_its_device_and_resumes(tmp_path):
     assert (tmp_path / "work" / "faid.base3" / "settings.json").is_file()  # ... the earlier one kept aside
     with pytest.raises(SystemExit, match="past --base-steps 4"):
         run_recipe(**{**kw, "recipe": replace(recipe, base_steps=4)})
+
+
+def test_object_cell_weights_follow_the_scenes_and_refuse_another_store():
+    world = ShapesWorld("train", size=64)
+    captions = [world.scene(i).caption for i in range(5)]
+    w = object_cell_weights(captions, DemoRecipe(shape_weight=4.0), 16)
+    assert w.shape == (5, 256)
+    for i in range(5):
+        expected = np.where(world.scene(i).object_cells(16).reshape(-1), 4.0, 1.0)
+        np.testing.assert_array_equal(w[i].numpy(), expected)
+    with pytest.raises(SystemExit, match="row 1 has caption 'a mystery'.*--shape-weight"):
+        object_cell_weights([captions[0], "a mystery"], DemoRecipe(shape_weight=4.0), 16)

@@ -48,6 +48,16 @@ class Scene:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def object_cells(self, grid: int, margin: int = 1) -> np.ndarray:
+        """bool [grid, grid]: token cells inside an object's bounding box, grown by `margin` cells."""
+        mask = np.zeros((grid, grid), dtype=bool)
+        for o in self.objects:
+            r = SIZES[o.size]
+            lo = np.floor(np.array([o.cy - r, o.cx - r]) * grid).astype(int) - margin
+            hi = np.ceil(np.array([o.cy + r, o.cx + r]) * grid).astype(int) + margin
+            mask[max(lo[0], 0):hi[0], max(lo[1], 0):hi[1]] = True
+        return mask
+
 
 def _place(rng: np.random.Generator, sizes: list[str], constraint=None, tries: int = 200) -> list[tuple[float, float]]:
     """Non-overlapping centres for objects of the given sizes; `constraint(centres)` may reject a layout."""
