@@ -146,7 +146,7 @@ class DemoRecipe:
     base_warmup: int = 100
     # Weight of the image tokens on and around the shapes in the base's loss (1 = plain cross-entropy): the
     # per-context optimum is unchanged, a small model only spends more of itself on the shapes than on background.
-    shape_weight: float = 1.0
+    shape_weight: float = 4.0
     cfg_drop: float = 0.1
     database_images: int = 4800
     faid_images: int = 2000
