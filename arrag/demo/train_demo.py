@@ -6,7 +6,8 @@ Stages, in order, each skipped when its output exists (a rerun resumes; the AR a
 resume from their last checkpoint):
   1. the VQ tokenizer (VQ-tiny-4: 64-px images -> 16x16 tokens) on rendered training images;
   2. the base AR model (a small Janus of the real classes, word-level tokenizer) on (caption, codes) of the
-     training split, teacher-forced cross-entropy with caption dropout for CFG;
+     training split, teacher-forced cross-entropy (the cells on and around the shapes weighted --shape-weight)
+     with caption dropout for CFG;
   3. FAiD from that base: the demo retriever over the database split (`arrag encode` + `build-index`),
      `construct-train` on a slice of the training split, then `train-faid`;
   4. export: bf16 safetensors of base and FAiD (each holding its VQ) + tokenizer + recipe.json.
@@ -206,6 +207,8 @@ def train_base(out: Path, store_dir: Path, vq_path: Path, recipe: DemoRecipe, pr
     captions = store.captions()
     cond = [prompter.ids(c) for c in captions]
     weights = None
+    if recipe.shape_weight <= 0:
+        raise SystemExit(f"error: --shape-weight must be > 0 (1 = plain cross-entropy), got {recipe.shape_weight}")
     if recipe.shape_weight != 1.0:
         weights = object_cell_weights(captions, recipe, store.grid[0]).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
