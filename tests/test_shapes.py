@@ -45,10 +45,9 @@ def test_object_cells_hold_every_object_pixel_and_nothing_far_from_them():
         scene = w.scene(i)
         cells = scene.object_cells(16, margin=0)
         bare = Scene(scene.category, scene.caption, [], scene.background)  # the same background, no objects
-        drawn = np.abs(w.image(i).astype(int) - render_scene(bare, 64, seed=int(w._rng(i).integers(2**31)))).max(-1) > 8
+        drawn = np.abs(w.image(i).astype(int) - render_scene(bare, 64, seed=w.noise_seed(i))).max(-1) > 8
         touched = drawn.reshape(16, 4, 16, 4).any((1, 3))
         assert touched.any() and not (touched & ~cells).any()  # every pixel an object changed lies in its cells
         grown = scene.object_cells(16, margin=1)
         assert (grown >= cells).all() and grown.sum() > cells.sum()
         assert cells.mean() < 0.6  # boxes, not the whole image
-

@@ -187,9 +187,13 @@ class ShapesWorld:
         rng = self._rng(index)
         return sample_scene(rng, self.categories[index % len(self.categories)])
 
+    def noise_seed(self, index: int) -> int:
+        """The seed of item `index`'s background noise (render_scene's `seed`)."""
+        return int(self._rng(index).integers(2**31))
+
     def image(self, index: int) -> np.ndarray:
         """uint8 [size, size, 3] for item `index`."""
-        return render_scene(self.scene(index), self.size, seed=int(self._rng(index).integers(2**31)))
+        return render_scene(self.scene(index), self.size, seed=self.noise_seed(index))
 
     def images(self, start: int, count: int) -> np.ndarray:
         """uint8 [count, size, size, 3] for items start .. start+count-1."""

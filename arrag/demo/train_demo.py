@@ -206,9 +206,9 @@ def train_base(out: Path, store_dir: Path, vq_path: Path, recipe: DemoRecipe, pr
     prompter = Prompter(tokenizer)
     captions = store.captions()
     cond = [prompter.ids(c) for c in captions]
-    weights = None
     if recipe.shape_weight <= 0:
         raise SystemExit(f"error: --shape-weight must be > 0 (1 = plain cross-entropy), got {recipe.shape_weight}")
+    weights = None  # 1 everywhere: the plain mean, without needing the scenes behind the store
     if recipe.shape_weight != 1.0:
         weights = object_cell_weights(captions, recipe, store.grid[0]).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
