@@ -107,3 +107,19 @@ def test_shipped_assets_load_and_generate_a_valid_image():
                                                                               quiet=True),
                      ["a red circle"], image_size=recipe["recipe"]["image_size"], seed=0, progress=False)
     assert image.shape == (1, SIZE, SIZE, 3) and image.dtype == np.uint8 and image.std() > 5
+
+
+def test_tune_keeps_the_current_setting_unless_another_is_clearly_better():
+    from arrag.demo.tune import choose
+
+    point = lambda k, acc, fid=2.0: {"faid_k": k, "overall": acc, "realism_fid": fid, "images": 48}  # noqa: E731
+    # One image in 48 better: noise (one standard error of the difference is ~0.1 here), keep K 10.
+    assert choose([point(4, 0.40), point(10, 0.40 - 1 / 48), point(20, 0.35)], {"faid_k": 10})["faid_k"] == 10
+    # 0.25 better: more than the noise, take it.
+    assert choose([point(4, 0.65), point(10, 0.40)], {"faid_k": 10})["faid_k"] == 4
+    # Equal accuracy: the current one stays even with a worse FID; without a current point, the best wins.
+    assert choose([point(4, 0.40, 1.0), point(10, 0.40, 3.0)], {"faid_k": 10})["faid_k"] == 10
+    assert choose([point(4, 0.40, 1.0), point(20, 0.40, 3.0)], {"faid_k": 10})["faid_k"] == 4
+    # More images shrink the band: the same 0.06 lead wins at 4,800 images a point.
+    many = [{**point(4, 0.46), "images": 4800}, {**point(10, 0.40), "images": 4800}]
+    assert choose(many, {"faid_k": 10})["faid_k"] == 4
