@@ -615,7 +615,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="prompt set: tune on validation, report on test (default test)")
     demo.add_argument("--per-category", type=int, default=4, help="prompts per GenEval category (default 4)")
     demo.add_argument("--samples", type=int, default=2, help="samples per prompt (default 2)")
-    demo.add_argument("--methods", default="base,daid,faid", help="comma-separated (default base,daid,faid)")
+    demo.add_argument("--methods", default="base,daid,faid",
+                      help="comma-separated, from base, daid, faid and faid-noret (a control: the FAiD model "
+                           "decoding without retrieval, to tell the candidates' effect from the fine-tuning's; "
+                           "default base,daid,faid)")
     demo.add_argument("--daid-lambda", type=float, default=None, help="DAiD lambda (default: the demo's tuned value)")
     demo.add_argument("--daid-tau", type=float, default=None, help="DAiD tau (default: the demo's tuned value)")
     demo.add_argument("--daid-k", type=int, default=None, help="DAiD neighbours (default: the demo's tuned value)")

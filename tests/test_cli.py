@@ -66,8 +66,25 @@ def test_demo_smoke(tmp_path, capsys):
     assert scores["sampling"] == {"cfg_weight": 5.0, "temperature": 1.0}
     first = (tmp_path / "demo" / "base" / "seed0" / "00000" / "samples" / "0000.png").read_bytes()
     # A rerun reuses the retriever; the sampling flags reach every method and are recorded.
-    assert main([*args, "--methods", "base", "--cfg-weight", "3", "--temperature", "0.5"]) == 0
+    assert main([*args, "--methods", "base,faid-noret", "--cfg-weight", "3", "--temperature", "0.5"]) == 0
     assert "reusing the demo retriever" in capsys.readouterr().err
     scores = json.loads((tmp_path / "demo" / "scores.json").read_text())
     assert scores["sampling"] == {"cfg_weight": 3.0, "temperature": 0.5}
+    assert set(scores["methods"]) == {"base", "faid-noret"}
     assert (tmp_path / "demo" / "base" / "seed0" / "00000" / "samples" / "0000.png").read_bytes() != first
+    # The control is the FAiD model decoding without retrieval: the same images as a plain base decode of it.
+    from arrag.decoding.loop import SamplingConfig
+    from arrag.decoding.methods import Generator
+    from arrag.demo.pipeline import ASSETS
+    from arrag.eval.prompts import read_prompt_source
+    from arrag.image_io import load_rgb
+    from arrag.janus import JanusPro
+
+    items = read_prompt_source(tmp_path / "demo" / "prompts_test.jsonl")
+    faid = Generator(JanusPro.from_pretrained(ASSETS / "faid", device="cpu", quiet=True))
+    direct = faid.generate([it.text for it in items], SamplingConfig(parallel_size=1, seed=0, image_size=64,
+                                                                     cfg_weight=3.0, temperature=0.5),
+                           image_indices=[it.index for it in items], progress=False)
+    folder = tmp_path / "demo" / "faid-noret" / "seed0"
+    control = np.stack([np.asarray(load_rgb(folder / f"{it.index:05d}" / "samples" / "0000.png")) for it in items])
+    assert np.array_equal(control, direct)

@@ -43,7 +43,11 @@ from arrag.provenance import write_json, write_sidecar
 from arrag.retrieval.retriever import PatchRetriever
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-METHODS = ("base", "daid", "faid")
+METHODS = ("base", "daid", "faid", "faid-noret")
+DEFAULT_METHODS = ("base", "daid", "faid")
+# faid-noret is a control: the FAiD model's weights (LoRA merged) decoding without retrieval, so its difference
+# from FAiD is what the retrieved candidates add and its difference from base is what the fine-tuning adds.
+LABELS = {"base": "base", "daid": "DAiD", "faid": "FAiD", "faid-noret": "FAiD, no retrieval"}
 # Tuned on the validation prompts (`python -m arrag.demo.tune`; see README, "ShapesWorld results"); lambda 0.1 is
 # also the library default.
 DEMO_DAID = {"daid_lambda": 0.1, "daid_tau": 1.0, "daid_k": 256}
@@ -64,7 +68,7 @@ def load_demo_models(assets: Path, device: torch.device):
 
 
 def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = (0,), split: str = "test",
-             per_category: int = 4, samples: int = 4, methods: tuple[str, ...] = METHODS,
+             per_category: int = 4, samples: int = 4, methods: tuple[str, ...] = DEFAULT_METHODS,
              daid: dict | None = None, faid_k: int = DEMO_FAID_K, sampling: dict | None = None,
              database_images: int = 4800,
              retriever_dir: str | Path = DEMO_RETRIEVER, assets: str | Path = ASSETS,
@@ -102,9 +106,10 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = (0
     first_images: dict = {}
     for seed in seeds:
         for method in methods:
-            model = models["faid" if method == "faid" else "base"]
-            generator = Generator(model, MethodConfig(method=method, faid_k=faid_k, **daid),
-                                  None if method == "base" else retriever)
+            model = models["faid" if method.startswith("faid") else "base"]
+            decode = "base" if method == "faid-noret" else method  # the control decodes as base
+            generator = Generator(model, MethodConfig(method=decode, faid_k=faid_k, **daid),
+                                  None if decode == "base" else retriever)
             folder = out / method / f"seed{seed}"
             layout = make_layout("geneval", folder, samples)
             remove_owned_dir(folder, what="GenEval image folder", owned=layout.owned)  # always fresh images
@@ -137,7 +142,7 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = (0
                "per_seed": results, "seconds": round(time.time() - t_start, 1)}
     write_json(out / "scores.json", summary)
     rows = [truth] + [first_images[m] for m in methods]
-    columns = ["ground truth", *("base" if m == "base" else m.upper().replace("AI", "Ai") for m in methods)]
+    columns = ["ground truth", *(LABELS[m] for m in methods)]
     grid = save_image(labeled_grid([list(col) for col in zip(*rows, strict=True)], [r["prompt"] for r in records],
                                    columns), out / "grid.png")
     write_sidecar(grid, {"columns": ["ground truth", *methods], "rows": [r["prompt"] for r in records],
