@@ -1,14 +1,15 @@
 """Tune DAiD's lambda, tau and K (and FAiD's K) on the ShapesWorld validation prompts.
 
-    python -m arrag.demo.tune [--out result/demo_tune] [--seeds 0]
+    python -m arrag.demo.tune [--out result/demo_tune] [--seeds 0] [--samples 2]
 
 First the sampling (CFG weight x temperature) for the base; then, at that sampling, a coarse DAiD grid: lambda x
 tau at K 256, then K at the best (lambda, tau); FAiD's K over a few values.
-Each point generates the validation prompts (4 per category x 2 samples) and is scored by overall
+Each point generates the validation prompts (4 per category x --samples, per seed) and is scored by overall
 accuracy (realism FID breaks ties). A point replaces the current demo setting only when it beats it by more
-than one standard error of the difference (48 images a point score within ~0.1 of each other by chance), so a
-rerun does not move the demo's settings on noise. Results go to <out>/tune.json; the chosen values are what
-arrag/demo/pipeline.py uses (DEMO_SAMPLING, DEMO_DAID, DEMO_FAID_K) and what the README reports.
+than one standard error of the difference (48 images a point score within ~0.1 of each other by chance; more
+--seeds or --samples narrow that), so a rerun does not move the demo's settings on noise. Results go to
+<out>/tune.json; the chosen values are what arrag/demo/pipeline.py uses (DEMO_SAMPLING, DEMO_DAID,
+DEMO_FAID_K) and what the README reports.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ CFG_WEIGHTS = (3.0, 5.0, 7.5, 10.0)
 TEMPERATURES = (1.0, 0.8, 0.6)
 
 
-def _point(out: Path, seeds: tuple[int, ...], **kw) -> dict:
-    s = run_demo(out, seeds=seeds, split="validation", samples=2, progress=False, **kw)
+def _point(out: Path, seeds: tuple[int, ...], samples: int, **kw) -> dict:
+    s = run_demo(out, seeds=seeds, split="validation", samples=samples, progress=False, **kw)
     m = next(iter(s["methods"].values()))
     return {"overall": m["overall"]["mean"], "realism_fid": m["realism_fid"]["mean"],
             "images": s["prompts"] * s["samples_per_prompt"] * len(s["seeds"]),
@@ -58,13 +59,14 @@ def choose(points: list[dict], current: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="result/demo_tune")
-    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--seeds", default="0", help="comma-separated; more seeds narrow the noise band (default 0)")
+    ap.add_argument("--samples", type=int, default=2, help="samples per validation prompt (default 2)")
     ap.add_argument("--assets", default=None, help="demo models to tune (default: the shipped ones)")
     ap.add_argument("--retriever-dir", default=None, help="their demo retriever (default data/retriever/demo_L)")
     args = ap.parse_args(argv)
     models = {k: v for k, v in (("assets", args.assets), ("retriever_dir", args.retriever_dir)) if v}
     out, seeds = Path(args.out), tuple(int(s) for s in args.seeds.split(","))
-    point = functools.partial(_point, out / "run", seeds, **models)
+    point = functools.partial(_point, out / "run", seeds, args.samples, **models)
     sampling = []
     for cfg, temp in itertools.product(CFG_WEIGHTS, TEMPERATURES):
         r = {"cfg_weight": cfg, "temperature": temp,
@@ -98,9 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = {"sampling": chosen_sampling,
               "daid": {k: v for k, v in choose(daid, DEMO_DAID).items() if k.startswith("daid_")},
               "faid_k": choose(faid, {"faid_k": DEMO_FAID_K})["faid_k"]}
-    write_json(out / "tune.json", {"seeds": seeds, "sampling": sampling, "base": runs["base"], "daid": daid,
-                                   "faid": faid,
-                                   "chosen": chosen})
+    write_json(out / "tune.json", {"seeds": seeds, "samples": args.samples, "sampling": sampling, "base": runs["base"],
+                                   "daid": daid, "faid": faid, "chosen": chosen})
     print(f"chosen: {chosen}")
     return 0
 
