@@ -7,7 +7,7 @@ resume from their last checkpoint):
   1. the VQ tokenizer (VQ-tiny-4: 64-px images -> 16x16 tokens) on rendered training images;
   2. the base AR model (a small Janus of the real classes, word-level tokenizer) on (caption, codes) of the
      training split, teacher-forced cross-entropy (the cells on and around the shapes weighted --shape-weight)
-     with caption dropout for CFG;
+     with caption dropout for CFG; then its loss on training against held-out images (what it memorised);
   3. FAiD from that base: the demo retriever over the database split (`arrag encode` + `build-index`),
      `construct-train` on a slice of the training split, then `train-faid`;
   4. export: bf16 safetensors of base and FAiD (each holding its VQ) + tokenizer + recipe.json.
@@ -280,6 +280,46 @@ def object_cell_weights(captions: list[str | None], recipe: DemoRecipe, grid: in
     return torch.from_numpy(out)
 
 
+@torch.no_grad()
+def held_out_loss(model_dir: Path, recipe: DemoRecipe, count: int = 384, batch: int = 32,
+                  device: str | torch.device = "cpu") -> dict:
+    """Plain teacher-forced cross-entropy (nats per token) of a trained base on its first `count` training items
+    (at most recipe.train_images) and on as many validation items, overall and split into the objects' cells and
+    the background.
+
+    The gap between the splits is what the base memorised of its training images rather than learnt of the
+    world; on the object cells it is the part that matters for the scorer."""
+    from arrag.janus import JanusPro, Prompter
+    from arrag.janus.faid_layers import full_sequence_logits
+    from arrag.janus.prompting import load_tokenizer
+
+    model = JanusPro.from_pretrained(model_dir, dtype=torch.float32, device=device, quiet=True).eval()
+    prompter = Prompter(load_tokenizer(model_dir))
+    count = min(count, recipe.train_images)  # training items beyond train_images were never trained on
+    out = {}
+    for split in ("train", "validation"):
+        world = ShapesWorld(split, seed=recipe.seed, size=recipe.image_size)
+        sums = np.zeros(3)
+        counts = np.zeros(3)
+        for start in range(0, count, batch):
+            n = min(batch, count - start)
+            scenes = [world.scene(i) for i in range(start, start + n)]
+            codes = model.vq.encode_to_codes(to_tensor(world.images(start, n)).to(model.device)).reshape(n, -1)
+            rows = prompter.left_pad([prompter.ids(sc.caption) for sc in scenes])
+            grid = int(math.isqrt(codes.shape[1]))
+            logits = full_sequence_logits(model, rows.input_ids.to(model.device), rows.attention_mask.to(model.device),
+                                          codes, None, (grid, grid))
+            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1),
+                                                   reduction="none").reshape(n, -1).cpu().numpy()
+            cells = np.stack([sc.object_cells(grid).reshape(-1) for sc in scenes])
+            for j, m in enumerate((np.ones_like(cells), cells, ~cells)):
+                sums[j] += ce[m].sum()
+                counts[j] += m.sum()
+        out[split] = dict(zip(("all", "object_cells", "background"), (sums / counts).round(4).tolist(), strict=True))
+    out["images"] = count
+    return out
+
+
 def _device_label(dev: torch.device) -> str:
     """'cpu (2 threads)' or the CUDA device's name, for recipe.json."""
     if dev.type == "cuda":
@@ -356,7 +396,13 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
         report["base"]["seconds"] = earlier + round(time.time() - t0)
         report["base"]["device"] = where
         write_json(report_path, report)
-    print(f"[train-demo] 2/4 base AR: final loss {report['base']['final_loss']:.3f}", file=sys.stderr)
+    if "held_out" not in report["base"]:
+        report["base"]["held_out"] = held_out_loss(base_dir, recipe, device=dev)
+        write_json(report_path, report)
+    held = report["base"]["held_out"]
+    print(f"[train-demo] 2/4 base AR: final loss {report['base']['final_loss']:.3f}; on the objects' cells "
+          f"{held['train']['object_cells']:.3f} (training images) vs {held['validation']['object_cells']:.3f} "
+          "(held out)", file=sys.stderr)
 
     t0 = time.time()
     index = build_demo_retriever(base_dir, Path(retriever_dir), recipe.database_images, recipe.image_size,
