@@ -135,7 +135,7 @@ class DemoRecipe:
     vq_steps: int = 1500
     vq_batch: int = 16
     vq_lr: float = 2e-3
-    train_images: int = 16000
+    train_images: int = 96000
     hidden: int = 192
     layers: int = 4
     heads: int = 4
