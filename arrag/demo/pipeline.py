@@ -62,7 +62,7 @@ def load_demo_models(assets: Path, device: torch.device):
     for name in ("base", "faid"):
         if not (assets / name / "config.json").is_file():
             raise ArragError(f"demo weights missing in {assets / name}: train them with "
-                             "`python -m arrag.demo.train_demo` (about 80 minutes on 2 CPU cores)")
+                             "`python -m arrag.demo.train_demo` (about 85 minutes on 2 CPU cores)")
     return {name: JanusPro.from_pretrained(assets / name, dtype=torch.float32, device=device, quiet=True)
             for name in ("base", "faid")}
 
