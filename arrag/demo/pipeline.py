@@ -52,9 +52,9 @@ LABELS = {"base": "base", "daid": "DAiD", "faid": "FAiD", "faid-noret": "FAiD, n
 # also the library default.
 DEMO_DAID = {"daid_lambda": 0.1, "daid_tau": 1.0, "daid_k": 256}
 DEMO_FAID_K = 10
-# Sampling for every method: Janus-Pro's own. On validation a higher CFG (7.5-10) scores a little higher for the base
-# at a worse realism FID; the demo keeps the original recipe (README, "ShapesWorld results"; `python -m
-# arrag.demo.tune` repeats the sweep for retrained models).
+# Sampling for every method: Janus-Pro's own. On validation a higher CFG (7.5-10) scored higher for the base only
+# within noise, at a worse realism FID (README, "ShapesWorld results"; `python -m arrag.demo.tune` repeats the sweep
+# for retrained models).
 DEMO_SAMPLING = {"cfg_weight": 5.0, "temperature": 1.0}
 
 
