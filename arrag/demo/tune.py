@@ -8,9 +8,8 @@ Each point generates the validation prompts (4 per category x --samples, per see
 accuracy (realism FID breaks ties). A point replaces the current demo setting only when it beats it by more
 than two standard errors of the difference (48 images a point differ by ~0.1 by chance, and a dozen points
 against one make a one-SE win likely by luck alone; more --seeds or --samples narrow the band), so a rerun
-does not move the demo's settings on noise. Results go to
-<out>/tune.json; the chosen values are what arrag/demo/pipeline.py uses (DEMO_SAMPLING, DEMO_DAID,
-DEMO_FAID_K) and what the README reports.
+does not move the demo's settings on noise. Results go to <out>/tune.json; the chosen values are what
+arrag/demo/pipeline.py uses (DEMO_SAMPLING, DEMO_DAID, DEMO_FAID_K) and what the README reports.
 """
 
 from __future__ import annotations
