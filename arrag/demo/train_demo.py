@@ -304,14 +304,14 @@ def held_out_loss(model_dir: Path, recipe: DemoRecipe, count: int = 384, batch: 
         for start in range(0, count, batch):
             n = min(batch, count - start)
             scenes = [world.scene(i) for i in range(start, start + n)]
-            codes = model.vq.encode_to_codes(to_tensor(world.images(start, n)).to(model.device)).reshape(n, -1)
+            grid = model.vq.encode_to_codes(to_tensor(world.images(start, n)).to(model.device))  # [n, h, w]
+            codes = grid.reshape(n, -1)
             rows = prompter.left_pad([prompter.ids(sc.caption) for sc in scenes])
-            grid = int(math.isqrt(codes.shape[1]))
             logits = full_sequence_logits(model, rows.input_ids.to(model.device), rows.attention_mask.to(model.device),
-                                          codes, None, (grid, grid))
+                                          codes, None, tuple(grid.shape[1:]))
             ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1),
                                                    reduction="none").reshape(n, -1).cpu().numpy()
-            cells = np.stack([sc.object_cells(grid).reshape(-1) for sc in scenes])
+            cells = np.stack([sc.object_cells(grid.shape[1]).reshape(-1) for sc in scenes])
             for j, m in enumerate((np.ones_like(cells), cells, ~cells)):
                 sums[j] += ce[m].sum()
                 counts[j] += m.sum()
