@@ -231,6 +231,47 @@ def _eval_fid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_retrieval_gain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from arrag.decoding import Generator, MethodConfig
+    from arrag.eval.retrieval_gain import retrieval_gain
+    from arrag.janus import Prompter
+    from arrag.provenance import write_json
+    from arrag.retrieval.codestore import CodeStore
+
+    lambdas = _floats(args.lambdas, "--lambdas")
+    taus = _floats(args.taus, "--taus")
+    store = CodeStore.open(args.store)
+    method = MethodConfig("daid", daid_k=args.k, daid_aggregate=args.aggregate, allow_unknown_vq=args.allow_unknown_vq)
+    generator = Generator.load(args.model, method, retriever=args.retriever, device=args.device, nprobe=args.nprobe,
+                               verify_index=not args.no_verify_index, dtype="fp32")
+    result = retrieval_gain(generator.model, Prompter.from_folder(args.model), generator.retriever, store,
+                            images=args.images, k=args.k, lambdas=lambdas, taus=taus, aggregate=args.aggregate,
+                            cfg_weight=args.cfg_weight, batch_size=args.batch_size)
+    out = Path(args.out) if args.out else Path(str(Path(args.store).resolve()) + "_retrieval_gain.json")
+    write_json(out, {**result, "settings": {**{k: v for k, v in vars(args).items() if k != "func"},
+                                            "retriever_settings": generator.retriever.settings()}})
+    print(f"model alone: {result['model_nats']:.4f} nats per retrieval target ({result['targets']:,} targets, "
+          f"{result['images']} images); true code among the {args.k} hits {result['true_code_in_hits']:.3f}, "
+          f"p_ret's top code right {result['retrieval_top1']:.3f}, the model's {result['model_top1']:.3f}")
+    for row in result["table"]:
+        if row["lambda"] > 0:
+            print(f"  tau {row['tau']:<5g} lambda {row['lambda']:<5g} {row['nats']:.4f} nats  gain {row['gain']:+.4f}")
+    best = result["best"]
+    verdict = (f"best gain {best['gain']:+.4f} nats at tau {best['tau']:g}, lambda {best['lambda']:g}"
+               if best["lambda"] > 0 else "no lambda > 0 lowers the loss: the database adds nothing the model lacks")
+    print(f"{verdict} -> {out}")
+    return 0
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ArragError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+
 def _demo(args: argparse.Namespace) -> int:
     from arrag.demo.pipeline import ASSETS, run_demo
     from arrag.runtime import resolve_device
@@ -559,8 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="DataLoader workers per process (default %(default)s)")
     tf.set_defaults(func=_train_faid)
 
-    ev = sub.add_parser("eval", help="evaluate generated images (FID, ShapesWorld scores)",
-                        description="Evaluate generated images.")
+    ev = sub.add_parser("eval", help="evaluate generated images (FID, ShapesWorld scores) and databases "
+                        "(retrieval gain)", description="Evaluate generated images, or what a database adds.")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
     fid = ev_sub.add_parser(
         "fid", help="FID between a folder of generated images and reference images or statistics",
@@ -591,6 +632,34 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--reference-images", type=int, default=512, help="rendered reference images (default 512)")
     sh.add_argument("--out", default=None, help="result JSON (default <folder>/shapes_scores.json)")
     sh.set_defaults(func=_eval_shapes)
+
+    rg = ev_sub.add_parser(
+        "retrieval-gain", help="does a database know what the model does not? teacher-forced gain of DAiD's mix",
+        description="On held-out images (a code store with captions, encoded with the model's tokenizer and not part "
+                    "of the database), the model's teacher-forced loss per retrieval target with its distribution "
+                    "mixed with DAiD's retrieval distribution, (1 - lambda) p_model + lambda p_ret, for each tau and "
+                    "lambda. A gain at some lambda > 0 means the database holds information the model lacks (what "
+                    "DAiD adds and FAiD can learn to use); none means FAiD has nothing to learn from it. FAiD "
+                    "models are measured without their blenders.")
+    rg.add_argument("--model", required=True, help="Janus-Pro folder (base or FAiD)")
+    rg.add_argument("--retriever", required=True, help="index folder built with the model's tokenizer")
+    rg.add_argument("--store", required=True, help="code store of held-out images with captions (`arrag encode`)")
+    rg.add_argument("--images", type=int, default=256, help="first N images of the store (default 256)")
+    rg.add_argument("--k", type=int, default=256, help="neighbours per query (default 256)")
+    rg.add_argument("--aggregate", default="nearest", choices=["nearest", "sum"],
+                    help="p_ret over duplicate codes: nearest hit (DAiD's default) or sum (kNN-LM)")
+    rg.add_argument("--lambdas", default="0,0.01,0.03,0.1,0.3", help="mixing weights, must include 0 "
+                    "(default 0,0.01,0.03,0.1,0.3)")
+    rg.add_argument("--taus", default="1", help="p_ret temperatures (default 1)")
+    rg.add_argument("--cfg-weight", type=float, default=1.0,
+                    help="CFG weight for p_model (default 1 = the conditional model alone)")
+    rg.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    rg.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per search (default: the index's)")
+    rg.add_argument("--allow-unknown-vq", action="store_true", help="accept an index without a VQ fingerprint")
+    rg.add_argument("--no-verify-index", action="store_true", help="check only the index files' sizes")
+    rg.add_argument("--out", default=None, help="result JSON (default <store>_retrieval_gain.json)")
+    _add_device(rg)
+    rg.set_defaults(func=_eval_retrieval_gain)
 
     sp = ev_sub.add_parser(
         "shapes-prompts", help="write a ShapesWorld prompt file (GenEval-style jsonl with each scene)",

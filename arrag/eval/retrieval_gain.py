@@ -1,0 +1,119 @@
+"""Does a database know what the model does not? The teacher-forced retrieval gain (`arrag eval retrieval-gain`).
+
+On held-out images (a code store with captions), at every valid retrieval target t:
+  p_model  the model's teacher-forced next-token distribution (CFG-combined when --cfg-weight != 1)
+  p_ret    DAiD's retrieval distribution from the ground-truth neighbours' k-NN hits
+  nats(lambda, tau) = mean -log((1 - lambda) p_model + lambda p_ret)[true code]
+gain = nats(0) - nats(lambda). A positive gain at some lambda means the database holds information about the
+next code that the model lacks: what DAiD mixes in and what FAiD's blenders could learn to use. None at any
+lambda means neither can lower the loss on real images; DAiD can still change samples (it pulls a drifting
+sample back towards real patches), but FAiD, trained by teacher forcing, has nothing to learn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from arrag.decoding.daid import DEFAULT_AGGREGATE, retrieval_distribution
+from arrag.errors import ArragError
+from arrag.retrieval.neighborhood import grid_key_vectors
+
+DEFAULT_LAMBDAS = (0.0, 0.01, 0.03, 0.1, 0.3)
+DEFAULT_TAUS = (1.0,)
+
+
+def _check_inputs(model, retriever, store, images: int, lambdas: Sequence[float], taus: Sequence[float]) -> None:
+    """One-line errors for a store or settings that cannot give a fair measurement."""
+    if images < 1:
+        raise ArragError(f"--images must be >= 1, got {images}")
+    if any(not 0.0 <= lam <= 1.0 for lam in lambdas) or 0.0 not in lambdas:
+        raise ArragError(f"--lambdas must lie in [0, 1] and include 0 (the model alone), got {list(lambdas)}")
+    if any(t <= 0 for t in taus):
+        raise ArragError(f"--taus must be > 0, got {list(taus)}")
+    if not model.vq.matches(store.fingerprint):
+        raise ArragError(f"code store {store.folder} was encoded with another tokenizer (VQ fingerprint "
+                         f"{store.fingerprint}, model {model.vq.fingerprint()}); encode the images with this model")
+    grid = retriever.manifest.get("grid")
+    if grid is not None and tuple(grid) != store.grid:
+        raise ArragError(f"retriever {retriever.folder} holds {grid[0]}x{grid[1]} grids but code store {store.folder} "
+                         f"{store.grid[0]}x{store.grid[1]}; encode the images at the index's image size")
+    source = retriever.manifest.get("store")
+    if source is not None and Path(source).resolve() == store.folder.resolve():
+        raise ArragError(f"code store {store.folder} is the one {retriever.folder} was built from: its own entries "
+                         "would answer every query; measure on held-out images (`arrag encode` another set)")
+    if not store.has_captions:
+        raise ArragError(f"code store {store.folder} has no captions; encode images with same-named .txt captions "
+                         "(or a caption column)")
+
+
+@torch.no_grad()
+def retrieval_gain(model, prompter, retriever, store, images: int = 256, k: int = 256,
+                   lambdas: Sequence[float] = DEFAULT_LAMBDAS, taus: Sequence[float] = DEFAULT_TAUS,
+                   aggregate: str = DEFAULT_AGGREGATE, cfg_weight: float = 1.0, batch_size: int = 16,
+                   progress: bool = True) -> dict:
+    """Teacher-forced nats per retrieval target for every (tau, lambda) on the first `images` of `store`.
+
+    model: a JanusPro; prompter: its Prompter; retriever: a PatchRetriever checked against the model; store: a
+    CodeStore of held-out images.
+    Returns the table (rows of tau, lambda, nats, gain), the best row, and how often the true code is among the
+    hits, is p_ret's most likely code and is the model's.
+    """
+    from arrag.janus.faid_layers import full_sequence_logits
+
+    _check_inputs(model, retriever, store, images, lambdas, taus)
+    n_total = min(images, store.num_images)
+    captions = store.captions()[:n_total]
+    if any(c is None for c in captions):
+        raise ArragError(f"code store {store.folder}: some of the first {n_total} images have no caption")
+    codebook = store.codebook()
+    grid = store.grid
+    nats = np.zeros((len(taus), len(lambdas)))
+    counts = {"targets": 0, "in_hits": 0, "ret_top1": 0, "model_top1": 0, "without_hits": 0}
+    bar = tqdm(range(0, n_total, batch_size), desc="retrieval gain", unit="batch", disable=not progress)
+    for s in bar:
+        idx = np.arange(s, min(s + batch_size, n_total))
+        grids = store.gather(idx)  # [n, h, w]
+        codes = torch.from_numpy(grids.reshape(len(idx), -1).astype(np.int64)).to(model.device)
+        cond = [prompter.ids(c) for c in captions[s:s + len(idx)]]
+        rows = [cond] if cfg_weight == 1.0 else [cond, [prompter.unconditional(c) for c in cond]]
+        logits = []
+        for r in rows:
+            batch = prompter.left_pad(r, device=model.device)
+            logits.append(full_sequence_logits(model, batch.input_ids, batch.attention_mask, codes, None, grid).float())
+        lg = logits[0] if cfg_weight == 1.0 else logits[1] + cfg_weight * (logits[0] - logits[1])
+        pos, keys = grid_key_vectors(grids, codebook, retriever.neighborhood)  # the index's own keys
+        p_model = torch.softmax(lg[:, torch.from_numpy(pos).to(lg.device)], -1).reshape(-1, lg.shape[-1]).cpu()
+        target = codes[:, torch.from_numpy(pos).to(codes.device)].reshape(-1).cpu()
+        dist, hit_codes, copies = retriever.search_counted(np.ascontiguousarray(keys.reshape(-1, keys.shape[-1])), k)
+        dist, hit_codes = torch.as_tensor(dist), torch.as_tensor(hit_codes)
+        copies = None if copies is None else torch.as_tensor(copies)
+        missing = hit_codes[:, 0] < 0
+        counts["targets"] += len(target)
+        counts["in_hits"] += int((hit_codes == target[:, None]).any(1).sum())
+        counts["model_top1"] += int((p_model.argmax(1) == target).sum())
+        counts["without_hits"] += int(missing.sum())
+        p_true = p_model.gather(1, target[:, None]).squeeze(1).double()
+        for i, tau in enumerate(taus):
+            p_ret = retrieval_distribution(dist, hit_codes, p_model.shape[1], tau, aggregate, copies)
+            if i == 0:
+                counts["ret_top1"] += int(((p_ret.argmax(1) == target) & ~missing).sum())
+            r_true = p_ret.gather(1, target[:, None]).squeeze(1).double()
+            for j, lam in enumerate(lambdas):
+                # rows without hits keep the model's distribution, as DAiD decodes them
+                mix = torch.where(missing, p_true, (1 - lam) * p_true + lam * r_true)
+                nats[i, j] += float(-torch.log(mix.clamp_min(1e-300)).sum())
+    n = max(counts["targets"], 1)
+    nats /= n
+    base = nats[0, list(lambdas).index(0.0)]
+    table = [{"tau": float(t), "lambda": float(lam), "nats": float(nats[i, j]), "gain": float(base - nats[i, j])}
+             for i, t in enumerate(taus) for j, lam in enumerate(lambdas)]
+    best = max(table, key=lambda row: row["gain"])
+    return {"images": int(n_total), "targets": counts["targets"], "k": k, "aggregate": aggregate,
+            "cfg_weight": cfg_weight, "model_nats": float(base), "table": table, "best": best,
+            "true_code_in_hits": counts["in_hits"] / n, "retrieval_top1": counts["ret_top1"] / n,
+            "model_top1": counts["model_top1"] / n, "targets_without_hits": counts["without_hits"]}
