@@ -80,3 +80,13 @@ def test_object_cell_weights_follow_the_scenes_and_refuse_another_store():
         np.testing.assert_array_equal(w[i].numpy(), expected)
     with pytest.raises(SystemExit, match="row 1 has caption 'a mystery'.*--shape-weight"):
         object_cell_weights([captions[0], "a mystery"], DemoRecipe(shape_weight=4.0), 16)
+
+
+def test_every_recipe_setting_is_a_documented_flag(capsys):
+    from arrag.demo.train_demo import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = "".join(capsys.readouterr().out.split())  # argparse wraps lines (also at hyphens)
+    for name, field in DemoRecipe.__dataclass_fields__.items():
+        assert f"--{name.replace('_', '-')}" in out and f"(default{field.default})" in out

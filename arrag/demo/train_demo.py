@@ -162,6 +162,29 @@ class DemoRecipe:
     lora_alpha: int = 32
 
 
+# What each DemoRecipe field sets (the recipe's --help).
+RECIPE_HELP = {
+    "seed": "seed of every random choice (scenes, initialisation, batches)",
+    "image_size": "image side in pixels (64 = 16x16 tokens with VQ-tiny-4)",
+    "vq_preset": "VQ architecture preset (arrag.vq presets)",
+    "vq_steps": "VQ training steps", "vq_batch": "VQ images per step", "vq_lr": "VQ learning rate",
+    "train_images": "rendered training images for the base (its batches sample them with replacement)",
+    "hidden": "base hidden size", "layers": "base decoder layers", "heads": "base attention heads",
+    "kv_heads": "base key/value heads (grouped-query attention)", "intermediate": "base MLP width",
+    "base_steps": "base training steps (a larger value continues a finished run from its checkpoint)",
+    "base_batch": "base images per step", "base_lr": "base peak learning rate (cosine to 10%%)",
+    "base_warmup": "base warm-up steps",
+    "shape_weight": "loss weight of the tokens on and around the shapes (1 = plain cross-entropy)",
+    "cfg_drop": "probability of replacing a caption by the unconditional prompt (for CFG)",
+    "database_images": "images in the demo retrieval database",
+    "faid_images": "FAiD training images (steps x batch of them = one epoch)",
+    "faid_steps": "FAiD training steps", "faid_batch": "FAiD images per step", "faid_lr": "FAiD learning rate",
+    "num_blender": "FAiD blenders", "num_hop": "FAiD blender hops, e.g. 1,2",
+    "faid_blender_init": "FAiD blender initialisation: zero (adds nothing at step 0) or original",
+    "k": "FAiD candidates per cell", "lora_r": "FAiD LoRA rank", "lora_alpha": "FAiD LoRA alpha",
+}
+
+
 def encode_split(workdir: Path, name: str, split: str, count: int, vq_path: Path, recipe: DemoRecipe,
                  device: str = "auto") -> Path:
     """Render + `arrag encode` a split into a code store with captions (resumable)."""
@@ -491,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retriever-dir", default=str(DEMO_RETRIEVER), help="the demo retriever (built if missing)")
     ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     for f in DemoRecipe.__dataclass_fields__.values():
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                        help=f"{RECIPE_HELP[f.name]} (default {f.default})")
     args = ap.parse_args(argv)
     recipe = DemoRecipe(**{k: getattr(args, k) for k in DemoRecipe.__dataclass_fields__})
     run_recipe(args.workdir, args.assets, args.retriever_dir, recipe, device=args.device)
