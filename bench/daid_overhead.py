@@ -28,6 +28,7 @@ from arrag.demo.presets import build_word_tokenizer, tiny_janus_config  # noqa: 
 from arrag.janus import JanusPro, Prompter  # noqa: E402
 from arrag.retrieval.retriever import PatchRetriever  # noqa: E402
 from arrag.vq import load_vq  # noqa: E402
+from bench.retrieval import needs_build  # noqa: E402
 
 PROMPTS = ["a red circle left of a blue square", "two green triangles", "a yellow diamond", "three purple circles"]
 
@@ -44,8 +45,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/daid_overhead.json")
     args = ap.parse_args()
     data = ROOT / args.data
-    if not (data / "idx_auto" / "manifest.json").exists():
-        raise SystemExit(f"no index at {data / 'idx_auto'}: run `.venv/bin/python bench/retrieval.py` first")
+    if needs_build(data / "idx_auto", dedup=True):
+        raise SystemExit(f"no current index at {data / 'idx_auto'} (missing, or built before build-time nprobe "
+                         "tuning): run `.venv/bin/python bench/retrieval.py` first")
 
     tmp = Path(tempfile.mkdtemp())
     tok = build_word_tokenizer(tmp)

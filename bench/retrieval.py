@@ -186,6 +186,15 @@ def scale_build(out: Path, entries: int, queries: int) -> dict:
     return res
 
 
+def needs_build(folder: Path, dedup: bool) -> bool:
+    """An index from an earlier run is reused only when today's build-index would make the same one: the same
+    de-duplication, and an nprobe tuned at build time (indexes from before the tuning kept sqrt(nlist)/2)."""
+    if not (folder / "manifest.json").exists():
+        return True
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return manifest.get("dedup", False) != dedup or "nprobe_tuning" not in manifest
+
+
 def dedup_vs_full(store: Path, out: Path, queries: int) -> dict:
     """The de-duplicated auto index against the full one on ShapesWorld (see the module docstring, item 6)."""
     from arrag.build_retriever.build_index import build_index
@@ -198,8 +207,7 @@ def dedup_vs_full(store: Path, out: Path, queries: int) -> dict:
     res, batch = {}, q[:16]
     for name, dedup in (("dedup", True), ("full", False)):
         folder = out / ("idx_auto" if dedup else "idx_auto_full")
-        if not (folder / "manifest.json").exists() or json.loads((folder / "manifest.json").read_text()).get(
-                "dedup", False) != dedup:
+        if needs_build(folder, dedup):
             build_index(store, folder, overwrite=True, dedup=dedup, progress=False)
         r = PatchRetriever.load(folder)
         res[name] = {"entries": r.entries, "factory": r.manifest["factory"], "nprobe": r.nprobe,
@@ -287,7 +295,7 @@ def main() -> None:
     from arrag.retrieval.retriever import PatchRetriever
 
     auto_dir = out / "idx_auto"
-    if not (auto_dir / "manifest.json").exists():
+    if needs_build(auto_dir, dedup=True):
         build_index(store, auto_dir, overwrite=True)
     r = PatchRetriever.load(auto_dir)
     queries = sample_entry_keys(st, args.queries, seed=1)
