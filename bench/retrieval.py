@@ -233,7 +233,8 @@ def code_pq_vs_flat(store: Path, out: Path, queries: int) -> dict:
     for name, kind in (("ivf_flat", "Flat"), ("code_pq", "CodePQ")):
         folder = out / f"idx_{name}"
         factory = f"IVF{auto.manifest['nlist']},{kind}"
-        if not (folder / "manifest.json").exists() or PatchRetriever.load(folder).manifest["factory"] != factory:
+        made = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").exists() else {}
+        if made.get("factory") != factory or made.get("nprobe") != auto.nprobe:
             build_index(store, folder, overwrite=True, factory=factory, nprobe=auto.nprobe, progress=False)
         r = PatchRetriever.load(folder)
         found[name] = r.search(q, 256)
