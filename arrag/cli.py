@@ -580,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--cfg-drop", type=float, default=_default(F, "cfg_drop"),
                     help="arrag's option: probability of training a sample on the unconditional prompt, without "
                          "retrieved features (default %(default)s)")
+    tf.add_argument("--token-weights", default=None,
+                    help="arrag's option: a .npy [images, h*w] of loss weights per image token, in store order "
+                         "(e.g. more weight on objects); the loss is sum(w * ce) / sum(w). Default: the plain mean")
     tf.add_argument("--max-text-len", type=int, default=_default(F, "max_text_len"),
                     help="prompt token limit (default %(default)s)")
     tf.add_argument("--seed", type=int, default=_default(F, "seed"),

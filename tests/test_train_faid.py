@@ -369,3 +369,44 @@ def test_faid_learns_to_use_candidates_that_hold_the_answer(tmp_path, tiny_janus
     # The next cell's code: as informative a signal, but about a token not yet predicted, so it must not help.
     shifted = _gain_with_candidates(tmp_path / "next", tiny_janus_dir, tiny_janus, lambda c: np.roll(c, -1, axis=1))
     assert own > 1.0 and shifted < 0.3, (own, shifted)  # nats per token; measured 2.19 and 0.07
+
+
+def test_token_weights_weigh_the_loss_and_uniform_ones_change_nothing(trained, world, tmp_path):
+    from arrag.janus.faid_layers import full_sequence_logits
+
+    # any uniform weight is the plain mean: the same run, step for step
+    np.save(tmp_path / "twos.npy", np.full((16, 36), 2.0, np.float32))
+    cfg = _cfg(world, tmp_path / "run", token_weights=str(tmp_path / "twos.npy"))
+    train_faid(cfg)
+    plain = json.loads((trained.output_dir() / "settings.json").read_text())["loss_history"]
+    weighted = json.loads((cfg.output_dir() / "settings.json").read_text())
+    assert weighted["token_weights"] == str(tmp_path / "twos.npy")
+    np.testing.assert_allclose([v for _, v in weighted["loss_history"]], [v for _, v in plain], rtol=1e-5)
+    # other weights: sum(w * ce) / sum(w) per token, against log-softmax computed here
+    w = np.random.default_rng(3).random((16, 6, 6)).astype(np.float32)
+    np.save(tmp_path / "w.npy", w)
+    model = JanusPro.from_pretrained(trained.out, device="cpu", quiet=True)
+    store, batch = _fixed_batch(dataclasses.replace(trained, token_weights=str(tmp_path / "w.npy")), model)
+    assert batch["weights"].shape == (4, 36)
+    with torch.no_grad():
+        got = FaidObjective(model, store.grid)(**batch).item()
+        logits = full_sequence_logits(model, batch["input_ids"], batch["attention_mask"], batch["codes"],
+                                      batch["candidates"], store.grid, row_mask=batch["features"])
+        ce = -torch.log_softmax(logits.double(), -1).gather(2, batch["codes"][..., None]).squeeze(2)
+    bw = torch.from_numpy(w[:4].reshape(4, 36)).double()
+    assert got == pytest.approx(float((ce * bw).sum() / bw.sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("weights, message", [
+    (np.ones((16, 35), np.float32), r"shape .*\(16, 35\).* needs \[16, 36\]"),
+    (np.ones((16, 36), np.int64), r"a float array"),
+    (np.full((16, 36), -1.0, np.float32), r"finite and >= 0"),
+])
+def test_bad_token_weights_are_refused_in_one_line(world, tmp_path, capsys, weights, message):
+    np.save(tmp_path / "w.npy", weights)
+    args = ["train-faid", "--base", world["base"], "--store", world["store"], "--out", str(tmp_path / "out"),
+            "--k", "4", "--cpu", "--token-weights", str(tmp_path / "w.npy")]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert re.search(r"--token-weights .*" + message, err) and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

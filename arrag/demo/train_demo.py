@@ -174,7 +174,8 @@ RECIPE_HELP = {
     "base_steps": "base training steps (a larger value continues a finished run from its checkpoint)",
     "base_batch": "base images per step", "base_lr": "base peak learning rate (cosine to 10%%)",
     "base_warmup": "base warm-up steps",
-    "shape_weight": "loss weight of the tokens on and around the shapes (1 = plain cross-entropy)",
+    "shape_weight": "loss weight of the tokens on and around the shapes, for the base and FAiD (1 = plain "
+                    "cross-entropy)",
     "cfg_drop": "probability of replacing a caption by the unconditional prompt (for CFG)",
     "database_images": "images in the demo retrieval database",
     "faid_images": "FAiD training images (steps x batch of them = one epoch)",
@@ -301,6 +302,23 @@ def object_cell_weights(captions: list[str | None], recipe: DemoRecipe, grid: in
                              f"{i}'s {scene.caption!r}; --shape-weight needs the store train_demo rendered")
         out[i, scene.object_cells(grid).reshape(-1)] = recipe.shape_weight
     return torch.from_numpy(out)
+
+
+def faid_token_weights(workdir: Path, faid_store: Path, recipe: DemoRecipe) -> Path | None:
+    """FAiD's `--token-weights`: the base's shape weighting on the FAiD training images (None when it is 1), so
+    that fine-tuning keeps the objective the base was trained with instead of drifting to the background."""
+    from arrag.retrieval.codestore import CodeStore
+
+    if recipe.shape_weight == 1.0:
+        return None
+    path = workdir / f"faid_token_weights_{recipe.shape_weight:g}.npy"
+    if not path.exists():
+        store = CodeStore.open(faid_store)
+        weights = object_cell_weights(store.captions(), recipe, store.grid[0]).numpy()
+        with fileops.atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, weights)
+    return path
 
 
 @torch.no_grad()
@@ -470,7 +488,9 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
         report.pop("faid", None)
         print(f"[train-demo] FAiD was trained from an earlier base; moved to {aside}", file=sys.stderr)
     if not (faid_dir / "settings.json").exists():
+        weights = faid_token_weights(workdir, faid_store, recipe)
         train_faid(FaidTrainConfig(base=str(base_dir), store=str(faid_store), out=str(faid_dir),
+                                   token_weights=None if weights is None else str(weights),
                                    num_blender=recipe.num_blender, num_hop=recipe.num_hop, retrieved_key_num=recipe.k,
                                    blender_init=recipe.faid_blender_init,
                                    lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lr=recipe.faid_lr,
@@ -481,7 +501,9 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
         history = json.loads((faid_dir / "settings.json").read_text())["loss_history"]
         report["faid"] = {"final_loss": float(np.mean([v for _, v in history[-50:]])),
                           "losses": [v for _, v in history[::10]], "seconds": round(time.time() - t0),
-                          "device": where, "base_steps": report["base"]["steps"]}
+                          "device": where, "base_steps": report["base"]["steps"],
+                          # what the losses are: the plain mean, or weighted like the base's (--token-weights)
+                          "token_weights": None if weights is None else weights.name}
         write_json(report_path, report)
     if "candidate_gain" not in report["faid"]:
         # What FAiD takes from retrieval: its training loss with its candidates against without them.

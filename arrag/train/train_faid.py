@@ -81,6 +81,7 @@ class FaidTrainConfig:
     warmup_ratio: float = 0.0
     max_grad_norm: float = 1.0
     cfg_drop: float = 0.0               # arrag's option; the original trains with no caption dropout
+    token_weights: str | None = None    # arrag's option: .npy [N, h*w] loss weight per image token; None = plain mean
     max_text_len: int = 512
     seed: int = 42
     save_every: int = 500
@@ -145,8 +146,8 @@ class FaidTrainSet(Dataset):
     """
 
     def __init__(self, store: CodeStore, retrieved: np.ndarray, prompter, *, seed: int, cfg_drop: float,
-                 max_text_len: int):
-        self.store, self.retrieved, self.prompter = store, retrieved, prompter
+                 max_text_len: int, weights: np.ndarray | None = None):
+        self.store, self.retrieved, self.prompter, self.weights = store, retrieved, prompter, weights
         self.captions = store.captions()
         self.seed, self.cfg_drop, self.max_text_len = seed, cfg_drop, max_text_len
 
@@ -167,7 +168,10 @@ class FaidTrainSet(Dataset):
         if dropped:  # the unconditional prompt, so that the model keeps classifier-free guidance
             ids = self.prompter.unconditional(ids)
         codes = self.store.gather(np.array([image]))[0].reshape(-1).astype(np.int64)
-        return {"ids": ids, "codes": codes, "candidates": candidates, "dropped": dropped}
+        item = {"ids": ids, "codes": codes, "candidates": candidates, "dropped": dropped}
+        if self.weights is not None:
+            item["weights"] = np.asarray(self.weights[image], dtype=np.float32).reshape(-1)
+        return item
 
 
 class PassSampler(Sampler):
@@ -186,17 +190,21 @@ class PassSampler(Sampler):
 
 
 class Collate:
-    """Items -> a batch: left-padded prompt rows and their mask, codes [B, T], candidates [B, T, K]."""
+    """Items -> a batch: left-padded prompt rows and their mask, codes [B, T], candidates [B, T, K] (and the
+    token loss weights [B, T] when the run has them)."""
 
     def __init__(self, prompter):
         self.prompter = prompter
 
     def __call__(self, items: list[dict]) -> dict:
         prompts = self.prompter.left_pad([it["ids"] for it in items])
-        return {"input_ids": prompts.input_ids, "attention_mask": prompts.attention_mask,
-                "codes": torch.from_numpy(np.stack([it["codes"] for it in items])),
-                "candidates": torch.from_numpy(np.stack([it["candidates"] for it in items])),
-                "features": torch.tensor([not it["dropped"] for it in items])}
+        batch = {"input_ids": prompts.input_ids, "attention_mask": prompts.attention_mask,
+                 "codes": torch.from_numpy(np.stack([it["codes"] for it in items])),
+                 "candidates": torch.from_numpy(np.stack([it["candidates"] for it in items])),
+                 "features": torch.tensor([not it["dropped"] for it in items])}
+        if "weights" in items[0]:
+            batch["weights"] = torch.from_numpy(np.stack([it["weights"] for it in items]))
+        return batch
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -204,16 +212,21 @@ class Collate:
 
 
 class FaidObjective(nn.Module):
-    """Mean cross-entropy over the image tokens of a batch (what accelerate wraps and differentiates)."""
+    """Cross-entropy over the image tokens of a batch (what accelerate wraps and differentiates): the mean, or
+    with token weights [B, T] the weighted mean sum(w * ce) / sum(w)."""
 
     def __init__(self, janus, grid: tuple[int, int]):
         super().__init__()
         self.janus, self.grid = janus, grid
 
-    def forward(self, input_ids, attention_mask, codes, candidates, features) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, codes, candidates, features, weights=None) -> torch.Tensor:
         logits = full_sequence_logits(self.janus, input_ids, attention_mask, codes, candidates, self.grid,
                                       row_mask=features)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+        if weights is None:
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1), reduction="none")
+        w = weights.reshape(-1).to(ce.dtype)
+        return (ce * w).sum() / w.sum().clamp_min(1e-12)
 
 
 def add_blenders(janus, num_blender: int, num_hop, faid_cells: str = "all", init: str = "original") -> None:
@@ -342,8 +355,29 @@ def _open_data(cfg: FaidTrainConfig, janus):
         raise ArragError(f"{missing} of {len(captions)} images in {store.folder} have no caption; FAiD trains on "
                          "image-caption pairs: add the captions (same-named .txt files) and re-encode")
     prompter = Prompter.from_folder(janus.source_folder)
+    weights = load_token_weights(cfg.token_weights, store) if cfg.token_weights else None
     return store, FaidTrainSet(store, retrieved, prompter, seed=cfg.seed, cfg_drop=cfg.cfg_drop,
-                               max_text_len=text_len), Collate(prompter)
+                               max_text_len=text_len, weights=weights), Collate(prompter)
+
+
+def load_token_weights(path: str | Path, store: CodeStore) -> np.ndarray:
+    """--token-weights: float [N, h*w] (or [N, h, w]) for the store's N images in store order, >= 0 and finite,
+    each image with some weight; memory-mapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArragError(f"--token-weights {path}: no such file (a .npy of shape [images, h*w])")
+    try:
+        w = np.load(path, mmap_mode="r")
+    except ValueError as e:
+        raise ArragError(f"--token-weights {path}: not a .npy array ({one_line(e)})") from None
+    n, (h, wd) = store.num_images, store.grid
+    if w.shape not in ((n, h * wd), (n, h, wd)) or not np.issubdtype(w.dtype, np.floating):
+        raise ArragError(f"--token-weights {path}: a float array of shape {w.dtype} {tuple(w.shape)}, but the store "
+                         f"{store.folder} needs [{n}, {h * wd}] (one weight per image token, in store order)")
+    flat = np.asarray(w).reshape(n, -1)
+    if not np.isfinite(flat).all() or (flat < 0).any() or not (flat.sum(1) > 0).all():
+        raise ArragError(f"--token-weights {path}: weights must be finite and >= 0, with some weight on every image")
+    return flat
 
 
 def _accelerator(cfg: FaidTrainConfig):
