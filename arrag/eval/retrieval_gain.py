@@ -89,9 +89,9 @@ def retrieval_gain(model, prompter, retriever, store, images: int = 256, k: int 
         pos, keys = grid_key_vectors(grids, codebook, retriever.neighborhood)  # the index's own keys
         p_model = torch.softmax(lg[:, torch.from_numpy(pos).to(lg.device)], -1).reshape(-1, lg.shape[-1]).cpu()
         target = codes[:, torch.from_numpy(pos).to(codes.device)].reshape(-1).cpu()
-        dist, hit_codes, copies = retriever.search_counted(np.ascontiguousarray(keys.reshape(-1, keys.shape[-1])), k)
-        dist, hit_codes = torch.as_tensor(dist), torch.as_tensor(hit_codes)
-        copies = None if copies is None else torch.as_tensor(copies)
+        # as a tensor on the model's device: the retriever searches wherever it lives (CPU FAISS, GPU backends)
+        queries = torch.from_numpy(np.ascontiguousarray(keys.reshape(-1, keys.shape[-1]))).to(model.device)
+        dist, hit_codes, copies = (None if a is None else a.cpu() for a in retriever.search_counted(queries, k))
         missing = hit_codes[:, 0] < 0
         counts["targets"] += len(target)
         counts["in_hits"] += int((hit_codes == target[:, None]).any(1).sum())
