@@ -51,6 +51,14 @@ def test_tiny_recipe_runs_end_to_end_records_its_device_and_resumes(tmp_path):
         assert 0 < lo - 1e-3 <= held[split]["all"] <= hi + 1e-3
     gain = saved["faid"]["candidate_gain"]
     assert gain["images"] == 6
+    # FAiD's loss keeps the base's shape weighting: the weights file holds 4 on the scenes' object cells
+    assert saved["faid"]["token_weights"] == "faid_token_weights_4.npy"
+    weights = np.load(tmp_path / "work" / "faid_token_weights_4.npy")
+    grid = int(np.sqrt(weights.shape[1]))
+    world = ShapesWorld("train", size=64)
+    assert weights.shape[0] == 6 and set(np.unique(weights)) <= {1.0, 4.0}
+    assert (weights[0] == np.where(world.scene(0).object_cells(grid).reshape(-1), 4.0, 1.0)).all()
+    assert saved["base"]["retrieval_gain"]["table"][0]["lambda"] == 0.0
     assert gain["gain"] == pytest.approx(gain["without_candidates"] - gain["with_candidates"])
     for name in ("base", "faid"):
         assert (tmp_path / "assets" / name / "config.json").is_file()
@@ -68,6 +76,14 @@ def test_tiny_recipe_runs_end_to_end_records_its_device_and_resumes(tmp_path):
     assert (tmp_path / "work" / "faid.base3" / "settings.json").is_file()  # ... the earlier one kept aside
     with pytest.raises(SystemExit, match="past --base-steps 4"):
         run_recipe(**{**kw, "recipe": replace(recipe, base_steps=4)})
+    # a FAiD fine-tuned before the recipe weighted its loss (no record) is set aside and retrained
+    path = tmp_path / "work" / "report.json"
+    old = json.loads(path.read_text())
+    del old["faid"]["token_weights"]
+    path.write_text(json.dumps(old))
+    again = run_recipe(**{**kw, "recipe": longer})
+    assert again["faid"]["token_weights"] == "faid_token_weights_4.npy"
+    assert (tmp_path / "work" / "faid.base5" / "settings.json").is_file()
 
 
 def test_object_cell_weights_follow_the_scenes_and_refuse_another_store():

@@ -304,6 +304,10 @@ def object_cell_weights(captions: list[str | None], recipe: DemoRecipe, grid: in
     return torch.from_numpy(out)
 
 
+def faid_token_weights_path(workdir: Path, recipe: DemoRecipe) -> Path:
+    return workdir / f"faid_token_weights_{recipe.shape_weight:g}.npy"
+
+
 def faid_token_weights(workdir: Path, faid_store: Path, recipe: DemoRecipe) -> Path | None:
     """FAiD's `--token-weights`: the base's shape weighting on the FAiD training images (None when it is 1), so
     that fine-tuning keeps the objective the base was trained with instead of drifting to the background."""
@@ -311,7 +315,7 @@ def faid_token_weights(workdir: Path, faid_store: Path, recipe: DemoRecipe) -> P
 
     if recipe.shape_weight == 1.0:
         return None
-    path = workdir / f"faid_token_weights_{recipe.shape_weight:g}.npy"
+    path = faid_token_weights_path(workdir, recipe)
     if not path.exists():
         store = CodeStore.open(faid_store)
         weights = object_cell_weights(store.captions(), recipe, store.grid[0]).numpy()
@@ -479,14 +483,19 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
     construct_train(faid_store, index, retrieved_key_num=recipe.k, progress=progress)
     faid_dir = workdir / "faid"
     faid_base = report.get("faid", {}).get("base_steps")
-    if (faid_dir / "settings.json").exists() and faid_base != report["base"]["steps"]:
-        # That FAiD was fine-tuned from an earlier (shorter) base: keep it aside and train a new one.
+    weights_name = None if recipe.shape_weight == 1.0 else faid_token_weights_path(workdir, recipe).name
+    earlier_base = faid_base != report["base"]["steps"]
+    other_loss = report.get("faid", {}).get("token_weights") != weights_name
+    if (faid_dir / "settings.json").exists() and (earlier_base or other_loss):
+        # That FAiD was fine-tuned from an earlier (shorter) base, or with another loss weighting (FAiDs from
+        # before the recipe weighted its loss record none): keep it aside and train a new one.
         aside, n = workdir / f"faid.base{faid_base or 'earlier'}", 1
         while aside.exists():  # never overwrite an earlier one
             aside, n = workdir / f"faid.base{faid_base or 'earlier'}.{n}", n + 1
         faid_dir.rename(aside)
         report.pop("faid", None)
-        print(f"[train-demo] FAiD was trained from an earlier base; moved to {aside}", file=sys.stderr)
+        why = "from an earlier base" if earlier_base else "with another loss weighting"
+        print(f"[train-demo] FAiD was trained {why}; moved to {aside}", file=sys.stderr)
     if not (faid_dir / "settings.json").exists():
         weights = faid_token_weights(workdir, faid_store, recipe)
         train_faid(FaidTrainConfig(base=str(base_dir), store=str(faid_store), out=str(faid_dir),
