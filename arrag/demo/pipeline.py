@@ -62,8 +62,8 @@ def load_demo_models(assets: Path, device: torch.device):
     """The shipped base and FAiD models; a clear error when the assets are missing."""
     for name in ("base", "faid"):
         if not (assets / name / "config.json").is_file():
-            raise ArragError(f"demo weights missing in {assets / name}: train them with "
-                             "`python -m arrag.demo.train_demo` (about 85 minutes on 2 CPU cores)")
+            raise ArragError(f"demo weights missing in {assets / name}: train them with `python -m "
+                             "arrag.demo.train_demo` (about 85 minutes on 2 CPU cores; see assets/README.md)")
     return {name: JanusPro.from_pretrained(assets / name, dtype=torch.float32, device=device, quiet=True)
             for name in ("base", "faid")}
 
