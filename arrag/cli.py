@@ -240,6 +240,9 @@ def _eval_retrieval_gain(args: argparse.Namespace) -> int:
     from arrag.provenance import write_json
     from arrag.retrieval.codestore import CodeStore
 
+    if args.k < 1 or args.images < 1 or args.batch_size < 1:
+        raise ArragError(f"--k, --images and --batch-size must be >= 1, got {args.k}, {args.images}, "
+                         f"{args.batch_size}")
     lambdas = _floats(args.lambdas, "--lambdas")
     taus = _floats(args.taus, "--taus")
     store = CodeStore.open(args.store)
