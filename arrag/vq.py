@@ -289,8 +289,21 @@ class VectorQuantizer(nn.Module):
         return out
 
     def codebook(self) -> torch.Tensor:
-        """[codebook_size, e_dim] fp32 rows as used for lookup (L2-normalised when the config says so)."""
-        w = self.embedding.weight.float()
+        """[codebook_size, e_dim] fp32 rows as used for lookup (L2-normalised when the config says so).
+
+        Without autograd through the codebook (decoding, encoding, a frozen VQ) the normalised rows are cached
+        until the weights change: decoding looks codes up at every step, and normalising the whole codebook
+        each time was most of a retrieval query's cost on a CPU."""
+        w = self.embedding.weight
+        if torch.is_grad_enabled() and w.requires_grad:  # training the codebook: a fresh graph every call
+            return self._normalised(w)
+        key = (w._version, w.data_ptr(), w.dtype, w.device)
+        if getattr(self, "_codebook_key", None) != key:
+            self._codebook, self._codebook_key = self._normalised(w.detach()), key
+        return self._codebook
+
+    def _normalised(self, w: torch.Tensor) -> torch.Tensor:
+        w = w.float()
         return F.normalize(w, dim=-1) if self.cfg.codebook_l2_norm else w
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:

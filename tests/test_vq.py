@@ -217,3 +217,21 @@ def test_round_trip_is_decode_of_encode(tiny_vq):
     np.testing.assert_array_equal(got, expected)
     batched = tiny_vq.round_trip(images, "janus", batch=2)  # float rounding may move a rare pixel
     assert batched.shape == images.shape and (batched != expected).mean() < 1e-3
+
+
+def test_cached_codebook_follows_the_weights_and_keeps_gradients():
+    torch.manual_seed(1)
+    vq = VQModel("VQ-tiny-16")
+    q = vq.quantize
+    fresh = lambda: torch.nn.functional.normalize(q.embedding.weight.detach().float(), dim=-1)  # noqa: E731
+    with torch.no_grad():
+        first = q.codebook()
+        assert q.codebook() is first  # reused while the weights stay
+        torch.testing.assert_close(first, fresh(), rtol=0, atol=0)
+        q.embedding.weight[3] = torch.randn(q.embedding.weight.shape[1])  # an in-place change (a dead-code restart)
+        torch.testing.assert_close(q.codebook(), fresh(), rtol=0, atol=0)
+    vq.to(torch.float64)  # a move: new storage (the codebook stays fp32)
+    with torch.no_grad():
+        torch.testing.assert_close(q.codebook(), fresh(), rtol=0, atol=0)
+    q.codebook()[0].sum().backward()  # training the codebook: not the cache, a differentiable graph
+    assert q.embedding.weight.grad is not None and q.embedding.weight.grad[0].abs().sum() > 0

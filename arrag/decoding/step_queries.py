@@ -28,11 +28,7 @@ class StepQueries:
         table = nb.step_table(*state.grid)
         self.table = torch.from_numpy(table).to(state.codes.device)
         self.valid: list[bool] = (table >= 0).all(1).tolist()  # valid[t]: target t gets a retrieval
-        # The normalised codebook rows that vq.code_embeddings looks up, made once per generation instead of
-        # re-normalising the whole codebook at every step (measured: most of a CPU query's cost).
-        with torch.no_grad():
-            self.book = state.model.vq.quantize.codebook().to(state.codes.device)
 
     def query(self, state, target: int) -> torch.Tensor:
         """[N, n * e] for target `target` (only valid targets have all their neighbours sampled)."""
-        return torch.nn.functional.embedding(state.codes[:, self.table[target]], self.book).flatten(1)
+        return state.model.vq.code_embeddings(state.codes[:, self.table[target]]).flatten(1)
