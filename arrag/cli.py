@@ -234,9 +234,7 @@ def _eval_fid(args: argparse.Namespace) -> int:
 def _eval_retrieval_gain(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from arrag.decoding import Generator, MethodConfig
-    from arrag.eval.retrieval_gain import retrieval_gain
-    from arrag.janus import Prompter
+    from arrag.eval.retrieval_gain import measure_folders
     from arrag.provenance import write_json
     from arrag.retrieval.codestore import CodeStore
 
@@ -246,15 +244,13 @@ def _eval_retrieval_gain(args: argparse.Namespace) -> int:
     lambdas = _floats(args.lambdas, "--lambdas")
     taus = _floats(args.taus, "--taus")
     store = CodeStore.open(args.store)
-    method = MethodConfig("daid", daid_k=args.k, daid_aggregate=args.aggregate, allow_unknown_vq=args.allow_unknown_vq)
-    generator = Generator.load(args.model, method, retriever=args.retriever, device=args.device, nprobe=args.nprobe,
-                               verify_index=not args.no_verify_index, dtype="fp32")
-    result = retrieval_gain(generator.model, Prompter.from_folder(args.model), generator.retriever, store,
-                            images=args.images, k=args.k, lambdas=lambdas, taus=taus, aggregate=args.aggregate,
-                            cfg_weight=args.cfg_weight, batch_size=args.batch_size)
+    result, retriever_settings = measure_folders(
+        args.model, args.retriever, store, device=args.device, nprobe=args.nprobe,
+        verify_index=not args.no_verify_index, allow_unknown_vq=args.allow_unknown_vq, images=args.images, k=args.k,
+        lambdas=lambdas, taus=taus, aggregate=args.aggregate, cfg_weight=args.cfg_weight, batch_size=args.batch_size)
     out = Path(args.out) if args.out else Path(str(Path(args.store).resolve()) + "_retrieval_gain.json")
     write_json(out, {**result, "settings": {**{k: v for k, v in vars(args).items() if k != "func"},
-                                            "retriever_settings": generator.retriever.settings()}})
+                                            "retriever_settings": retriever_settings}})
     print(f"model alone: {result['model_nats']:.4f} nats per retrieval target ({result['targets']:,} targets, "
           f"{result['images']} images); true code among the {args.k} hits {result['true_code_in_hits']:.3f}, "
           f"p_ret's top code right {result['retrieval_top1']:.3f}, the model's {result['model_top1']:.3f}")

@@ -370,18 +370,13 @@ def base_retrieval_gain(base_dir: Path, index: Path, workdir: Path, vq_path: Pat
                         device: torch.device, images: int = 256) -> dict:
     """`arrag eval retrieval-gain` of the base against the demo database on held-out (validation) images, at the
     demo's DAiD k: whether the database knows anything about the next code that the base does not."""
-    from arrag.decoding import Generator, MethodConfig
     from arrag.demo.pipeline import DEMO_DAID
-    from arrag.eval.retrieval_gain import retrieval_gain
-    from arrag.janus import Prompter
+    from arrag.eval.retrieval_gain import measure_folders
     from arrag.retrieval.codestore import CodeStore
 
     store = CodeStore.open(encode_split(workdir, "validation", "validation", images, vq_path, recipe, str(device)))
-    k = DEMO_DAID["daid_k"]
-    generator = Generator.load(base_dir, MethodConfig("daid", daid_k=k), retriever=index, device=str(device),
-                               dtype="fp32")
-    out = retrieval_gain(generator.model, Prompter.from_folder(base_dir), generator.retriever, store, images=images,
-                         k=k, lambdas=(0.0, 0.01, 0.03, 0.1, 0.3), taus=(0.3, 1.0))
+    out, _ = measure_folders(base_dir, index, store, device=str(device), images=images, k=DEMO_DAID["daid_k"],
+                             lambdas=(0.0, 0.01, 0.03, 0.1, 0.3), taus=(0.3, 1.0))
     out["split"] = "validation"
     return out
 

@@ -25,6 +25,7 @@ from arrag.retrieval.neighborhood import grid_key_vectors
 
 DEFAULT_LAMBDAS = (0.0, 0.01, 0.03, 0.1, 0.3)
 DEFAULT_TAUS = (1.0,)
+DEFAULT_K = 256  # neighbours per query
 
 
 def _check_inputs(model, retriever, store, images: int, lambdas: Sequence[float], taus: Sequence[float]) -> None:
@@ -52,7 +53,7 @@ def _check_inputs(model, retriever, store, images: int, lambdas: Sequence[float]
 
 
 @torch.no_grad()
-def retrieval_gain(model, prompter, retriever, store, images: int = 256, k: int = 256,
+def retrieval_gain(model, prompter, retriever, store, images: int = 256, k: int = DEFAULT_K,
                    lambdas: Sequence[float] = DEFAULT_LAMBDAS, taus: Sequence[float] = DEFAULT_TAUS,
                    aggregate: str = DEFAULT_AGGREGATE, cfg_weight: float = 1.0, batch_size: int = 16,
                    progress: bool = True) -> dict:
@@ -117,3 +118,22 @@ def retrieval_gain(model, prompter, retriever, store, images: int = 256, k: int 
             "cfg_weight": cfg_weight, "model_nats": float(base), "table": table, "best": best,
             "true_code_in_hits": counts["in_hits"] / n, "retrieval_top1": counts["ret_top1"] / n,
             "model_top1": counts["model_top1"] / n, "targets_without_hits": counts["without_hits"]}
+
+
+def measure_folders(model_dir: str | Path, retriever_dir: str | Path, store, *, k: int = DEFAULT_K,
+                    aggregate: str = DEFAULT_AGGREGATE, device: str = "auto", nprobe: int | None = None,
+                    verify_index: bool = True, allow_unknown_vq: bool = False, **settings) -> tuple[dict, dict]:
+    """Load a model folder (fp32) and its retriever (checked against the model's tokenizer, placed as generation
+    places it) and run retrieval_gain on `store` with k, aggregate and `settings` (images, lambdas, taus, ...).
+
+    Returns (the result, the retriever's settings for the record)."""
+    from arrag.decoding import Generator, MethodConfig
+    from arrag.janus import Prompter
+
+    method = MethodConfig("daid", daid_k=k, daid_aggregate=aggregate, allow_unknown_vq=allow_unknown_vq)
+    generator = Generator.load(model_dir, method, retriever=retriever_dir, device=device, nprobe=nprobe,
+                               verify_index=verify_index, dtype="fp32")
+    result = retrieval_gain(generator.model, Prompter.from_folder(model_dir), generator.retriever, store, k=k,
+                            aggregate=aggregate, **settings)
+    return result, generator.retriever.settings()
+
