@@ -305,8 +305,9 @@ def object_cell_weights(captions: list[str | None], recipe: DemoRecipe, grid: in
     return torch.from_numpy(out)
 
 
-def faid_token_weights_path(workdir: Path, recipe: DemoRecipe) -> Path:
-    return workdir / f"faid_token_weights_{recipe.shape_weight:g}.npy"
+def faid_token_weights_path(workdir: Path, recipe: DemoRecipe) -> Path | None:
+    """Where FAiD's token weights for this recipe live; None when the recipe weighs nothing (shape weight 1)."""
+    return None if recipe.shape_weight == 1.0 else workdir / f"faid_token_weights_{recipe.shape_weight:g}.npy"
 
 
 def faid_token_weights(workdir: Path, faid_store: Path, recipe: DemoRecipe) -> Path | None:
@@ -314,10 +315,8 @@ def faid_token_weights(workdir: Path, faid_store: Path, recipe: DemoRecipe) -> P
     that fine-tuning keeps the objective the base was trained with instead of drifting to the background."""
     from arrag.retrieval.codestore import CodeStore
 
-    if recipe.shape_weight == 1.0:
-        return None
     path = faid_token_weights_path(workdir, recipe)
-    if not path.exists():
+    if path is not None and not path.exists():
         store = CodeStore.open(faid_store)
         weights = object_cell_weights(store.captions(), recipe, store.grid[0]).numpy()
         with fileops.atomic_path(path) as tmp:
@@ -479,7 +478,8 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
     construct_train(faid_store, index, retrieved_key_num=recipe.k, progress=progress)
     faid_dir = workdir / "faid"
     faid_base = report.get("faid", {}).get("base_steps")
-    weights_name = None if recipe.shape_weight == 1.0 else faid_token_weights_path(workdir, recipe).name
+    weights_path = faid_token_weights_path(workdir, recipe)
+    weights_name = None if weights_path is None else weights_path.name
     earlier_base = faid_base != report["base"]["steps"]
     other_loss = report.get("faid", {}).get("token_weights") != weights_name
     if (faid_dir / "settings.json").exists() and (earlier_base or other_loss):
@@ -508,7 +508,7 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
                           "losses": [v for _, v in history[::10]], "seconds": round(time.time() - t0),
                           "device": where, "base_steps": report["base"]["steps"],
                           # what the losses are: the plain mean, or weighted like the base's (--token-weights)
-                          "token_weights": None if weights is None else weights.name}
+                          "token_weights": weights_name}
         write_json(report_path, report)
     if "candidate_gain" not in report["faid"]:
         # What FAiD takes from retrieval: its training loss with its candidates against without them.
