@@ -186,12 +186,16 @@ def scale_build(out: Path, entries: int, queries: int) -> dict:
     return res
 
 
+def built_manifest(folder: Path) -> dict:
+    """The manifest of an index an earlier run left in `folder`, or {} when there is none."""
+    path = folder / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def needs_build(folder: Path, dedup: bool) -> bool:
     """An index from an earlier run is reused only when today's build-index would make the same one: the same
     de-duplication, and an nprobe tuned at build time (indexes from before the tuning kept sqrt(nlist)/2)."""
-    if not (folder / "manifest.json").exists():
-        return True
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = built_manifest(folder)
     return manifest.get("dedup", False) != dedup or "nprobe_tuning" not in manifest
 
 
@@ -233,7 +237,7 @@ def code_pq_vs_flat(store: Path, out: Path, queries: int) -> dict:
     for name, kind in (("ivf_flat", "Flat"), ("code_pq", "CodePQ")):
         folder = out / f"idx_{name}"
         factory = f"IVF{auto.manifest['nlist']},{kind}"
-        made = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").exists() else {}
+        made = built_manifest(folder)
         if made.get("factory") != factory or made.get("nprobe") != auto.nprobe:
             build_index(store, folder, overwrite=True, factory=factory, nprobe=auto.nprobe, progress=False)
         r = PatchRetriever.load(folder)
