@@ -1,6 +1,7 @@
 """FAiD training set: retrieved codes per position, exclude-self, resumption, errors."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -70,6 +71,24 @@ def test_resumes_after_an_interruption(tmp_path):
     assert (tmp_path / "store" / "retrieved-00000.npy").stat().st_mtime_ns == mtime  # finished shards kept
     with pytest.raises(ArragError, match="made with other settings \\(k differ\\)"):
         construct_train(tmp_path / "store", tmp_path / "idx", retrieved_key_num=3, progress=False)
+
+
+def test_a_copied_store_keeps_its_retrieved_codes(tmp_path):
+    # Retrieved codes inside their store travel with it (a copied or moved work folder resumes); codes kept in
+    # another folder still name the store they came from.
+    _store(tmp_path / "store")
+    build_index(tmp_path / "store", tmp_path / "idx", progress=False)
+    construct_train(tmp_path / "store", tmp_path / "idx", retrieved_key_num=2, progress=False)
+    construct_train(tmp_path / "store", tmp_path / "idx", retrieved_key_num=2, out=tmp_path / "apart", progress=False)
+    shutil.copytree(tmp_path / "store", tmp_path / "copy")
+    mtime = (tmp_path / "copy" / "retrieved-00000.npy").stat().st_mtime_ns
+    construct_train(tmp_path / "copy", tmp_path / "idx", retrieved_key_num=2, progress=False)
+    assert (tmp_path / "copy" / "retrieved-00000.npy").stat().st_mtime_ns == mtime  # reused, not recomputed
+    with pytest.raises(ArragError, match="other settings \\(k differ\\)"):
+        construct_train(tmp_path / "copy", tmp_path / "idx", retrieved_key_num=3, progress=False)
+    with pytest.raises(ArragError, match="other settings \\(store differ\\)"):
+        construct_train(tmp_path / "copy", tmp_path / "idx", retrieved_key_num=2, out=tmp_path / "apart",
+                        progress=False)
 
 
 def test_bad_inputs_are_clear(tmp_path):

@@ -65,8 +65,11 @@ def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str |
     settings = {"format": FORMAT, "k": k, "exclude_self": exclude_self, "store": str(store.folder.resolve()),
                 "retriever": str(retriever.folder.resolve()), "vq_fingerprint": store.fingerprint,
                 "neighborhood": nb.name, "nprobe": retriever.nprobe, "grid": [h, w]}
+    # Retrieved codes kept inside their own store (the default --out) belong to it wherever it is moved or
+    # copied: its path is recorded but not held against a rerun there.
+    in_store = out.resolve() == store.folder.resolve()
     lock = SettingsLock(out / "retrieved.json", settings, what="retrieved codes",
-                        has_results=lambda: any(out.glob("retrieved-*.npy")),
+                        has_results=lambda: any(out.glob("retrieved-*.npy")), ignore=("store",) if in_store else (),
                         start_over=f"use another --out, or delete {out}/retrieved.json and {out}/retrieved-*.npy")
     lock.check()
     out.mkdir(parents=True, exist_ok=True)
