@@ -128,7 +128,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 @dataclass
 class DemoRecipe:
     """Every setting of the demo models. The shipped assets: these defaults, then the same run continued with
-    base_steps 9000 (see assets/README.md)."""
+    base_steps 9000, 12000 and 15000 (see assets/README.md)."""
 
     seed: int = 0
     image_size: int = 64
