@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from arrag.demo import DEMO_SAMPLES, DEMO_SEEDS
 from arrag.errors import ArragError
 
 
@@ -681,11 +682,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "prompts with base, DAiD and FAiD from the same seeds, score them from the pixels, write "
                     "grid.png and scores.json under --out and print the table.")
     demo.add_argument("--out", default="result/demo", help="output folder (default result/demo)")
-    demo.add_argument("--seeds", default="0", help="comma-separated seeds; several give mean ± SE (default 0)")
+    demo.add_argument("--seeds", default=",".join(map(str, DEMO_SEEDS)),
+                      help="comma-separated seeds; several give mean ± SE (default %(default)s)")
     demo.add_argument("--split", default="test", choices=["validation", "test"],
                       help="prompt set: tune on validation, report on test (default test)")
     demo.add_argument("--per-category", type=int, default=4, help="prompts per GenEval category (default 4)")
-    demo.add_argument("--samples", type=int, default=2, help="samples per prompt (default 2)")
+    demo.add_argument("--samples", type=int, default=DEMO_SAMPLES, help="samples per prompt (default %(default)s)")
     demo.add_argument("--methods", default="base,daid,faid",
                       help="comma-separated, from base, daid, faid and faid-noret (a control: the FAiD model "
                            "decoding without retrieval, to tell the candidates' effect from the fine-tuning's; "

@@ -21,6 +21,7 @@ import torch
 
 from arrag.decoding.loop import SamplingConfig
 from arrag.decoding.methods import Generator, MethodConfig
+from arrag.demo import DEMO_SAMPLES, DEMO_SEEDS
 from arrag.demo.database import DEMO_RETRIEVER, build_demo_retriever
 from arrag.demo.score import (
     VQEncoderFeatures,
@@ -68,8 +69,8 @@ def load_demo_models(assets: Path, device: torch.device):
             for name in ("base", "faid")}
 
 
-def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = (0,), split: str = "test",
-             per_category: int = 4, samples: int = 4, methods: tuple[str, ...] = DEFAULT_METHODS,
+def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = DEMO_SEEDS, split: str = "test",
+             per_category: int = 4, samples: int = DEMO_SAMPLES, methods: tuple[str, ...] = DEFAULT_METHODS,
              daid: dict | None = None, faid_k: int = DEMO_FAID_K, sampling: dict | None = None,
              database_images: int = 4800,
              retriever_dir: str | Path = DEMO_RETRIEVER, assets: str | Path = ASSETS,
