@@ -318,10 +318,7 @@ def faid_token_weights(workdir: Path, faid_store: Path, recipe: DemoRecipe) -> P
     path = faid_token_weights_path(workdir, recipe)
     if path is not None and not path.exists():
         store = CodeStore.open(faid_store)
-        weights = object_cell_weights(store.captions(), recipe, store.grid[0]).numpy()
-        with fileops.atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, weights)
+        fileops.save_npy(path, object_cell_weights(store.captions(), recipe, store.grid[0]).numpy())
     return path
 
 

@@ -136,4 +136,3 @@ def measure_folders(model_dir: str | Path, retriever_dir: str | Path, store, *, 
     result = retrieval_gain(generator.model, Prompter.from_folder(model_dir), generator.retriever, store, k=k,
                             aggregate=aggregate, **settings)
     return result, generator.retriever.settings()
-
