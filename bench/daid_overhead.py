@@ -5,7 +5,8 @@
 Model: a tiny random Janus (hidden 256, 4 layers) whose VQ is the seeded VQ-tiny-8 that encoded the
 database, so fingerprints match; 128-px images = 16x16 tokens, 210 retrieval steps per image. The index is
 the auto-chosen IVF4096,Flat over 1.05M entries at its default nprobe. Prints the ratio at batch 1 and 16
-for each k. Target on CPU: <= 1.15x.
+for each k. Target on CPU: <= 1.15x (on the default model). --hidden / --layers time the same retrieval against a
+heavier step: DAiD's cost per step is fixed, so its ratio falls as the model grows (Janus-Pro-1B: 2048 x 24).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def main() -> None:
     ap.add_argument("--prefetch", action="store_true",
                     help="also time DAiD with its search in a background thread overlapping the forward pass "
                          "(off by default on a CPU)")
+    ap.add_argument("--hidden", type=int, default=256, help="model width (default 256: the target's model)")
+    ap.add_argument("--layers", type=int, default=4, help="model depth (default 4: the target's model)")
     ap.add_argument("--out", default="bench/out/daid_overhead.json")
     args = ap.parse_args()
     data = ROOT / args.data
@@ -52,7 +55,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     tok = build_word_tokenizer(tmp)
     torch.manual_seed(0)
-    model = JanusPro(tiny_janus_config(len(tok), hidden=256, layers=4, heads=4, kv_heads=4, intermediate=688,
+    # MLP width ~2.7x hidden, rounded to 8 (688 at 256, as Llama sizes it); head dim 64.
+    model = JanusPro(tiny_janus_config(len(tok), hidden=args.hidden, layers=args.layers, heads=args.hidden // 64,
+                                       kv_heads=args.hidden // 64, intermediate=(args.hidden * 8 // 3 + 7) // 8 * 8,
                                        vq_preset="VQ-tiny-8")).eval()
     model.gen_vision_model.load_state_dict(load_vq(data / "vq.safetensors").state_dict())
     retriever = PatchRetriever.load(data / "idx_auto")
@@ -87,9 +92,10 @@ def main() -> None:
                      progress=False)
         return (time.perf_counter() - t0) / batch
 
-    result = {"entries": retriever.entries, "factory": retriever.manifest["factory"], "nprobe": retriever.nprobe,
-              "threads": torch.get_num_threads(), "runs": []}
-    print(f"DAiD overhead: tiny Janus (hidden 256, 4 layers), 16x16 tokens, {retriever.manifest['factory']} over "
+    factory = retriever.manifest["factory"]
+    result = {"hidden": args.hidden, "layers": args.layers, "entries": retriever.entries, "factory": factory,
+              "nprobe": retriever.nprobe, "threads": torch.get_num_threads(), "runs": []}
+    print(f"DAiD overhead: random Janus (hidden {args.hidden}, {args.layers} layers), 16x16 tokens, {factory} over "
           f"{retriever.entries:,} entries, nprobe {retriever.nprobe}")
     for batch in (int(b) for b in args.batches.split(",")):
         for k in (int(x) for x in args.k.split(",")):
