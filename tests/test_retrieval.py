@@ -296,12 +296,15 @@ def test_bad_inputs_give_clear_errors(tmp_path, vq_file):
     with pytest.raises(ArragError, match="holds no index"):
         PatchRetriever.load(tmp_path / "empty")
     from arrag.retrieval.index import has_gpu_faiss
+    from arrag.retrieval.torch_search import TorchIndex
 
-    if not has_gpu_faiss():  # CUDA machines with faiss-gpu load it instead
+    if not torch.cuda.is_available():  # asking for a GPU that is not there is a one-line error
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             with pytest.raises(ArragError, match="no GPU support|sees no GPU|cannot put the index .* on the GPU"):
                 PatchRetriever.load(tmp_path / "idx", device="cuda:0")
+    elif not has_gpu_faiss():  # CUDA without faiss-gpu: the torch backend serves the index there
+        assert isinstance(PatchRetriever.load(tmp_path / "idx", device="cuda:0").index, TorchIndex)
 
 
 def test_search_stats_cli(tmp_path, capsys):
