@@ -190,3 +190,37 @@ def test_an_index_of_another_grid_is_refused(tmp_path, tiny_janus):
         generate(tiny_janus, ["a"], method="daid", retriever=r, **KW)  # 64 px = 4x4 with the tiny VQ-16
     # The model's own size is the default: 64 px for the tiny VQ-16 preset.
     assert generate(tiny_janus, ["a"], progress=False, seed=0).shape == (1, 64, 64, 3)
+
+
+class _SyncGuard(DecodingHook):
+    """Turns CUDA's sync debug mode to 'error' from target `start` on (after the graph is captured) and back
+    off when decoding ends; placed first, so it is off again before the other hooks' end() reads counters."""
+
+    def __init__(self, start: int):
+        self.start = start
+
+    def before_forward(self, state, target):
+        if target == self.start:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+
+    def end(self, state):
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_daid_steps_on_cuda_read_nothing_back(tiny_janus, retriever_dir, tmp_path):
+    """On CUDA with the torch search backend, a DAiD step (search in its thread, p_ret, merge, sampling, the
+    replayed graph) never waits for the GPU: the loop can run ahead of it."""
+    build_index(retriever_dir.parent / "store", tmp_path / "ivf", factory="IVF4,Flat", progress=False)
+    retriever = PatchRetriever.load(tmp_path / "ivf", device="cuda", backend="torch")  # even beside faiss-gpu
+    model = tiny_janus.to("cuda")
+    try:
+        cfg = SamplingConfig(parallel_size=2, image_size=64, seed=7)
+        hooks = [_SyncGuard(start=2), *build_hooks(model, MethodConfig("daid", daid_k=8), retriever)]
+        guarded = sample_codes(model, ["a red circle"], cfg, hooks=hooks, progress=False)
+        plain = sample_codes(model, ["a red circle"], cfg, hooks=hooks[1:], progress=False)
+        torch.testing.assert_close(guarded, plain, rtol=0, atol=0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        tiny_janus.to("cpu")

@@ -31,8 +31,9 @@ def test_flat_matches_faiss():
     _agree(small, TorchIndex.from_faiss(small), xq, 5)  # fewer entries than k: -1 and the largest float
 
 
+@pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("nprobe", [1, 3, 16])
-def test_ivf_flat_matches_faiss_at_every_nprobe(nprobe):
+def test_ivf_flat_matches_faiss_at_every_nprobe(nprobe, padded):
     xb, xq = _data()
     index = faiss.index_factory(32, "IVF16,Flat")
     index.train(xb)
@@ -40,19 +41,59 @@ def test_ivf_flat_matches_faiss_at_every_nprobe(nprobe):
     index.nprobe = nprobe
     backend = TorchIndex.from_faiss(index)
     assert backend.nprobe == nprobe and backend.ntotal == 3000
+    assert backend.padded  # k-means lists of random data are about equal: the sync-free scan is the default
+    backend.padded = padded  # both scans give FAISS's answers
     _agree(index, backend, xq, 10)
     # torch tensors in, torch tensors out; one query at a time gives the same rows
     d, i = backend.search(torch.from_numpy(xq[:1]), 10)
     assert isinstance(d, torch.Tensor) and i.tolist() == index.search(xq[:1], 10)[1].tolist()
 
 
-def test_sparse_lists_and_large_k():
+@pytest.mark.parametrize("padded", [True, False])
+def test_sparse_lists_and_large_k(padded):
     xb, xq = _data(n=40)
     index = faiss.index_factory(32, "IVF8,Flat")
     index.train(np.concatenate([xb, _data(n=400, seed=1)[0]]))
     index.add(xb)  # some lists hold one or no entry
     index.nprobe = 2
-    _agree(index, TorchIndex.from_faiss(index), xq, 30)  # often fewer than 30 in the probed lists
+    backend = TorchIndex.from_faiss(index)
+    backend.padded = padded
+    _agree(index, backend, xq, 30)  # often fewer than 30 in the probed lists
+
+
+def test_very_unequal_lists_are_scanned_exactly():
+    xb, xq = _data(n=2000)
+    index = faiss.index_factory(32, "IVF16,Flat")
+    index.train(xb)
+    index.add(np.concatenate([xb, np.repeat(xb[:1], 3000, 0)]))  # one list holds 3,000 copies of one key
+    index.nprobe = 4
+    backend = TorchIndex.from_faiss(index)
+    assert not backend.padded and backend.longest > 8 * backend.ntotal / 16
+    xq = np.concatenate([xq, xb[:2] + 0.01])  # two queries next to the repeated key
+    fd, fi = index.search(xq, 10)
+    td, ti = backend.search(xq, 10)
+    np.testing.assert_allclose(td, fd, rtol=1e-4, atol=1e-3)
+    copy_of_0 = lambda ids: np.where(ids >= 2000, 0, ids)  # noqa: E731  (the copies tie, in any order)
+    np.testing.assert_array_equal(copy_of_0(ti), copy_of_0(fi))
+    assert (fi >= 2000).any()  # the copies were found
+
+
+def test_the_padded_scan_reads_no_value_back_to_the_host():
+    """On the meta device tensors have shapes but no values: whatever needs a value on the host (a GPU sync)
+    fails there. The padded IVF scan runs; the exact scan, which counts its candidates on the host, cannot."""
+    xb, xq = _data()
+    index = faiss.index_factory(32, "IVF16,Flat")
+    index.train(xb)
+    index.add(xb)
+    index.nprobe = 4
+    backend = TorchIndex.from_faiss(index)
+    for name in ("vectors", "ids", "centroids", "offsets", "sizes"):
+        setattr(backend, name, getattr(backend, name).to("meta"))
+    d, i = backend.search(torch.from_numpy(xq).to("meta"), 10)
+    assert d.shape == i.shape == (40, 10) and d.device.type == "meta"
+    backend.padded = False
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        backend.search(torch.from_numpy(xq).to("meta"), 10)
 
 
 def test_other_index_types_are_refused():
@@ -102,3 +143,20 @@ def test_torch_backend_on_cuda_matches_faiss_cpu():
     td, ti = TorchIndex.from_faiss(index, "cuda").search(torch.from_numpy(xq).cuda(), 10)
     np.testing.assert_array_equal(ti.cpu().numpy(), fi)
     np.testing.assert_allclose(td.cpu().numpy(), fd, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ivf_search_on_cuda_never_synchronises():
+    xb, xq = _data(n=20000)
+    index = faiss.index_factory(32, "IVF64,Flat")
+    index.train(xb)
+    index.add(xb)
+    index.nprobe = 8
+    backend = TorchIndex.from_faiss(index, "cuda")
+    q = torch.from_numpy(xq).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        backend.search(q, 10)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

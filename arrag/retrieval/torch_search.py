@@ -5,8 +5,13 @@ its trained centroids plus the inverted lists laid out contiguously (CSR: vector
 their entry ids [N], list offsets [nlist + 1]). A search probes the nprobe nearest centroids, gathers the
 probed lists' vectors for every query at once and keeps the k smallest squared-L2 distances, which are
 computed directly (sum of squared differences), as FAISS's IVF-Flat scanner does. The results are FAISS's:
-the same ids and distances up to float rounding (tested against faiss-cpu). A CodePQ index's codes are decoded
-to its exact keys, so it is served as IVF-Flat (at IVF-Flat's memory on the device). PQ indexes stay on FAISS.
+the same ids and distances up to float rounding (tested against faiss-cpu). An IVF search reads no value back
+to the host: each probed list is scanned padded to the longest list, so every shape is known in advance and a
+GPU decoding loop never waits for it. Where lists are very unequal (the longest over PAD_IMBALANCE times the
+mean, e.g. an index built with --no-dedup over flat backgrounds) padding would waste that factor, and the scan
+gathers exactly the probed entries instead, which needs the candidate count on the host. A CodePQ index's
+codes are decoded to its exact keys, so it is served as IVF-Flat (at IVF-Flat's memory on the device). PQ
+indexes stay on FAISS.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from arrag.errors import ArragError
 from arrag.retrieval.index import is_code_pq
 
 FLAT_BLOCK = 1 << 18  # database rows scored per block in exact search (bounds the [Q, block] distance matrix)
+SCAN_BYTES = 256 << 20  # padded IVF scan: queries per block so that the gathered vectors stay under this
+PAD_IMBALANCE = 8  # padded IVF scan while the longest list is at most this many times the mean
 
 
 class TorchIndex:
@@ -33,6 +40,9 @@ class TorchIndex:
         self.nprobe = min(nprobe, self.nlist) if self.nlist else None
         if offsets is not None:
             self.sizes = offsets[1:] - offsets[:-1]
+            # Read once here, so that searches need no host value: the longest list bounds every probe's scan.
+            self.longest = int(self.sizes.max()) if len(self.sizes) else 0
+            self.padded = self.longest <= PAD_IMBALANCE * max(1.0, self.ntotal / len(self.sizes))
 
     @property
     def device(self) -> torch.device:
@@ -98,10 +108,33 @@ class TorchIndex:
         return _pad(best_d, best_i, k)
 
     def _ivf(self, q: torch.Tensor, k: int):
-        n_q, nprobe = len(q), self.nprobe
         c = self.centroids
         coarse = (q * q).sum(1, keepdim=True) + (c * c).sum(1)[None] - 2 * q @ c.T
-        probe = coarse.topk(nprobe, dim=1, largest=False).indices            # [Q, P] lists to scan
+        probe = coarse.topk(self.nprobe, dim=1, largest=False).indices       # [Q, P] lists to scan
+        return self._scan_padded(q, probe, k) if self.padded else self._scan_exact(q, probe, k)
+
+    def _scan_padded(self, q: torch.Tensor, probe: torch.Tensor, k: int):
+        """Every probed list read as `longest` slots, the slots past its end masked: fixed shapes, no host sync."""
+        n_q, nprobe, width = len(q), probe.shape[1], self.longest
+        if width == 0:
+            return _pad(q.new_zeros(n_q, 0), torch.zeros(n_q, 0, dtype=torch.long, device=self.device), k)
+        slot = torch.arange(width, device=self.device)
+        per_block = max(1, SCAN_BYTES // (2 * nprobe * width * self.d * 4))  # the gathered vectors and differences
+        found_d, found_i = [], []
+        for s in range(0, n_q, per_block):
+            p = probe[s:s + per_block]
+            inside = slot < self.sizes[p][..., None]                             # [q, P, W]
+            rows = torch.where(inside, self.offsets[:-1][p][..., None] + slot, 0)
+            diff = self.vectors[rows] - q[s:s + per_block, None, None]           # [q, P, W, d]
+            dist = torch.where(inside, (diff * diff).sum(-1), float("inf")).flatten(1)
+            best_d, pick = dist.topk(min(k, dist.shape[1]), dim=1, largest=False)
+            found_d.append(best_d)
+            found_i.append(torch.where(inside, self.ids[rows], -1).flatten(1).gather(1, pick))
+        return _pad(torch.cat(found_d), torch.cat(found_i), k)
+
+    def _scan_exact(self, q: torch.Tensor, probe: torch.Tensor, k: int):
+        """Exactly the probed entries, laid out per query (for very unequal lists; reads the count to the host)."""
+        n_q, nprobe = len(q), probe.shape[1]
         lens = self.sizes[probe].reshape(-1)                                   # [Q*P]
         starts = self.offsets[:-1][probe].reshape(-1)
         per_query = lens.reshape(n_q, nprobe).sum(1)                           # candidates per query
