@@ -10,6 +10,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from readbacks import ReadBacks, WatchFrom
 
 from arrag.build_retriever.build_index import build_index
 from arrag.cli import main
@@ -192,32 +193,44 @@ def test_an_index_of_another_grid_is_refused(tmp_path, tiny_janus):
     assert generate(tiny_janus, ["a"], progress=False, seed=0).shape == (1, 64, 64, 3)
 
 
-class _SyncGuard(DecodingHook):
-    """Turns CUDA's sync debug mode to 'error' from target `start` on (after the graph is captured) and back
-    off when decoding ends; placed first, so it is off again before the other hooks' end() reads counters."""
 
-    def __init__(self, start: int):
-        self.start = start
-
-    def before_forward(self, state, target):
-        if target == self.start:
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-
-    def end(self, state):
-        torch.cuda.set_sync_debug_mode("default")
+def test_daid_steps_read_nothing_back(tiny_janus, retriever_dir, tmp_path):
+    """Past the first step, a DAiD step with the torch search backend (query, IVF search, copies, p_ret, merge,
+    sampling, the fixed-shape step a CUDA graph replays) runs no operation that makes a GPU wait; the exact
+    IVF gather over very unequal lists does, and is caught."""
+    build_index(retriever_dir.parent / "store", tmp_path / "ivf", factory="IVF4,Flat", progress=False)
+    retriever = PatchRetriever.load(tmp_path / "ivf", backend="torch")
+    assert retriever.index.padded
+    cfg = SamplingConfig(parallel_size=2, image_size=64, seed=7)
+    with ReadBacks() as rb:
+        hooks = [WatchFrom(rb), *build_hooks(tiny_janus, MethodConfig("daid", daid_k=8), retriever)]
+        watched = sample_codes(tiny_janus, ["a red circle"], cfg, hooks=hooks, progress=False, step_mode="static")
+    assert rb.seen == []
+    assert torch.equal(watched, sample_codes(tiny_janus, ["a red circle"], cfg, hooks=hooks[1:], progress=False))
+    retriever.index.padded = False
+    with ReadBacks() as rb:
+        hooks = [WatchFrom(rb), *build_hooks(tiny_janus, MethodConfig("daid", daid_k=8), retriever)]
+        sample_codes(tiny_janus, ["a red circle"], cfg, hooks=hooks, progress=False, step_mode="static")
+    assert "aten::_local_scalar_dense" in rb.seen
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_daid_steps_on_cuda_read_nothing_back(tiny_janus, retriever_dir, tmp_path):
-    """On CUDA with the torch search backend, a DAiD step (search in its thread, p_ret, merge, sampling, the
-    replayed graph) never waits for the GPU: the loop can run ahead of it."""
+    """The same on CUDA, with its sync debug mode set to error from the third target on (the search runs in
+    DAiD's thread there; the step is a replayed CUDA graph)."""
     build_index(retriever_dir.parent / "store", tmp_path / "ivf", factory="IVF4,Flat", progress=False)
     retriever = PatchRetriever.load(tmp_path / "ivf", device="cuda", backend="torch")  # even beside faiss-gpu
+
+    class SyncErrors:  # stands in for ReadBacks: CUDA itself raises on a synchronising call
+        def __setattr__(self, name, on):
+            if on:
+                torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error" if on else "default")
+
     model = tiny_janus.to("cuda")
     try:
         cfg = SamplingConfig(parallel_size=2, image_size=64, seed=7)
-        hooks = [_SyncGuard(start=2), *build_hooks(model, MethodConfig("daid", daid_k=8), retriever)]
+        hooks = [WatchFrom(SyncErrors()), *build_hooks(model, MethodConfig("daid", daid_k=8), retriever)]
         guarded = sample_codes(model, ["a red circle"], cfg, hooks=hooks, progress=False)
         plain = sample_codes(model, ["a red circle"], cfg, hooks=hooks[1:], progress=False)
         torch.testing.assert_close(guarded, plain, rtol=0, atol=0)

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from readbacks import ReadBacks, WatchFrom
 
 from arrag.build_retriever.build_index import build_index
 from arrag.cli import main
@@ -332,6 +333,20 @@ def test_cli_faid_and_script(tmp_path, faid_dir, faid_retriever):
     p = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
     assert (tmp_path / "example_t2i_faid.jpg").exists()
+
+
+def test_faid_and_daid_steps_read_nothing_back(faid_model, faid_retriever, tmp_path):
+    """Past the first step, FAiD's and FAiD+DAiD's steps (torch search, candidates, the blenders inside the
+    fixed-shape step a CUDA graph replays) run no operation that would make a GPU wait (see readbacks.py)."""
+    build_index(faid_retriever.parent / "store", tmp_path / "ivf", factory="IVF4,Flat", progress=False)
+    for folder in (faid_retriever, tmp_path / "ivf"):  # exact and IVF search
+        r = PatchRetriever.load(folder, backend="torch")
+        for method in ("faid", "faid+daid"):
+            with ReadBacks() as rb:
+                hooks = [WatchFrom(rb), *build_hooks(faid_model, MethodConfig(method, daid_k=6), r)]
+                sample_codes(faid_model, ["a red circle", "a square"], SamplingConfig(image_size=64, seed=5),
+                             hooks=hooks, progress=False, step_mode="static")
+            assert rb.seen == [], (folder.name, method)
 
 
 @pytest.mark.parametrize("mode", ["static", "graph"])
