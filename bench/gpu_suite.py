@@ -177,6 +177,12 @@ class Suite:
             self._retriever = PatchRetriever.load(self.tmp / "index", device=str(self.device)
                                                   if self.device.type == "cuda" else "cpu", backend="auto")
             self.results["index"]["backend"] = self._retriever.backend
+            from arrag.retrieval.torch_search import TorchIndex
+
+            index = self._retriever.index
+            if isinstance(index, TorchIndex) and index.nlist:  # its IVF scan: padded (no host sync) or exact
+                self.results["index"].update(scan="padded" if index.padded else "exact (reads counts back)",
+                                             longest_list=index.longest, mean_list=index.ntotal / index.nlist)
         return self._retriever
 
     def methods(self) -> dict:
