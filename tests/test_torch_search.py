@@ -133,30 +133,21 @@ def test_patch_retriever_on_the_torch_backend_returns_faiss_codes(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_torch_backend_on_cuda_matches_faiss_cpu():
+def test_torch_backend_on_cuda_matches_faiss_cpu_without_synchronising():
     xb, xq = _data(n=20000)
     index = faiss.index_factory(32, "IVF64,Flat")
     index.train(xb)
     index.add(xb)
     index.nprobe = 8
     fd, fi = index.search(xq, 10)
-    td, ti = TorchIndex.from_faiss(index, "cuda").search(torch.from_numpy(xq).cuda(), 10)
-    np.testing.assert_array_equal(ti.cpu().numpy(), fi)
-    np.testing.assert_allclose(td.cpu().numpy(), fd, rtol=1e-4, atol=1e-3)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_ivf_search_on_cuda_never_synchronises():
-    xb, xq = _data(n=20000)
-    index = faiss.index_factory(32, "IVF64,Flat")
-    index.train(xb)
-    index.add(xb)
-    index.nprobe = 8
     backend = TorchIndex.from_faiss(index, "cuda")
+    assert backend.padded
     q = torch.from_numpy(xq).cuda()
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error")  # a search that waited for the GPU would raise here
     try:
-        backend.search(q, 10)
+        td, ti = backend.search(q, 10)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    np.testing.assert_array_equal(ti.cpu().numpy(), fi)
+    np.testing.assert_allclose(td.cpu().numpy(), fd, rtol=1e-4, atol=1e-3)
