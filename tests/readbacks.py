@@ -32,7 +32,7 @@ class ReadBacks(TorchDispatchMode):
             needs_size = name == "aten::repeat_interleave" and isinstance(args[0], torch.Tensor) and \
                 len(args) == 1 and kwargs.get("output_size") is None
             # indexing with a boolean mask is nonzero in disguise
-            masked = name in ("aten::index.Tensor", "aten::index_put_", "aten::index_put") and any(
+            masked = name in ("aten::index", "aten::index_put_", "aten::index_put") and any(
                 isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()))
             if name in READ_BACKS or needs_size or masked:
                 self.seen.append(name)

@@ -194,6 +194,17 @@ def test_an_index_of_another_grid_is_refused(tmp_path, tiny_janus):
 
 
 
+def test_the_read_back_recorder_sees_what_would_make_a_gpu_wait():
+    x = torch.arange(10.0)
+    with ReadBacks() as rb:
+        x.sum()  # not yet on
+        rb.on = True
+        _ = x[x > 3], int(x.sum()), torch.nonzero(x), x.repeat_interleave(torch.ones(10, dtype=torch.long))
+        _ = x[torch.tensor([1, 2])], x.repeat_interleave(2), x.repeat_interleave(torch.ones(10, dtype=torch.long),
+                                                                                 output_size=10)  # these do not
+    assert rb.seen == ["aten::index", "aten::_local_scalar_dense", "aten::nonzero", "aten::repeat_interleave"]
+
+
 def test_daid_steps_read_nothing_back(tiny_janus, retriever_dir, tmp_path):
     """Past the first step, a DAiD step with the torch search backend (query, IVF search, copies, p_ret, merge,
     sampling, the fixed-shape step a CUDA graph replays) runs no operation that makes a GPU wait; the exact
