@@ -2,8 +2,8 @@
 ours vs transformers, DAiD / FAiD / FAiD+DAiD per-image cost against base, peak memory, CUDA-vs-CPU agreement.
 
 Everything is measured side by side in this process on random Janus-Pro-1B-sized weights (bf16, 24 layers of
-2048, 16 images = 32 rows with CFG, 576 tokens) and a >= 1M-entry IVF-Flat index built here from random codes,
-searched on the GPU by the torch backend (no faiss-gpu needed; faiss-cpu builds the index):
+2048, 16 images = 32 rows with CFG, 576 tokens) and a >= 1M-entry IVF-Flat index built here from random codes
+(nprobe 32), searched on the GPU by the torch backend (no faiss-gpu needed; faiss-cpu builds the index):
 
     pip install faiss_cpu-*.whl            # where FAISS is missing (the wheel travels with the repository)
     python bench/gpu_suite.py              # -> bench/out/gpu_suite.json
@@ -38,6 +38,7 @@ SIZES = {
     "small": dict(model=dict(hidden=128, layers=4, heads=4, kv_heads=4, intermediate=256), images=4,
                   image_size=128, hf_image_size=96, entries=60_000),
 }
+NPROBE = 32  # the suite index's nprobe (see Suite.retriever)
 PROMPTS = ["a red circle left of a blue square", "two green triangles", "a yellow diamond", "three purple circles"]
 
 
@@ -176,7 +177,10 @@ class Suite:
             codes = np.random.default_rng(0).integers(0, vq.codebook_size, (images, grid, grid)).astype(np.uint16)
             t0 = time.perf_counter()
             codestore.write_store(self.tmp / "store", codes, vq)
-            manifest = build_index(self.tmp / "store", self.tmp / "index", progress=False)
+            # nprobe pinned at 32 (sqrt(nlist)/2 for IVF4096), the setting of the faiss-cpu measurement:
+            # uniformly random codes have no cluster structure and would tune to 512 of 4,096 lists (131k
+            # candidates a query), a worst case that real image codes do not reach (ShapesWorld tunes to 4).
+            manifest = build_index(self.tmp / "store", self.tmp / "index", nprobe=NPROBE, progress=False)
             self.results["index"] = {"entries": manifest["entries"], "factory": manifest["factory"],
                                      "nprobe": manifest["nprobe"], "build_seconds": time.perf_counter() - t0}
             self._retriever = PatchRetriever.load(self.tmp / "index", device=str(self.device)
