@@ -169,6 +169,7 @@ class Suite:
             from arrag.build_retriever.build_index import build_index
             from arrag.retrieval import codestore
             from arrag.retrieval.retriever import PatchRetriever
+            from arrag.retrieval.torch_search import TorchIndex
 
             vq = self.models()["base"].vq
             grid = vq.grid_size(self.size["image_size"])
@@ -186,8 +187,6 @@ class Suite:
             self._retriever = PatchRetriever.load(self.tmp / "index", device=str(self.device)
                                                   if self.device.type == "cuda" else "cpu", backend="auto")
             self.results["index"]["backend"] = self._retriever.backend
-            from arrag.retrieval.torch_search import TorchIndex
-
             index = self._retriever.index
             if isinstance(index, TorchIndex) and index.nlist:  # its IVF scan: padded (no host sync) or exact
                 self.results["index"].update(scan="padded" if index.padded else "exact (reads counts back)",

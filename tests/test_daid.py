@@ -193,7 +193,6 @@ def test_an_index_of_another_grid_is_refused(tmp_path, tiny_janus):
     assert generate(tiny_janus, ["a"], progress=False, seed=0).shape == (1, 64, 64, 3)
 
 
-
 def test_the_read_back_recorder_sees_what_would_make_a_gpu_wait():
     x = torch.arange(10.0)
     with ReadBacks() as rb:
