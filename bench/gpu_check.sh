@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The CUDA checks in one run, for a machine with a GPU (about 8 minutes on one H200):
 #   1. the tests that need CUDA: graph vs eager tokens (base and FAiD), the torch search backend on the GPU
-#      against faiss-cpu (tests -k "graph or cuda or gpu"; they skip on a CPU-only machine);
+#      against faiss-cpu, sync-free DAiD steps, DAiD's side-stream search ordering (tests -k "graph or cuda or
+#      gpu"; they skip on a CPU-only machine);
 #   2. bench/gpu_suite.py: bandwidth bound, eager vs captured step, ours vs transformers, DAiD / FAiD cost,
-#      peak memory, demo models' CUDA-vs-CPU agreement -> OUT/gpu_suite.json;
+#      peak memory, demo models' CUDA-vs-CPU agreement, DAiD's search inline / thread / side stream
+#      -> OUT/gpu_suite.json;
 #   3. with FULL_TESTS=1, the whole test suite with the GPU visible.
 # Logs go to OUT (default bench/out). Uses $PYTHON (default python3) as it is, with the repository on
 # PYTHONPATH; where FAISS is not installed and PyPI cannot be reached, a faiss-cpu wheel in .whl/ is unpacked

@@ -1,5 +1,6 @@
 """The GPU figures in one run (about 5 minutes on one H200): bandwidth bound, decode step eager vs CUDA graph,
-ours vs transformers, DAiD / FAiD / FAiD+DAiD per-image cost against base, peak memory, CUDA-vs-CPU agreement.
+ours vs transformers, DAiD / FAiD / FAiD+DAiD per-image cost against base, peak memory, CUDA-vs-CPU agreement,
+and DAiD with its search inline, in a thread, and in a thread on a side stream (section daid_search).
 
 Everything is measured side by side in this process on random Janus-Pro-1B-sized weights (bf16, 24 layers of
 2048, 16 images = 32 rows with CFG, 576 tokens) and a >= 1M-entry IVF-Flat index built here from random codes
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from arrag.decoding import Generator, MethodConfig, SamplingConfig  # noqa: E402
+from arrag.decoding.daid import DAiD  # noqa: E402
 from arrag.demo.presets import build_word_tokenizer, tiny_janus_config  # noqa: E402
 from arrag.janus import JanusPro, Prompter  # noqa: E402
 
@@ -39,6 +41,9 @@ SIZES = {
                   image_size=128, hf_image_size=96, entries=60_000),
 }
 NPROBE = 32  # the suite index's nprobe (see Suite.retriever)
+# Where DAiD's search runs -> (prefetch, side_stream): in the loop after the forward pass, in a thread during it
+# on the same CUDA stream (host work overlaps), or in a thread on a stream of its own (kernels may overlap too).
+DAID_SEARCH = {"inline": (False, False), "thread": (True, False), "side_stream": (True, True)}
 PROMPTS = ["a red circle left of a blue square", "two green triangles", "a yellow diamond", "three purple circles"]
 
 
@@ -100,9 +105,14 @@ class Suite:
         return (PROMPTS * n)[:n]
 
     def sample(self, model, method="base", retriever=None, step_mode="auto", image_size=None, images=None,
-               **method_kw) -> torch.Tensor:
+               daid_search: str | None = None, **method_kw) -> torch.Tensor:
+        """Codes of the suite's prompts; daid_search: where DAiD searches (one of DAID_SEARCH; None: DAiD's
+        default, a thread on a side stream on CUDA, inline on the CPU)."""
         gen = Generator(model, MethodConfig(method, **method_kw), retriever, prompter=self.prompter,
                         step_mode=step_mode)
+        for hook in gen.hooks:
+            if daid_search and isinstance(hook, DAiD):
+                hook.prefetch, hook.side_stream = DAID_SEARCH[daid_search]
         cfg = SamplingConfig(seed=0, image_size=image_size or self.size["image_size"])
         return gen.sample_codes(self.prompts(images or self.size["images"]), cfg, progress=False)
 
@@ -212,6 +222,22 @@ class Suite:
         out["targets"] = {"daid_vs_base": 1.05, "faid_vs_base": 1.3}
         return out
 
+    def daid_search(self) -> dict:
+        """DAiD's cost against base with its search inline, in a thread, and in a thread on a side stream."""
+        models, r = self.models(), self.retriever()
+        runs = {"base": lambda: self.sample(models["base"])}
+        for where in DAID_SEARCH:
+            runs[where] = lambda w=where: self.sample(models["base"], "daid", r, daid_k=2048, daid_lambda=0.1,
+                                                      daid_search=w)
+        codes = {name: fn() for name, fn in runs.items()}  # warm-up, and the images to compare
+        best = {name: float("inf") for name in runs}
+        for _ in range(2):
+            for name, fn in runs.items():
+                best[name] = min(best[name], self.timed(fn))
+        out = {f"{where}_vs_base": best[where] / best["base"] for where in DAID_SEARCH}
+        out["same_images"] = all(torch.equal(codes[w], codes["inline"]) for w in DAID_SEARCH)
+        return out
+
     def peak_memory(self) -> dict:
         if self.device.type != "cuda":
             return {"note": "CUDA only"}
@@ -254,6 +280,7 @@ class Suite:
         if not self.args.skip_demo:
             self.section("demo_agreement", self.demo_agreement)
         self.section("peak_memory", self.peak_memory)
+        self.section("daid_search", self.daid_search)
         self.section("versus_transformers_batch1", lambda: self.versus_transformers(images=1))  # last: extra
         self.report()
 
@@ -272,6 +299,8 @@ class Suite:
         for k, v in r.get("methods", {}).items():
             if k.endswith("_vs_base"):
                 print(f"  {k:24} {v:.3f}x")
+        for k, v in r.get("daid_search", {}).items():
+            print(f"  daid search {k:18} {v:.3f}x" if isinstance(v, float) else f"  daid search {k:18} {v}")
         for k, v in r.get("demo_agreement", {}).items():
             print(f"  demo {k:19} {v}")
         print(f"  peak memory              {r.get('peak_memory', {})}")

@@ -247,3 +247,39 @@ def test_daid_steps_on_cuda_read_nothing_back(tiny_janus, retriever_dir, tmp_pat
     finally:
         torch.cuda.set_sync_debug_mode("default")
         tiny_janus.to("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_side_stream_search_on_cuda_is_ordered_by_events(tiny_janus, retriever_dir, tmp_path, monkeypatch):
+    """DAiD's prefetched search runs on its own CUDA stream. The GPU is made slow (torch.cuda._sleep) where a
+    missing wait would show: before the query's kernels on the caller's stream, and before the search's on the
+    side stream. With the events in place the images equal the inline search's; without them the side stream
+    would read an unwritten query, or the merge unwritten hits."""
+    from arrag.decoding.step_queries import StepQueries
+
+    build_index(retriever_dir.parent / "store", tmp_path / "ivf", factory="IVF4,Flat", progress=False)
+    retriever = PatchRetriever.load(tmp_path / "ivf", device="cuda", backend="torch")
+    query, search = StepQueries.query, retriever.search_counted
+
+    def slow_query(self, state, target):
+        torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time on the current stream, then the query's kernels
+        return query(self, state, target)
+
+    def slow_search(queries, k):
+        torch.cuda._sleep(20_000_000)
+        return search(queries, k)
+
+    monkeypatch.setattr(StepQueries, "query", slow_query)
+    monkeypatch.setattr(retriever, "search_counted", slow_search)
+    model = tiny_janus.to("cuda")
+    try:
+        runs = {}
+        for name, kw in (("inline", dict(prefetch=False)), ("thread", dict(prefetch=True, side_stream=False)),
+                         ("side stream", dict(prefetch=True))):
+            hook = DAiD(retriever, lam=0.9, k=8, **kw)
+            runs[name] = _codes(model, ["a circle", "two squares"], parallel_size=2, hooks=[hook]).cpu()
+            assert hook.stats["steps_augmented"] == 6
+        torch.testing.assert_close(runs["thread"], runs["inline"], rtol=0, atol=0)
+        torch.testing.assert_close(runs["side stream"], runs["inline"], rtol=0, atol=0)
+    finally:
+        tiny_janus.to("cpu")

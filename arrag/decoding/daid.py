@@ -13,7 +13,7 @@ merged p (the sampler filters after its hooks). Rows whose search returns nothin
 from __future__ import annotations
 
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -55,14 +55,61 @@ def retrieval_distribution(distances: torch.Tensor, codes: torch.Tensor, vocab_s
     return p / p.sum(1, keepdim=True).clamp_min(1e-30)
 
 
+class SearchPrefetch:
+    """DAiD's search for the next target, started before the forward pass that predicts it, collected after.
+
+    A worker thread runs the search (FAISS and torch release the GIL), so its host work overlaps the forward
+    pass's. On CUDA, with side_stream, it also launches on a stream of its own, so its kernels can run beside
+    the forward pass's instead of queueing behind them: events order the streams (the side stream waits for
+    the query's kernels, the caller's stream for the search's), and record_stream tells the caching allocator
+    which stream last uses each tensor handed across, so its memory is not reused too early.
+    """
+
+    def __init__(self, search, device: torch.device, side_stream: bool = True):
+        self.search = search
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daid-search")
+        self.stream = torch.cuda.Stream(device) if side_stream and device.type == "cuda" else None
+
+    def submit(self, query: torch.Tensor, k: int) -> Future:
+        """Start search(query [Q, D], k) now; collect() its result."""
+        if self.stream is None:
+            return self.pool.submit(self.search, query, k)
+        ready = torch.cuda.current_stream(query.device).record_event()
+        query.record_stream(self.stream)
+        return self.pool.submit(self._search_on_side, query, k, ready)
+
+    def _search_on_side(self, query: torch.Tensor, k: int, ready) -> tuple:
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            found = self.search(query, k)
+            return found, self.stream.record_event()
+
+    def collect(self, future: Future) -> tuple:
+        """The search's result, usable on the caller's stream (no host synchronisation on CUDA)."""
+        if self.stream is None:
+            return future.result()
+        found, done = future.result()
+        current = torch.cuda.current_stream(self.stream.device)
+        current.wait_event(done)
+        for tensor in found:
+            if tensor is not None and tensor.is_cuda:
+                tensor.record_stream(current)
+        return found
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
 class DAiD(DecodingHook):
     """The DAiD hook for the sampling loop (see the module docstring)."""
 
     def __init__(self, retriever, lam: float = DEFAULT_LAMBDA, tau: float = DEFAULT_TAU, k: int = DEFAULT_K,
-                 aggregate: str = DEFAULT_AGGREGATE, prefetch: bool | None = None):
+                 aggregate: str = DEFAULT_AGGREGATE, prefetch: bool | None = None, side_stream: bool = True):
+        """prefetch: search for the next target while the forward pass runs (None: on CUDA models only);
+        side_stream: on CUDA, on a stream of its own (SearchPrefetch). Neither changes the images."""
         self.check_settings(lam, tau, k, aggregate)
         self.retriever, self.lam, self.tau, self.k, self.aggregate = retriever, lam, tau, k, aggregate
-        self.prefetch, self.pool, self.pending = prefetch, None, None
+        self.prefetch, self.side_stream, self.pool, self.pending = prefetch, side_stream, None, None
         self.stats = {"steps_augmented": 0, "rows_augmented": 0, "rows_without_hits": 0}
 
     @staticmethod
@@ -88,23 +135,23 @@ class DAiD(DecodingHook):
             # the same cores (measured on 2 cores: 1.61x -> 1.89x overhead at batch 16), so it stays off there.
             self.prefetch = state.codes.device.type == "cuda"
         if self.active and self.prefetch and self.pool is None:
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daid-search")
+            self.pool = SearchPrefetch(self.retriever.search_counted, state.codes.device, self.side_stream)
         if self.lam > 0 and self.retriever.entries == 0:
             warnings.warn(f"retriever {self.retriever.folder} is empty: DAiD decodes as base", stacklevel=2)
 
     def before_forward(self, state: DecodeState, target: int) -> None:
         # DAiD gives the decoder no context; it only starts the search early. The query for `target` is complete
         # once the token before it is sampled, i.e. now: search in a background thread while the model's forward
-        # pass computes the logits (FAISS releases the GIL).
-        if self.active and self.prefetch and self.queries.valid[target]:
-            query = self.queries.query(state, target)
-            self.pending = (target, self.pool.submit(self.retriever.search_counted, query, self.k))
+        # pass computes the logits. Not for the prefill (target 0) and the first step (target 1): that step is
+        # when a CUDA graph is captured, and no other thread may allocate or synchronise during a capture.
+        if self.active and self.prefetch and target > 1 and self.queries.valid[target]:
+            self.pending = (target, self.pool.submit(self.queries.query(state, target), self.k))
 
     def adjust_probs(self, state: DecodeState, target: int, probs: torch.Tensor) -> torch.Tensor:
         if not self.active or not self.queries.valid[target]:
             return probs
         if self.pending is not None and self.pending[0] == target:
-            distances, codes, copies = self.pending[1].result()
+            distances, codes, copies = self.pool.collect(self.pending[1])
             self.pending = None
         else:
             distances, codes, copies = self.retriever.search_counted(self.queries.query(state, target), self.k)
@@ -120,7 +167,7 @@ class DAiD(DecodingHook):
     def end(self, state: DecodeState) -> None:
         self.pending = None
         if self.pool is not None:
-            self.pool.shutdown(wait=True)
+            self.pool.close()
             self.pool = None
         self.stats["rows_augmented"] += self.rows_searched - int(self.misses)
         self.stats["rows_without_hits"] += int(self.misses)
