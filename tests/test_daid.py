@@ -45,6 +45,13 @@ def retriever(retriever_dir):
     return PatchRetriever.load(retriever_dir)
 
 
+@pytest.fixture(scope="module")
+def ivf_dir(retriever_dir):
+    """An IVF index (4 lists) over the same store, for the torch search backend's IVF scans."""
+    build_index(retriever_dir.parent / "store", retriever_dir.parent / "ivf", factory="IVF4,Flat", progress=False)
+    return retriever_dir.parent / "ivf"
+
+
 def test_retrieval_distribution_by_hand():
     d = torch.tensor([[0.5, 1.0, 2.0, 0.7, 9.0], [1.0, 3.0, 0.0, 0.0, 0.0]])
     c = torch.tensor([[3, 3, 1, 4, -1], [2, -1, -1, -1, -1]])
@@ -204,12 +211,11 @@ def test_the_read_back_recorder_sees_what_would_make_a_gpu_wait():
     assert rb.seen == ["aten::index", "aten::_local_scalar_dense", "aten::nonzero", "aten::repeat_interleave"]
 
 
-def test_daid_steps_read_nothing_back(tiny_janus, retriever_dir, tmp_path):
+def test_daid_steps_read_nothing_back(tiny_janus, ivf_dir):
     """Past the first step, a DAiD step with the torch search backend (query, IVF search, copies, p_ret, merge,
     sampling, the fixed-shape step a CUDA graph replays) runs no operation that makes a GPU wait; the exact
     IVF gather over very unequal lists does, and is caught."""
-    build_index(retriever_dir.parent / "store", tmp_path / "ivf", factory="IVF4,Flat", progress=False)
-    retriever = PatchRetriever.load(tmp_path / "ivf", backend="torch")
+    retriever = PatchRetriever.load(ivf_dir, backend="torch")
     assert retriever.index.padded
     cfg = SamplingConfig(parallel_size=2, image_size=64, seed=7)
     with ReadBacks() as rb:
@@ -225,11 +231,10 @@ def test_daid_steps_read_nothing_back(tiny_janus, retriever_dir, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_daid_steps_on_cuda_read_nothing_back(tiny_janus, retriever_dir, tmp_path):
+def test_daid_steps_on_cuda_read_nothing_back(tiny_janus, ivf_dir):
     """The same on CUDA, with its sync debug mode set to error from the third target on (the search runs in
     DAiD's thread there; the step is a replayed CUDA graph)."""
-    build_index(retriever_dir.parent / "store", tmp_path / "ivf", factory="IVF4,Flat", progress=False)
-    retriever = PatchRetriever.load(tmp_path / "ivf", device="cuda", backend="torch")  # even beside faiss-gpu
+    retriever = PatchRetriever.load(ivf_dir, device="cuda", backend="torch")  # even beside faiss-gpu
 
     class SyncErrors:  # stands in for ReadBacks: CUDA itself raises on a synchronising call
         def __setattr__(self, name, on):
@@ -250,15 +255,14 @@ def test_daid_steps_on_cuda_read_nothing_back(tiny_janus, retriever_dir, tmp_pat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_side_stream_search_on_cuda_is_ordered_by_events(tiny_janus, retriever_dir, tmp_path, monkeypatch):
+def test_side_stream_search_on_cuda_is_ordered_by_events(tiny_janus, ivf_dir, monkeypatch):
     """DAiD's prefetched search runs on its own CUDA stream. The GPU is made slow (torch.cuda._sleep) where a
     missing wait would show: before the query's kernels on the caller's stream, and before the search's on the
     side stream. With the events in place the images equal the inline search's; without them the side stream
     would read an unwritten query, or the merge unwritten hits."""
     from arrag.decoding.step_queries import StepQueries
 
-    build_index(retriever_dir.parent / "store", tmp_path / "ivf", factory="IVF4,Flat", progress=False)
-    retriever = PatchRetriever.load(tmp_path / "ivf", device="cuda", backend="torch")
+    retriever = PatchRetriever.load(ivf_dir, device="cuda", backend="torch")
     query, search = StepQueries.query, retriever.search_counted
 
     def slow_query(self, state, target):
