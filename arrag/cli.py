@@ -235,15 +235,13 @@ def _eval_fid(args: argparse.Namespace) -> int:
 def _eval_retrieval_gain(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from arrag.eval.retrieval_gain import measure_folders
+    from arrag.eval.retrieval_gain import check_settings, measure_folders
     from arrag.provenance import write_json
     from arrag.retrieval.codestore import CodeStore
 
-    if args.k < 1 or args.images < 1 or args.batch_size < 1:
-        raise ArragError(f"--k, --images and --batch-size must be >= 1, got {args.k}, {args.images}, "
-                         f"{args.batch_size}")
     lambdas = _floats(args.lambdas, "--lambdas")
     taus = _floats(args.taus, "--taus")
+    check_settings(args.images, args.k, args.batch_size, lambdas, taus)
     store = CodeStore.open(args.store)
     result, retriever_settings = measure_folders(
         args.model, args.retriever, store, device=args.device, nprobe=args.nprobe,

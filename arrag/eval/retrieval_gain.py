@@ -28,14 +28,19 @@ DEFAULT_TAUS = (1.0,)
 DEFAULT_K = 256  # neighbours per query
 
 
-def _check_inputs(model, retriever, store, images: int, lambdas: Sequence[float], taus: Sequence[float]) -> None:
-    """One-line errors for a store or settings that cannot give a fair measurement."""
-    if images < 1:
-        raise ArragError(f"--images must be >= 1, got {images}")
+def check_settings(images: int, k: int, batch_size: int, lambdas: Sequence[float], taus: Sequence[float]) -> None:
+    """One-line errors for settings that cannot give a measurement (the CLI checks them before loading)."""
+    for flag, value in (("--images", images), ("--k", k), ("--batch-size", batch_size)):
+        if value < 1:
+            raise ArragError(f"{flag} must be >= 1, got {value}")
     if any(not 0.0 <= lam <= 1.0 for lam in lambdas) or 0.0 not in lambdas:
         raise ArragError(f"--lambdas must lie in [0, 1] and include 0 (the model alone), got {list(lambdas)}")
     if any(t <= 0 for t in taus):
         raise ArragError(f"--taus must be > 0, got {list(taus)}")
+
+
+def _check_inputs(model, retriever, store) -> None:
+    """One-line errors for a store that cannot give a fair measurement."""
     if not model.vq.matches(store.fingerprint):
         raise ArragError(f"code store {store.folder} was encoded with another tokenizer (VQ fingerprint "
                          f"{store.fingerprint}, model {model.vq.fingerprint()}); encode the images with this model")
@@ -66,7 +71,8 @@ def retrieval_gain(model, prompter, retriever, store, images: int = 256, k: int 
     """
     from arrag.janus.faid_layers import full_sequence_logits
 
-    _check_inputs(model, retriever, store, images, lambdas, taus)
+    check_settings(images, k, batch_size, lambdas, taus)
+    _check_inputs(model, retriever, store)
     n_total = min(images, store.num_images)
     captions = store.captions()[:n_total]
     if any(c is None for c in captions):
