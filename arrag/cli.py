@@ -416,8 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                      help="weights dtype (default auto: bf16 on CUDA, fp32 on CPU)")
     gen.add_argument("--decode-step", default="auto", choices=["auto", "eager", "static", "graph"],
-                     help="how a decode step runs: auto (a CUDA graph on CUDA, eager elsewhere), eager (the "
-                          "reference), static (fixed shapes, no graph), graph (CUDA graph replay)")
+                     help="how a decode step runs: auto (a CUDA graph on CUDA, uncaptured with a warning if "
+                          "CUDA refuses the capture; eager elsewhere), eager (the reference), static (fixed shapes, "
+                          "no graph), graph (CUDA graph replay; a refused capture is an error)")
     gen.set_defaults(func=_generate)
 
     enc = sub.add_parser(

@@ -104,10 +104,12 @@ class Suite:
     def prompts(self, n: int) -> list[str]:
         return (PROMPTS * n)[:n]
 
-    def sample(self, model, method="base", retriever=None, step_mode="auto", image_size=None, images=None,
+    def sample(self, model, method="base", retriever=None, step_mode=None, image_size=None, images=None,
                daid_search: str | None = None, **method_kw) -> torch.Tensor:
         """Codes of the suite's prompts; daid_search: where DAiD searches (one of DAID_SEARCH; None: DAiD's
         default, a thread on a side stream on CUDA, inline on the CPU)."""
+        # On CUDA the graph explicitly: 'auto' would go on uncaptured if the capture failed, timing the wrong step.
+        step_mode = step_mode or ("graph" if self.device.type == "cuda" else "auto")
         gen = Generator(model, MethodConfig(method, **method_kw), retriever, prompter=self.prompter,
                         step_mode=step_mode)
         for hook in gen.hooks:

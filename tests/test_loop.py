@@ -116,3 +116,37 @@ def test_fixed_shape_and_graph_steps_give_the_eager_tokens(tiny_janus, mode):
         torch.testing.assert_close(other, eager, rtol=0, atol=0)
     finally:
         tiny_janus.to("cpu")
+
+
+def test_a_failed_capture_in_auto_mode_decodes_on_uncaptured(tiny_janus, monkeypatch):
+    """'auto' on CUDA captures a graph; if CUDA refuses the capture, the step warns once and goes on uncaptured
+    with the eager tokens (the warm-up's moved position counter is put back). An explicit 'graph' raises."""
+    from arrag.decoding import loop, step
+
+    class RefusedCapture(step.StaticStep):  # a CPU stand-in: the warm-up runs, then the capture is refused
+        def __init__(self, *args, fallback=True, **kw):
+            super().__init__(*args, **kw)
+            self.capture, self.fallback, self.records = True, fallback, 0
+
+        def _record(self):
+            self.records += 1
+            self._run(), self._run()  # the warm-up: writes this step's slot, moves next_pos twice
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+
+    made = []
+    monkeypatch.setattr(loop, "make_step", lambda mode, *a, **kw: made.append(RefusedCapture(*a, **kw)) or made[-1])
+    cfg = SamplingConfig(parallel_size=2, image_size=64, seed=9)
+    prompts = ["a red circle", "two blue squares left of a yellow triangle"]
+    with pytest.warns(UserWarning, match=r"capture failed \(CUDA error: operation not permitted when stream is "
+                                         r"capturing\); decoding with the uncaptured"):
+        recovered = sample_codes(tiny_janus, prompts, cfg, progress=False)
+    assert made[0].records == 1 and not made[0].capture
+    torch.testing.assert_close(recovered, sample_codes(tiny_janus, prompts, cfg, progress=False, step_mode="eager"),
+                               rtol=0, atol=0)
+    plain = []
+    monkeypatch.setattr(loop, "make_step", lambda *a, **kw: plain.append(step.make_step(*a, **kw)) or plain[-1])
+    sample_codes(tiny_janus, prompts, cfg, progress=False, step_mode="static")
+    assert torch.equal(made[0].cache.next_pos, plain[0].cache.next_pos)  # rotary positions as if never captured
+    monkeypatch.setattr(loop, "make_step", lambda mode, *a, **kw: RefusedCapture(*a, **kw, fallback=False))
+    with pytest.raises(RuntimeError, match="operation not permitted"):
+        sample_codes(tiny_janus, prompts, cfg, progress=False)

@@ -13,6 +13,7 @@ tokens (static vs eager is tested on the CPU; graph vs eager on CUDA).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
@@ -43,13 +44,16 @@ class StaticStep:
     """The fixed-shape step; with capture=True recorded as a CUDA graph on the first call and replayed after.
 
     `start` is the cache slot of the first image token (the prompt length): target t writes slot start+t-1.
+    fallback: if the capture fails, warn and go on uncaptured (same tokens) instead of raising ('auto' mode).
     """
 
-    def __init__(self, model, cache, cfg_weight: float, n_images: int, start: int, capture: bool = False):
+    def __init__(self, model, cache, cfg_weight: float, n_images: int, start: int, capture: bool = False,
+                 fallback: bool = False):
         if capture and model.device.type != "cuda":
             raise ArragError("CUDA graphs need the model on a CUDA device; use the eager or static step on "
                              f"{model.device}")
         self.model, self.cache, self.cfg_weight, self.start, self.capture = model, cache, cfg_weight, start, capture
+        self.fallback = fallback
         device = model.device
         self.tokens = torch.zeros(n_images, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
@@ -79,9 +83,28 @@ class StaticStep:
         if not self.capture:
             return self._run()
         if self.graph is None:
-            self._record()
+            next_pos = self.cache.next_pos.clone()
+            try:
+                self._record()
+            except RuntimeError as e:  # CUDA reports a failed capture as a RuntimeError
+                if not self.fallback:
+                    raise
+                self._give_up_capture(e, next_pos)
+                return self._run()
         self.graph.replay()
         return self.out
+
+    def _give_up_capture(self, error: RuntimeError, next_pos: torch.Tensor) -> None:
+        """Undo what a failed capture may have left (a half-recorded graph, a moved position counter) and
+        decode uncaptured from here on; the KV cache writes of the warm-up are this step's own, so they stay."""
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)  # the warm-up's side stream may still be writing
+        self.capture, self.graph, self.out = False, None, None
+        self.cache.next_pos.copy_(next_pos)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        warnings.warn(f"CUDA graph capture failed ({reason}); decoding with the uncaptured fixed-shape step, "
+                      "which gives the same tokens more slowly (--decode-step static or eager skips the capture)",
+                      stacklevel=3)
 
     def _record(self) -> None:
         """Warm up on a side stream (as CUDA graphs require), then capture. The warm-up runs compute this
@@ -102,11 +125,13 @@ class StaticStep:
 
 
 def make_step(mode: str, model, cache, cfg_weight: float, n_images: int, start: int):
-    """The step runner for `mode` ('auto': a CUDA graph on CUDA, eager elsewhere)."""
+    """The step runner for `mode` ('auto': a CUDA graph on CUDA, going on uncaptured if the capture fails;
+    eager elsewhere)."""
     if mode not in STEP_MODES:
         raise ArragError(f"--decode-step {mode!r}: choose {', '.join(STEP_MODES)}")
+    fallback = mode == "auto"
     if mode == "auto":
         mode = "graph" if model.device.type == "cuda" else "eager"
     if mode == "eager":
         return EagerStep(model, cache, cfg_weight)
-    return StaticStep(model, cache, cfg_weight, n_images, start, capture=mode == "graph")
+    return StaticStep(model, cache, cfg_weight, n_images, start, capture=mode == "graph", fallback=fallback)
