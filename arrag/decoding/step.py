@@ -84,21 +84,24 @@ class StaticStep:
             return self._run()
         if self.graph is None:
             next_pos = self.cache.next_pos.clone()
+            stream = torch.cuda.current_stream(self.model.device) if self.model.device.type == "cuda" else None
             try:
                 self._record()
             except RuntimeError as e:  # CUDA reports a failed capture as a RuntimeError
                 if not self.fallback:
                     raise
-                self._give_up_capture(e, next_pos)
+                self._give_up_capture(e, next_pos, stream)
                 return self._run()
         self.graph.replay()
         return self.out
 
-    def _give_up_capture(self, error: RuntimeError, next_pos: torch.Tensor) -> None:
-        """Undo what a failed capture may have left (a half-recorded graph, a moved position counter) and
-        decode uncaptured from here on; the KV cache writes of the warm-up are this step's own, so they stay."""
+    def _give_up_capture(self, error: RuntimeError, next_pos: torch.Tensor, stream) -> None:
+        """Undo what a failed capture may have left (a half-recorded graph, a moved position counter, the
+        capture's stream left current when ending the capture raised) and decode uncaptured from here on; the
+        KV cache writes of the warm-up are this step's own, so they stay."""
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)  # the warm-up's side stream may still be writing
+            torch.cuda.set_stream(stream)
         self.capture, self.graph, self.out = False, None, None
         self.cache.next_pos.copy_(next_pos)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
