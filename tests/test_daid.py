@@ -230,6 +230,22 @@ def test_daid_steps_read_nothing_back(tiny_janus, ivf_dir):
     assert "aten::_local_scalar_dense" in rb.seen
 
 
+def test_code_tables_reach_the_search_device_before_decoding(tiny_janus, ivf_dir):
+    """The code and count tables that turn hits into codes are copied to the search's device when decoding
+    begins: copied inside the first search instead, on a GPU that copy would stall the loop mid-image."""
+    retriever = PatchRetriever.load(ivf_dir, backend="torch")
+    assert retriever.counts is not None and not retriever._values_torch and not retriever._counts_torch
+    seen = []
+
+    class Look(DecodingHook):
+        def before_forward(self, state, target):
+            if target == 0:  # the prefill: no search has run yet
+                seen.append((sorted(retriever._values_torch), sorted(retriever._counts_torch)))
+
+    _codes(tiny_janus, ["a"], hooks=[*build_hooks(tiny_janus, MethodConfig("daid", daid_k=8), retriever), Look()])
+    assert seen == [(["cpu"], ["cpu"])]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_daid_steps_on_cuda_read_nothing_back(tiny_janus, ivf_dir):
     """The same on CUDA, with its sync debug mode set to error from the third target on (the search runs in

@@ -28,6 +28,7 @@ class StepQueries:
         table = nb.step_table(*state.grid)
         self.table = torch.from_numpy(table).to(state.codes.device)
         self.valid: list[bool] = (table >= 0).all(1).tolist()  # valid[t]: target t gets a retrieval
+        retriever.prepare(state.codes.device)
 
     def query(self, state, target: int) -> torch.Tensor:
         """[N, n * e] for target `target` (only valid targets have all their neighbours sampled)."""

@@ -312,9 +312,23 @@ class PatchRetriever:
         codes = torch.where(ids >= 0, values[ids.clamp_min(0)].long(), -1)
         return (dist, codes, copies) if counted else (dist, codes)
 
+    def prepare(self, device: str | torch.device) -> None:
+        """Copy the code (and count) tables to where searches of queries on `device` return their hits, now,
+        not inside the first search: on a GPU that copy would stall a decoding loop that otherwise never waits."""
+        if isinstance(self.index, TorchIndex):
+            device = self.index.device
+        elif not (self.gpus and torch.device(device).type == "cuda"):
+            return  # faiss-cpu: hits come back as NumPy and are looked up there
+        self._on(self._values_torch, self.values, device)
+        if self.counts is not None:
+            self._on(self._counts_torch, self.counts, device)
+
     @staticmethod
     def _on(cache: dict, array: np.ndarray, device) -> torch.Tensor:
         """An int32 copy of `array` (codes or counts) on `device`, made once: 4 bytes per entry on a GPU."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         key = str(device)
         if key not in cache:
             cache[key] = torch.from_numpy(np.asarray(array, dtype=np.int32)).to(device)
