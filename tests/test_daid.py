@@ -111,7 +111,7 @@ def test_prefetched_search_gives_the_same_images(tiny_janus, retriever):
     for prefetch in (False, True):
         hook = DAiD(retriever, lam=0.7, k=6, prefetch=prefetch)
         runs.append(_codes(tiny_janus, ["a circle", "two squares"], parallel_size=2, hooks=[hook]))
-        assert hook.pool is None and hook.stats["steps_augmented"] == 6
+        assert hook.prefetcher is None and hook.stats["steps_augmented"] == 6
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
 
 

@@ -109,7 +109,7 @@ class DAiD(DecodingHook):
         side_stream: on CUDA, on a stream of its own (SearchPrefetch). Neither changes the images."""
         self.check_settings(lam, tau, k, aggregate)
         self.retriever, self.lam, self.tau, self.k, self.aggregate = retriever, lam, tau, k, aggregate
-        self.prefetch, self.side_stream, self.pool, self.pending = prefetch, side_stream, None, None
+        self.prefetch, self.side_stream, self.prefetcher, self.pending = prefetch, side_stream, None, None
         self.stats = {"steps_augmented": 0, "rows_augmented": 0, "rows_without_hits": 0}
 
     @staticmethod
@@ -134,8 +134,8 @@ class DAiD(DecodingHook):
             # Overlapping search and forward pays off when the model runs on a GPU; on a CPU both compete for
             # the same cores (measured on 2 cores: 1.61x -> 1.89x overhead at batch 16), so it stays off there.
             self.prefetch = state.codes.device.type == "cuda"
-        if self.active and self.prefetch and self.pool is None:
-            self.pool = SearchPrefetch(self.retriever.search_counted, state.codes.device, self.side_stream)
+        if self.active and self.prefetch and self.prefetcher is None:
+            self.prefetcher = SearchPrefetch(self.retriever.search_counted, state.codes.device, self.side_stream)
         if self.lam > 0 and self.retriever.entries == 0:
             warnings.warn(f"retriever {self.retriever.folder} is empty: DAiD decodes as base", stacklevel=2)
 
@@ -145,13 +145,13 @@ class DAiD(DecodingHook):
         # pass computes the logits. Not for the prefill (target 0) and the first step (target 1): that step is
         # when a CUDA graph is captured, and no other thread may allocate or synchronise during a capture.
         if self.active and self.prefetch and target > 1 and self.queries.valid[target]:
-            self.pending = (target, self.pool.submit(self.queries.query(state, target), self.k))
+            self.pending = (target, self.prefetcher.submit(self.queries.query(state, target), self.k))
 
     def adjust_probs(self, state: DecodeState, target: int, probs: torch.Tensor) -> torch.Tensor:
         if not self.active or not self.queries.valid[target]:
             return probs
         if self.pending is not None and self.pending[0] == target:
-            distances, codes, copies = self.pool.collect(self.pending[1])
+            distances, codes, copies = self.prefetcher.collect(self.pending[1])
             self.pending = None
         else:
             distances, codes, copies = self.retriever.search_counted(self.queries.query(state, target), self.k)
@@ -166,9 +166,9 @@ class DAiD(DecodingHook):
 
     def end(self, state: DecodeState) -> None:
         self.pending = None
-        if self.pool is not None:
-            self.pool.close()
-            self.pool = None
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
         self.stats["rows_augmented"] += self.rows_searched - int(self.misses)
         self.stats["rows_without_hits"] += int(self.misses)
         if self.stats["rows_without_hits"]:
