@@ -23,7 +23,7 @@ def _vq_reconstruct(args: argparse.Namespace) -> int:
     from arrag.vq import load_vq
 
     device = resolve_device(args.device)
-    vq = load_vq(args.vq, preset=args.vq_preset, device=device)
+    vq = load_vq(args.vq, preset=args.vq_preset, device=device, trust_checkpoint=args.trust_checkpoint)
     args.size = args.size or vq.config.image_size
     vq.grid_size(args.size)
     image = resize_crop(load_rgb(args.image), args.size, args.resize)
@@ -90,7 +90,8 @@ def _generate(args: argparse.Namespace) -> int:
     generator = Generator.load(args.model, method, retriever=args.retriever, device=args.device, dtype=args.dtype,
                                retriever_device=args.retriever_device, nprobe=args.nprobe,
                                verify_index=not args.no_verify_index,
-                               local_rank=slot.local_rank if slot.world > 1 else None, step_mode=args.decode_step)
+                               local_rank=slot.local_rank if slot.world > 1 else None, step_mode=args.decode_step,
+                               trust_checkpoint=args.trust_checkpoint)
     if layout is not None:
         stats = run_layout(generator, items, layout, sampling, prompts_source=args.prompts, slot=slot,
                            prompts_per_batch=args.prompts_per_batch)
@@ -118,7 +119,7 @@ def _encode(args: argparse.Namespace) -> int:
     r = encode(args.source, args.out, args.vq, vq_preset=args.vq_preset, image_size=args.image_size,
                batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers,
                save_latents=args.save_latents, shard=args.shard, device=args.device, min_size=args.min_size,
-               max_images=args.max_images, resize=args.resize)
+               max_images=args.max_images, resize=args.resize, trust_checkpoint=args.trust_checkpoint)
     state = "complete: manifest.json written" if r.complete else "other shards still pending (rerun to finish)"
     print(f"{r.summary()}; store {r.folder} {state}")
     return 0
@@ -245,7 +246,8 @@ def _eval_retrieval_gain(args: argparse.Namespace) -> int:
     store = CodeStore.open(args.store)
     result, retriever_settings = measure_folders(
         args.model, args.retriever, store, device=args.device, nprobe=args.nprobe,
-        verify_index=not args.no_verify_index, allow_unknown_vq=args.allow_unknown_vq, images=args.images, k=args.k,
+        verify_index=not args.no_verify_index, allow_unknown_vq=args.allow_unknown_vq,
+        trust_checkpoint=args.trust_checkpoint, images=args.images, k=args.k,
         lambdas=lambdas, taus=taus, aggregate=args.aggregate, cfg_weight=args.cfg_weight, batch_size=args.batch_size)
     out = Path(args.out) if args.out else Path(str(Path(args.store).resolve()) + "_retrieval_gain.json")
     write_json(out, {**result, "settings": {**{k: v for k, v in vars(args).items() if k != "func"},
@@ -292,7 +294,8 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     from arrag.demo.score import score_folder
     from arrag.provenance import write_json
 
-    result = score_folder(args.folder, args.vq, reference_count=args.reference_images)
+    result = score_folder(args.folder, args.vq, reference_count=args.reference_images,
+                          trust_checkpoint=args.trust_checkpoint)
     out = Path(args.out) if args.out else Path(args.folder) / "shapes_scores.json"
     write_json(out, {**result, "settings": {k: v for k, v in vars(args).items() if k != "func"}})
     per = "  ".join(f"{c} {v:.2f}" for c, v in result["per_category"].items())
@@ -316,6 +319,12 @@ def _eval_shapes_prompts(args: argparse.Namespace) -> int:
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+
+
+def _add_trust(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle a .pt/.bin checkpoint that holds Python objects besides weights (refused "
+                             "by default: unpickling such a file can run any code). Only for files you trust")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--side-by-side", action="store_true", help="write original and reconstruction side by side")
     rec.add_argument("--resize", default="original", choices=["original", "adm"],
                      help="original: Resize + CenterCrop as AR-RAG (default); adm: LlamaGen's crop")
+    _add_trust(rec)
     _add_device(rec)
     rec.set_defaults(func=_vq_reconstruct)
 
@@ -419,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how a decode step runs: auto (a CUDA graph on CUDA, uncaptured with a warning if "
                           "CUDA refuses the capture; eager elsewhere), eager (the reference), static (fixed shapes, "
                           "no graph), graph (CUDA graph replay; a refused capture is an error)")
+    _add_trust(gen)
     gen.set_defaults(func=_generate)
 
     enc = sub.add_parser(
@@ -443,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--shard", default=None, help="process i of n (i/n); default from RANK/WORLD_SIZE")
     enc.add_argument("--min-size", type=int, default=64, help="skip images with a side below this (default 64)")
     enc.add_argument("--max-images", type=int, default=None, help="encode only the first N images")
+    _add_trust(enc)
     _add_device(enc)
     enc.set_defaults(func=_encode)
 
@@ -598,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=_default(F, "mixed_precision"),
                     help="default bf16 on CUDA, no (fp32) on CPU")
     tf.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is present")
+    _add_trust(tf)
     tf.add_argument("--num-workers", type=int, default=_default(F, "num_workers"),
                     help="DataLoader workers per process (default %(default)s)")
     tf.set_defaults(func=_train_faid)
@@ -633,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="model folder whose VQ encoder gives the realism features (default: the shipped demo base)")
     sh.add_argument("--reference-images", type=int, default=512, help="rendered reference images (default 512)")
     sh.add_argument("--out", default=None, help="result JSON (default <folder>/shapes_scores.json)")
+    _add_trust(sh)
     sh.set_defaults(func=_eval_shapes)
 
     rg = ev_sub.add_parser(
@@ -660,6 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--allow-unknown-vq", action="store_true", help="accept an index without a VQ fingerprint")
     rg.add_argument("--no-verify-index", action="store_true", help="check only the index files' sizes")
     rg.add_argument("--out", default=None, help="result JSON (default <store>_retrieval_gain.json)")
+    _add_trust(rg)
     _add_device(rg)
     rg.set_defaults(func=_eval_retrieval_gain)
 

@@ -30,6 +30,16 @@ _TEMP_RE = re.compile(r"^(?P<name>.+)\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.tmp
 TEMP_PATTERN = r"(.*/)?[^/]+\.[A-Za-z0-9_]+-\d+\.tmp(/.*)?"
 
 
+def _default_file_mode() -> int:
+    """0o666 less this process's umask: the mode an ordinary new file gets (0o644 under the usual umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _default_file_mode()
+
+
 def temp_path(path: str | Path) -> Path:
     """The temporary name of `path` for this process: `NAME.<host>-<pid>.tmp` in the same folder."""
     path = Path(path)
@@ -63,7 +73,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield this process's temporary name for `path`; rename it onto `path` when the block succeeds.
 
     On any failure the temporary is removed; a full disk becomes an ArragError naming `path`.
-    The temporary may be a file or a folder (a folder replaces only a missing or empty `path`).
+    The temporary may be a file or a folder (a folder replaces only a missing or empty `path`). A file gets the
+    ordinary mode of a new file (writers such as safetensors create theirs private, 0o600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +82,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     _remove(tmp)
     try:
         yield tmp
+        if tmp.is_file():
+            os.chmod(tmp, FILE_MODE)
         if tmp.is_dir() and path.is_dir():
             path.rmdir()  # only an empty folder; anything else raises (use replace_owned_dir)
         os.replace(tmp, path)

@@ -7,11 +7,9 @@ tokenizer), `VQ-8`, and tiny ones of the same classes for tests and the embedded
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -512,8 +510,9 @@ def codebook_fingerprint(book, l2_norm: bool | None = True) -> str:
 # Loading
 
 
-def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Raw state dict (and an embedded config, if any) from a LlamaGen .pt or a safetensors file."""
+def _read_checkpoint(path: Path, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Raw state dict (and an embedded config, if any) from a LlamaGen .pt or a safetensors file. A .pt is read
+    without running code from it (weight_files.load_pickled; `trust`: the user's --trust-checkpoint)."""
     if not path.exists():
         raise ArragError(f"VQ checkpoint not found: {path}; download vq_ds16_t2i.pt from LlamaGen or pass --vq")
     if path.is_dir():
@@ -529,19 +528,9 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
             raise ArragError(f"cannot read VQ checkpoint {path}: {one_line(e)}") from None
         cfg = json.loads(meta["arrag_vq_config"]) if "arrag_vq_config" in meta else None
         return state, cfg
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if "weights_only" not in str(e) and "Unsupported global" not in str(e):
-            raise ArragError(f"cannot read VQ checkpoint {path}: {one_line(e)}; "
-                             "expected LlamaGen's .pt (a dict with 'model') or .safetensors") from None
-        # The training script stores extra Python objects (args); the file is the user's own, so unpickle it.
-        warnings.warn(f"{path} holds Python objects besides tensors; loading it with full unpickling", stacklevel=3)
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e2:
-            raise ArragError(f"cannot read VQ checkpoint {path}: {one_line(e2)}") from None
+    from arrag.weight_files import load_pickled
+
+    obj = load_pickled(path, trust=trust, what="VQ checkpoint")
     if isinstance(obj, Mapping):
         for key in ("ema", "model", "state_dict"):
             if isinstance(obj.get(key), Mapping):
@@ -579,15 +568,27 @@ def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what
     module.load_state_dict(state, strict=True, assign=assign)
 
 
+def check_finite(state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse weights holding NaN or inf (a damaged or diverged checkpoint would decode flat images silently)."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ArragError(f"{what}: {key} holds {bad:,} NaN or infinite values; the checkpoint is damaged or its "
+                             "training diverged: use another checkpoint")
+
+
 def load_vq(path: str | Path, preset: str | VQConfig | Mapping | None = None,
-            device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> VQModel:
+            device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+            trust_checkpoint: bool = False) -> VQModel:
     """Load a VQ-VAE from LlamaGen's .pt (weights under 'ema', 'model' or 'state_dict') or safetensors.
 
     The config comes from `preset`, else from the file's metadata (arrag safetensors), else VQ-16.
     A Janus-Pro checkpoint is accepted too, as its folder or one of its weight files: the VQ config comes
     from the folder's config.json and the `gen_vision_model.` weights are taken. A Hub id (a repository, or
     a repository and a file) is looked up in the Hugging Face cache or downloaded.
-    Loads strictly; any mismatch is one ArragError line naming the file and the first bad keys.
+    Loads strictly; any mismatch is one ArragError line naming the file and the first bad keys. A pickled file
+    (.pt, .bin) is never allowed to run code: one holding Python objects besides weights and LlamaGen's
+    argparse args is refused unless `trust_checkpoint` (--trust-checkpoint). Non-finite weights are refused.
     """
     from arrag import hub
     from arrag.weight_files import iter_tensors, weight_files
@@ -602,12 +603,12 @@ def load_vq(path: str | Path, preset: str | VQConfig | Mapping | None = None,
             raise ArragError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
         if "gen_vision_config" in janus_config:  # a Janus-Pro checkpoint: its own VQ config and weights
             file_cfg = vq_config_from_janus(janus_config, str(folder / "config.json"))[1]
-            state = dict(iter_tensors(weight_files(folder), "gen_vision_model."))
+            state = dict(iter_tensors(weight_files(folder), "gen_vision_model.", trust=trust_checkpoint))
     if file_cfg is None:
         if path.is_dir():
             raise ArragError(f"VQ checkpoint {path} is a folder without a Janus-Pro config.json; pass the .pt or "
                              ".safetensors file, or the model folder")
-        state, file_cfg = _read_checkpoint(path)
+        state, file_cfg = _read_checkpoint(path, trust_checkpoint)
     prefix = "gen_vision_model."
     if not any(k.startswith("encoder.") for k in state) and any(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -615,6 +616,7 @@ def load_vq(path: str | Path, preset: str | VQConfig | Mapping | None = None,
     model = VQModel(cfg)
     named = preset if isinstance(preset, str) else ("the file's own config" if file_cfg is not None else "VQ-16")
     load_state_strict(model, state, f"VQ checkpoint {path} (as {named}; --vq-preset chooses another)")
+    check_finite(state, f"VQ checkpoint {path}")
     model.eval().to(device)
     if dtype is not None:
         model.to(dtype)

@@ -67,11 +67,11 @@ def test_tiny_recipe_runs_end_to_end_records_its_device_and_resumes(tmp_path):
     assert (tmp_path / "work" / "vq.safetensors").stat().st_mtime_ns == mtime
     assert again["base"]["losses"] == report["base"]["losses"]
     ckpt = tmp_path / "work" / "base" / "checkpoint.pt"
-    first = torch.load(ckpt, weights_only=False)["losses"]
+    first = torch.load(ckpt, weights_only=True)["losses"]
     longer = replace(recipe, base_steps=5)  # a finished run asked for more steps goes on from its checkpoint
     extended = run_recipe(**{**kw, "recipe": longer})
     assert extended["base"]["steps"] == 5
-    assert torch.load(ckpt, weights_only=False)["losses"][:3] == first  # the first 3 steps are kept
+    assert torch.load(ckpt, weights_only=True)["losses"][:3] == first  # the first 3 steps are kept
     assert extended["faid"]["base_steps"] == 5  # FAiD retrained from the longer base ...
     assert (tmp_path / "work" / "faid.base3" / "settings.json").is_file()  # ... the earlier one kept aside
     with pytest.raises(SystemExit, match="past --base-steps 4"):

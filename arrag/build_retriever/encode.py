@@ -288,7 +288,7 @@ def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str 
            image_size: int | None = None,
            batch_size: int = 32, shard_size: int = 4096, num_workers: int | None = None, save_latents: bool = False,
            shard: str | None = None, device: str = "auto", min_size: int = 64, progress: bool = True,
-           max_images: int | None = None, resize: str = "original") -> EncodeResult:
+           max_images: int | None = None, resize: str = "original", trust_checkpoint: bool = False) -> EncodeResult:
     """Encode every image of `source` into a code store at `out` (resumable; see the module docstring).
 
     image_size: the crop size; None takes the tokenizer's (its config's image_size: 384 for VQ-16, the size
@@ -314,7 +314,7 @@ def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str 
     if device == "auto" and world > 1 and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
     dev = resolve_device(device)
-    vq = load_vq(vq_path, preset=vq_preset, device=dev)
+    vq = load_vq(vq_path, preset=vq_preset, device=dev, trust_checkpoint=trust_checkpoint)
     if image_size is None:
         image_size = vq.config.image_size
     elif image_size != vq.config.image_size:

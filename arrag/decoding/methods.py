@@ -98,13 +98,14 @@ class Generator:
     def load(cls, model_path: str | Path, method: MethodConfig | None = None, *, retriever: str | Path | None = None,
              device: str = "auto", dtype: str = "auto", retriever_device: str | None = None,
              nprobe: int | None = None, verify_index: bool = True, local_rank: int | None = None,
-             step_mode: str = "auto") -> Generator:
+             step_mode: str = "auto", trust_checkpoint: bool = False) -> Generator:
         """Load a Janus-Pro folder and, for retrieval methods, its index; everything is checked before loading.
 
         device 'auto' is CUDA when present (GPU `local_rank` when several processes share a machine). With the
         model on CUDA the index goes to the GPU too (faiss-gpu, or the torch backend for Flat and IVF-Flat
         indexes), staying on the CPU with a notice when neither applies; retriever_device overrides. nprobe
-        overrides the index's.
+        overrides the index's. trust_checkpoint: the user's --trust-checkpoint (a pickled .bin holding more than
+        weights is refused without it).
         """
         from arrag.janus.model import JanusPro
         from arrag.runtime import parse_dtype, resolve_device
@@ -127,7 +128,8 @@ class Generator:
             where = retriever_device or (str(dev) if dev.type == "cuda" else "cpu")
             index = PatchRetriever.load(retriever, device=where, nprobe=nprobe, verify=verify_index,
                                         gpu_fallback=retriever_device is None)
-        model = JanusPro.from_pretrained(model_path, dtype=parse_dtype(dtype, dev), device=dev)
+        model = JanusPro.from_pretrained(model_path, dtype=parse_dtype(dtype, dev), device=dev,
+                                         trust_checkpoint=trust_checkpoint)
         return cls(model, method, index, step_mode=step_mode)
 
     # -- generating -----------------------------------------------------------------------------------------

@@ -248,14 +248,15 @@ def read_generated(folder: str | Path) -> tuple[np.ndarray, list[Scene], list[di
     return np.stack(images), scenes, records
 
 
-def score_folder(folder: str | Path, vq_source: str | Path, reference_count: int = 512) -> dict:
+def score_folder(folder: str | Path, vq_source: str | Path, reference_count: int = 512,
+                 trust_checkpoint: bool = False) -> dict:
     """Accuracy and realism of a generated folder; the reference is rendered from the records' split."""
     from arrag.vq import load_vq
 
     images, scenes, records = read_generated(folder)
     r = records[0]
     reference = reference_images(r["split"], reference_count, images.shape[1], r["seed"], start=10_000)
-    features = VQEncoderFeatures(load_vq(vq_source), images.shape[1])
+    features = VQEncoderFeatures(load_vq(vq_source, trust_checkpoint=trust_checkpoint), images.shape[1])
     return {**accuracy(images, scenes), "realism_fid": realism_fid(images, reference, features),
             "images": len(images), "reference_images": reference_count}
 

@@ -33,6 +33,7 @@ from arrag.demo.database import DEMO_RETRIEVER, build_demo_retriever, render_spl
 from arrag.demo.shapes import ShapesWorld
 from arrag.image_io import to_tensor
 from arrag.vq import VQModel
+from arrag.weight_files import load_pickled
 
 
 @dataclass
@@ -244,7 +245,7 @@ def train_base(out: Path, store_dir: Path, vq_path: Path, recipe: DemoRecipe, pr
     ckpt = out / "checkpoint.pt"
     start, losses = 0, []
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False, map_location=device)
+        state = load_pickled(ckpt, map_location=device)  # tensors, numbers and lists only
         if state["step"] > steps:
             raise SystemExit(f"error: {ckpt} is at step {state['step']}, past --base-steps {steps}; "
                              "raise --base-steps or use a new --workdir")

@@ -176,12 +176,10 @@ def weights_path(given: str | Path | None = None) -> Path:
 def load_fid_inception(weights: str | Path | None = None, device: str | torch.device = "cpu") -> FIDInception:
     """The FID network with pytorch-fid's weights, in eval mode."""
     from arrag.vq import load_state_strict
+    from arrag.weight_files import load_pickled
 
     path = weights_path(weights)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ArragError(f"cannot read the Inception weights {path}: {one_line(e, 160)}") from None
+    state = load_pickled(path, what="the Inception weights")
     model = FIDInception()
     for key in model.state_dict():  # files saved before batch norms counted their batches lack the counter
         if key.endswith("num_batches_tracked") and key not in state:

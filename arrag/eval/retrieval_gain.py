@@ -128,7 +128,8 @@ def retrieval_gain(model, prompter, retriever, store, images: int = 256, k: int 
 
 def measure_folders(model_dir: str | Path, retriever_dir: str | Path, store, *, k: int = DEFAULT_K,
                     aggregate: str = DEFAULT_AGGREGATE, device: str = "auto", nprobe: int | None = None,
-                    verify_index: bool = True, allow_unknown_vq: bool = False, **settings) -> tuple[dict, dict]:
+                    verify_index: bool = True, allow_unknown_vq: bool = False, trust_checkpoint: bool = False,
+                    **settings) -> tuple[dict, dict]:
     """Load a model folder (fp32) and its retriever (checked against the model's tokenizer, placed as generation
     places it) and run retrieval_gain on `store` with k, aggregate and `settings` (images, lambdas, taus, ...).
 
@@ -138,7 +139,7 @@ def measure_folders(model_dir: str | Path, retriever_dir: str | Path, store, *, 
 
     method = MethodConfig("daid", daid_k=k, daid_aggregate=aggregate, allow_unknown_vq=allow_unknown_vq)
     generator = Generator.load(model_dir, method, retriever=retriever_dir, device=device, nprobe=nprobe,
-                               verify_index=verify_index, dtype="fp32")
+                               verify_index=verify_index, dtype="fp32", trust_checkpoint=trust_checkpoint)
     result = retrieval_gain(generator.model, Prompter.from_folder(model_dir), generator.retriever, store, k=k,
                             aggregate=aggregate, **settings)
     return result, generator.retriever.settings()

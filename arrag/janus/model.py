@@ -22,7 +22,7 @@ from arrag.janus.blender import CONV_NAMES
 from arrag.janus.config import JanusConfig
 from arrag.janus.faid_layers import attach_blenders
 from arrag.janus.llama import DecodeLinear, LlamaCausalLM
-from arrag.vq import VQModel, load_state_strict
+from arrag.vq import VQModel, check_finite, load_state_strict
 from arrag.weight_files import iter_tensors, weight_files
 
 # Keys of the full Janus-Pro checkpoint that the generation path does not use.
@@ -108,12 +108,15 @@ class JanusPro(nn.Module):
     # -- files --------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None, quiet: bool = False) -> JanusPro:
+                        device: str | torch.device | None = None, quiet: bool = False,
+                        trust_checkpoint: bool = False) -> JanusPro:
         """Load the original deepseek-ai layout (config.json + safetensors or .bin, single or sharded).
 
         `path` is the checkpoint folder, or a weights file with config.json beside it. The understanding
         tower and lm_head are skipped (one notice); everything else loads strictly. dtype defaults to
-        bf16 on CUDA and fp32 on CPU; device defaults to CUDA when available.
+        bf16 on CUDA and fp32 on CPU; device defaults to CUDA when available. A .bin never runs code
+        (weight_files.load_pickled; `trust_checkpoint` is the user's --trust-checkpoint), and weights holding
+        NaN or inf are refused.
         """
         from arrag.runtime import default_dtype, resolve_device
 
@@ -129,13 +132,14 @@ class JanusPro(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         state, skipped = {}, 0
-        for key, tensor in iter_tensors(files):
+        for key, tensor in iter_tensors(files, trust=trust_checkpoint):
             if key.startswith(SKIPPED_PREFIXES):
                 skipped += 1
                 continue
             state[key] = tensor
         _fill_unused_hop_convs(model, state)
         load_state_strict(model, state, f"Janus checkpoint {folder}", assign=True)
+        check_finite(state, f"Janus checkpoint {folder}")
         if skipped and not quiet:
             print(f"arrag: {folder}: skipped {skipped} tensors not used for text-to-image "
                   f"(understanding tower, aligner, lm_head)", file=sys.stderr)

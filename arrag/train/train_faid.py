@@ -46,7 +46,7 @@ from arrag.train.construct import load_retrieved
 
 # Settings a rerun may change without invalidating the checkpoints it resumes from.
 RESUMABLE_CHANGES = ("max_steps", "resume", "overwrite", "save_every", "keep_checkpoints", "num_workers", "progress",
-                     "log_every")
+                     "log_every", "trust_checkpoint")
 BLENDER_INITS = ("original", "zero")
 # What <out>/checkpoints may hold: only step-NNNNNNN folders (train-faid's own names), and in those whatever
 # accelerate or DeepSpeed saved.
@@ -91,6 +91,7 @@ class FaidTrainConfig:
     deepspeed: str | None = None
     mixed_precision: str | None = None  # default bf16 on CUDA, no on CPU
     cpu: bool = False
+    trust_checkpoint: bool = False      # unpickle a --base .bin that holds more than weights (the user trusts it)
     num_workers: int = 2
     log_every: int = 10
     progress: bool = True
@@ -254,7 +255,8 @@ def build_model(cfg: FaidTrainConfig, device: str | torch.device = "cpu"):
     """Base Janus-Pro (fp32) + blenders + LoRA, with exactly the trainable parameters of the recipe."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    janus = JanusPro.from_pretrained(cfg.base, dtype=torch.float32, device=device, quiet=True)
+    janus = JanusPro.from_pretrained(cfg.base, dtype=torch.float32, device=device, quiet=True,
+                                     trust_checkpoint=cfg.trust_checkpoint)
     hops = parse_hops(cfg.num_hop)
     if janus.has_faid:
         lang = janus.config.language
