@@ -336,7 +336,8 @@ def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str 
     lock.check()
     folder.mkdir(parents=True, exist_ok=True)
     fileops.sweep_stale_temps(folder)
-    codestore.write_codebook(folder, vq.quantize.codebook().detach().cpu().numpy())
+    # The manifest records the codebook's hash (not the lock: it follows from the VQ fingerprint).
+    info["codebook_sha256"] = codestore.write_codebook(folder, vq.quantize.codebook().detach().cpu().numpy())
 
     mine = [k for k in range(num_shards) if k % world == rank and not codestore.shard_done(folder, k)]
     result = EncodeResult(folder)

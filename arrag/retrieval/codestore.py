@@ -1,8 +1,10 @@
 """The code store: encoded images on disk, in shards, with a manifest.
 
 Layout of a store folder:
-  manifest.json          written last, once every shard is done (format, VQ fingerprint, sizes, shards)
-  codebook.npy           the VQ's normalised codebook [K, e] float32 (keys are built from it)
+  manifest.json          written last, once every shard is done (format, VQ fingerprint, codebook hash, sizes,
+                         shards)
+  codebook.npy           the VQ's normalised codebook [K, e] float32 (keys are built from it); its hash is in the
+                         manifest and opening the store checks it, so codes and codebook cannot part
   codes-00000.npy        uint16 [n, h, w] code grids of shard 0
   latents-00000.npy      float16 [n, h, w, e] normalised pre-quantisation latents (optional)
   captions-00000.jsonl   one JSON string per image (optional)
@@ -12,10 +14,11 @@ Every file is written to a temporary name and renamed, so an interrupted run lea
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -74,11 +77,46 @@ def write_shard(folder: str | Path, k: int, codes: np.ndarray, ids: list[str], l
     write_text(shard_meta_path(folder, k), json.dumps(meta) + "\n")
 
 
-def write_codebook(folder: str | Path, codebook: np.ndarray) -> None:
+def codebook_hash(codebook: np.ndarray) -> str:
+    """16 hex digits of sha256 over a codebook [K, e] as stored (little-endian float32) and its shape."""
+    arr = np.ascontiguousarray(codebook, dtype="<f4")
+    return hashlib.sha256(f"arrag-codebook/1 {arr.shape}".encode() + arr.tobytes()).hexdigest()[:16]
+
+
+def check_codebook(codebook: np.ndarray, path: Path | str) -> np.ndarray:
+    """Refuse a codebook that cannot be the normalised rows of a VQ: not float32 [K, e], or NaN/inf rows."""
+    if not isinstance(codebook, np.ndarray) or codebook.dtype != np.float32 or codebook.ndim != 2 \
+            or min(codebook.shape) < 1:
+        what = f"{codebook.dtype} {codebook.shape}" if isinstance(codebook, np.ndarray) else type(codebook).__name__
+        raise ArragError(f"{path} holds {what}, not a float32 codebook [codes, dims]; rerun `arrag encode` into a "
+                         "new --out")
+    bad = ~np.isfinite(codebook).all(1)
+    if bad.any():
+        raise ArragError(f"{path}: codebook rows {', '.join(map(str, np.flatnonzero(bad)[:3]))} hold NaN or inf; "
+                         "the tokenizer is damaged: encode with another checkpoint into a new --out")
+    return codebook
+
+
+def write_codebook(folder: str | Path, codebook: np.ndarray) -> str:
+    """Write the store's codebook (unless the same one is there) and return its hash. A different codebook
+    replaces the old one only while no shard exists: shards encoded with another codebook refuse it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "codebook.npy").exists():
-        save_npy(folder / "codebook.npy", np.asarray(codebook, dtype=np.float32))
+    path = folder / "codebook.npy"
+    codebook = check_codebook(np.asarray(codebook, dtype=np.float32), "the tokenizer's codebook")
+    digest = codebook_hash(codebook)
+    if path.exists():
+        try:
+            old = codebook_hash(np.load(path))
+        except (ValueError, OSError, EOFError):  # damaged: replaced like a different one
+            old = None
+        if old == digest:
+            return digest
+        if any(folder.glob("shard-*.json")):
+            raise ArragError(f"{folder} holds shards encoded with another codebook ({path}); encode into a new "
+                             "--out, or rerun with the tokenizer that made them")
+    save_npy(path, codebook)
+    return digest
 
 
 def finalize(folder: str | Path, num_shards: int, info: dict) -> bool:
@@ -134,23 +172,27 @@ def write_store(folder: str | Path, codes: np.ndarray, codebook, shard_size: int
         codebook = codebook.quantize.codebook().detach().cpu().numpy()
     else:
         fingerprint = codebook_fingerprint(np.asarray(codebook, np.float32))
-    write_codebook(folder, codebook)
+    digest = write_codebook(folder, codebook)
     starts = range(0, len(codes), shard_size)
     for k, s in enumerate(starts):
         part = slice(s, s + shard_size)
         write_shard(folder, k, codes[part], [str(i) for i in range(s, min(s + shard_size, len(codes)))],
                     captions=captions[part] if captions is not None else None)
-    finalize(folder, len(starts), {"vq_fingerprint": fingerprint,
+    finalize(folder, len(starts), {"vq_fingerprint": fingerprint, "codebook_sha256": digest,
                                    "grid": list(codes.shape[1:3]), "source": {"type": source}})
     return CodeStore.open(folder)
 
 
 @dataclass
 class CodeStore:
-    """Read access to a finished code store (memory-mapped shards)."""
+    """Read access to a finished code store (memory-mapped shards). Opening it checks the codebook: float32,
+    finite, and the one whose hash the manifest recorded (stores written before arrag 0.3 record none)."""
 
     folder: Path
     manifest: dict
+    _codebook: np.ndarray | None = None
+    _bounds: np.ndarray | None = field(default=None, repr=False)
+    _maps: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, folder: str | Path) -> CodeStore:
@@ -168,7 +210,25 @@ class CodeStore:
         if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
             found = manifest.get("format") if isinstance(manifest, dict) else None
             raise ArragError(f"{path}: format {found!r} is not {STORE_FORMAT!r}; is this an arrag code store?")
-        return cls(folder, manifest)
+        store = cls(folder, manifest)
+        store._codebook = store._read_codebook()
+        return store
+
+    def _read_codebook(self) -> np.ndarray:
+        path = self.folder / "codebook.npy"
+        try:
+            book = np.load(path)
+        except FileNotFoundError:
+            raise ArragError(f"{path} is missing; rerun `arrag encode` with the same settings to repair the "
+                             "store") from None
+        except (ValueError, OSError, EOFError) as e:
+            raise ArragError(f"cannot read {path} ({one_line(e)}); rerun `arrag encode` into a new --out") from None
+        check_codebook(book, path)
+        recorded = self.manifest.get("codebook_sha256")
+        if recorded is not None and codebook_hash(book) != recorded:
+            raise ArragError(f"{path} is not the codebook the store's codes were encoded with (its manifest recorded "
+                             f"{recorded}, the file hashes to {codebook_hash(book)}); re-encode into a new --out")
+        return book
 
     @property
     def num_images(self) -> int:
@@ -192,14 +252,46 @@ class CodeStore:
         return bool(self.manifest.get("has_captions"))
 
     def codebook(self) -> np.ndarray:
-        """The normalised VQ codebook [K, e] float32 the codes refer to."""
-        return np.load(self.folder / "codebook.npy")
+        """The normalised VQ codebook [K, e] float32 the codes refer to (checked when the store was opened)."""
+        if self._codebook is None:
+            self._codebook = self._read_codebook()
+        return self._codebook
 
-    def _shard_arrays(self, key: str) -> Iterator[np.ndarray]:
-        for s in self.manifest["shards"]:
-            if key not in s:
-                raise ArragError(f"code store {self.folder} has no {key} (encode with --save-latents for latents)")
-            yield self.load_shard_file(s[key], s["count"])
+    @property
+    def codebook_size(self) -> int:
+        return len(self.codebook())
+
+    def _check_codes(self, codes: np.ndarray, k: int) -> np.ndarray:
+        """Refuse codes of shard k outside the codebook (codes assembled from another tokenizer's store)."""
+        if codes.size and int(codes.max()) >= self.codebook_size:
+            where = self.folder / self.manifest["shards"][k]["codes"]
+            raise ArragError(f"{where} holds code {int(codes.max())}, but the store's codebook has "
+                             f"{self.codebook_size} codes; it was not encoded with this codebook: re-encode it")
+        return codes
+
+    @property
+    def bounds(self) -> np.ndarray:
+        """int64 [shards + 1]: image index where each shard starts, then the image count (computed once)."""
+        if self._bounds is None:
+            self._bounds = np.cumsum([0] + [int(s["count"]) for s in self.manifest["shards"]], dtype=np.int64)
+        return self._bounds
+
+    def shard_array(self, key: str, k: int, cache: bool = False) -> np.ndarray:
+        """Shard k's `key` array (codes, latents), memory-mapped and length-checked; `cache` keeps the map for
+        this process (random access: training samples), so a file is opened once, not once per sample."""
+        if cache and (key, k) in self._maps:
+            return self._maps[key, k]
+        s = self.manifest["shards"][k]
+        if key not in s:
+            raise ArragError(f"code store {self.folder} has no {key} (encode with --save-latents for latents)")
+        arr = self.load_shard_file(s[key], s["count"])
+        if cache:
+            self._maps[key, k] = arr
+        return arr
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers get the store without its maps (pickling a map would copy the whole file).
+        return {**self.__dict__, "_maps": {}}
 
     def load_shard_file(self, name: str | Path, count: int, what: str = "") -> np.ndarray:
         """A per-image .npy (memory-mapped), refused unless it holds exactly `count` rows: `name` (str) is a file
@@ -221,32 +313,42 @@ class CodeStore:
                     ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (first image index, array [<=chunk, h, w, ...]) over images start..stop across shards."""
         stop = self.num_images if stop is None else min(stop, self.num_images)
-        offset = 0
-        for arr in self._shard_arrays(key):
-            n = len(arr)
-            lo, hi = max(start, offset), min(stop, offset + n)
-            for s in range(lo, hi, chunk):
-                e = min(s + chunk, hi)
-                yield s, np.asarray(arr[s - offset:e - offset])
-            offset += n
+        bounds = self.bounds
+        first = max(0, int(np.searchsorted(bounds, start, side="right")) - 1)
+        for k in range(first, len(bounds) - 1):
+            offset = int(bounds[k])
             if offset >= stop:
                 break
+            arr = self.shard_array(key, k)
+            lo, hi = max(start, offset), min(stop, offset + len(arr))
+            for s in range(lo, hi, chunk):
+                e = min(s + chunk, hi)
+                part = np.asarray(arr[s - offset:e - offset])
+                yield s, (self._check_codes(part, k) if key == "codes" else part)
 
     def gather(self, indices: np.ndarray, key: str = "codes") -> np.ndarray:
-        """Arrays for the given image indices (any order): [len(indices), h, w, ...]."""
-        indices = np.asarray(indices, dtype=np.int64)
-        bounds = np.cumsum([0] + [s["count"] for s in self.manifest["shards"]])
+        """Arrays for the given image indices (any order): [len(indices), h, w, ...]. Each index finds its shard
+        by binary search and the shard's map is kept for this process: a training sample costs the same whatever
+        the number of shards."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(indices) == 0 or indices.min() < 0 or indices.max() >= self.num_images:
+            raise ArragError(f"image indices out of range for code store {self.folder} ({self.num_images} images)")
+        bounds = self.bounds
+        shard_of = np.searchsorted(bounds, indices, side="right") - 1
+        if len(indices) == 1:  # one training sample: no grouping
+            shards, groups = shard_of, [np.zeros(1, np.int64)]
+        else:
+            shards = np.unique(shard_of)
+            groups = [np.flatnonzero(shard_of == k) for k in shards]
         out = None
-        for k, arr in enumerate(self._shard_arrays(key)):
-            sel = np.flatnonzero((indices >= bounds[k]) & (indices < bounds[k + 1]))
-            if len(sel) == 0:
-                continue
+        for k, sel in zip(shards.tolist(), groups, strict=True):
+            arr = self.shard_array(key, k, cache=True)
             part = np.asarray(arr[indices[sel] - bounds[k]])
+            if key == "codes":
+                self._check_codes(part, k)
             if out is None:
                 out = np.empty((len(indices), *part.shape[1:]), dtype=part.dtype)
             out[sel] = part
-        if out is None:
-            raise ArragError(f"image indices out of range for code store {self.folder} ({self.num_images} images)")
         return out
 
     def captions(self) -> list[str | None]:
