@@ -6,22 +6,32 @@ Errors the user can fix (a bad file or flag) print as one line `arrag: error: ..
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 from pathlib import Path
 
 from arrag.demo import DEMO_SAMPLES, DEMO_SEEDS
 from arrag.errors import ArragError
+from arrag.image_io import MAX_IMAGE_SIZE, check_image_size
 
 
 def _vq_reconstruct(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from arrag.image_io import load_rgb, make_grid, resize_crop, save_image, to_tensor, to_uint8
-    from arrag.provenance import write_sidecar
+    from arrag.fileops import check_out_file
+    from arrag.image_io import image_format, load_rgb, make_grid, resize_crop, save_image, to_tensor, to_uint8
+    from arrag.provenance import made_by, sidecar_path, write_sidecar
     from arrag.runtime import resolve_device
     from arrag.vq import load_vq
 
+    image_format(args.out, "--out")
+    check_out_file(args.out, what="reconstruction", inputs=[args.image],
+                   is_ours=made_by(sidecar_path(args.out), "vq reconstruct", legacy=lambda r: "psnr_db" in r.get(
+                       "settings", {})))
+    if args.size is not None:
+        check_image_size(args.size, "--size")
     device = resolve_device(args.device)
     vq = load_vq(args.vq, preset=args.vq_preset, device=device, trust_checkpoint=args.trust_checkpoint)
     args.size = args.size or vq.config.image_size
@@ -35,7 +45,8 @@ def _vq_reconstruct(args: argparse.Namespace) -> int:
     psnr = 10 * np.log10(255.0**2 / max(float(((rec.astype(float) - original) ** 2).mean()), 1e-10))
     write_sidecar(out, {"image": args.image, "vq": args.vq, "vq_preset": args.vq_preset, "size": args.size,
                         "resize": args.resize,
-                        "grid": list(codes.shape[1:]), "psnr_db": psnr, "fingerprint": vq.fingerprint()})
+                        "grid": list(codes.shape[1:]), "psnr_db": psnr, "fingerprint": vq.fingerprint()},
+                  kind="vq reconstruct")
     print(f"{out}: {codes.shape[1]}x{codes.shape[2]} tokens, PSNR {psnr:.2f} dB, VQ fingerprint {vq.fingerprint()}")
     return 0
 
@@ -69,10 +80,9 @@ def _configs_from(args: argparse.Namespace, *classes) -> list:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from arrag.decoding import Generator, MethodConfig, SamplingConfig
+    from arrag.decoding import MethodConfig, SamplingConfig
     from arrag.eval.batch_generate import ProcessSlot, run_layout
-    from arrag.eval.layouts import check_plain_out, make_layout, write_plain
-    from arrag.provenance import write_sidecar
+    from arrag.eval.layouts import make_layout
 
     items = _read_prompts(args)
     if args.parallel_size is None:
@@ -82,32 +92,65 @@ def _generate(args: argparse.Namespace) -> int:
     sampling.validate()
     if args.prompts_per_batch < 1:
         raise ArragError(f"--prompts-per-batch must be >= 1, got {args.prompts_per_batch}")
-    slot = ProcessSlot.from_env() if args.layout else ProcessSlot()
-    layout = make_layout(args.layout, args.out, args.parallel_size, args.format, grid=args.prompt_grids) \
-        if args.layout else None
-    if layout is None:
-        check_plain_out(args.out, args.overwrite)
-    generator = Generator.load(args.model, method, retriever=args.retriever, device=args.device, dtype=args.dtype,
-                               retriever_device=args.retriever_device, nprobe=args.nprobe,
-                               verify_index=not args.no_verify_index,
-                               local_rank=slot.local_rank if slot.world > 1 else None, step_mode=args.decode_step,
-                               trust_checkpoint=args.trust_checkpoint)
-    if layout is not None:
-        stats = run_layout(generator, items, layout, sampling, prompts_source=args.prompts, slot=slot,
-                           prompts_per_batch=args.prompts_per_batch)
-        print(f"{args.layout}: {stats['generated']} prompts generated, {stats['skipped']} already done"
-              + (f", {stats['done_elsewhere']} taken by another run" if stats["done_elsewhere"] else "")
-              + f" (process {slot.rank + 1}/{slot.world}, {stats['seconds']:.1f} s) -> {layout.out}")
-        return 0
-    prompts = [it.text for it in items]
-    sampling = sampling.for_model(generator.model)
-    images = generator.generate(prompts, sampling)
-    files = write_plain(images, args.out, args.parallel_size, args.format, grid=args.grid)
-    settings = {**generator.settings(), **sampling.settings(), "prompts": prompts, "prompts_file": args.prompts,
-                "files": files, "method_stats": generator.stats(), "grid": args.grid}
-    write_sidecar(args.out, settings)
+    if not args.layout:
+        return _generate_plain(args, items, method, sampling)
+    slot = ProcessSlot.from_env()
+    layout = make_layout(args.layout, args.out, args.parallel_size, args.format, grid=args.prompt_grids)
+    layout.check_out()
+    generator = _load_generator(args, method, slot.local_rank if slot.world > 1 else None)
+    stats = run_layout(generator, items, layout, sampling, prompts_source=args.prompts, slot=slot,
+                       prompts_per_batch=args.prompts_per_batch)
+    print(f"{args.layout}: {stats['generated']} prompts generated, {stats['skipped']} already done"
+          + (f", {stats['done_elsewhere']} taken by another run" if stats["done_elsewhere"] else "")
+          + f" (process {slot.rank + 1}/{slot.world}, {stats['seconds']:.1f} s) -> {layout.out}")
+    return 0
+
+
+def _load_generator(args: argparse.Namespace, method, local_rank: int | None):
+    from arrag.decoding import Generator
+
+    return Generator.load(args.model, method, retriever=args.retriever, device=args.device, dtype=args.dtype,
+                          retriever_device=args.retriever_device, nprobe=args.nprobe,
+                          verify_index=not args.no_verify_index, local_rank=local_rank, step_mode=args.decode_step,
+                          trust_checkpoint=args.trust_checkpoint)
+
+
+def _generate_plain(args: argparse.Namespace, items: list, method, sampling) -> int:
+    """Plain generate: every image in one batch into --out, which this run claims while it works."""
+    from arrag.eval.batch_generate import Claims
+    from arrag.eval.layouts import PLAIN_KIND, check_plain_out, plain_names, write_plain
+    from arrag.fileops import DiskFull, check_out_file
+    from arrag.image_io import image_format
+    from arrag.provenance import made_by, sidecar_path, write_sidecar
+
+    image_format(f"x.{args.format}", "--format")
+    earlier = check_plain_out(args.out, plain_names(len(items), args.parallel_size, args.format), args.overwrite)
     if args.grid:
-        write_sidecar(args.grid, settings)
+        image_format(args.grid, "--grid")
+        check_out_file(args.grid, what="grid image", flag="--grid",
+                       is_ours=made_by(sidecar_path(args.grid), PLAIN_KIND))
+    claims = Claims(Path(args.out))
+    if not claims.take("folder"):  # two runs into one folder would replace each other's images
+        raise ArragError(f"another arrag generate is writing into {args.out}; wait for it to finish or pass another "
+                         "--out")
+    try:
+        generator = _load_generator(args, method, None)
+        prompts = [it.text for it in items]
+        sampling = sampling.for_model(generator.model)
+        images = generator.generate(prompts, sampling)
+        try:
+            files = write_plain(images, args.out, args.parallel_size, args.format, grid=args.grid, replace=earlier)
+        except DiskFull as e:
+            raise ArragError(f"no space left on device while writing {e.path}; free some space and rerun (plain "
+                             "generate writes its images at the end and starts over; --layout flat resumes)") from None
+        settings = {**generator.settings(), **sampling.settings(), "prompts": prompts, "prompts_file": args.prompts,
+                    "files": files, "method_stats": generator.stats(), "grid": args.grid}
+        write_sidecar(args.out, settings, kind=PLAIN_KIND)
+        if args.grid:
+            write_sidecar(args.grid, settings, kind=PLAIN_KIND)
+    finally:
+        claims.release("folder")
+        claims.tidy()
     print(f"wrote {len(images)} images to {args.out} (seed {sampling.seed})"
           + (f" and the grid {args.grid}" if args.grid else ""))
     return 0
@@ -144,8 +187,22 @@ def _merge_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _result_file(path: str | Path, kind: str, legacy, flag: str = "--out") -> Path:
+    """A JSON result file this command may write: new, or one an earlier run of the same command wrote."""
+    from arrag.fileops import check_out_file
+    from arrag.provenance import made_by
+
+    check_out_file(path, what=f"{kind} result", flag=flag, is_ours=made_by(path, kind, legacy))
+    return Path(path)
+
+
+def _write_result(path: Path, kind: str, result: dict) -> None:
+    from arrag.provenance import OUTPUT_FIELD, write_json
+
+    write_json(path, {OUTPUT_FIELD: kind, **result})
+
+
 def _search_stats(args: argparse.Namespace) -> int:
-    from arrag.provenance import write_json
     from arrag.retrieval import index as faiss_index
     from arrag.retrieval.codestore import CodeStore
     from arrag.retrieval.index import sample_stored_vectors
@@ -161,6 +218,8 @@ def _search_stats(args: argparse.Namespace) -> int:
 
     if args.seed < 0 or args.queries < 0 or args.recall_k < 1:
         raise ArragError("--seed and --queries must be >= 0 and --k >= 1")
+    if args.json:
+        _result_file(args.json, "search-stats", lambda r: "entries" in r and "index" in r, "--json")
     r = PatchRetriever.load(args.index, device=args.device, nprobe=args.nprobe, verify=not args.no_verify_index)
     m = r.manifest
     stats = {"index": str(args.index), "entries": r.entries, "occurrences": m.get("occurrences", r.entries),
@@ -196,7 +255,7 @@ def _search_stats(args: argparse.Namespace) -> int:
                   f"{row['queries_per_s']:22,.0f}")
         stats["nprobe_sweep"] = sweep
     if args.json:
-        write_json(args.json, stats)
+        _write_result(Path(args.json), "search-stats", stats)
     return 0
 
 
@@ -218,40 +277,40 @@ def _train_faid(args: argparse.Namespace) -> int:
 
 
 def _eval_fid(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from arrag.eval.fid import compute_fid
-    from arrag.provenance import write_json
+    from arrag.eval.fid import compute_fid, is_stats_file
+    from arrag.fileops import check_out_file
     from arrag.runtime import resolve_device
 
+    out = _result_file(args.out or str(Path(args.fake).resolve()) + "_fid.json", "eval fid",
+                       lambda r: "fid" in r and "num_fake" in r)
+    if args.save_stats:
+        check_out_file(args.save_stats, what="FID statistics", flag="--save-stats", inputs=[args.real],
+                       is_ours=is_stats_file(args.save_stats))
     result = compute_fid(args.real, args.fake, inception_weights=args.inception_weights,
                          save_stats_to=args.save_stats, resize=args.resize, batch_size=args.batch_size,
                          device=resolve_device(args.device))
-    out = Path(args.out) if args.out else Path(str(Path(args.fake).resolve()) + "_fid.json")
-    write_json(out, {**result, "settings": {k: v for k, v in vars(args).items() if k != "func"}})
+    _write_result(out, "eval fid", {**result, "settings": {k: v for k, v in vars(args).items() if k != "func"}})
     print(f"FID {result['fid']:.4f} ({result['num_fake']} generated vs {result['num_real']} reference images) -> {out}")
     return 0
 
 
 def _eval_retrieval_gain(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from arrag.eval.retrieval_gain import check_settings, measure_folders
-    from arrag.provenance import write_json
     from arrag.retrieval.codestore import CodeStore
 
     lambdas = _floats(args.lambdas, "--lambdas")
     taus = _floats(args.taus, "--taus")
     check_settings(args.images, args.k, args.batch_size, lambdas, taus)
+    out = _result_file(args.out or str(Path(args.store).resolve()) + "_retrieval_gain.json", "eval retrieval-gain",
+                       lambda r: "model_nats" in r)
     store = CodeStore.open(args.store)
     result, retriever_settings = measure_folders(
         args.model, args.retriever, store, device=args.device, nprobe=args.nprobe,
         verify_index=not args.no_verify_index, allow_unknown_vq=args.allow_unknown_vq,
         trust_checkpoint=args.trust_checkpoint, images=args.images, k=args.k,
         lambdas=lambdas, taus=taus, aggregate=args.aggregate, cfg_weight=args.cfg_weight, batch_size=args.batch_size)
-    out = Path(args.out) if args.out else Path(str(Path(args.store).resolve()) + "_retrieval_gain.json")
-    write_json(out, {**result, "settings": {**{k: v for k, v in vars(args).items() if k != "func"},
-                                            "retriever_settings": retriever_settings}})
+    _write_result(out, "eval retrieval-gain", {**result, "settings": {
+        **{k: v for k, v in vars(args).items() if k != "func"}, "retriever_settings": retriever_settings}})
     print(f"model alone: {result['model_nats']:.4f} nats per retrieval target ({result['targets']:,} targets, "
           f"{result['images']} images); true code among the {args.k} hits {result['true_code_in_hits']:.3f}, "
           f"p_ret's top code right {result['retrieval_top1']:.3f}, the model's {result['model_top1']:.3f}")
@@ -267,16 +326,31 @@ def _eval_retrieval_gain(args: argparse.Namespace) -> int:
 
 def _floats(text: str, flag: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ArragError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ArragError(f"{flag} takes comma-separated finite numbers, got {text!r}")
+    return values
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ArragError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ArragError(f"{flag} takes comma-separated integers, got {text!r}")
+    return values
 
 
 def _demo(args: argparse.Namespace) -> int:
     from arrag.demo.pipeline import ASSETS, run_demo
     from arrag.runtime import resolve_device
 
-    seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
+    seeds = tuple(_ints(args.seeds, "--seeds"))
+    if any(s < 0 for s in seeds):
+        raise ArragError(f"--seeds must be >= 0, got {args.seeds!r}")
     daid = {k: v for k, v in (("daid_lambda", args.daid_lambda), ("daid_tau", args.daid_tau),
                               ("daid_k", args.daid_k)) if v is not None}
     sampling = {k: v for k, v in (("cfg_weight", args.cfg_weight), ("temperature", args.temperature))
@@ -289,15 +363,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval_shapes(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from arrag.demo.score import score_folder
-    from arrag.provenance import write_json
 
+    out = _result_file(args.out or Path(args.folder) / "shapes_scores.json", "eval shapes",
+                       lambda r: "overall" in r and "realism_fid" in r)
     result = score_folder(args.folder, args.vq, reference_count=args.reference_images,
                           trust_checkpoint=args.trust_checkpoint)
-    out = Path(args.out) if args.out else Path(args.folder) / "shapes_scores.json"
-    write_json(out, {**result, "settings": {k: v for k, v in vars(args).items() if k != "func"}})
+    _write_result(out, "eval shapes", {**result, "settings": {k: v for k, v in vars(args).items() if k != "func"}})
     per = "  ".join(f"{c} {v:.2f}" for c, v in result["per_category"].items())
     print(f"{per}  overall {result['overall']:.3f}  realism FID {result['realism_fid']:.2f} "
           f"({result['images']} images) -> {out}")
@@ -305,16 +377,62 @@ def _eval_shapes(args: argparse.Namespace) -> int:
 
 
 def _eval_shapes_prompts(args: argparse.Namespace) -> int:
-    from arrag.demo.score import prompt_records, write_prompt_file
+    from arrag.demo.score import is_prompt_file, prompt_records, write_prompt_file
     from arrag.demo.shapes import CATEGORIES
+    from arrag.fileops import check_out_file
 
     if args.per_category < 1:
         raise ArragError(f"--per-category must be >= 1, got {args.per_category}")
+    check_out_file(args.out, what="prompt file", is_ours=is_prompt_file(args.out))
     records = prompt_records(args.split, args.per_category * len(CATEGORIES), args.size, seed=args.seed)
     path = write_prompt_file(args.out, records)
     print(f"wrote {len(records)} ShapesWorld {args.split} prompts ({args.per_category} per category) to {path}; "
           f"generate with `arrag generate --prompts {path} --layout geneval ...`, score with `arrag eval shapes`")
     return 0
+
+
+def _int(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high], else one line naming the flag, the value and the range."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text}: expected an integer") from None
+        if value < low or (high is not None and value > high):
+            where = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{value}: must be {where}")
+        return value
+    return parse
+
+
+def _float(low: float | None = None, high: float | None = None, open_low: bool = False, open_high: bool = False):
+    """An argparse type: a finite number in the given range (NaN and inf never pass), else one line."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text}: expected a number") from None
+        below = low is not None and (value <= low if open_low else value < low)
+        above = high is not None and (value >= high if open_high else value > high)
+        if not math.isfinite(value) or below or above:
+            left = "any" if low is None else f"{'(' if open_low else '['}{low:g}"
+            right = "" if high is None else f"{high:g}{')' if open_high else ']'}"
+            where = f"in {left}, {right}" if high is not None else (f"{'>' if open_low else '>='} {low:g}"
+                                                                     if low is not None else "finite")
+            raise argparse.ArgumentTypeError(f"{text}: must be a finite number {where}")
+        return value
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line, like every other arrag error."""
+
+    def error(self, message: str):
+        flag = re.match(r"argument ([^:]+): (.*)", message, re.S)
+        if flag:  # "argument --seed: abc: expected an integer" -> "--seed abc: expected an integer"
+            name, detail = flag.group(1).split("/")[-1], flag.group(2)
+            message = f"{name} {detail}" if re.match(r"[^\s:]+: ", detail) else f"{name}: {detail}"
+        self.exit(2, f"arrag: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
@@ -332,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     from arrag.decoding.methods import METHODS, MethodConfig
     from arrag.train.train_faid import FaidTrainConfig
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="arrag",
         description="Patch-level autoregressive retrieval augmentation (AR-RAG) for Janus-Pro + LlamaGen VQ-16.",
     )
@@ -350,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--vq-preset", default=None,
                      help="architecture preset (VQ-16, VQ-8, VQ-tiny-16, VQ-tiny-8, VQ-tiny-4); default: from "
                           "the file, else VQ-16")
-    rec.add_argument("--size", type=int, default=None,
+    rec.add_argument("--size", type=_int(1, MAX_IMAGE_SIZE), default=None,
                      help="crop size in pixels (default: the tokenizer's, 384 = 24x24 tokens for VQ-16)")
     rec.add_argument("--side-by-side", action="store_true", help="write original and reconstruction side by side")
     rec.add_argument("--resize", default="original", choices=["original", "adm"],
@@ -374,25 +492,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write a benchmark layout (resumable; processes of `accelerate launch` split the prompts): "
                           "geneval = <out>/<00000>/metadata.jsonl + samples/<0000>.png; dpg = <out>/<id>.png, "
                           "a 2x2 grid of 4 samples; flat = <out>/<00000 or the id>.png")
-    gen.add_argument("--prompts-per-batch", type=int, default=1,
+    gen.add_argument("--prompts-per-batch", type=_int(1), default=1,
                      help="with --layout: prompts decoded together (each with --parallel-size samples; default 1)")
     gen.add_argument("--prompt-grids", action="store_true", help="with --layout geneval: also write grid.png")
     m = MethodConfig
     gen.add_argument("--method", default=_default(m, "method"), choices=list(METHODS),
                      help="base (no retrieval), daid (retrieval-augmented distribution), faid (a FAiD checkpoint's "
                           "blenders fed retrieved patches) or faid+daid (default base)")
-    gen.add_argument("--faid-k", type=int, default=_default(m, "faid_k"),
+    gen.add_argument("--faid-k", type=_int(1), default=_default(m, "faid_k"),
                      help=f"codes retrieved per step for FAiD (default {_default(m, 'faid_k')})")
     gen.add_argument("--retriever", default=None, help="patch index folder for daid/faid (e.g. data/retriever/index_L)")
-    gen.add_argument("--daid-lambda", type=float, default=_default(m, "daid_lambda"),
+    gen.add_argument("--daid-lambda", type=_float(0, 1), default=_default(m, "daid_lambda"),
                      help=f"DAiD mixing weight lambda in [0, 1] (default {_default(m, 'daid_lambda')}; see README)")
-    gen.add_argument("--daid-tau", type=float, default=_default(m, "daid_tau"),
+    gen.add_argument("--daid-tau", type=_float(0, open_low=True), default=_default(m, "daid_tau"),
                      help=f"DAiD temperature tau of softmax(-d/tau) (default {_default(m, 'daid_tau')})")
-    gen.add_argument("--daid-k", type=int, default=_default(m, "daid_k"),
+    gen.add_argument("--daid-k", type=_int(1), default=_default(m, "daid_k"),
                      help=f"neighbours fetched per DAiD step (default {_default(m, 'daid_k')})")
     gen.add_argument("--daid-aggregate", default=_default(m, "daid_aggregate"), choices=["nearest", "sum"],
                      help="duplicate codes: weight of the nearest hit (original, default) or the sum (kNN-LM)")
-    gen.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per search (default: the index's)")
+    gen.add_argument("--nprobe", type=_int(1), default=None, help="IVF lists probed per search (default: the index's)")
     gen.add_argument("--retriever-device", default=None,
                      help="where the index lives: cpu, cuda (all GPUs, sharded) or ids such as 0,1 (default: the "
                           "model's GPU on a CUDA run, through faiss-gpu or, for Flat and IVF-Flat indexes, the "
@@ -402,20 +520,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-verify-index", action="store_true",
                      help="check only the index files' sizes, not their checksums (very large indexes)")
     s_ = SamplingConfig
-    gen.add_argument("--parallel-size", type=int, default=None,
+    gen.add_argument("--parallel-size", type=_int(1), default=None,
                      help="samples per prompt (default 1; 4 with --layout geneval or dpg)")
-    gen.add_argument("--cfg-weight", type=float, default=_default(s_, "cfg_weight"),
+    gen.add_argument("--cfg-weight", type=_float(0), default=_default(s_, "cfg_weight"),
                      help=f"classifier-free guidance weight (default {_default(s_, 'cfg_weight'):g})")
-    gen.add_argument("--temperature", type=float, default=_default(s_, "temperature"),
+    gen.add_argument("--temperature", type=_float(0), default=_default(s_, "temperature"),
                      help=f"sampling temperature; 0 = greedy (default {_default(s_, 'temperature'):g})")
-    gen.add_argument("--top-k", type=int, default=_default(s_, "top_k"),
+    gen.add_argument("--top-k", type=_int(1), default=_default(s_, "top_k"),
                      help="keep only the k most likely codes (default off)")
-    gen.add_argument("--top-p", type=float, default=_default(s_, "top_p"), help="nucleus sampling mass (default off)")
-    gen.add_argument("--seed", type=int, default=_default(s_, "seed"),
+    gen.add_argument("--top-p", type=_float(0, 1, open_low=True), default=_default(s_, "top_p"),
+                     help="nucleus sampling mass (default off)")
+    gen.add_argument("--seed", type=_int(0, 2**63 - 1), default=_default(s_, "seed"),
                      help=f"seed; image i uses a generator seeded with (seed, i) (default {_default(s_, 'seed')})")
-    gen.add_argument("--image-size", type=int, default=_default(s_, "image_size"),
+    gen.add_argument("--image-size", type=_int(1, MAX_IMAGE_SIZE), default=_default(s_, "image_size"),
                      help="pixels per side (default: the model's, 384 = 24x24 tokens for Janus-Pro)")
-    gen.add_argument("--batch-size", type=int, default=_default(s_, "batch_size"),
+    gen.add_argument("--batch-size", type=_int(1), default=_default(s_, "batch_size"),
                      help="images per forward pass (default all)")
     gen.add_argument("--out", default="result/generated_imgs", help="output folder (default result/generated_imgs)")
     gen.add_argument("--format", default="png", choices=["png", "jpg", "webp"], help="image format (default png)")
@@ -441,19 +560,19 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--out", required=True, help="code store folder")
     enc.add_argument("--vq", required=True, help="tokenizer weights (vq_ds16_t2i.pt or .safetensors)")
     enc.add_argument("--vq-preset", default=None, help="VQ architecture preset (default: from the file, else VQ-16)")
-    enc.add_argument("--image-size", type=int, default=None,
+    enc.add_argument("--image-size", type=_int(1, MAX_IMAGE_SIZE), default=None,
                      help="crop size in pixels (default: the tokenizer's, 384 = 24x24 tokens for VQ-16)")
-    enc.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (default 32)")
-    enc.add_argument("--shard-size", type=int, default=4096, help="images per shard file (default 4096)")
-    enc.add_argument("--workers", type=int, default=None,
+    enc.add_argument("--batch-size", type=_int(1), default=32, help="images per encoder batch (default 32)")
+    enc.add_argument("--shard-size", type=_int(1), default=4096, help="images per shard file (default 4096)")
+    enc.add_argument("--workers", type=_int(0), default=None,
                      help="DataLoader processes decoding images (default: the CPUs available, at most 16)")
     enc.add_argument("--resize", default="original", choices=["original", "adm"],
                      help="original: Resize(short side, bilinear) + CenterCrop, as AR-RAG encoded its database "
                           "(default); adm: LlamaGen's crop (BOX halving, bicubic)")
     enc.add_argument("--save-latents", action="store_true", help="also store float16 latents (for latent keys)")
     enc.add_argument("--shard", default=None, help="process i of n (i/n); default from RANK/WORLD_SIZE")
-    enc.add_argument("--min-size", type=int, default=64, help="skip images with a side below this (default 64)")
-    enc.add_argument("--max-images", type=int, default=None, help="encode only the first N images")
+    enc.add_argument("--min-size", type=_int(0), default=64, help="skip images with a side below this (default 64)")
+    enc.add_argument("--max-images", type=_int(1), default=None, help="encode only the first N images")
     _add_trust(enc)
     _add_device(enc)
     enc.set_defaults(func=_encode)
@@ -472,13 +591,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="'auto' (by size and budget), a FAISS factory string, or IVF<nlist>,CodePQ (code keys stored "
                          "as their codes: about 15 bytes an entry, exact distances)")
     bi.add_argument("--memory-budget", default="16G", help="index memory budget for --factory auto (default 16G)")
-    bi.add_argument("--nprobe", type=int, default=None,
+    bi.add_argument("--nprobe", type=_int(1), default=None,
                     help="nprobe stored in the manifest (default: the smallest reaching --target-recall)")
-    bi.add_argument("--target-recall", type=float, default=0.95,
+    bi.add_argument("--target-recall", type=_float(0, 1, open_low=True), default=0.95,
                     help="recall@10 against probing every list that the tuned nprobe must reach (default 0.95)")
-    bi.add_argument("--train-size", type=int, default=None, help="training sample size (default by index type)")
-    bi.add_argument("--seed", type=int, default=0, help="seed of the training sample (default 0)")
-    bi.add_argument("--chunk-images", type=int, default=1024, help="images per streaming add (default 1024)")
+    bi.add_argument("--train-size", type=_int(1), default=None, help="training sample size (default by index type)")
+    bi.add_argument("--seed", type=_int(0), default=0, help="seed of the training sample (default 0)")
+    bi.add_argument("--chunk-images", type=_int(1), default=1024, help="images per streaming add (default 1024)")
     bi.add_argument("--gpus", default="auto", help="GPU FAISS for training: auto, cpu, or ids such as 0,1")
     bi.add_argument("--overwrite", action="store_true", help="replace an existing index in --out")
     bi.add_argument("--no-dedup", action="store_true",
@@ -497,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "index in OUT: IVF indexes into one index with on-disk inverted lists (FAISS's "
                                     "merge; searched by memory map), other factories as index shards.")
     mi.add_argument("index", help="the --out folder of the parallel build")
-    mi.add_argument("--wait", type=float, default=0,
+    mi.add_argument("--wait", type=_float(0), default=0,
                     help="seconds to wait for parts other processes or machines are still building (default 0)")
     mi.set_defaults(func=_merge_index)
 
@@ -506,10 +625,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "seeded sample of entries of its code store, plus queries/s at batch 1/16/64.")
     ss.add_argument("index", help="index folder")
     ss.add_argument("--store", default=None, help="code store for recall (default: the one in the manifest)")
-    ss.add_argument("--queries", type=int, default=200, help="sampled queries for recall; 0 skips (default 200)")
-    ss.add_argument("--k", dest="recall_k", type=int, default=10, help="k for recall@k (default 10)")
-    ss.add_argument("--nprobe", type=int, default=None, help="override the manifest's nprobe")
-    ss.add_argument("--seed", type=int, default=0, help="seed of the query sample (default 0)")
+    ss.add_argument("--queries", type=_int(0), default=200, help="sampled queries for recall; 0 skips (default 200)")
+    ss.add_argument("--k", dest="recall_k", type=_int(1), default=10, help="k for recall@k (default 10)")
+    ss.add_argument("--nprobe", type=_int(1), default=None, help="override the manifest's nprobe")
+    ss.add_argument("--seed", type=_int(0), default=0, help="seed of the query sample (default 0)")
     ss.add_argument("--no-verify-index", action="store_true", help="check only file sizes, not checksums")
     ss.add_argument("--device", default="cpu", help="cpu, cuda or GPU ids (default cpu)")
     ss.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -525,12 +644,12 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("store", help="code store with captions (arrag encode on image-caption data)")
     ct.add_argument("--retriever", required=True, help="index folder built with the same tokenizer")
     ct.add_argument("--out", default=None, help="output folder (default: the store folder)")
-    ct.add_argument("--k", "--retrieved-key-num", dest="retrieved_key_num", type=int, default=10,
+    ct.add_argument("--k", "--retrieved-key-num", dest="retrieved_key_num", type=_int(1), default=10,
                     help="retrieved codes per position (default 10, as the original)")
     ct.add_argument("--exclude-self", action="store_true",
                     help="drop hits from the same image (when the index was built from this store)")
-    ct.add_argument("--chunk-images", type=int, default=256, help="images per batched search (default 256)")
-    ct.add_argument("--nprobe", type=int, default=None,
+    ct.add_argument("--chunk-images", type=_int(1), default=256, help="images per batched search (default 256)")
+    ct.add_argument("--nprobe", type=_int(1), default=None,
                     help="override the index's nprobe (the original built its training set with 2048)")
     ct.add_argument("--no-verify-index", action="store_true", help="check only the index files' sizes, not checksums")
     ct.set_defaults(func=_construct_train)
@@ -548,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="construct-train output folder (default: the store folder)")
     tf.add_argument("--out", default=_default(F, "out"),
                     help="output folder (default result/ckpts/ckpts_FAiD_b{num_blender}_h{hops})")
-    tf.add_argument("--num-blender", type=int, default=_default(F, "num_blender"),
+    tf.add_argument("--num-blender", type=_int(0), default=_default(F, "num_blender"),
                     help="a count of blenders, spread evenly over the layers; the config stores the interval "
                          "num_SmoothPatchBlender = layers // count, as the original (default %(default)s)")
     tf.add_argument("--num-hop", default=_default(F, "num_hop"),
@@ -560,47 +679,48 @@ def build_parser() -> argparse.ArgumentParser:
                     help="new blenders' initialisation: the original's (default), or zero, where they add nothing "
                          "at step 0 and their gates start open at 0.5 (small models: the original's gates can start "
                          "saturated and close for good)")
-    tf.add_argument("--retrieved-key-num", "--k", dest="retrieved_key_num", type=int,
+    tf.add_argument("--retrieved-key-num", "--k", dest="retrieved_key_num", type=_int(1),
                     default=_default(F, "retrieved_key_num"),
                     help="retrieved codes per position; must match construct-train's --k (default %(default)s)")
-    tf.add_argument("--lora-r", type=int, default=_default(F, "lora_r"),
+    tf.add_argument("--lora-r", type=_int(0), default=_default(F, "lora_r"),
                     help="LoRA rank; 0 disables LoRA (default %(default)s)")
-    tf.add_argument("--lora-alpha", type=int, default=_default(F, "lora_alpha"),
+    tf.add_argument("--lora-alpha", type=_int(1), default=_default(F, "lora_alpha"),
                     help="LoRA alpha (default %(default)s)")
-    tf.add_argument("--lora-dropout", type=float, default=_default(F, "lora_dropout"),
+    tf.add_argument("--lora-dropout", type=_float(0, 1, open_high=True), default=_default(F, "lora_dropout"),
                     help="LoRA dropout (default %(default)s)")
     tf.add_argument("--lora-targets", default=_default(F, "lora_targets"),
                     help="comma-separated module names in the language model's layers (default %(default)s)")
-    tf.add_argument("--lr", type=float, default=_default(F, "lr"), help="AdamW learning rate (default %(default)s)")
-    tf.add_argument("--weight-decay", type=float, default=_default(F, "weight_decay"),
+    tf.add_argument("--lr", type=_float(0, open_low=True), default=_default(F, "lr"),
+                    help="AdamW learning rate (default %(default)s)")
+    tf.add_argument("--weight-decay", type=_float(0), default=_default(F, "weight_decay"),
                     help="AdamW weight decay (default %(default)s)")
-    tf.add_argument("--batch-size", type=int, default=_default(F, "batch_size"),
+    tf.add_argument("--batch-size", type=_int(1), default=_default(F, "batch_size"),
                     help="samples per process per micro-step (default %(default)s)")
-    tf.add_argument("--grad-accum", type=int, default=_default(F, "grad_accum"),
+    tf.add_argument("--grad-accum", type=_int(1), default=_default(F, "grad_accum"),
                     help="gradient accumulation steps (default %(default)s)")
-    tf.add_argument("--epochs", type=int, default=_default(F, "epochs"),
+    tf.add_argument("--epochs", type=_int(1), default=_default(F, "epochs"),
                     help="passes over the training set (default %(default)s)")
-    tf.add_argument("--max-steps", type=int, default=_default(F, "max_steps"),
+    tf.add_argument("--max-steps", type=_int(1), default=_default(F, "max_steps"),
                     help="stop after this many optimizer steps")
     tf.add_argument("--schedule", choices=["constant", "cosine"], default=_default(F, "schedule"),
                     help="learning-rate schedule after warm-up (default %(default)s)")
-    tf.add_argument("--warmup-ratio", type=float, default=_default(F, "warmup_ratio"),
+    tf.add_argument("--warmup-ratio", type=_float(0, 1, open_high=True), default=_default(F, "warmup_ratio"),
                     help="fraction of steps of linear warm-up (default %(default)s)")
-    tf.add_argument("--max-grad-norm", type=float, default=_default(F, "max_grad_norm"),
+    tf.add_argument("--max-grad-norm", type=_float(0), default=_default(F, "max_grad_norm"),
                     help="gradient-norm clip; 0 disables (default %(default)s)")
-    tf.add_argument("--cfg-drop", type=float, default=_default(F, "cfg_drop"),
+    tf.add_argument("--cfg-drop", type=_float(0, 1), default=_default(F, "cfg_drop"),
                     help="arrag's option: probability of training a sample on the unconditional prompt, without "
                          "retrieved features (default %(default)s)")
     tf.add_argument("--token-weights", default=None,
                     help="arrag's option: a .npy [images, h*w] of loss weights per image token, in store order "
                          "(e.g. more weight on objects); the loss is sum(w * ce) / sum(w). Default: the plain mean")
-    tf.add_argument("--max-text-len", type=int, default=_default(F, "max_text_len"),
+    tf.add_argument("--max-text-len", type=_int(8), default=_default(F, "max_text_len"),
                     help="prompt token limit (default %(default)s)")
-    tf.add_argument("--seed", type=int, default=_default(F, "seed"),
+    tf.add_argument("--seed", type=_int(0, 2**32 - 1), default=_default(F, "seed"),
                     help="seed for initialisation, order, shuffles (default %(default)s)")
-    tf.add_argument("--save-every", type=int, default=_default(F, "save_every"),
+    tf.add_argument("--save-every", type=_int(0), default=_default(F, "save_every"),
                     help="checkpoint every N optimizer steps (default %(default)s)")
-    tf.add_argument("--keep-checkpoints", type=int, default=_default(F, "keep_checkpoints"),
+    tf.add_argument("--keep-checkpoints", type=_int(1), default=_default(F, "keep_checkpoints"),
                     help="checkpoints kept (default %(default)s)")
     tf.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     tf.add_argument("--overwrite", action="store_true",
@@ -611,7 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default bf16 on CUDA, no (fp32) on CPU")
     tf.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is present")
     _add_trust(tf)
-    tf.add_argument("--num-workers", type=int, default=_default(F, "num_workers"),
+    tf.add_argument("--num-workers", type=_int(0), default=_default(F, "num_workers"),
                     help="DataLoader workers per process (default %(default)s)")
     tf.set_defaults(func=_train_faid)
 
@@ -630,8 +750,9 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--inception-weights", default=None,
                      help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache, "
                           "downloaded there when online)")
-    fid.add_argument("--resize", type=int, default=None, help="centre-crop and resize both sides to N first")
-    fid.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default 50)")
+    fid.add_argument("--resize", type=_int(1, MAX_IMAGE_SIZE), default=None,
+                     help="centre-crop and resize both sides to N first")
+    fid.add_argument("--batch-size", type=_int(1), default=50, help="images per forward pass (default 50)")
     fid.add_argument("--out", default=None, help="result JSON (default <fake>_fid.json)")
     _add_device(fid)
     fid.set_defaults(func=_eval_fid)
@@ -644,7 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("folder", help="generated folder (arrag generate --layout geneval --prompts <shapes jsonl>)")
     sh.add_argument("--vq", default=str(Path(__file__).resolve().parent / "demo" / "assets" / "base"),
                     help="model folder whose VQ encoder gives the realism features (default: the shipped demo base)")
-    sh.add_argument("--reference-images", type=int, default=512, help="rendered reference images (default 512)")
+    sh.add_argument("--reference-images", type=_int(2), default=512, help="rendered reference images (default 512)")
     sh.add_argument("--out", default=None, help="result JSON (default <folder>/shapes_scores.json)")
     _add_trust(sh)
     sh.set_defaults(func=_eval_shapes)
@@ -660,17 +781,17 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--model", required=True, help="Janus-Pro folder (base or FAiD)")
     rg.add_argument("--retriever", required=True, help="index folder built with the model's tokenizer")
     rg.add_argument("--store", required=True, help="code store of held-out images with captions (`arrag encode`)")
-    rg.add_argument("--images", type=int, default=256, help="first N images of the store (default 256)")
-    rg.add_argument("--k", type=int, default=256, help="neighbours per query (default 256)")
+    rg.add_argument("--images", type=_int(1), default=256, help="first N images of the store (default 256)")
+    rg.add_argument("--k", type=_int(1), default=256, help="neighbours per query (default 256)")
     rg.add_argument("--aggregate", default="nearest", choices=["nearest", "sum"],
                     help="p_ret over duplicate codes: nearest hit (DAiD's default) or sum (kNN-LM)")
     rg.add_argument("--lambdas", default="0,0.01,0.03,0.1,0.3", help="mixing weights, must include 0 "
                     "(default 0,0.01,0.03,0.1,0.3)")
     rg.add_argument("--taus", default="1", help="p_ret temperatures (default 1)")
-    rg.add_argument("--cfg-weight", type=float, default=1.0,
+    rg.add_argument("--cfg-weight", type=_float(0), default=1.0,
                     help="CFG weight for p_model (default 1 = the conditional model alone)")
-    rg.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
-    rg.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per search (default: the index's)")
+    rg.add_argument("--batch-size", type=_int(1), default=16, help="images per forward pass (default 16)")
+    rg.add_argument("--nprobe", type=_int(1), default=None, help="IVF lists probed per search (default: the index's)")
     rg.add_argument("--allow-unknown-vq", action="store_true", help="accept an index without a VQ fingerprint")
     rg.add_argument("--no-verify-index", action="store_true", help="check only the index files' sizes")
     rg.add_argument("--out", default=None, help="result JSON (default <store>_retrieval_gain.json)")
@@ -685,9 +806,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="the .jsonl file to write")
     sp.add_argument("--split", default="test", choices=["train", "database", "validation", "test"],
                     help="which split's scenes (default test)")
-    sp.add_argument("--per-category", type=int, default=4, help="prompts per GenEval category (default 4)")
-    sp.add_argument("--size", type=int, default=64, help="image size the scenes are laid out for (default 64)")
-    sp.add_argument("--seed", type=int, default=0, help="ShapesWorld seed (default 0)")
+    sp.add_argument("--per-category", type=_int(1), default=4, help="prompts per GenEval category (default 4)")
+    sp.add_argument("--size", type=_int(16, MAX_IMAGE_SIZE), default=64,
+                    help="image size the scenes are laid out for (default 64)")
+    sp.add_argument("--seed", type=_int(0), default=0, help="ShapesWorld seed (default 0)")
     sp.set_defaults(func=_eval_shapes_prompts)
 
     demo = sub.add_parser(
@@ -700,21 +822,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated seeds; several give mean ± SE (default %(default)s)")
     demo.add_argument("--split", default="test", choices=["validation", "test"],
                       help="prompt set: tune on validation, report on test (default test)")
-    demo.add_argument("--per-category", type=int, default=4, help="prompts per GenEval category (default 4)")
-    demo.add_argument("--samples", type=int, default=DEMO_SAMPLES, help="samples per prompt (default %(default)s)")
+    demo.add_argument("--per-category", type=_int(1), default=4, help="prompts per GenEval category (default 4)")
+    demo.add_argument("--samples", type=_int(1), default=DEMO_SAMPLES, help="samples per prompt (default %(default)s)")
     demo.add_argument("--methods", default="base,daid,faid",
                       help="comma-separated, from base, daid, faid and faid-noret (a control: the FAiD model "
                            "decoding without retrieval, to tell the candidates' effect from the fine-tuning's; "
                            "default base,daid,faid)")
-    demo.add_argument("--daid-lambda", type=float, default=None, help="DAiD lambda (default: the demo's tuned value)")
-    demo.add_argument("--daid-tau", type=float, default=None, help="DAiD tau (default: the demo's tuned value)")
-    demo.add_argument("--daid-k", type=int, default=None, help="DAiD neighbours (default: the demo's tuned value)")
-    demo.add_argument("--faid-k", type=int, default=10, help="FAiD candidates per step (default 10)")
-    demo.add_argument("--cfg-weight", type=float, default=None,
+    demo.add_argument("--daid-lambda", type=_float(0, 1), default=None,
+                      help="DAiD lambda (default: the demo's tuned value)")
+    demo.add_argument("--daid-tau", type=_float(0, open_low=True), default=None,
+                      help="DAiD tau (default: the demo's tuned value)")
+    demo.add_argument("--daid-k", type=_int(1), default=None, help="DAiD neighbours (default: the demo's tuned value)")
+    demo.add_argument("--faid-k", type=_int(1), default=10, help="FAiD candidates per step (default 10)")
+    demo.add_argument("--cfg-weight", type=_float(0), default=None,
                       help="CFG weight for every method (default: the demo's tuned value)")
-    demo.add_argument("--temperature", type=float, default=None,
+    demo.add_argument("--temperature", type=_float(0), default=None,
                       help="sampling temperature for every method (default: the demo's tuned value)")
-    demo.add_argument("--database-images", type=int, default=4800,
+    demo.add_argument("--database-images", type=_int(1), default=4800,
                       help="database images in the demo retriever (default 4800 = 1,008,000 entries)")
     demo.add_argument("--retriever-dir", default="data/retriever/demo_L",
                       help="where the demo retriever is built and reused (default data/retriever/demo_L)")
@@ -726,9 +850,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, timeout, a job scheduler) unwinds like Ctrl-C: temporaries are removed
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error, already printed as one line (2)
+        return int(e.code or 0)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
     try:
         return int(args.func(args) or 0)
     except ArragError as e:
@@ -737,4 +873,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("arrag: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 

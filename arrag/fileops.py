@@ -63,9 +63,17 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def no_space_error(path: str | Path) -> ArragError:
-    return ArragError(f"no space left on device while writing {path}; free some space and rerun "
-                      "(finished parts are kept and the rerun resumes)")
+class DiskFull(ArragError):
+    """The disk filled up while writing `path` (the message promises what resumable jobs do; others say their own)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        super().__init__(f"no space left on device while writing {path}; free some space and rerun "
+                         "(finished parts are kept and the rerun resumes)")
+
+
+def no_space_error(path: str | Path) -> DiskFull:
+    return DiskFull(path)
 
 
 @contextmanager
@@ -133,6 +141,36 @@ def foreign_files(folder: str | Path, owned: Sequence[str]) -> list[str]:
     return sorted(out)
 
 
+def check_out_dir(out: str | Path, *, what: str, is_ours: bool, flag: str = "--out") -> None:
+    """Refuse an output folder arrag may not write into: a file, or a folder that holds anything while no record
+    of the command writing it marks it as its own (`is_ours`). Missing and empty folders are fine."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ArragError(f"{flag} {out} is a file; pass a folder for the {what}")
+    if is_ours or not foreign_files(out, ()):  # empty, or only temporaries of an arrag process starting there
+        return
+    shown = ", ".join(sorted(p.name for p in out.iterdir())[:3])
+    raise ArragError(f"{flag} {out} already exists and is not an arrag {what} (it holds {shown}); "
+                     "pass a new or empty folder")
+
+
+def check_out_file(out: str | Path, *, what: str, is_ours: bool, flag: str = "--out",
+                   inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse an output file that is one of the `inputs`, a folder, or an existing file no record of ours marks
+    (`is_ours`: e.g. its sidecar names the command)."""
+    out = Path(out)
+    for source in inputs:
+        if source is not None and Path(source).exists() and same_or_inside(out, source):
+            raise ArragError(f"{flag} {out} is the input {source}; pass another {flag}")
+    if out.is_dir():
+        raise ArragError(f"{flag} {out} is a folder; pass a file name for the {what}")
+    if out.exists() and not is_ours:
+        raise ArragError(f"{flag} {out} already exists and arrag did not write it; pass another {flag} (or move the "
+                         "file away)")
+
+
 def check_replaceable(out: str | Path, *, what: str, is_ours: bool, owned: Sequence[str], overwrite: bool,
                       flag: str = "--out") -> None:
     """Refuse to write over `out` unless it is missing, empty, or (with overwrite) a folder of ours.
@@ -141,16 +179,9 @@ def check_replaceable(out: str | Path, *, what: str, is_ours: bool, owned: Seque
     Checked before any work starts, and again just before the old folder is replaced.
     """
     out = Path(out)
-    if not out.exists():
+    check_out_dir(out, what=what, is_ours=is_ours, flag=flag)
+    if not out.exists() or not any(out.iterdir()):
         return
-    if not out.is_dir():
-        raise ArragError(f"{flag} {out} is a file; pass a folder for the {what}")
-    if not any(out.iterdir()):
-        return
-    if not is_ours:
-        shown = ", ".join(sorted(p.name for p in out.iterdir())[:3])
-        raise ArragError(f"{flag} {out} already exists and is not an arrag {what} (it holds {shown}); "
-                         "pass a new or empty folder")
     if not overwrite:
         raise ArragError(f"{out} already holds an {what}; pass --overwrite to replace it")
     foreign = foreign_files(out, owned)

@@ -24,6 +24,16 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 RESIZE_MODES = ("original", "adm")
 MAX_PIXELS = 100_000_000  # decoding more than this (~300 MB as RGB) is refused
 MAX_ASPECT = 20.0         # long side / short side; a 64x300,000 strip would need gigabytes once resized
+# The largest side arrag crops, encodes or generates at: 128x128 tokens with VQ-16 (Janus-Pro works at 384; its
+# VQ's encoder at 2048 px already needs ~20 GB of activations), so a typo cannot ask for gigabytes.
+MAX_IMAGE_SIZE = 2048
+
+
+def check_image_size(size: int, flag: str = "--image-size") -> int:
+    """Refuse a crop or generation size outside [1, MAX_IMAGE_SIZE] with one line naming the flag."""
+    if not 1 <= int(size) <= MAX_IMAGE_SIZE:
+        raise ArragError(f"{flag} {size}: must be in [1, {MAX_IMAGE_SIZE}] pixels (arrag's documented maximum)")
+    return int(size)
 
 
 class ImageRejected(ValueError):
@@ -138,13 +148,20 @@ def to_uint8(images: torch.Tensor, convention: str = "llamagen") -> np.ndarray:
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def image_format(path: str | Path, flag: str = "") -> str:
+    """PIL's format for an output image name (png, jpg, webp), or one line saying which names work; commands
+    check their output names with it before any work."""
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ArragError(f"{flag + ' ' if flag else ''}cannot save {path}: use a .png, .jpg or .webp name")
+    return fmt
+
+
 def save_image(image: np.ndarray, path: str | Path, quality: int = 95) -> Path:
     """Save uint8 [H, W, 3]; format from the suffix (png, jpg, webp). Written to a temp name, then renamed."""
     path = Path(path)
+    fmt = image_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}.get(path.suffix.lower())
-    if fmt is None:
-        raise ArragError(f"cannot save {path}: use a .png, .jpg or .webp name")
     with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format=fmt, **({"quality": quality} if fmt != "PNG" else {}))
     return path

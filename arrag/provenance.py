@@ -1,4 +1,9 @@
-"""JSON sidecars: every output gets the settings that made it, written next to it."""
+"""JSON sidecars: every output gets the settings that made it, written next to it.
+
+Each sidecar and settings lock also names the command that wrote it (the `arrag_output` field): that is how
+arrag knows a folder or file is its own. It writes only into folders that are empty or that such a record
+marks as made by the same command, and replaces only files a record of its own lists.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +31,29 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+OUTPUT_FIELD = "arrag_output"  # which arrag command made the output a sidecar describes
+
+
+def read_json_dict(path: str | Path) -> dict | None:
+    """The JSON object in `path`, or None when it is missing, unreadable or not an object."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def made_by(path: str | Path, kind: str, legacy: Callable[[dict], bool] | None = None) -> bool:
+    """True when the JSON record at `path` says arrag's `kind` wrote it (its arrag_output field); for records
+    written before that field existed, when `legacy` recognises the record's contents."""
+    record = read_json_dict(path)
+    if record is None:
+        return False
+    if OUTPUT_FIELD in record:
+        return record[OUTPUT_FIELD] == kind
+    return bool(legacy and legacy(record))
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write JSON atomically (temp name, then rename)."""
     return write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
@@ -51,9 +79,10 @@ def environment() -> dict:
     }
 
 
-def write_sidecar(output: str | Path, settings: Mapping[str, Any]) -> Path:
-    """Record `settings` plus the environment (versions, timestamp, command) next to `output`."""
-    return write_json(sidecar_path(output), {**environment(), "settings": dict(settings)})
+def write_sidecar(output: str | Path, settings: Mapping[str, Any], kind: str) -> Path:
+    """Record `settings` plus the environment (versions, timestamp, command) next to `output`; `kind` names the
+    command that made it (see made_by)."""
+    return write_json(sidecar_path(output), {OUTPUT_FIELD: kind, **environment(), "settings": dict(settings)})
 
 
 class SettingsLock:
@@ -65,9 +94,11 @@ class SettingsLock:
     """
 
     def __init__(self, path: str | Path, settings: Mapping[str, Any], *, what: str,
-                 has_results: Callable[[], bool], start_over: str, ignore: tuple[str, ...] = ()):
+                 has_results: Callable[[], bool], start_over: str, ignore: tuple[str, ...] = (), kind: str = ""):
         self.path, self.settings, self.what = Path(path), dict(settings), what
-        self.has_results, self.start_over, self.ignore = has_results, start_over, ignore
+        self.has_results, self.start_over, self.ignore = has_results, start_over, (*ignore, OUTPUT_FIELD)
+        if kind:  # the record also says which command made the folder (made_by); never a difference
+            self.settings[OUTPUT_FIELD] = kind
 
     def differences(self) -> list[str]:
         """Keys whose recorded value differs (empty when nothing is recorded or the record is unreadable)."""

@@ -97,4 +97,4 @@ def test_cli_writes_the_table_and_refuses_the_database_store(world, tiny_janus_d
     assert main([*args, "--store", str(root / "held"), "--lambdas", "0.1"]) != 0
     assert "--lambdas must lie in [0, 1] and include 0" in capsys.readouterr().err
     assert main([*args, "--store", str(root / "held"), "--k", "0"]) != 0
-    assert "--k must be >= 1, got 0" in capsys.readouterr().err
+    assert "--k 0: must be >= 1" in capsys.readouterr().err

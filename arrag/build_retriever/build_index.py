@@ -189,6 +189,11 @@ def _plan_and_train(*, store: CodeStore, nb, key_source: str, dedup: bool, facto
     if factory != "auto":
         index = faiss_index.create_index(factory, d, codebook if key_source == "code" else None)
     n_train = 0
+    nlist = faiss_index.nlist_of(index) if index is not None else None
+    if nlist and train and estimated < nlist:
+        raise ArragError(f"--factory {factory}: {nlist:,} inverted lists need at least {nlist:,} entries to train "
+                         f"(FAISS recommends {39 * nlist:,}), but {store.folder} gives about {estimated:,}; use "
+                         f"fewer lists (e.g. IVF{faiss_index.default_nlist(estimated)}) or --factory auto")
     if train and not index.is_trained:
         n_train = train_size if train_size is not None else faiss_index.train_sample_size(index, estimated)
         n_train = min(max(n_train, 1), occurrences)
@@ -197,6 +202,9 @@ def _plan_and_train(*, store: CodeStore, nb, key_source: str, dedup: bool, facto
         else:
             sample = sample_entry_keys(store, n_train, seed, nb, key_source)
         n_train = len(sample)
+        if nlist and n_train < nlist:
+            raise ArragError(f"--factory {factory}: {nlist:,} inverted lists need at least {nlist:,} training keys, "
+                             f"got {n_train:,}; raise --train-size or use fewer lists")
         if progress:
             print(f"[build-index] {occurrences:,} entries ({store.num_images:,} images x {p} positions)"
                   + (f", about {estimated:,} distinct" if dedup else "") + f", d={d}: {factory} ({reason}); "

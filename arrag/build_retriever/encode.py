@@ -296,7 +296,7 @@ def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str 
     resize: 'original' (Resize + CenterCrop, as AR-RAG built its database) or 'adm' (LlamaGen's crop).
     num_workers: DataLoader processes decoding images (default: the CPUs available, at most 16).
     """
-    from arrag.runtime import available_cpus, kill_with_parent, resolve_device
+    from arrag.runtime import available_cpus, bound_heap_growth, kill_with_parent, resolve_device
     from arrag.vq import load_vq
 
     rank, world = parse_shard(shard)
@@ -310,6 +310,8 @@ def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str 
         raise ArragError(f"--max-images must be >= 1, got {max_images}")
     if resize not in RESIZE_MODES:
         raise ArragError(f"--resize {resize!r}: choose {' or '.join(RESIZE_MODES)}")
+    fileops.check_out_dir(out, what="code store", is_ours=codestore.is_store_folder(out))  # before any loading
+    bound_heap_growth()  # memory flat over millions of images (see runtime.bound_heap_growth)
     num_workers = min(available_cpus(), 16) if num_workers is None else num_workers
     if device == "auto" and world > 1 and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
@@ -332,10 +334,11 @@ def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str 
             "max_images": max_images}
     lock = SettingsLock(folder / "encode.json", info, what="encoded shards", ignore=("vq_path",),
                         has_results=lambda: any(folder.glob("shard-*.json")),
-                        start_over=f"choose a new --out (or delete {folder} to start over)")
+                        start_over=f"choose a new --out (or delete {folder} to start over)", kind="encode")
     lock.check()
     folder.mkdir(parents=True, exist_ok=True)
     fileops.sweep_stale_temps(folder)
+    lock.record()  # first: the folder is marked as a store being encoded before anything else is written there
     # The manifest records the codebook's hash (not the lock: it follows from the VQ fingerprint).
     info["codebook_sha256"] = codestore.write_codebook(folder, vq.quantize.codebook().detach().cpu().numpy())
 

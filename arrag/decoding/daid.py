@@ -12,6 +12,7 @@ merged p (the sampler filters after its hooks). Rows whose search returns nothin
 
 from __future__ import annotations
 
+import math
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -115,10 +116,10 @@ class DAiD(DecodingHook):
     @staticmethod
     def check_settings(lam: float, tau: float, k: int, aggregate: str) -> None:
         """One-line errors for DAiD settings that cannot work."""
-        if not 0.0 <= lam <= 1.0:
+        if not 0.0 <= lam <= 1.0:  # NaN fails every comparison
             raise ArragError(f"--daid-lambda must lie in [0, 1], got {lam}")
-        if tau <= 0:
-            raise ArragError(f"--daid-tau must be > 0, got {tau}")
+        if not (tau > 0 and math.isfinite(tau)):
+            raise ArragError(f"--daid-tau must be > 0 and finite, got {tau}")
         if k < 1:
             raise ArragError(f"--daid-k must be >= 1, got {k}")
         if aggregate not in AGGREGATES:

@@ -12,6 +12,7 @@ index and prompt, not on which other images share its batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from arrag.decoding.hooks import DecodeState, DecodingHook
 from arrag.decoding.step import cfg_logits, make_step
 from arrag.errors import ArragError
-from arrag.image_io import to_uint8
+from arrag.image_io import MAX_IMAGE_SIZE, to_uint8
 
 
 @dataclass
@@ -40,13 +41,18 @@ class SamplingConfig:
 
     def validate(self) -> None:
         """Refuse impossible settings with one line naming the flag, before any model is loaded."""
+        finite = math.isfinite
         checks = [
             (self.parallel_size >= 1, "--parallel-size", self.parallel_size, "must be >= 1"),
-            (self.temperature >= 0, "--temperature", self.temperature, "must be >= 0 (0 = greedy)"),
+            (finite(self.cfg_weight) and self.cfg_weight >= 0, "--cfg-weight", self.cfg_weight,
+             "must be a finite number >= 0"),
+            (finite(self.temperature) and self.temperature >= 0, "--temperature", self.temperature,
+             "must be a finite number >= 0 (0 = greedy)"),
             (self.top_k is None or self.top_k >= 1, "--top-k", self.top_k, "must be >= 1 (leave it out for none)"),
             (self.top_p is None or 0 < self.top_p <= 1, "--top-p", self.top_p, "must be in (0, 1]"),
             (0 <= self.seed < 2**63, "--seed", self.seed, "must be in [0, 2^63)"),
-            (self.image_size is None or self.image_size >= 1, "--image-size", self.image_size, "must be >= 1"),
+            (self.image_size is None or 1 <= self.image_size <= MAX_IMAGE_SIZE, "--image-size", self.image_size,
+             f"must be in [1, {MAX_IMAGE_SIZE}] pixels"),
             (self.batch_size is None or self.batch_size >= 1, "--batch-size", self.batch_size, "must be >= 1"),
         ]
         for ok, flag, value, what in checks:

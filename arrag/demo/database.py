@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
@@ -12,7 +11,7 @@ from tqdm import tqdm
 from arrag.build_retriever.build_index import build_index
 from arrag.build_retriever.encode import encode
 from arrag.demo.shapes import ShapesWorld
-from arrag.fileops import remove_owned_dir
+from arrag.fileops import remove_owned_dir, sweep_stale_temps, temp_path
 from arrag.image_io import save_image
 from arrag.retrieval.codestore import STORE_FILES
 from arrag.vq import load_vq
@@ -43,11 +42,18 @@ def build_demo_retriever(vq_source: Path, folder: Path, images: int, image_size:
         if vq.matches(man.get("vq_fingerprint")) and man.get("images") == images and man.get("dedup"):
             print(f"[demo] reusing the demo retriever {index} ({man.get('entries'):,} entries)", file=sys.stderr)
             return index
-    with tempfile.TemporaryDirectory() as tmp:
-        render_split(Path(tmp), "database", images, image_size, seed)
+    # The rendered images live under a temporary name beside the index: removed when done or interrupted, and
+    # swept by the next run if this process was killed outright.
+    folder.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(folder)
+    rendered = temp_path(folder / "render")
+    try:
+        render_split(rendered, "database", images, image_size, seed)
         store = folder / "codes"
         remove_owned_dir(store, what="code store", owned=STORE_FILES)
-        encode(tmp, store, vq_source, image_size=image_size, batch_size=64, num_workers=0, min_size=8,
+        encode(str(rendered), store, vq_source, image_size=image_size, batch_size=64, num_workers=0, min_size=8,
                device=device, progress=progress)
+    finally:
+        remove_owned_dir(rendered, what="rendered database", owned=(r"\d{6}\.(png|txt)",))
     build_index(store, index, overwrite=True, progress=progress)
     return index

@@ -37,10 +37,10 @@ from arrag.errors import ArragError
 from arrag.eval.batch_generate import generate_into_layout
 from arrag.eval.layouts import make_layout
 from arrag.eval.prompts import read_prompt_source
-from arrag.fileops import remove_owned_dir
+from arrag.fileops import check_out_dir, remove_owned_dir
 from arrag.image_io import labeled_grid, save_image
 from arrag.janus.model import JanusPro
-from arrag.provenance import write_json, write_sidecar
+from arrag.provenance import OUTPUT_FIELD, made_by, write_json, write_sidecar
 from arrag.retrieval.retriever import PatchRetriever
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -69,6 +69,34 @@ def load_demo_models(assets: Path, device: torch.device):
             for name in ("base", "faid")}
 
 
+DEMO_KIND = "demo"  # the arrag_output of the demo folder's records
+
+
+def is_demo_folder(out: Path) -> bool:
+    """True when `arrag demo` made `out` (demo.json, or an earlier version's scores.json)."""
+    return made_by(out / "demo.json", DEMO_KIND) or made_by(out / "scores.json", DEMO_KIND,
+                                                            legacy=lambda r: "methods" in r and "per_seed" in r)
+
+
+def check_settings(*, seeds, per_category: int, samples: int, methods, daid: dict, faid_k: int, sampling: dict,
+                   database_images: int) -> None:
+    """One line naming the demo's own flag for each setting that cannot work, before anything is built."""
+    from arrag.decoding.daid import DAiD
+
+    unknown = set(methods) - set(METHODS)
+    if unknown or not methods:
+        raise ArragError(f"--methods: unknown {', '.join(sorted(unknown)) or '(none given)'}; choose from "
+                         f"{', '.join(METHODS)}")
+    for flag, value in (("--per-category", per_category), ("--samples", samples), ("--faid-k", faid_k),
+                        ("--database-images", database_images)):
+        if value < 1:
+            raise ArragError(f"{flag} must be >= 1, got {value}")
+    if not seeds or any(s < 0 for s in seeds):
+        raise ArragError(f"--seeds must be integers >= 0, got {list(seeds)}")
+    DAiD.check_settings(daid["daid_lambda"], daid["daid_tau"], daid["daid_k"], "nearest")
+    SamplingConfig(cfg_weight=sampling["cfg_weight"], temperature=sampling["temperature"]).validate()
+
+
 def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = DEMO_SEEDS, split: str = "test",
              per_category: int = 4, samples: int = DEMO_SAMPLES, methods: tuple[str, ...] = DEFAULT_METHODS,
              daid: dict | None = None, faid_k: int = DEMO_FAID_K, sampling: dict | None = None,
@@ -78,13 +106,16 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = DE
     """Generate the split's prompts with each method and seed, score them, write grid.png and scores.json."""
     t_start = time.time()
     out, assets = Path(out_dir), Path(assets)
-    out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     daid = {**DEMO_DAID, **(daid or {})}
     sampling = {**DEMO_SAMPLING, **(sampling or {})}
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise ArragError(f"--methods: unknown {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+    check_settings(seeds=seeds, per_category=per_category, samples=samples, methods=methods, daid=daid,
+                   faid_k=faid_k, sampling=sampling, database_images=database_images)
+    check_out_dir(out, what="demo folder", is_ours=is_demo_folder(out))  # all before the retriever is built
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "demo.json", {OUTPUT_FIELD: DEMO_KIND, "seeds": list(seeds), "split": split,
+                                   "per_category": per_category, "samples": samples, "methods": list(methods),
+                                   "daid": daid, "faid_k": faid_k, "sampling": sampling, "assets": str(assets)})
     models = load_demo_models(assets, device)
     recipe = assets / "recipe.json"
     size = json.loads(recipe.read_text())["recipe"]["image_size"] if recipe.is_file() else 64
@@ -142,13 +173,13 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = DE
                "ground_truth": truth_score, "vq_reconstruction": recon_score,
                "methods": {m: _aggregate(results[m]) for m in methods},
                "per_seed": results, "seconds": round(time.time() - t_start, 1)}
-    write_json(out / "scores.json", summary)
+    write_json(out / "scores.json", {OUTPUT_FIELD: DEMO_KIND, **summary})
     rows = [truth] + [first_images[m] for m in methods]
     columns = ["ground truth", *(LABELS[m] for m in methods)]
     grid = save_image(labeled_grid([list(col) for col in zip(*rows, strict=True)], [r["prompt"] for r in records],
                                    columns), out / "grid.png")
     write_sidecar(grid, {"columns": ["ground truth", *methods], "rows": [r["prompt"] for r in records],
-                         "seed": seeds[0], "split": split})
+                         "seed": seeds[0], "split": split}, kind=DEMO_KIND)
     _print_table(summary, methods)
     print(f"[demo] wrote {grid} (rows: prompts; columns: ground truth, {', '.join(methods)}) and "
           f"{out / 'scores.json'} in {summary['seconds']:.0f} s")

@@ -27,6 +27,7 @@ from torch import nn
 
 from arrag.demo.shapes import CATEGORIES, COLORS, Scene, ShapeObject, ShapesWorld
 from arrag.errors import ArragError
+from arrag.fileops import write_text
 
 PALETTE = np.array(list(COLORS.values()), dtype=np.float32)
 COLOR_NAMES = list(COLORS)
@@ -213,9 +214,18 @@ def prompt_records(split: str, count: int, size: int, seed: int = 0, start: int 
 
 def write_prompt_file(path: str | Path, records: list[dict]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def is_prompt_file(path: str | Path) -> bool:
+    """True when `path` is a ShapesWorld prompt file that arrag wrote (its first record holds a scene)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(first, dict) and {"prompt", "tag", "scene"} <= set(first)
 
 
 def scene_from_dict(d: dict) -> Scene:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from arrag import fileops
 from arrag.decoding.loop import SamplingConfig
 from arrag.decoding.methods import Generator
-from arrag.eval.layouts import CLAIMS, Layout, write_prompt_list
+from arrag.eval.layouts import CLAIMS, LAYOUT_KIND, Layout, write_prompt_list
 from arrag.eval.prompts import PromptItem
 from arrag.provenance import SettingsLock
 
@@ -62,10 +62,12 @@ class Claims:
     def __init__(self, out: Path):
         self.folder = out / CLAIMS
 
-    def _path(self, item: PromptItem) -> Path:
-        return self.folder / f"{item.index:08d}"
+    def _path(self, item: PromptItem | str) -> Path:
+        return self.folder / (item if isinstance(item, str) else f"{item.index:08d}")
 
-    def take(self, item: PromptItem) -> bool:
+    def take(self, item: PromptItem | str) -> bool:
+        """Claim a prompt (or, by name, the whole folder: plain runs take "folder"); False if another live run
+        holds it."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self._path(item)
         for _ in range(2):
@@ -98,7 +100,7 @@ class Claims:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def release(self, item: PromptItem) -> None:
+    def release(self, item: PromptItem | str) -> None:
         self._path(item).unlink(missing_ok=True)
 
     def tidy(self) -> None:
@@ -133,8 +135,20 @@ def generate_into_layout(generator: Generator, items: Sequence[PromptItem], layo
     claims = Claims(layout.out)
     bar = tqdm(total=len(todo), desc=f"generate [{slot.rank + 1}/{slot.world}]", unit="prompt", disable=not progress)
     t0 = time.perf_counter()
+    try:
+        generated, elsewhere = _generate_pending(generator, list(todo), layout, sampling, claims, bar,
+                                                 prompts_per_batch, before_write)
+    finally:  # an empty claims folder would read as a prompt folder to GenEval's evaluator
+        bar.close()
+        claims.tidy()
+    return {"prompts": len(mine), "skipped": len(mine) - len(todo), "generated": generated,
+            "done_elsewhere": elsewhere, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _generate_pending(generator: Generator, pending: list[PromptItem], layout: Layout, sampling: SamplingConfig,
+                      claims: Claims, bar, prompts_per_batch: int, before_write) -> tuple[int, int]:
+    """Generate the pending prompts that no other run holds, a batch at a time; (generated, done elsewhere)."""
     p, generated, elsewhere = sampling.parallel_size, 0, 0
-    pending = list(todo)
     while pending:
         batch = []
         while pending and len(batch) < prompts_per_batch:
@@ -163,10 +177,7 @@ def generate_into_layout(generator: Generator, items: Sequence[PromptItem], layo
                 claims.release(it)
         generated += len(batch)
         bar.update(len(batch))
-    bar.close()
-    claims.tidy()
-    return {"prompts": len(mine), "skipped": len(mine) - len(todo), "generated": generated,
-            "done_elsewhere": elsewhere, "seconds": round(time.perf_counter() - t0, 3)}
+    return generated, elsewhere
 
 
 def run_layout(generator: Generator, items: Sequence[PromptItem], layout: Layout, sampling: SamplingConfig, *,
@@ -182,8 +193,9 @@ def run_layout(generator: Generator, items: Sequence[PromptItem], layout: Layout
     settings.pop("device", None)  # processes of one run use different devices
     settings.pop("decode_step", None)  # eager, static and graph steps give the same images
     settings.pop("batch_size", None)  # does not change the images
+    layout.check_out()
     lock = SettingsLock(layout.out / "settings.json", settings, what="images", has_results=layout.has_results,
-                        start_over=f"use another --out (or delete {layout.out} to start over)")
+                        start_over=f"use another --out (or delete {layout.out} to start over)", kind=LAYOUT_KIND)
     lock.check()
 
     def first_images() -> None:

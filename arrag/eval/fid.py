@@ -73,6 +73,15 @@ class FeatureStats:
         return stats
 
 
+def is_stats_file(path: str | Path) -> bool:
+    """True when `path` holds FID statistics that arrag saved (--save-stats)."""
+    try:
+        with np.load(path) as z:
+            return {"features_sum", "extractor", "num_samples"} <= set(z.files)
+    except (OSError, ValueError, EOFError):
+        return False
+
+
 def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     """|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^1/2)."""
     mu_a, s_a = a.mean_cov()
@@ -83,11 +92,16 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
 
 
 def image_files(folder: str | Path) -> list[Path]:
-    """Image files under `folder` (recursively: GenEval's samples/ folders count), sorted."""
+    """Image files under `folder`, sorted: in a folder of `arrag generate --layout`, its sample files only (never
+    the prompt grids of --prompt-grids); elsewhere every image, recursively."""
+    from arrag.eval.layouts import layout_of
+
     folder = Path(folder)
     if not folder.is_dir():
         raise ArragError(f"{folder}: not a folder of images")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    layout = layout_of(folder)
+    files = layout.sample_files() if layout is not None else \
+        sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if len(files) < 2:
         raise ArragError(f"{folder}: FID needs at least 2 images, found {len(files)}")
     return files

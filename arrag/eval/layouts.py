@@ -21,22 +21,26 @@ import numpy as np
 
 from arrag.errors import ArragError
 from arrag.eval.prompts import PromptItem
-from arrag.fileops import write_text
+from arrag.fileops import check_out_dir, foreign_files, write_text
 from arrag.image_io import make_grid, save_image
-from arrag.provenance import write_json
+from arrag.provenance import made_by, read_json_dict, write_json
 
 LAYOUTS = ("geneval", "dpg", "flat")
 
 
-CLAIMS = ".claims"  # markers of prompts being generated (see batch_generate.Claims)
+CLAIMS = ".claims"  # markers of prompts being generated, or of a plain run's folder (see batch_generate.Claims)
 # Files every layout folder may hold besides the images: the run's records and the claims.
-RECORD_FILES = (r"settings\.json", r"prompts\.json", r"\.claims/\d{8}")
+CLAIMS_FILE = r"\.claims/(\d{8}|folder)"
+RECORD_FILES = (r"settings\.json", r"prompts\.json", CLAIMS_FILE)
+LAYOUT_KIND = "generate --layout"  # the arrag_output of a layout folder's settings lock
+PLAIN_KIND = "generate"  # ... and of plain generate's sidecar
 
 
 class Layout:
     """Paths of a prompt's outputs, whether they are all there, and how to write them."""
 
     name = ""
+    samples = ""  # regex of the sample images' paths inside the folder
     owned: tuple[str, ...] = RECORD_FILES  # regexes of every file the layout writes (what arrag may remove)
 
     def __init__(self, out: str | Path, parallel_size: int, fmt: str = "png", grid: bool = False):
@@ -52,6 +56,26 @@ class Layout:
         """True once any image of this layout exists in the folder."""
         return self.out.is_dir() and any(p.suffix.lower() in (".png", ".jpg", ".webp") for p in self.out.rglob("*"))
 
+    def is_ours(self) -> bool:
+        """True when the folder's settings lock says a `--layout` run of this layout made it, or the folder holds
+        only the prompt claims of a run that has not written its first images yet (arrag writes into, and counts
+        finished prompts in, nothing else)."""
+        if not (self.out / "settings.json").exists():
+            return only_claims(self.out)
+        return made_by(self.out / "settings.json", LAYOUT_KIND,
+                       legacy=lambda r: r.get("layout") == self.name and "prompts_sha256" in r) and \
+            read_json_dict(self.out / "settings.json").get("layout") == self.name
+
+    def check_out(self) -> None:
+        """Refuse a --out that is a file or a folder this layout's runs did not make (before any model loads)."""
+        check_out_dir(self.out, what=f"--layout {self.name} folder", is_ours=self.is_ours())
+
+    def sample_files(self) -> list[Path]:
+        """Every sample image the folder holds (what FID reads), by the layout's own names: never grid.png."""
+        pattern = re.compile(self.samples)
+        return sorted(p for p in self.out.rglob("*") if p.is_file()
+                      and pattern.fullmatch(p.relative_to(self.out).as_posix()))
+
     def write(self, item: PromptItem, images: np.ndarray) -> None:
         """images: uint8 [parallel_size, H, W, 3], the prompt's samples in order."""
         raise NotImplementedError
@@ -59,7 +83,8 @@ class Layout:
 
 class GenevalLayout(Layout):
     name = "geneval"
-    owned = (*RECORD_FILES, r"\d{5}/metadata\.jsonl", r"\d{5}/samples/\d{4}\.png", r"\d{5}/grid\.png")
+    samples = r"\d{5}/samples/\d{4}\.png"
+    owned = (*RECORD_FILES, r"\d{5}/metadata\.jsonl", samples, r"\d{5}/grid\.png")
 
     def __init__(self, out: str | Path, parallel_size: int, fmt: str = "png", grid: bool = False):
         if fmt != "png":
@@ -85,7 +110,8 @@ class GenevalLayout(Layout):
 
 class DpgLayout(Layout):
     name = "dpg"
-    owned = (*RECORD_FILES, r"[^/]+\.(png|jpg|webp)")
+    samples = r"[^/]+\.(png|jpg|webp)"
+    owned = (*RECORD_FILES, samples)
 
     def __init__(self, out: str | Path, parallel_size: int, fmt: str = "png", grid: bool = False):
         side = math.isqrt(parallel_size)
@@ -104,7 +130,8 @@ class DpgLayout(Layout):
 
 class FlatLayout(Layout):
     name = "flat"
-    owned = (*RECORD_FILES, r"[^/]+\.(png|jpg|webp)")
+    samples = r"[^/]+\.(png|jpg|webp)"
+    owned = (*RECORD_FILES, samples)
 
     def paths(self, item: PromptItem) -> list[Path]:
         if self.parallel_size == 1:
@@ -116,29 +143,56 @@ class FlatLayout(Layout):
             save_image(image, path)
 
 
-PLAIN_IMAGE = re.compile(r"\d{4,}_\d{2}\.(png|jpg|webp)")
+def plain_names(prompts: int, parallel_size: int, fmt: str = "png") -> list[str]:
+    """Plain `arrag generate` file names: <prompt 4 digits>_<sample 2 digits>.<fmt>."""
+    return [f"{j:04d}_{s:02d}.{fmt}" for j in range(prompts) for s in range(parallel_size)]
 
 
-def check_plain_out(out: str | Path, overwrite: bool) -> None:
-    """Refuse to write plain output over the images of an earlier run, unless `overwrite` (which removes them)."""
+def only_claims(out: str | Path) -> bool:
+    """True when `out` holds nothing but the claims of a run that has not written its first files yet."""
     out = Path(out)
-    earlier = sorted(p for p in out.iterdir() if PLAIN_IMAGE.fullmatch(p.name)) if out.is_dir() else []
+    return (out / CLAIMS).is_dir() and not foreign_files(out, (CLAIMS_FILE,))
+
+
+def is_plain_folder(out: str | Path) -> bool:
+    """True when plain `arrag generate` made `out` (its settings.json sidecar says so), or is making it."""
+    return only_claims(out) or made_by(Path(out) / "settings.json", PLAIN_KIND,
+                                       legacy=lambda r: "arrag_version" in r and "files" in r.get("settings", {}))
+
+
+def check_plain_out(out: str | Path, names: list[str], overwrite: bool) -> list[Path]:
+    """Check a plain run's --out before any model loads; returns the earlier run's files it will replace.
+
+    The folder must be missing, empty or made by plain generate; the files of the earlier run there (those its
+    sidecar lists) are replaced only with `overwrite`, and a file the new run would write that no sidecar lists
+    (the user's own) is never replaced."""
+    out = Path(out)
+    check_out_dir(out, what="generated images folder", is_ours=is_plain_folder(out))
+    if not out.is_dir():
+        return []
+    record = read_json_dict(out / "settings.json") or {}
+    listed = set(record.get("settings", {}).get("files", [])) if is_plain_folder(out) else set()
+    foreign = [n for n in names if (out / n).exists() and n not in listed]
+    if foreign:
+        raise ArragError(f"{out / foreign[0]} exists and no earlier arrag run wrote it; pass another --out")
+    earlier = sorted(out / n for n in listed if (out / n).is_file())
     if earlier and not overwrite:
         raise ArragError(f"{out} holds {len(earlier)} images of an earlier run ({earlier[0].name}, ...); pass "
                          "--overwrite to replace them, or another --out")
-    for p in earlier:
-        p.unlink()
+    return earlier
 
 
 def write_plain(images: np.ndarray, out: str | Path, parallel_size: int, fmt: str = "png",
-                grid: str | Path | None = None) -> list[str]:
+                grid: str | Path | None = None, replace: list[Path] = ()) -> list[str]:
     """Plain `arrag generate` output: <out>/<prompt 4 digits>_<sample 2 digits>.<fmt>, plus an optional grid of
-    all images (one row per prompt); returns the file names."""
+    all images (one row per prompt); returns the file names. `replace`: the earlier run's files (check_plain_out),
+    removed first."""
     out = Path(out)
+    for p in replace:
+        p.unlink(missing_ok=True)
     files = []
-    for i, image in enumerate(images):
-        j, s = divmod(i, parallel_size)
-        files.append(save_image(image, out / f"{j:04d}_{s:02d}.{fmt}").name)
+    for name, image in zip(plain_names(len(images) // parallel_size, parallel_size, fmt), images, strict=True):
+        files.append(save_image(image, out / name).name)
     if grid:
         save_image(make_grid(images, ncol=parallel_size), grid)
     return files
@@ -149,6 +203,15 @@ def make_layout(name: str, out: str | Path, parallel_size: int, fmt: str = "png"
     if name not in classes:
         raise ArragError(f"--layout must be one of {', '.join(LAYOUTS)}; got {name!r}")
     return classes[name](out, parallel_size, fmt, grid)
+
+
+def layout_of(folder: str | Path) -> Layout | None:
+    """The layout of a folder that `arrag generate --layout` made (its settings lock says which), else None."""
+    record = read_json_dict(Path(folder) / "settings.json")
+    if record is None or record.get("layout") not in LAYOUTS:
+        return None
+    layout = make_layout(record["layout"], folder, int(record.get("parallel_size") or 1))
+    return layout if layout.is_ours() else None
 
 
 def write_prompt_list(layout: Layout, items: list[PromptItem]) -> None:

@@ -12,6 +12,7 @@ sample back towards real patches), but FAiD, trained by teacher forcing, has not
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,10 +34,10 @@ def check_settings(images: int, k: int, batch_size: int, lambdas: Sequence[float
     for flag, value in (("--images", images), ("--k", k), ("--batch-size", batch_size)):
         if value < 1:
             raise ArragError(f"{flag} must be >= 1, got {value}")
-    if any(not 0.0 <= lam <= 1.0 for lam in lambdas) or 0.0 not in lambdas:
+    if any(not 0.0 <= lam <= 1.0 for lam in lambdas) or 0.0 not in lambdas:  # NaN fails every comparison
         raise ArragError(f"--lambdas must lie in [0, 1] and include 0 (the model alone), got {list(lambdas)}")
-    if any(t <= 0 for t in taus):
-        raise ArragError(f"--taus must be > 0, got {list(taus)}")
+    if not taus or any(not (t > 0 and math.isfinite(t)) for t in taus):
+        raise ArragError(f"--taus must be > 0 and finite, got {list(taus)}")
 
 
 def _check_inputs(model, retriever, store) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 
 from arrag.errors import ArragError, one_line
 from arrag.fileops import save_npy, write_text
+from arrag.provenance import made_by, read_json_dict
 
 STORE_FORMAT = "arrag-codestore/1"
 
@@ -154,6 +155,15 @@ def finalize(folder: str | Path, num_shards: int, info: dict) -> bool:
     }
     write_text(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return True
+
+
+def is_store_folder(folder: str | Path) -> bool:
+    """True when `folder` holds a code store or the shards of one that `arrag encode` is writing."""
+    folder = Path(folder)
+    manifest = read_json_dict(folder / "manifest.json")
+    if manifest is not None and manifest.get("format") == STORE_FORMAT:
+        return True
+    return made_by(folder / "encode.json", "encode", legacy=lambda r: "vq_fingerprint" in r and "shard_size" in r)
 
 
 def write_store(folder: str | Path, codes: np.ndarray, codebook, shard_size: int = 4096,

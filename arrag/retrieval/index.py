@@ -217,7 +217,12 @@ def parse_gpus(spec) -> list[int]:
             raise ArragError("GPU FAISS requested, but this FAISS build sees no GPU; install faiss-gpu or use cpu")
         ids = list(range(faiss.get_num_gpus()))
     else:
-        ids = [int(g) for g in str(spec).replace("cuda:", "").split(",") if g.strip()]
+        try:
+            ids = [int(g) for g in str(spec).replace("cuda:", "").split(",") if g.strip()]
+        except ValueError:
+            raise ArragError(f"GPUs {spec!r}: expected cpu, cuda, auto or GPU ids such as 0,1") from None
+        if any(g < 0 for g in ids):
+            raise ArragError(f"GPUs {spec!r}: GPU ids are >= 0")
     if ids and not has_gpu_faiss():
         raise ArragError(f"GPUs {ids} requested, but this FAISS build has no GPU support; install faiss-gpu "
                          "(CUDA machines: `make install` does) or use --device cpu")

@@ -358,6 +358,11 @@ def _read_manifest(path: Path) -> dict:
     required = ("neighborhood", "dim", "key_source")
     if not isinstance(manifest, dict) or any(k not in manifest for k in required):
         raise ArragError(f"{path} is not an arrag index manifest (needs {', '.join(required)}); rebuild the index")
+    for key in ("nprobe", "dim"):  # hand edits: a fraction would be truncated silently, a string or 0 crash later
+        value = manifest.get(key)
+        if (value is not None or key == "dim") and (type(value) is not int or value < 1):
+            raise ArragError(f"{path}: {key} {value!r} is not a whole number >= 1; correct it in the manifest or "
+                             "rebuild the index")
     return manifest
 
 

@@ -20,8 +20,8 @@ from tqdm import tqdm
 from arrag import fileops
 from arrag.errors import ArragError
 from arrag.fileops import save_npy
-from arrag.provenance import SettingsLock
-from arrag.retrieval.codestore import CodeStore
+from arrag.provenance import SettingsLock, made_by
+from arrag.retrieval.codestore import CodeStore, is_store_folder
 from arrag.retrieval.neighborhood import grid_key_vectors
 from arrag.retrieval.retriever import PatchRetriever
 
@@ -30,6 +30,12 @@ FORMAT = "arrag-faid-trainset/1"
 
 def retrieved_name(k: int) -> str:
     return f"retrieved-{k:05d}.npy"
+
+
+def is_trainset_folder(folder: Path) -> bool:
+    """True when `folder` is a code store or holds retrieved codes that construct-train wrote."""
+    return is_store_folder(folder) or made_by(folder / "retrieved.json", "construct-train",
+                                              legacy=lambda r: r.get("format") == FORMAT)
 
 
 def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str | Path | None = None, *,
@@ -45,6 +51,8 @@ def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str |
         raise ArragError(f"--k must be >= 1, got {k}")
     if chunk_images < 1:
         raise ArragError(f"--chunk-images must be >= 1, got {chunk_images}")
+    out = Path(out) if out is not None else store.folder
+    fileops.check_out_dir(out, what="FAiD training set folder", is_ours=is_trainset_folder(out))
     retriever = PatchRetriever.load(retriever_dir, nprobe=nprobe, verify=verify_index)
     if retriever.fingerprint is not None and retriever.fingerprint != store.fingerprint:
         raise ArragError(f"code store {store.folder} (VQ {store.fingerprint}) and retriever {retriever.folder} "
@@ -61,7 +69,6 @@ def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str |
     h, w = store.grid
     nb = retriever.neighborhood
     codebook = store.codebook()
-    out = Path(out) if out is not None else store.folder
     settings = {"format": FORMAT, "k": k, "exclude_self": exclude_self, "store": str(store.folder.resolve()),
                 "retriever": str(retriever.folder.resolve()), "vq_fingerprint": store.fingerprint,
                 "neighborhood": nb.name, "nprobe": retriever.nprobe, "grid": [h, w]}
@@ -70,7 +77,8 @@ def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str |
     in_store = out.resolve() == store.folder.resolve()
     lock = SettingsLock(out / "retrieved.json", settings, what="retrieved codes",
                         has_results=lambda: any(out.glob("retrieved-*.npy")), ignore=("store",) if in_store else (),
-                        start_over=f"use another --out, or delete {out}/retrieved.json and {out}/retrieved-*.npy")
+                        start_over=f"use another --out, or delete {out}/retrieved.json and {out}/retrieved-*.npy",
+                        kind="construct-train")
     lock.check()
     out.mkdir(parents=True, exist_ok=True)
     fileops.sweep_stale_temps(out)

@@ -39,7 +39,7 @@ from arrag.janus.config import FAID_CELLS, parse_hops
 from arrag.janus.faid_layers import attach_blenders, full_sequence_logits
 from arrag.janus.model import JanusPro
 from arrag.janus.prompting import TOKENIZER_FILES, Prompter
-from arrag.provenance import SettingsLock, write_json
+from arrag.provenance import OUTPUT_FIELD, SettingsLock, made_by, write_json
 from arrag.retrieval.codestore import CodeStore
 from arrag.runtime import kill_with_parent
 from arrag.train.construct import load_retrieved
@@ -110,6 +110,11 @@ class FaidTrainConfig:
              f"choose {' or '.join(BLENDER_INITS)}")
         need(self.retrieved_key_num >= 1, "k", self.retrieved_key_num, "retrieved codes per position must be >= 1")
         need(self.lora_r >= 0, "lora-r", self.lora_r, "LoRA rank must be >= 0 (0 disables LoRA)")
+        need(self.lora_alpha >= 1, "lora-alpha", self.lora_alpha, "LoRA alpha must be >= 1")
+        for flag, value in (("lr", self.lr), ("weight-decay", self.weight_decay), ("lora-dropout", self.lora_dropout),
+                            ("warmup-ratio", self.warmup_ratio), ("max-grad-norm", self.max_grad_norm),
+                            ("cfg-drop", self.cfg_drop)):
+            need(math.isfinite(value), flag, value, "must be a finite number")
         need(0 <= self.lora_dropout < 1, "lora-dropout", self.lora_dropout, "must be in [0, 1)")
         need(self.lr > 0, "lr", self.lr, "the learning rate must be > 0")
         need(self.weight_decay >= 0, "weight-decay", self.weight_decay, "must be >= 0")
@@ -405,6 +410,24 @@ def _accelerator(cfg: FaidTrainConfig):
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
+def is_training_folder(out: Path) -> bool:
+    """True when `out` holds a train-faid run: its settings lock or its finished checkpoint's record."""
+    return made_by(out / "train.json", "train-faid", legacy=lambda r: "num_blender" in r and "lora_r" in r) or \
+        made_by(out / "settings.json", "train-faid", legacy=lambda r: "loss_history" in r and "num_blender" in r)
+
+
+def check_out(cfg: FaidTrainConfig, out: Path) -> None:
+    """Refuse an --out that is, or lies inside, an input (the base model, the store, the retrieved codes, ...), and
+    one that holds anything but a train-faid run of its own: the export writes config.json and weights there."""
+    inputs = (("--base", cfg.base), ("--store", cfg.store), ("--retrieved", cfg.retrieved),
+              ("--token-weights", cfg.token_weights), ("--deepspeed", cfg.deepspeed))
+    for flag, value in inputs:
+        if value is not None and Path(value).exists() and fileops.same_or_inside(out, value):
+            raise ArragError(f"--out {out} is or lies inside {flag} {value}: the trained model would overwrite it; "
+                             "pass another --out")
+    fileops.check_out_dir(out, what="FAiD training folder", is_ours=is_training_folder(out))
+
+
 def train_faid(cfg: FaidTrainConfig) -> Path:
     """Run the training described by `cfg`; returns the folder of the merged checkpoint."""
     from accelerate.utils import set_seed
@@ -412,13 +435,14 @@ def train_faid(cfg: FaidTrainConfig) -> Path:
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     cfg.validate()
+    out = cfg.output_dir()
+    check_out(cfg, out)  # before anything is loaded
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
-    out = cfg.output_dir()
     settings = asdict(cfg)
     lock = SettingsLock(out / "train.json", settings, what="a training run", ignore=RESUMABLE_CHANGES,
                         has_results=lambda: bool(_checkpoints(out)),
-                        start_over="use another --out, or pass --overwrite to start over")
+                        start_over="use another --out, or pass --overwrite to start over", kind="train-faid")
     set_seed(cfg.seed)  # the same blender and LoRA initialisation in every process
     janus = build_model(cfg)
     store, dataset, collate = _open_data(cfg, janus)  # everything is checked before the folder is touched
@@ -571,7 +595,7 @@ def _export(cfg: FaidTrainConfig, state: dict, out: Path, sidecar: dict) -> None
         src = Path(cfg.base) / name if Path(cfg.base).is_dir() else Path(cfg.base).parent / name
         if src.is_file():
             shutil.copyfile(src, out / name)
-    write_json(out / "settings.json", sidecar)
+    write_json(out / "settings.json", {OUTPUT_FIELD: "train-faid", **sidecar})
     loss = f" (final loss {sidecar['loss_history'][-1][1]:.4f})" if sidecar["loss_history"] else ""
     retrieved = Path(cfg.retrieved or cfg.store) / "retrieved.json"
     index = json.loads(retrieved.read_text()).get("retriever") if retrieved.is_file() else None
