@@ -366,3 +366,23 @@ def test_faid_and_daid_in_the_fixed_shape_step_give_the_eager_tokens(faid_model,
             torch.testing.assert_close(other, eager, rtol=0, atol=0)
     finally:
         faid_model.to("cpu")
+
+
+def test_a_faid_k_above_the_models_k_uses_the_nearest_k(faid_model, faid_retriever):
+    """The original blender keeps the first retrieved_key_num candidates (10 in the released setup)."""
+    r = PatchRetriever.load(faid_retriever)
+    kw = dict(image_size=64, seed=5, progress=False, parallel_size=2)
+    assert faid_model.config.language.retrieved_key_num == 10
+    ten = generate(faid_model, ["a red circle"], method="faid", retriever=r, faid_k=10, **kw)
+    with pytest.warns(UserWarning, match="--faid-k 20 is more than the 10 candidates"):
+        twenty = generate(faid_model, ["a red circle"], method="faid", retriever=r, faid_k=20, **kw)
+    np.testing.assert_array_equal(twenty, ten)
+    four = generate(faid_model, ["a red circle"], method="faid", retriever=r, faid_k=4, **kw)
+    assert not np.array_equal(four, ten)  # fewer than K still means fewer
+    from arrag.janus.config import LlamaConfig
+
+    assert "retrieved_key_num" not in LlamaConfig().to_dict()  # the original's configs round-trip unchanged
+    five = LlamaConfig(retrieved_key_num=5).to_dict()
+    assert five["retrieved_key_num"] == 5 and LlamaConfig.from_dict(five).retrieved_key_num == 5
+    with pytest.raises(ArragError, match="retrieved_key_num=0"):
+        LlamaConfig(retrieved_key_num=0)

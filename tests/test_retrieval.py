@@ -145,7 +145,7 @@ def test_original_prebuilt_layout_loads(tmp_path):
     with pytest.warns(UserWarning, match="original AR-RAG prebuilt database"):
         r = PatchRetriever.load(tmp_path)
     assert r.entries == 3000 and r.fingerprint is None and r.neighborhood.name == "L"
-    assert r.nprobe == 16  # the original searched with nprobe 4096, i.e. every list: here all 16
+    assert r.nprobe == 1  # the nprobe stored in the file (FAISS's default), which the original really searched with
     with pytest.warns(UserWarning):
         assert PatchRetriever.load(tmp_path, nprobe=4).nprobe == 4
     _, codes = r.search(xb[:4], 3)
@@ -484,3 +484,55 @@ def test_encode_takes_the_tokenizers_size_and_warns_about_another(tmp_path, imag
     assert CodeStore.open(tmp_path / "a").grid == (4, 4)
     with pytest.warns(UserWarning, match="--image-size 96 differs from the 64 px"):
         enc.encode(str(images), tmp_path / "b", vq_file, image_size=96, **kw)
+
+
+def _original_layout(folder, nlist=32, n=4000, seed=0):
+    """An index as the original build_index_L.py writes one: OPQ8 + IVF + PQ8, nprobe left at FAISS's default."""
+    rng = np.random.default_rng(seed)
+    xb = rng.normal(size=(n, 32)).astype(np.float32)
+    opq = faiss.OPQMatrix(32, 8)
+    opq.niter = 4
+    index = faiss.IndexPreTransform(opq, faiss.IndexIVFPQ(faiss.IndexFlatL2(32), 32, nlist, 8, 8))
+    index.train(xb)
+    index.add(xb)
+    folder.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(index, str(folder / "faiss_ivf_pq_opq.index"))
+    np.save(folder / "next_codes.npy", rng.integers(0, 16384, n))
+    return xb, index
+
+
+def test_the_original_database_is_searched_at_the_nprobe_stored_in_its_file(tmp_path, capsys):
+    xb, index = _original_layout(tmp_path)
+    assert faiss.extract_index_ivf(index).nprobe == 1
+    queries = xb[:50] + 0.3 * np.random.default_rng(1).normal(size=(50, 32)).astype(np.float32)
+    want_d, want_i = index.search(queries, 5)  # what the original's search returned
+    next_codes = np.load(tmp_path / "next_codes.npy")
+    with pytest.warns(UserWarning):
+        r = PatchRetriever.load(tmp_path)
+    assert "searching 1 of its 32 lists, the nprobe stored in its index file" in capsys.readouterr().err
+    d, codes = r.search(queries, 5)
+    assert (want_i >= 0).all()
+    np.testing.assert_array_equal(codes, next_codes[want_i])
+    np.testing.assert_allclose(d, want_d, rtol=1e-6)
+    # construct-train on it defaults the same way: it loads through PatchRetriever with no --nprobe.
+    assert r.manifest["nprobe"] == 1
+
+
+def test_nprobe_on_a_wrapped_index_reaches_the_ivf_inside(tmp_path):
+    """The original set nprobe on the OPQ wrapper, a no-op; arrag's setting must change what is searched."""
+    from arrag.retrieval.index import set_nprobe
+
+    xb, index = _original_layout(tmp_path)
+    queries = xb[:50] + 0.3 * np.random.default_rng(1).normal(size=(50, 32)).astype(np.float32)
+    narrow = index.search(queries, 10)[1]
+    try:  # the original's line: under faiss 1.8 (arrag.yml) a Python attribute on the wrapper that FAISS never reads
+        index.nprobe = 32
+    except AttributeError:  # newer FAISS refuses the assignment outright
+        pass
+    assert faiss.extract_index_ivf(index).nprobe == 1 and np.array_equal(index.search(queries, 10)[1], narrow)
+    assert set_nprobe(index, 32) == 32 and faiss.extract_index_ivf(index).nprobe == 32
+    wide = index.search(queries, 10)[1]
+    assert not np.array_equal(wide, narrow)
+    with pytest.warns(UserWarning):
+        r = PatchRetriever.load(tmp_path, nprobe=32)
+    np.testing.assert_array_equal(r.search(queries, 10)[1], np.load(tmp_path / "next_codes.npy")[wide])

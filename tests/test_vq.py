@@ -235,3 +235,25 @@ def test_cached_codebook_follows_the_weights_and_keeps_gradients():
         torch.testing.assert_close(q.codebook(), fresh(), rtol=0, atol=0)
     q.codebook()[0].sum().backward()  # training the codebook: not the cache, a differentiable graph
     assert q.embedding.weight.grad is not None and q.embedding.weight.grad[0].abs().sum() > 0
+
+
+def test_llamagen_and_janus_pro_vq16_layouts_load_into_the_same_model(tmp_path):
+    """The original indexes with LlamaGen's vq_ds16_t2i.pt and decodes with Janus-Pro's gen_vision_model: both
+    real layouts load into the one VQ-16 (same keys and shapes), and equal weights give equal fingerprints, so
+    arrag can tell whether an index and a model share a tokenizer."""
+    import json
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    vq16 = VQModel("VQ-16")
+    state = vq16.state_dict()
+    torch.save({"model": state, "steps": 1}, tmp_path / "vq_ds16_t2i.pt")  # LlamaGen's training checkpoint
+    janus = tmp_path / "Janus-Pro-1B"
+    janus.mkdir()
+    (janus / "config.json").write_text(json.dumps({"gen_vision_config": {
+        "cls": "VQ-16", "model_type": "gen_vision", "params": {"image_token_size": 16384, "n_embed": 8}}}))
+    save_file({f"gen_vision_model.{k}": v.contiguous() for k, v in state.items()}, janus / "model.safetensors")
+    a, b = load_vq(tmp_path / "vq_ds16_t2i.pt"), load_vq(janus)
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    assert len(a.state_dict()) == 344 and a.fingerprint() == b.fingerprint()

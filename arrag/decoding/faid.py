@@ -29,6 +29,14 @@ class FAiD(DecodingHook):
         if not model.has_faid:
             raise ArragError(f"model {model.source_folder or ''} has no FAiD blenders (its config lacks "
                              "num_SmoothPatchBlender/num_hop): pass a FAiD checkpoint (arrag train-faid)")
+        # The blenders take at most the model's K candidates, the nearest ones, as the original's SmoothPatchBlender
+        # keeps the first K it is given: a larger --faid-k searches for no more than K.
+        model_k = model.config.language.retrieved_key_num
+        self.k_used = min(self.k, model_k)
+        if self.k > model_k:
+            warnings.warn(f"--faid-k {self.k} is more than the {model_k} candidates the model's blenders take "
+                          f"(language_config.retrieved_key_num); using the nearest {model_k}, as the original does",
+                          stacklevel=2)
         self.queries = StepQueries(self.retriever, state)
         h, w = state.grid
         rows, dim = 2 * state.n_images, model.config.hidden_size
@@ -40,7 +48,7 @@ class FAiD(DecodingHook):
         self.row_mask[state.cond_rows] = True
         # Everything a step needs already on the device: steps pass views, never host values.
         self.targets = torch.arange(h * w, device=device)
-        self.no_candidates = torch.full((rows, self.k), -1, dtype=torch.long, device=device)
+        self.no_candidates = torch.full((rows, self.k_used), -1, dtype=torch.long, device=device)
         self.centre = torch.tensor([False, True], device=device)
         self.active = self.retriever.entries > 0
         if not self.active:
@@ -49,7 +57,7 @@ class FAiD(DecodingHook):
     def before_forward(self, state: DecodeState, target: int) -> FaidContext:
         candidates, retrieved = self.no_candidates, False
         if self.active and self.queries.valid[target]:
-            _, codes = self.retriever.search(self.queries.query(state, target), self.k)
+            _, codes = self.retriever.search(self.queries.query(state, target), self.k_used)
             candidates = codes.to(state.codes.device).repeat_interleave(2, 0)  # one copy for each CFG row
             retrieved = True
             self.stats["steps_augmented"] += 1

@@ -63,6 +63,10 @@ class LlamaConfig:
     # arrag's own FAiD field: where the blender output is added. "all" (absent from the file): at every image
     # cell, as the original trains and decodes; "valid": only at targets with retrieval (arrag's first variant).
     faid_cells: str = "all"
+    # K, the candidates a blender takes per cell: the original's SmoothPatchBlender keeps the first
+    # retrieved_key_num (10 in the released setup, its default, absent from its config) and drops the rest; arrag
+    # writes the trained K here when it is not 10.
+    retrieved_key_num: int = 10
     extra: dict[str, Any] = field(default_factory=dict)  # other keys, written back unchanged
     source: dict[str, Any] = field(default_factory=dict, repr=False)  # the dict this was read from
 
@@ -74,6 +78,9 @@ class LlamaConfig:
         self.num_hop = parse_hops(self.num_hop) or None
         if self.faid_cells not in FAID_CELLS:
             raise ArragError(f"language_config.faid_cells={self.faid_cells!r}: choose {' or '.join(FAID_CELLS)}")
+        if type(self.retrieved_key_num) is not int or self.retrieved_key_num < 1:
+            raise ArragError(f"language_config.retrieved_key_num={self.retrieved_key_num!r}: the blenders' candidates "
+                             "per cell, a whole number >= 1")
         if self.num_SmoothPatchBlender is not None and int(self.num_SmoothPatchBlender) < 1:
             raise ArragError(f"language_config.num_SmoothPatchBlender={self.num_SmoothPatchBlender}: it is the "
                              "layer interval between blenders and must be >= 1")

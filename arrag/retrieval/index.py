@@ -151,8 +151,18 @@ def nlist_of(index: faiss.Index) -> int | None:
     return int(ivf.nlist) if ivf is not None else None
 
 
+def stored_nprobe(index: faiss.Index) -> int | None:
+    """The nprobe an IVF index searches with now: the one stored in its file, as read (None if not IVF). It lives
+    on the IVF inside any wrapper (OPQ's IndexPreTransform), never on the wrapper."""
+    ivf = _ivf(index)
+    return int(ivf.nprobe) if ivf is not None else None
+
+
 def set_nprobe(index: faiss.Index, nprobe: int | None) -> int | None:
-    """Set nprobe on a CPU or GPU (possibly sharded) IVF index; returns the value in effect (None if not IVF)."""
+    """Set nprobe on a CPU or GPU (possibly sharded) IVF index; returns the value in effect (None if not IVF).
+
+    FAISS's ParameterSpace sets it on the IVF inside any wrapper: an attribute set on an IndexPreTransform (as the
+    original AR-RAG code did) is a Python attribute FAISS never reads."""
     nlist = nlist_of(index)
     if nprobe is None or (nlist is None and not _is_gpu(index)):
         return None

@@ -10,6 +10,7 @@ merged from parallel builds load too: on-disk inverted lists (memory-mapped) or 
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -25,7 +26,6 @@ from arrag.retrieval.neighborhood import Neighborhood, get_neighborhood
 from arrag.retrieval.torch_search import TorchIndex
 
 ORIGINAL_INDEX, ORIGINAL_VALUES = "faiss_ivf_pq_opq.index", "next_codes.npy"
-ORIGINAL_NPROBE = 4096  # the original DAiD/FAiD search setting (all 4096 lists of its index)
 
 
 class PatchRetriever:
@@ -101,11 +101,18 @@ class PatchRetriever:
             index = faiss_index.read_index(folder / ORIGINAL_INDEX)
             values_path = folder / ORIGINAL_VALUES
             nlist = faiss_index.nlist_of(index)
-            # The original searched with nprobe 4096, every list of its IVF4096 index (exhaustive over lists).
+            # The original set `nprobe` on the OPQ wrapper, where FAISS ignores it: it really searched with the
+            # nprobe stored in this file (1, FAISS's default, for an index its build_index_L.py wrote).
+            stored = faiss_index.stored_nprobe(index)
             manifest = {"format": "ar-rag-original", "neighborhood": {"shape": "L"}, "key_source": "latent",
                         "dim": index.d, "metric": "L2", "entries": int(index.ntotal), "nlist": nlist,
-                        "nprobe": min(nlist, ORIGINAL_NPROBE) if nlist else None, "vq_fingerprint": None,
-                        "index_type": faiss_index.describe(index)}
+                        "nprobe": stored, "nprobe_source": f"stored in {ORIGINAL_INDEX}, as the original searched",
+                        "vq_fingerprint": None, "index_type": faiss_index.describe(index)}
+            if stored is not None:
+                print(f"arrag: {folder}: the original prebuilt database; searching {stored} of its {nlist} lists, the "
+                      "nprobe stored in its index file, with which the original searched" +
+                      (f" (--nprobe {nprobe} given instead)" if nprobe is not None else " (--nprobe widens it)"),
+                      file=sys.stderr)
         else:
             raise ArragError(f"{folder} holds no index: expected manifest.json + index.faiss, or the original "
                              f"{ORIGINAL_INDEX} + {ORIGINAL_VALUES}")

@@ -8,7 +8,7 @@
 #   RETRIEVER      patch index built by build_retriever.sh        (default data/retriever/index_L)
 #   PROMPT         the prompt                                     (default a photo of a red bicycle leaning on a wall)
 #   OUTPUT         the output image (a grid of PARALLEL_SIZE)     (default result/generated_imgs/example_t2i_daid.jpg)
-#   PARALLEL_SIZE  samples                                        (default 4)
+#   PARALLEL_SIZE  samples                                        (default 1, as the original example)
 #   DAID_LAMBDA DAID_TAU DAID_K DAID_AGGREGATE                    DAiD's settings
 #   NPROBE RETRIEVER_DEVICE ALLOW_UNKNOWN_VQ=1                    the index (ALLOW_UNKNOWN_VQ for the prebuilt database)
 #   CFG_WEIGHT TEMPERATURE TOP_K TOP_P SEED                       sampling (defaults 5, 1, off, off, 0)
@@ -22,7 +22,7 @@ MODEL=${MODEL:-deepseek-ai/Janus-Pro-1B}
 RETRIEVER=${RETRIEVER:-data/retriever/index_L}
 PROMPT=${PROMPT:-a photo of a red bicycle leaning on a wall}
 OUTPUT=${OUTPUT:-result/generated_imgs/example_t2i_daid.jpg}
-PARALLEL_SIZE=${PARALLEL_SIZE:-4}
+PARALLEL_SIZE=${PARALLEL_SIZE:-1}
 ARRAG=${ARRAG:-arrag}
 
 ARGS=(--model "$MODEL" --method daid --retriever "$RETRIEVER" --prompt "$PROMPT" --parallel-size "$PARALLEL_SIZE"

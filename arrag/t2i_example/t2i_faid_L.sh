@@ -8,7 +8,7 @@
 #   RETRIEVER      patch index built by build_retriever.sh        (default data/retriever/index_L)
 #   PROMPT         the prompt                                     (default a photo of a red bicycle leaning on a wall)
 #   OUTPUT         the output image (a grid of PARALLEL_SIZE)     (default result/generated_imgs/example_t2i_faid.jpg)
-#   PARALLEL_SIZE  samples                                        (default 4)
+#   PARALLEL_SIZE  samples                                        (default 1, as the original example)
 #   METHOD         faid, or faid+daid to add DAiD on top          (default faid)
 #   FAID_K         retrieved codes per step                       (default 10)
 #   DAID_LAMBDA DAID_TAU DAID_K DAID_AGGREGATE                    DAiD's settings (with METHOD=faid+daid)
@@ -24,7 +24,7 @@ MODEL=${MODEL:-result/ckpts/arrag_faid}
 RETRIEVER=${RETRIEVER:-data/retriever/index_L}
 PROMPT=${PROMPT:-a photo of a red bicycle leaning on a wall}
 OUTPUT=${OUTPUT:-result/generated_imgs/example_t2i_faid.jpg}
-PARALLEL_SIZE=${PARALLEL_SIZE:-4}
+PARALLEL_SIZE=${PARALLEL_SIZE:-1}
 METHOD=${METHOD:-faid}
 ARRAG=${ARRAG:-arrag}
 

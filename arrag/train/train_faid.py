@@ -272,6 +272,8 @@ def build_model(cfg: FaidTrainConfig, device: str | torch.device = "cpu"):
                              f"{have[2]} to continue training them")
     elif cfg.num_blender:
         add_blenders(janus, cfg.num_blender, hops, cfg.faid_cells, cfg.blender_init)
+    if janus.has_faid:  # the blenders learn from K candidates: decoding gives them at most K (the original's cap)
+        janus.config.language.retrieved_key_num = cfg.retrieved_key_num
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
     if cfg.lora_r > 0:
         pattern = rf"language_model\.model\.layers\.\d+\..*\b({'|'.join(targets)})"
