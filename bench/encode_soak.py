@@ -5,8 +5,8 @@
 Images: `--distinct` rendered ShapesWorld scenes saved as JPEG at --size px, repeated under new names (hard links)
 up to --images, in bench/out/soak/ (kept for reruns). The tokenizer is a randomly initialised VQ of --vq-preset
 (the encoder's work per image, not its weights, drives memory). Each run is its own process: once as arrag runs
-(`runtime.bound_heap_growth`, glibc's mmap threshold fixed), and, with --compare, once with glibc's default
-(the dynamic threshold), alternating. Target: under 5 MB of growth per 1,000 images after the first shard.
+(freed heap pages given back after every batch, `runtime.trim_heap`), and, with --compare, once without it,
+alternating; the time of each is printed too. Target: under 5 MB of growth per 1,000 images after the first shard.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def one_run(images: str, out: str, vq: str, shard_size: int, workers: int | None
     from arrag import runtime
     from arrag.build_retriever import encode as enc
 
-    if default_malloc:  # the comparison: glibc's own (dynamic) mmap threshold
-        runtime.bound_heap_growth = lambda: False
+    if default_malloc:  # the comparison: glibc left to itself
+        runtime.trim_heap = lambda: None
     proc, rss = psutil.Process(), []
     flush = enc._flush
 

@@ -34,8 +34,10 @@ def test_matches_direct_retrieval_and_marks_invalid_positions(tmp_path):
     build_index(tmp_path / "store", tmp_path / "idx", progress=False)
     construct_train(tmp_path / "store", tmp_path / "idx", retrieved_key_num=4, chunk_images=3, progress=False)
     st = codestore.CodeStore.open(tmp_path / "store")
-    got = load_retrieved(tmp_path / "store", st, retrieved_key_num=4)
-    assert got.shape == (12, 25, 4) and got.dtype == np.int16
+    lazy = load_retrieved(tmp_path / "store", st, retrieved_key_num=4)
+    got = np.asarray(lazy)
+    assert lazy.shape == got.shape == (12, 25, 4) and got.dtype == np.int16
+    np.testing.assert_array_equal(lazy[7], got[7])  # one image, read from its shard
     assert (got[:, ~valid_mask(5, 5).reshape(-1)] == -1).all()
     r = PatchRetriever.load(tmp_path / "idx")
     pos, keys = grid_key_vectors(codes[[7]], _book())
@@ -51,8 +53,8 @@ def test_exclude_self_drops_hits_from_the_same_image(tmp_path):
                     progress=False)
     st = codestore.CodeStore.open(tmp_path / "store")
     own = lambda got: (got // 10 == np.arange(12)[:, None, None]) & (got >= 0)  # noqa: E731
-    with_self = load_retrieved(tmp_path / "with_self", st)
-    no_self = load_retrieved(tmp_path / "no_self", st)
+    with_self = np.asarray(load_retrieved(tmp_path / "with_self", st))
+    no_self = np.asarray(load_retrieved(tmp_path / "no_self", st))
     valid = valid_mask(5, 5).reshape(-1)
     assert own(with_self)[:, valid, 0].all()  # the exact self match is always the nearest
     assert not own(no_self).any() and (no_self[:, valid] >= 0).all()

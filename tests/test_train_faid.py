@@ -410,3 +410,38 @@ def test_bad_token_weights_are_refused_in_one_line(world, tmp_path, capsys, weig
     err = capsys.readouterr().err
     assert re.search(r"--token-weights .*" + message, err) and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_training_batches_are_the_same_as_reading_the_whole_store(world, tiny_janus):
+    """The per-shard, per-item reads (codes by binary search, candidates from each shard's map, captions by offset)
+    give the batches that the whole store read into memory gives, bit for bit, with and without workers."""
+    from torch.utils.data import DataLoader
+
+    from arrag.train.train_faid import Collate, PassSampler
+
+    cfg = _cfg(world, "unused", cfg_drop=0.3)
+    store, data, collate = _open_data(cfg, tiny_janus)
+    assert len(store.manifest["shards"]) == 3 and (store.folder / "caption-offsets-00002.npy").is_file()
+    # The independent reading: every shard concatenated, every caption in a list, as the trainer read them before.
+    codes = np.concatenate([c for _, c in store.iter_chunks(100)]).reshape(len(data), -1).astype(np.int64)
+    retrieved = np.concatenate([np.load(world["root"] / "store" / f"retrieved-{s:05d}.npy") for s in range(3)])
+    captions = store.captions()
+    for i in range(3 * len(data)):  # three epochs: item i is (epoch, image)
+        epoch, image = divmod(i, len(data))
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, epoch, image]))
+        cand = retrieved[image].astype(np.int64)
+        cand = np.take_along_axis(cand, rng.permuted(np.tile(np.arange(cand.shape[1]), (len(cand), 1)), axis=1), 1)
+        dropped = bool(rng.random() < cfg.cfg_drop)
+        ids = data.prompter.ids(captions[image], data.max_text_len)
+        ids = data.prompter.unconditional(ids) if dropped else ids
+        got = data[i]
+        assert got["ids"] == ids and got["dropped"] == dropped
+        np.testing.assert_array_equal(got["codes"], codes[image])
+        np.testing.assert_array_equal(got["candidates"], cand)
+    batches = {}
+    for workers in (0, 2):
+        loader = DataLoader(data, batch_size=4, sampler=PassSampler(len(data), 2, cfg.seed), num_workers=workers,
+                            collate_fn=Collate(data.prompter))
+        batches[workers] = list(loader)
+    for a, b in zip(batches[0], batches[2], strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -75,7 +75,7 @@ def retrieval_gain(model, prompter, retriever, store, images: int = 256, k: int 
     check_settings(images, k, batch_size, lambdas, taus)
     _check_inputs(model, retriever, store)
     n_total = min(images, store.num_images)
-    captions = store.captions()[:n_total]
+    captions = [store.caption(i) for i in range(n_total)]  # only the images measured
     if any(c is None for c in captions):
         raise ArragError(f"code store {store.folder}: some of the first {n_total} images have no caption")
     codebook = store.codebook()

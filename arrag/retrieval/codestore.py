@@ -8,8 +8,14 @@ Layout of a store folder:
   codes-00000.npy        uint16 [n, h, w] code grids of shard 0
   latents-00000.npy      float16 [n, h, w, e] normalised pre-quantisation latents (optional)
   captions-00000.jsonl   one JSON string per image (optional)
+  caption-offsets-00000.npy  int64 [n + 1]: where each caption's line starts in the .jsonl (written with it, or
+                         built once on first use), so one caption is read without reading the others
   shard-00000.json       shard metadata (count, image ids, skipped items); its presence marks the shard done
 Every file is written to a temporary name and renamed, so an interrupted run leaves only whole shards.
+
+Random access (a training sample: one image's codes, its retrieved candidates, its caption) finds the shard by
+binary search and reads through memory maps that each process opens once and keeps (MapCache), so a sample costs
+the same with 30 or 3,000 shards and nothing per image is held in Python objects.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from arrag import fileops
 from arrag.errors import ArragError, one_line
 from arrag.fileops import save_npy, write_text
 from arrag.provenance import made_by, read_json_dict
@@ -32,7 +40,41 @@ STORE_FORMAT = "arrag-codestore/1"
 
 # Every file a code store folder may hold (encode, construct-train): the only files arrag removes from one.
 STORE_FILES = (r"manifest\.json", r"encode\.json", r"codebook\.npy", r"codes-\d{5}\.npy", r"latents-\d{5}\.npy",
-               r"captions-\d{5}\.jsonl", r"shard-\d{5}\.json", r"retrieved-\d{5}\.npy", r"retrieved\.json")
+               r"captions-\d{5}\.jsonl", r"caption-offsets-\d{5}\.npy", r"shard-\d{5}\.json",
+               r"retrieved-\d{5}\.npy", r"retrieved\.json")
+
+
+def caption_offsets(data: bytes | np.ndarray) -> np.ndarray:
+    """int64 [lines + 1]: the start of every line of a .jsonl's bytes, then its length (one JSON value a line)."""
+    raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else np.asarray(data)
+    ends = np.flatnonzero(raw == ord("\n")) + 1
+    return np.concatenate([[0], ends]).astype(np.int64)
+
+
+class MapCache:
+    """Memory maps kept open for random access, the least recently used dropped first. A map holds a file
+    descriptor, so the capacity follows this process's open-file budget (runtime.open_file_budget)."""
+
+    def __init__(self, capacity: int | None = None):
+        self.capacity = capacity
+        self._maps: OrderedDict = OrderedDict()
+
+    def get(self, key, load):
+        arr = self._maps.get(key)
+        if arr is not None:
+            self._maps.move_to_end(key)
+            return arr
+        if self.capacity is None:
+            from arrag.runtime import open_file_budget
+
+            self.capacity = open_file_budget()
+        arr = self._maps[key] = load()
+        while len(self._maps) > self.capacity:
+            self._maps.popitem(last=False)
+        return arr
+
+    def __len__(self) -> int:
+        return len(self._maps)
 
 
 def shard_meta_path(folder: Path, k: int) -> Path:
@@ -57,22 +99,24 @@ def shard_done(folder: str | Path, k: int) -> bool:
 
 def write_shard(folder: str | Path, k: int, codes: np.ndarray, ids: list[str], latents: np.ndarray | None = None,
                 captions: list[str | None] | None = None, skipped: list[dict] | None = None,
-                formats: dict | None = None) -> None:
+                formats: dict | None = None, caption_errors: list[dict] | None = None) -> None:
     """Write shard k (codes uint16 [n, h, w], optional latents and captions, None for an image without one);
-    the metadata file goes last."""
+    the metadata file goes last. caption_errors: {id, reason} of kept images whose caption file was unreadable."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if codes.size and int(codes.max()) > np.iinfo(np.uint16).max:
         raise ValueError("codes do not fit in uint16")
     meta = {"shard": k, "count": int(len(codes)), "ids": list(ids), "skipped": list(skipped or []),
-            "formats": dict(formats or {})}
+            "formats": dict(formats or {}), "caption_errors": list(caption_errors or [])}
     save_npy(folder / f"codes-{k:05d}.npy", codes.astype(np.uint16))
     meta["codes"] = f"codes-{k:05d}.npy"
     if latents is not None:
         save_npy(folder / f"latents-{k:05d}.npy", latents.astype(np.float16))
         meta["latents"] = f"latents-{k:05d}.npy"
     if captions is not None:
-        write_text(folder / f"captions-{k:05d}.jsonl", "".join(json.dumps(c) + "\n" for c in captions))
+        data = "".join(json.dumps(c) + "\n" for c in captions).encode("utf-8")
+        fileops.write_bytes(folder / f"captions-{k:05d}.jsonl", data)
+        save_npy(folder / f"caption-offsets-{k:05d}.npy", caption_offsets(data))
         meta["captions"] = f"captions-{k:05d}.jsonl"
         meta["captioned"] = sum(c is not None for c in captions)
     write_text(shard_meta_path(folder, k), json.dumps(meta) + "\n")
@@ -125,10 +169,11 @@ def finalize(folder: str | Path, num_shards: int, info: dict) -> bool:
     folder = Path(folder)
     if not all(shard_done(folder, k) for k in range(num_shards)):
         return False
-    shards, skipped, formats = [], [], {}
+    shards, skipped, formats, caption_errors = [], [], {}, []
     for k in range(num_shards):
         meta = json.loads(shard_meta_path(folder, k).read_text())
         skipped += meta.pop("skipped")
+        caption_errors += meta.pop("caption_errors", [])
         for fmt, n in meta.pop("formats", {}).items():
             formats[fmt] = formats.get(fmt, 0) + n
         meta.pop("ids")
@@ -150,6 +195,8 @@ def finalize(folder: str | Path, num_shards: int, info: dict) -> bool:
         "has_latents": all("latents" in s for s in shards),
         "has_captions": captioned > 0 and all("captions" in s for s in shards if s["count"]),
         "num_without_caption": num_images - captioned,
+        "num_caption_undecodable": len(caption_errors),  # kept images whose caption file was not text
+        "caption_undecodable": caption_errors[:1000],
         "shards": shards,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -202,7 +249,7 @@ class CodeStore:
     manifest: dict
     _codebook: np.ndarray | None = None
     _bounds: np.ndarray | None = field(default=None, repr=False)
-    _maps: dict = field(default_factory=dict, repr=False)
+    _maps: MapCache = field(default_factory=MapCache, repr=False)
 
     @classmethod
     def open(cls, folder: str | Path) -> CodeStore:
@@ -289,19 +336,68 @@ class CodeStore:
     def shard_array(self, key: str, k: int, cache: bool = False) -> np.ndarray:
         """Shard k's `key` array (codes, latents), memory-mapped and length-checked; `cache` keeps the map for
         this process (random access: training samples), so a file is opened once, not once per sample."""
-        if cache and (key, k) in self._maps:
-            return self._maps[key, k]
         s = self.manifest["shards"][k]
         if key not in s:
             raise ArragError(f"code store {self.folder} has no {key} (encode with --save-latents for latents)")
-        arr = self.load_shard_file(s[key], s["count"])
         if cache:
-            self._maps[key, k] = arr
-        return arr
+            return self.mapped(s[key], s["count"])
+        return self.load_shard_file(s[key], s["count"])
+
+    def mapped(self, name: str | Path, count: int, what: str = "") -> np.ndarray:
+        """load_shard_file, kept open in this process's MapCache (random access: each file opened once)."""
+        return self._maps.get(("npy", str(name)), lambda: self.load_shard_file(name, count, what))
+
+    def shard_of(self, image: int) -> tuple[int, int]:
+        """(shard, row in it) of image index `image`."""
+        if not 0 <= image < self.num_images:
+            raise ArragError(f"image index {image} out of range for code store {self.folder} ({self.num_images} "
+                             "images)")
+        k = int(np.searchsorted(self.bounds, image, side="right")) - 1
+        return k, image - int(self.bounds[k])
+
+    def caption(self, image: int) -> str | None:
+        """One image's caption (None where it had none), read by offset from its shard's .jsonl."""
+        k, row = self.shard_of(image)
+        s = self.manifest["shards"][k]
+        if "captions" not in s:
+            raise ArragError(f"code store {self.folder} has no captions")
+        offsets = self._maps.get(("offsets", k), lambda: self._caption_offsets(s))
+        data = self._maps.get(("jsonl", k), lambda: self._jsonl_bytes(s))
+        try:
+            return json.loads(bytes(data[offsets[row]:offsets[row + 1]]))
+        except ValueError as e:
+            raise ArragError(f"{self.folder / s['captions']} line {row + 1} is not JSON ({e}); rerun `arrag encode` "
+                             "with the same settings") from None
+
+    def _jsonl_bytes(self, s: dict) -> np.ndarray:
+        path = self.folder / s["captions"]
+        try:
+            return np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+        except OSError as e:
+            raise ArragError(f"cannot read {path} ({one_line(e)}); rerun `arrag encode` with the same settings") \
+                from None
+
+    def _caption_offsets(self, s: dict) -> np.ndarray:
+        """A shard's caption offsets: its file (encode writes one), else built from the .jsonl once and saved
+        beside it (kept in memory where the folder is read-only); checked against the shard's image count."""
+        path = self.folder / s["captions"].replace("captions-", "caption-offsets-").replace(".jsonl", ".npy")
+        if path.is_file():
+            offsets = self.load_shard_file(path, s["count"] + 1, "rerun `arrag encode` with the same settings")
+        else:
+            offsets = caption_offsets(self._jsonl_bytes(s))
+            try:
+                save_npy(path, offsets)
+            except (OSError, ArragError):  # a read-only store: the offsets stay in this process
+                pass
+        if len(offsets) != s["count"] + 1:
+            raise ArragError(f"{self.folder / s['captions']} holds {len(offsets) - 1} captions, its shard has "
+                             f"{s['count']} images: captions would shift onto the wrong images; rerun `arrag encode` "
+                             "with the same settings")
+        return offsets
 
     def __getstate__(self) -> dict:
         # DataLoader workers get the store without its maps (pickling a map would copy the whole file).
-        return {**self.__dict__, "_maps": {}}
+        return {**self.__dict__, "_maps": MapCache(self._maps.capacity)}
 
     def load_shard_file(self, name: str | Path, count: int, what: str = "") -> np.ndarray:
         """A per-image .npy (memory-mapped), refused unless it holds exactly `count` rows: `name` (str) is a file

@@ -113,8 +113,40 @@ def _retrieved_intact(path: Path, count: int) -> bool:
         return False
 
 
-def load_retrieved(folder: str | Path, store: CodeStore, retrieved_key_num: int | None = None) -> np.ndarray:
-    """All retrieved codes [N, h*w, K] of a store (memory-mapped shards concatenated); checks K and tokenizer."""
+class RetrievedCodes:
+    """A store's retrieved codes, [N, h*w, K] int16 (-1 = none), read one image at a time from the per-shard files
+    (memory-mapped through the store's MapCache; never concatenated, so a training process holds none of them)."""
+
+    def __init__(self, folder: Path, store: CodeStore, k: int):
+        self.folder, self.store, self.k = folder, store, k
+        h, w = store.grid
+        self.shape = (store.num_images, h * w, k)
+
+    def __len__(self) -> int:
+        return self.store.num_images
+
+    def path(self, shard: int) -> Path:
+        return self.folder / retrieved_name(shard)
+
+    dtype = np.dtype(np.int16)
+
+    def __getitem__(self, image):
+        """[h*w, K] for one image (a view into its shard's map); any other index reads the whole array first (for
+        small stores and checks: nothing at scale does that)."""
+        if isinstance(image, (int, np.integer)):
+            k, row = self.store.shard_of(int(image))
+            return self.store.mapped(self.path(k), self.store.manifest["shards"][k]["count"])[row]
+        return np.asarray(self)[image]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = np.concatenate([self.store.mapped(self.path(s), shard["count"])
+                                for s, shard in enumerate(self.store.manifest["shards"])])
+        return whole if dtype is None else whole.astype(dtype)
+
+
+def load_retrieved(folder: str | Path, store: CodeStore, retrieved_key_num: int | None = None) -> RetrievedCodes:
+    """The retrieved codes of a store (see RetrievedCodes); checks K, the tokenizer and every shard file's length
+    and shape once, up front."""
     folder = Path(folder)
     meta_path = folder / "retrieved.json"
     if not meta_path.exists():
@@ -126,13 +158,12 @@ def load_retrieved(folder: str | Path, store: CodeStore, retrieved_key_num: int 
     k = retrieved_key_num
     if k is not None and meta["k"] != k:
         raise ArragError(f"retrieved codes in {folder} have K={meta['k']}, asked for {k}; rerun construct-train")
-    parts = []
-    h, w = store.grid
+    codes = RetrievedCodes(folder, store, int(meta["k"]))
     for s, shard in enumerate(store.manifest["shards"]):
-        arr = store.load_shard_file(folder / retrieved_name(s), shard["count"],
+        arr = store.load_shard_file(codes.path(s), shard["count"],
                                     what="rerun `arrag construct-train` with the same settings to finish it")
-        if arr.shape[1:] != (h * w, meta["k"]):
-            raise ArragError(f"{folder / retrieved_name(s)} has shape {arr.shape}, expected [n, {h * w}, {meta['k']}]; "
+        if arr.shape[1:] != codes.shape[1:]:
+            raise ArragError(f"{codes.path(s)} has shape {arr.shape}, expected [n, {codes.shape[1]}, {codes.k}]; "
                              "rerun `arrag construct-train`")
-        parts.append(arr)
-    return np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
+        del arr
+    return codes

@@ -151,10 +151,11 @@ class FaidTrainSet(Dataset):
     fixed by (seed, epoch, image) whatever the worker, process count or resumption.
     """
 
-    def __init__(self, store: CodeStore, retrieved: np.ndarray, prompter, *, seed: int, cfg_drop: float,
+    def __init__(self, store: CodeStore, retrieved, prompter, *, seed: int, cfg_drop: float,
                  max_text_len: int, weights: np.ndarray | None = None):
+        # Nothing per image is held: codes, candidates (RetrievedCodes) and captions are read per item through the
+        # store's memory maps, opened once in each worker process.
         self.store, self.retrieved, self.prompter, self.weights = store, retrieved, prompter, weights
-        self.captions = store.captions()
         self.seed, self.cfg_drop, self.max_text_len = seed, cfg_drop, max_text_len
 
     def __len__(self) -> int:
@@ -170,7 +171,7 @@ class FaidTrainSet(Dataset):
         candidates = np.take_along_axis(candidates, rng.permuted(np.tile(np.arange(candidates.shape[1]),
                                                                          (len(candidates), 1)), axis=1), 1)
         dropped = bool(rng.random() < self.cfg_drop)
-        ids = self.prompter.ids(self.captions[image], self.max_text_len)
+        ids = self.prompter.ids(self.store.caption(image), self.max_text_len)
         if dropped:  # the unconditional prompt, so that the model keeps classifier-free guidance
             ids = self.prompter.unconditional(ids)
         codes = self.store.gather(np.array([image]))[0].reshape(-1).astype(np.int64)
@@ -358,10 +359,9 @@ def _open_data(cfg: FaidTrainConfig, janus):
         print(f"arrag: captions are cut to {text_len} tokens: with {h * w} image tokens the model's {max_pos} "
               "positions leave no more", file=sys.stderr)
     retrieved = load_retrieved(cfg.retrieved or cfg.store, store, cfg.retrieved_key_num)
-    captions = store.captions()
-    missing = sum(c is None for c in captions)
+    missing = int(store.manifest.get("num_without_caption", 0))  # counted when the store was finished
     if missing:
-        raise ArragError(f"{missing} of {len(captions)} images in {store.folder} have no caption; FAiD trains on "
+        raise ArragError(f"{missing} of {store.num_images} images in {store.folder} have no caption; FAiD trains on "
                          "image-caption pairs: add the captions (same-named .txt files) and re-encode")
     prompter = Prompter.from_folder(janus.source_folder)
     weights = load_token_weights(cfg.token_weights, store) if cfg.token_weights else None
