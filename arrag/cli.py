@@ -264,7 +264,7 @@ def _construct_train(args: argparse.Namespace) -> int:
 
     s = construct_train(args.store, args.retriever, args.out, retrieved_key_num=args.retrieved_key_num,
                         exclude_self=args.exclude_self, verify_index=not args.no_verify_index,
-                        chunk_images=args.chunk_images, nprobe=args.nprobe)
+                        chunk_images=args.chunk_images, nprobe=args.nprobe, shard=args.shard, device=args.device)
     print(f"retrieved top-{s['k']} codes for every valid position of {args.store} -> {args.out or args.store}")
     return 0
 
@@ -590,7 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--factory", default="auto",
                     help="'auto' (by size and budget), a FAISS factory string, or IVF<nlist>,CodePQ (code keys stored "
                          "as their codes: about 15 bytes an entry, exact distances)")
-    bi.add_argument("--memory-budget", default="16G", help="index memory budget for --factory auto (default 16G)")
+    bi.add_argument("--memory-budget", default="auto",
+                    help="index memory budget for --factory auto: a size such as 64G, or auto, 3/4 of this machine's "
+                         "memory (default auto)")
     bi.add_argument("--nprobe", type=_int(1), default=None,
                     help="nprobe stored in the manifest (default: the smallest reaching --target-recall)")
     bi.add_argument("--target-recall", type=_float(0, 1, open_low=True), default=0.95,
@@ -652,6 +654,12 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--nprobe", type=_int(1), default=None,
                     help="override the index's nprobe (the original built its training set with 2048)")
     ct.add_argument("--no-verify-index", action="store_true", help="check only the index files' sizes, not checksums")
+    ct.add_argument("--shard", default=None,
+                    help="process i of n (i/n): this process takes the store shards s with s %% n == i; default from "
+                         "RANK/WORLD_SIZE (torchrun, accelerate launch)")
+    ct.add_argument("--device", default="cpu",
+                    help="where the index is searched: cpu (memory-mapped, shared by the processes of a machine), "
+                         "cuda (each process on its LOCAL_RANK's GPU) or cuda:N (default cpu)")
     ct.set_defaults(func=_construct_train)
 
     tf = sub.add_parser(

@@ -152,3 +152,27 @@ def test_relative_folders_work(tmp_path, monkeypatch):
     assert main(["construct-train", "data/store", "--retriever", "data/idx", "--retrieved-key-num", "4",
                  "--out", "data/other"]) == 0
     assert load_retrieved("data/other", codestore.CodeStore.open("data/store"), 4).shape == got.shape
+
+
+def test_two_processes_write_the_bytes_of_one(tmp_path):
+    """Two processes started together (--shard 0/2 and 1/2, as a job array or torchrun gives them) each take whole
+    store shards; the files are byte-identical to one process's."""
+    import subprocess
+    import sys
+
+    _store(tmp_path / "store", n=23, shard_size=4)  # 6 store shards
+    build_index(tmp_path / "store", tmp_path / "idx", factory="IVF4,Flat", progress=False)
+    construct_train(tmp_path / "store", tmp_path / "idx", tmp_path / "one", retrieved_key_num=5, progress=False)
+    cmd = [sys.executable, "-m", "arrag", "construct-train", str(tmp_path / "store"), "--retriever",
+           str(tmp_path / "idx"), "--out", str(tmp_path / "two"), "--k", "5"]
+    runs = [subprocess.Popen([*cmd, "--shard", f"{r}/2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for r in range(2)]
+    for r in runs:
+        _, err = r.communicate(timeout=300)
+        assert r.returncode == 0, err[-1500:]
+    for s in range(6):
+        name = f"retrieved-{s:05d}.npy"
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    st = codestore.CodeStore.open(tmp_path / "store")
+    np.testing.assert_array_equal(np.asarray(load_retrieved(tmp_path / "two", st, 5)),
+                                  np.asarray(load_retrieved(tmp_path / "one", st, 5)))

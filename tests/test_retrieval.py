@@ -130,6 +130,9 @@ def test_auto_factory_choice_and_budget():
         choose_factory(500_000_000, 32, parse_bytes("1G"))
     with pytest.raises(ArragError, match="expected a size such as"):
         parse_bytes("lots")
+    from arrag.retrieval.index import machine_memory  # the default, auto: what this machine has
+
+    assert machine_memory() > 2**30 and parse_bytes("auto") == int(0.75 * machine_memory())
 
 
 def test_original_prebuilt_layout_loads(tmp_path):
@@ -536,3 +539,22 @@ def test_nprobe_on_a_wrapped_index_reaches_the_ivf_inside(tmp_path):
     with pytest.warns(UserWarning):
         r = PatchRetriever.load(tmp_path, nprobe=32)
     np.testing.assert_array_equal(r.search(queries, 10)[1], np.load(tmp_path / "next_codes.npy")[wide])
+
+
+def test_entry_keys_build_only_the_picked_entries_and_equal_the_full_build(tmp_path, monkeypatch, images, vq_file):
+    """The quantizer's sample reads its images' grids and builds only the picked entries (chunk by chunk), with
+    the same keys as building every entry of every image."""
+    from arrag.retrieval import keys as keys_mod
+    from arrag.retrieval.keys import entry_keys, grid_entries, sample_distinct_rows
+
+    enc.encode(str(images), tmp_path / "store", vq_file, image_size=64, num_workers=0, progress=False,
+               device="cpu", save_latents=True, shard_size=5)
+    st = CodeStore.open(tmp_path / "store")
+    monkeypatch.setattr(keys_mod, "ENTRY_CHUNK", 7)  # several chunks on tiny data
+    ids = np.array([5, 0, 23, 23, 11, 3, 30, 29, 1])  # any order, with a repeat
+    for source in ("code", "latent"):
+        lat = st.gather(np.arange(st.num_images), "latents") if source == "latent" else None
+        full = grid_entries(st.gather(np.arange(st.num_images)), lat, "L", st.codebook(), source)[0]
+        np.testing.assert_array_equal(entry_keys(st, ids, "L", source), full[ids])
+    rows, share = sample_distinct_rows(st, 10, 0)
+    assert rows.shape[1] == 5 and 0 < share <= 1 and len(np.unique(rows, axis=0)) == len(rows)

@@ -94,8 +94,9 @@ class BuildPlan:
 
     def check_same(self, other: BuildPlan) -> None:
         mine, theirs = asdict(self), asdict(other)
-        skip = {"factory_reason", "estimated_entries", "train_size"} | ({"factory"} if other.factory == "auto"
-                                                                                 else set())
+        # The budget only chose the factory, which the plan records (and "auto" reads each machine's memory).
+        skip = {"factory_reason", "estimated_entries", "train_size", "memory_budget"} | (
+            {"factory"} if other.factory == "auto" else set())
         diff = [k for k in mine if k not in skip and mine[k] != theirs[k]]
         if diff:
             raise ArragError(f"this process's settings differ from the build's plan ({', '.join(diff)}); every process "
@@ -103,7 +104,7 @@ class BuildPlan:
 
 
 def build_index(store_dir: str | Path, out: str | Path, *, shape: str = "L", key_source: str = "code",
-                factory: str = "auto", memory_budget: str | int = "16G", nprobe: int | None = None,
+                factory: str = "auto", memory_budget: str | int = "auto", nprobe: int | None = None,
                 train_size: int | None = None, seed: int = 0, chunk_images: int = 1024, gpus=None,
                 overwrite: bool = False, progress: bool = True, dedup: bool = True, shard: str | None = None,
                 train_only: bool = False, target_recall: float = 0.95) -> dict:

@@ -17,7 +17,7 @@
 #   SHAPE          neighbourhood: L, 2hop, ring                (default L)
 #   KEY_SOURCE     code (codebook vectors) or latent (the original project's keys)      (default code)
 #   FACTORY        auto or a FAISS factory string, e.g. OPQ8,IVF80000,PQ8               (default auto)
-#   MEMORY_BUDGET  index memory budget for FACTORY=auto        (default 16G)
+#   MEMORY_BUDGET  index memory budget for FACTORY=auto        (default auto: 3/4 of the machine's memory)
 #   DEDUP          1 stores each distinct (key, value) once with its count, 0 keeps every occurrence (default 1)
 #   NPROBE TARGET_RECALL TRAIN_SIZE SEED CHUNK_IMAGES GPUS     build-index settings
 #   BATCH_SIZE SHARD_SIZE WORKERS MIN_SIZE MAX_IMAGES DEVICE   encode settings

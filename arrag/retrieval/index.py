@@ -17,6 +17,7 @@ An explicit FAISS factory string overrides the choice. One name is arrag's own:
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 
@@ -29,10 +30,26 @@ from arrag.fileops import atomic_path
 EXACT_MAX = 100_000
 
 
+AUTO_BUDGET_SHARE = 0.75  # --memory-budget auto: this share of the machine's physical memory
+
+
+def machine_memory() -> int:
+    """Bytes of physical memory of this machine (0 where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def parse_bytes(text: str | int) -> int:
-    """'16G', '512M', '1.5T' or a plain integer -> bytes."""
+    """'16G', '512M', '1.5T', a plain integer, or 'auto' (3/4 of this machine's physical memory) -> bytes."""
     if isinstance(text, int):
         return text
+    if str(text).strip().lower() == "auto":
+        total = machine_memory()
+        if total <= 0:
+            raise ArragError("--memory-budget auto: this OS does not report its memory; give a size such as 64G")
+        return int(total * AUTO_BUDGET_SHARE)
     m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)I?B?\s*", str(text).upper())
     if not m:
         raise ArragError(f"--memory-budget {text!r}: expected a size such as 512M, 16G or 1T")

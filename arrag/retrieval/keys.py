@@ -8,11 +8,13 @@ build-index, recall measurement and the training-key sample all call these funct
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from arrag.errors import ArragError
 from arrag.retrieval.codestore import CodeStore
-from arrag.retrieval.neighborhood import get_neighborhood, grid_key_vectors, keys_for_grid
+from arrag.retrieval.neighborhood import get_neighborhood, grid_key_vectors, key_vectors, keys_for_grid
 
 KEY_SOURCES = ("code", "latent")
 
@@ -30,22 +32,43 @@ def grid_entries(codes: np.ndarray, latents: np.ndarray | None, shape, codebook:
     return np.ascontiguousarray(keys.reshape(len(codes) * len(pos), -1), dtype=np.float32), values.reshape(-1)
 
 
-def _per_entry(store: CodeStore, entries: np.ndarray, shape, of_images) -> np.ndarray:
-    """Rows [len(entries), ...] for entry ids, from of_images(image ids) -> rows [images * P, ...] (each image
-    read once, whatever the order and repeats of `entries`)."""
-    p = len(get_neighborhood(shape).positions(*store.grid))
+ENTRY_CHUNK = 1 << 18  # entries built at a time: their images' grids, not every position of them, are read
+
+
+def entry_neighbours(store: CodeStore, entries: np.ndarray, shape, key: str = "codes") -> Iterator[tuple]:
+    """(chunk slice, neighbours [c, n, ...], values [c]) for entry ids (image * P + position), chunk by chunk.
+
+    Only the picked positions are built: a chunk reads its images' grids (`key`: codes, or latents for latent
+    keys) and takes each entry's n neighbour cells and target, so memory is the sample plus one chunk whatever
+    the store's size (building all P positions of every image touched cost ~3,000x the sample)."""
+    nb = get_neighborhood(shape)
+    h, w = store.grid
+    pos, nbr_index = nb.positions(h, w), nb.neighbour_index(h, w)
+    p = len(pos)
     entries = np.asarray(entries, dtype=np.int64)
-    images, inverse = np.unique(entries // p, return_inverse=True)
-    return of_images(images).reshape(len(images), p, -1)[inverse, entries % p]
+    for s in range(0, len(entries), ENTRY_CHUNK):
+        chunk = entries[s:s + ENTRY_CHUNK]
+        images, local = np.unique(chunk // p, return_inverse=True)
+        grids = store.gather(images, key)
+        flat = grids.reshape(len(images), h * w, *grids.shape[3:])
+        j = chunk % p
+        values = None
+        if key == "codes":
+            values = flat[local, pos[j]]
+        yield slice(s, s + len(chunk)), flat[local[:, None], nbr_index[j]], values
 
 
 def entry_keys(store: CodeStore, entries: np.ndarray, shape, key_source: str = "code") -> np.ndarray:
-    """Keys [len(entries), d] of the given entry ids of `store` (any order, repeats allowed)."""
-    def keys_of(images: np.ndarray) -> np.ndarray:
-        latents = store.gather(images, "latents") if key_source == "latent" else None
-        return grid_entries(store.gather(images), latents, shape, store.codebook(), key_source)[0]
-
-    return _per_entry(store, entries, shape, keys_of)
+    """Keys [len(entries), d] float32 of the given entry ids of `store` (any order, repeats allowed)."""
+    if key_source not in KEY_SOURCES:
+        raise ArragError(f"--key-source {key_source!r}: choose code or latent")
+    nb = get_neighborhood(shape)
+    codebook = store.codebook()
+    d = nb.key_dim(codebook.shape[1])
+    out = np.empty((len(entries), d), dtype=np.float32)
+    for part, nbr, _ in entry_neighbours(store, entries, nb, "codes" if key_source == "code" else "latents"):
+        out[part] = key_vectors(nbr, codebook) if key_source == "code" else nbr.reshape(len(nbr), d)
+    return out
 
 
 def sample_entries(store: CodeStore, n: int, seed: int, shape="L") -> np.ndarray:
@@ -63,11 +86,13 @@ def sample_entry_keys(store: CodeStore, n: int, seed: int, shape="L", key_source
 def sample_distinct_rows(store: CodeStore, n: int, seed: int, shape="L") -> tuple[np.ndarray, float]:
     """Up to n distinct entry rows (neighbour codes, then value; see retrieval.dedup) from a seeded sample of
     2n entries, and the sample's distinct fraction (an estimate of the store's, for sizing the index)."""
-    from arrag.retrieval.dedup import dedup, entry_rows
+    from arrag.retrieval.dedup import dedup
 
     nb = get_neighborhood(shape)
-    rows = _per_entry(store, sample_entries(store, 2 * n, seed, nb), nb,
-                      lambda images: entry_rows(store.gather(images), nb)[0])
+    entries = sample_entries(store, 2 * n, seed, nb)
+    rows = np.empty((len(entries), nb.size + 1), dtype=np.uint16)
+    for part, nbr, values in entry_neighbours(store, entries, nb):
+        rows[part, :-1], rows[part, -1] = nbr, values
     distinct = dedup(rows, np.zeros(len(rows), np.int64))[0]
     pick = np.random.default_rng(seed + 1).permutation(len(distinct))[:n]
     return distinct[np.sort(pick)], len(distinct) / max(1, len(rows))
@@ -75,6 +100,4 @@ def sample_distinct_rows(store: CodeStore, n: int, seed: int, shape="L") -> tupl
 
 def row_keys(rows: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     """float32 keys [M, n*e] of entry rows [M, n+1] (the neighbours' normalised codebook vectors)."""
-    from arrag.retrieval.neighborhood import key_vectors
-
     return np.ascontiguousarray(key_vectors(rows[:, :-1], codebook), dtype=np.float32)

@@ -41,9 +41,18 @@ def is_trainset_folder(folder: Path) -> bool:
 def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str | Path | None = None, *,
                     retrieved_key_num: int = 10,
                     exclude_self: bool = False, chunk_images: int = 256, nprobe: int | None = None,
-                    progress: bool = True, verify_index: bool = True) -> dict:
-    """Write the retrieved codes of every shard of `store_dir` into `out` (default: the store folder)."""
+                    progress: bool = True, verify_index: bool = True, shard: str | None = None,
+                    device: str = "cpu") -> dict:
+    """Write the retrieved codes of every shard of `store_dir` into `out` (default: the store folder).
+
+    shard 'i/n' (or RANK/WORLD_SIZE from torchrun / accelerate launch): this process takes the store shards s with
+    s % n == i; every process writes whole per-shard files, the same bytes as one process would. device: where the
+    index is searched ('cuda' puts each process on its LOCAL_RANK's GPU); on the CPU the index is memory-mapped, so
+    the processes of one machine share its pages."""
+    from arrag.build_retriever.encode import parse_shard
+
     k = retrieved_key_num  # K candidates per position (the original's retrieved_key_num)
+    rank, world = parse_shard(shard)
     store = CodeStore.open(store_dir)
     if not store.has_captions:
         raise ArragError(f"code store {store.folder} has no captions: encode image-caption data for FAiD training")
@@ -53,7 +62,15 @@ def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str |
         raise ArragError(f"--chunk-images must be >= 1, got {chunk_images}")
     out = Path(out) if out is not None else store.folder
     fileops.check_out_dir(out, what="FAiD training set folder", is_ours=is_trainset_folder(out))
-    retriever = PatchRetriever.load(retriever_dir, nprobe=nprobe, verify=verify_index)
+    if device == "cuda" and world > 1:
+        import os
+
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+    retriever = PatchRetriever.load(retriever_dir, device=device, nprobe=nprobe, verify=verify_index,
+                                    mmap=device == "cpu")
     if retriever.fingerprint is not None and retriever.fingerprint != store.fingerprint:
         raise ArragError(f"code store {store.folder} (VQ {store.fingerprint}) and retriever {retriever.folder} "
                          f"(VQ {retriever.fingerprint}) were built with different tokenizers (or one of them by "
@@ -84,9 +101,9 @@ def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str |
     fileops.sweep_stale_temps(out)
     bounds = np.cumsum([0] + [s["count"] for s in store.manifest["shards"]])
     todo = [s for s in range(len(bounds) - 1)
-            if not _retrieved_intact(out / retrieved_name(s), int(bounds[s + 1] - bounds[s]))]
-    bar = tqdm(total=int(sum(bounds[s + 1] - bounds[s] for s in todo)), desc="construct-train", unit="img",
-               disable=not progress)
+            if s % world == rank and not _retrieved_intact(out / retrieved_name(s), int(bounds[s + 1] - bounds[s]))]
+    bar = tqdm(total=int(sum(bounds[s + 1] - bounds[s] for s in todo)), desc=f"construct-train [{rank}/{world}]",
+               unit="img", disable=not progress)
     for s in todo:
         lo, hi = int(bounds[s]), int(bounds[s + 1])
         result = np.full((hi - lo, h * w, k), -1, dtype=np.int16)
