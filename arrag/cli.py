@@ -111,7 +111,7 @@ def _load_generator(args: argparse.Namespace, method, local_rank: int | None):
 
     return Generator.load(args.model, method, retriever=args.retriever, device=args.device, dtype=args.dtype,
                           retriever_device=args.retriever_device, nprobe=args.nprobe,
-                          verify_index=not args.no_verify_index, local_rank=local_rank, step_mode=args.decode_step,
+                          verify_index=_index_check(args), local_rank=local_rank, step_mode=args.decode_step,
                           trust_checkpoint=args.trust_checkpoint)
 
 
@@ -202,6 +202,19 @@ def _write_result(path: Path, kind: str, result: dict) -> None:
     write_json(path, {OUTPUT_FIELD: kind, **result})
 
 
+def _verify_index(args: argparse.Namespace) -> int:
+    from arrag.retrieval.retriever import ORIGINAL_INDEX, _read_manifest, check_index_files
+
+    folder = Path(args.index)
+    if not (folder / "manifest.json").is_file():
+        hint = " (the original prebuilt database records no checksums)" if (folder / ORIGINAL_INDEX).exists() else ""
+        raise ArragError(f"{folder} has no manifest.json: nothing records what its files should hold{hint}")
+    got = check_index_files(folder, _read_manifest(folder / "manifest.json"), hash_below=1 << 62, progress=True)
+    print(f"{folder}: all {got['files']} files intact ({got['bytes'] / 2**30:.2f} GiB hashed, every checksum matches "
+          "the manifest)")
+    return 0
+
+
 def _search_stats(args: argparse.Namespace) -> int:
     from arrag.retrieval import index as faiss_index
     from arrag.retrieval.codestore import CodeStore
@@ -220,7 +233,7 @@ def _search_stats(args: argparse.Namespace) -> int:
         raise ArragError("--seed and --queries must be >= 0 and --k >= 1")
     if args.json:
         _result_file(args.json, "search-stats", lambda r: "entries" in r and "index" in r, "--json")
-    r = PatchRetriever.load(args.index, device=args.device, nprobe=args.nprobe, verify=not args.no_verify_index)
+    r = PatchRetriever.load(args.index, device=args.device, nprobe=args.nprobe, verify=_index_check(args))
     m = r.manifest
     stats = {"index": str(args.index), "entries": r.entries, "occurrences": m.get("occurrences", r.entries),
              "dedup_ratio": m.get("dedup_ratio", 1.0), "type": m.get("index_type"),
@@ -263,7 +276,7 @@ def _construct_train(args: argparse.Namespace) -> int:
     from arrag.train.construct import construct_train
 
     s = construct_train(args.store, args.retriever, args.out, retrieved_key_num=args.retrieved_key_num,
-                        exclude_self=args.exclude_self, verify_index=not args.no_verify_index,
+                        exclude_self=args.exclude_self, verify_index=_index_check(args),
                         chunk_images=args.chunk_images, nprobe=args.nprobe, shard=args.shard, device=args.device)
     print(f"retrieved top-{s['k']} codes for every valid position of {args.store} -> {args.out or args.store}")
     return 0
@@ -306,7 +319,7 @@ def _eval_retrieval_gain(args: argparse.Namespace) -> int:
     store = CodeStore.open(args.store)
     result, retriever_settings = measure_folders(
         args.model, args.retriever, store, device=args.device, nprobe=args.nprobe,
-        verify_index=not args.no_verify_index, allow_unknown_vq=args.allow_unknown_vq,
+        verify_index=_index_check(args), allow_unknown_vq=args.allow_unknown_vq,
         trust_checkpoint=args.trust_checkpoint, images=args.images, k=args.k,
         lambdas=lambdas, taus=taus, aggregate=args.aggregate, cfg_weight=args.cfg_weight, batch_size=args.batch_size)
     _write_result(out, "eval retrieval-gain", {**result, "settings": {
@@ -439,6 +452,21 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
 
 
+def _add_index_checks(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-verify-index", action="store_true",
+                        help="check only the index files' sizes, never their hashes")
+    parser.add_argument("--hash-below", default="2G",
+                        help="hash the index files when they total at most this size (default 2G; larger ones are "
+                             "checked by size on every load, and fully by `arrag verify-index`)")
+
+
+def _index_check(args: argparse.Namespace) -> bool | int:
+    """PatchRetriever.load's `verify`: False (sizes only) or the size below which the files are hashed."""
+    from arrag.retrieval.index import parse_bytes
+
+    return False if args.no_verify_index else parse_bytes(args.hash_below, "--hash-below")
+
+
 def _add_trust(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="unpickle a .pt/.bin checkpoint that holds Python objects besides weights (refused "
@@ -517,8 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "torch search backend; the CPU when neither applies)")
     gen.add_argument("--allow-unknown-vq", action="store_true",
                      help="accept an index without a VQ fingerprint (the original prebuilt database)")
-    gen.add_argument("--no-verify-index", action="store_true",
-                     help="check only the index files' sizes, not their checksums (very large indexes)")
+    _add_index_checks(gen)
     s_ = SamplingConfig
     gen.add_argument("--parallel-size", type=_int(1), default=None,
                      help="samples per prompt (default 1; 4 with --layout geneval or dpg)")
@@ -622,6 +649,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds to wait for parts other processes or machines are still building (default 0)")
     mi.set_defaults(func=_merge_index)
 
+    vi = sub.add_parser("verify-index", help="hash every file of a patch index against its manifest",
+                        description="Read every file an index's manifest records and check its size and blake2b "
+                                    "checksum (loading an index over --hash-below only checks sizes).")
+    vi.add_argument("index", help="index folder")
+    vi.set_defaults(func=_verify_index)
+
     ss = sub.add_parser("search-stats", help="entries, memory, index type, nprobe and recall of a patch index",
                         description="Describe a patch index and estimate recall@k against exact search on a "
                                     "seeded sample of entries of its code store, plus queries/s at batch 1/16/64.")
@@ -631,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--k", dest="recall_k", type=_int(1), default=10, help="k for recall@k (default 10)")
     ss.add_argument("--nprobe", type=_int(1), default=None, help="override the manifest's nprobe")
     ss.add_argument("--seed", type=_int(0), default=0, help="seed of the query sample (default 0)")
-    ss.add_argument("--no-verify-index", action="store_true", help="check only file sizes, not checksums")
+    _add_index_checks(ss)
     ss.add_argument("--device", default="cpu", help="cpu, cuda or GPU ids (default cpu)")
     ss.add_argument("--json", default=None, help="also write the figures to this JSON file")
     ss.add_argument("--no-sweep", action="store_true",
@@ -653,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--chunk-images", type=_int(1), default=256, help="images per batched search (default 256)")
     ct.add_argument("--nprobe", type=_int(1), default=None,
                     help="override the index's nprobe (the original built its training set with 2048)")
-    ct.add_argument("--no-verify-index", action="store_true", help="check only the index files' sizes, not checksums")
+    _add_index_checks(ct)
     ct.add_argument("--shard", default=None,
                     help="process i of n (i/n): this process takes the store shards s with s %% n == i; default from "
                          "RANK/WORLD_SIZE (torchrun, accelerate launch)")
@@ -801,7 +834,7 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--batch-size", type=_int(1), default=16, help="images per forward pass (default 16)")
     rg.add_argument("--nprobe", type=_int(1), default=None, help="IVF lists probed per search (default: the index's)")
     rg.add_argument("--allow-unknown-vq", action="store_true", help="accept an index without a VQ fingerprint")
-    rg.add_argument("--no-verify-index", action="store_true", help="check only the index files' sizes")
+    _add_index_checks(rg)
     rg.add_argument("--out", default=None, help="result JSON (default <store>_retrieval_gain.json)")
     _add_trust(rg)
     _add_device(rg)

@@ -222,23 +222,26 @@ def remove_owned_dir(folder: str | Path, *, what: str, owned: Sequence[str]) -> 
     shutil.rmtree(folder)
 
 
-def file_digest(path: str | Path, chunk: int = 8 << 20) -> dict:
-    """{'bytes': size, 'blake2b': 32 hex digits} of a file (about 1 GB/s), for manifests to check on load."""
+def file_digest(path: str | Path, chunk: int = 8 << 20, on_bytes=None) -> dict:
+    """{'bytes': size, 'blake2b': 32 hex digits} of a file (about 1 GB/s), for manifests to check on load;
+    `on_bytes(n)` is told of each block read (a progress bar)."""
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
     return {"bytes": Path(path).stat().st_size, "blake2b": h.hexdigest()}
 
 
-def verify_file(path: str | Path, record: dict, hash_contents: bool = True, hint: str = "") -> None:
+def verify_file(path: str | Path, record: dict, hash_contents: bool = True, hint: str = "", on_bytes=None) -> None:
     """Refuse a file whose size (always) or hash (when `hash_contents`) differs from its manifest record."""
     path = Path(path)
     size = path.stat().st_size
     if size != record.get("bytes", size):
         raise ArragError(f"{path} has {size:,} bytes, its manifest recorded {record['bytes']:,}: the file was "
                          f"truncated or replaced{hint}")
-    if hash_contents and "blake2b" in record and file_digest(path)["blake2b"] != record["blake2b"]:
+    if hash_contents and "blake2b" in record and file_digest(path, on_bytes=on_bytes)["blake2b"] != record["blake2b"]:
         raise ArragError(f"{path} does not match the checksum in its manifest: the file was modified or "
                          f"damaged{hint}")
 

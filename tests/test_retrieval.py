@@ -558,3 +558,23 @@ def test_entry_keys_build_only_the_picked_entries_and_equal_the_full_build(tmp_p
         np.testing.assert_array_equal(entry_keys(st, ids, "L", source), full[ids])
     rows, share = sample_distinct_rows(st, 10, 0)
     assert rows.shape[1] == 5 and 0 < share <= 1 and len(np.unique(rows, axis=0)) == len(rows)
+
+
+def test_verify_index_finds_a_flipped_byte_that_a_large_index_load_checks_only_by_size(tmp_path, capsys):
+    make_store(tmp_path / "store", n=40)
+    build_index(tmp_path / "store", tmp_path / "idx", factory="IVF4,Flat", progress=False)
+    assert main(["verify-index", str(tmp_path / "idx")]) == 0
+    assert "intact" in capsys.readouterr().out
+    path = tmp_path / "idx" / "index.faiss"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one flipped bit in the inverted lists: same size
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ArragError, match="does not match the checksum"):
+        PatchRetriever.load(tmp_path / "idx")  # small: hashed on load
+    PatchRetriever.load(tmp_path / "idx", verify=100)  # over the hash limit: sizes only, as a 100 GB index
+    assert main(["verify-index", str(tmp_path / "idx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "index.faiss does not match the checksum" in err
+    path.write_bytes(bytes(raw[:-10]))  # truncated: caught by its size on every load
+    with pytest.raises(ArragError, match="truncated or replaced"):
+        PatchRetriever.load(tmp_path / "idx", verify=100)

@@ -41,18 +41,18 @@ def machine_memory() -> int:
         return 0
 
 
-def parse_bytes(text: str | int) -> int:
+def parse_bytes(text: str | int, flag: str = "--memory-budget") -> int:
     """'16G', '512M', '1.5T', a plain integer, or 'auto' (3/4 of this machine's physical memory) -> bytes."""
     if isinstance(text, int):
         return text
     if str(text).strip().lower() == "auto":
         total = machine_memory()
         if total <= 0:
-            raise ArragError("--memory-budget auto: this OS does not report its memory; give a size such as 64G")
+            raise ArragError(f"{flag} auto: this OS does not report its memory; give a size such as 64G")
         return int(total * AUTO_BUDGET_SHARE)
     m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)I?B?\s*", str(text).upper())
     if not m:
-        raise ArragError(f"--memory-budget {text!r}: expected a size such as 512M, 16G or 1T")
+        raise ArragError(f"{flag} {text!r}: expected a size such as 512M, 16G or 1T")
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
 
 

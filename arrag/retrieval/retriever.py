@@ -71,7 +71,9 @@ class PatchRetriever:
         the torch search backend, which also serves CodePQ indexes (always); `backend` "torch" or "faiss"
         forces one. `gpu_fallback`: stay on the CPU, with a notice, when neither can serve the index on the GPU
         (a PQ index without faiss-gpu). File sizes are always checked against the manifest; `verify` also
-        checks their hashes (about 1 s per GB: turn it off for very large indexes, `--no-verify-index`). `mmap`
+        checks their hashes when the files total at most HASH_BELOW bytes (an int: that many bytes; False: sizes
+        only, `--no-verify-index`), since hashing reads everything (~1 s per GB) in every process that loads the
+        index; `arrag verify-index` hashes any index in full. `mmap`
         maps a single-file index instead of reading it into memory (merged on-disk indexes are always mapped).
         """
         folder = Path(folder)
@@ -82,11 +84,7 @@ class PatchRetriever:
         if (folder / "manifest.json").exists():
             manifest = _read_manifest(folder / "manifest.json")
             values_path = folder / manifest.get("values", "values.npy")
-            hint = f"; rebuild {folder} with `arrag build-index` (or pass --no-verify-index to skip the hash check)"
-            for name, record in manifest.get("files", {}).items():
-                if not (folder / name).is_file():
-                    raise ArragError(f"{folder}: {name} is missing; rebuild the index with `arrag build-index`")
-                fileops.verify_file(folder / name, record, hash_contents=verify, hint=hint)
+            check_index_files(folder, manifest, hash_below=HASH_BELOW if verify is True else int(verify))
             layout = manifest.get("layout", "single")
             if layout == "shards":
                 from arrag.build_retriever.build_index import read_shard_files
@@ -340,6 +338,31 @@ class PatchRetriever:
         if key not in cache:
             cache[key] = torch.from_numpy(np.asarray(array, dtype=np.int32)).to(device)
         return cache[key]
+
+
+HASH_BELOW = 2 << 30  # an index whose files total more is checked by size on load (`arrag verify-index` hashes all)
+
+
+def check_index_files(folder: Path, manifest: dict, hash_below: int = HASH_BELOW, progress: bool = False) -> dict:
+    """Check every file the manifest records: present, of the recorded size, and (when the files total at most
+    `hash_below` bytes) of the recorded blake2b hash. Returns {'files', 'bytes', 'hashed'}; a damaged file is one
+    ArragError line naming it."""
+    from tqdm import tqdm
+
+    files = manifest.get("files", {})
+    for name in files:
+        if not (folder / name).is_file():
+            raise ArragError(f"{folder}: {name} is missing; rebuild the index with `arrag build-index`")
+    total = sum(int(r.get("bytes", 0)) for r in files.values())
+    hashed = total <= hash_below
+    hint = (f"; rebuild {folder} with `arrag build-index`" +
+            ("" if not hashed else " (or pass --no-verify-index to check sizes only)"))
+    with tqdm(total=total if hashed else None, unit="B", unit_scale=True, desc=f"verify {folder.name}",
+              disable=not (progress and hashed)) as bar:
+        for name, record in files.items():
+            fileops.verify_file(folder / name, record, hash_contents=hashed, hint=hint,
+                                on_bytes=bar.update if progress else None)
+    return {"files": len(files), "bytes": total, "hashed": hashed}
 
 
 def _bisect(sorted_values: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: np.ndarray, right: bool) -> np.ndarray:
