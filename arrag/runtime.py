@@ -91,10 +91,10 @@ def trim_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
-def open_file_budget(reserve: int = 256) -> int:
+def open_file_budget(reserve: int = 512) -> int:
     """How many files this process may keep open for random access: the open-file limit (its soft limit raised to
-    the hard one first, once, as jobs over thousands of shards need) less `reserve` for everything else, halved
-    for the other readers and writers of the process. At least 16."""
+    the hard one first, once, as jobs over thousands of shards need) less `reserve` for everything else (sockets,
+    pipes, the other readers and writers of the process). At least 16."""
     global _OPEN_FILE_BUDGET
     if _OPEN_FILE_BUDGET is None:
         try:
@@ -110,7 +110,7 @@ def open_file_budget(reserve: int = 256) -> int:
                     pass
         except ImportError:  # Windows
             soft = 512
-        _OPEN_FILE_BUDGET = max(16, (soft - reserve) // 2)
+        _OPEN_FILE_BUDGET = max(16, soft - reserve)
     return _OPEN_FILE_BUDGET
 
 

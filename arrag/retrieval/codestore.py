@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -51,6 +52,10 @@ def caption_offsets(data: bytes | np.ndarray) -> np.ndarray:
     return np.concatenate([[0], ends]).astype(np.int64)
 
 
+POPULATE_BYTES = 1 << 20
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+
+
 class MapCache:
     """Memory maps kept open for random access, the least recently used dropped first. A map holds a file
     descriptor, so the capacity follows this process's open-file budget (runtime.open_file_budget)."""
@@ -69,6 +74,17 @@ class MapCache:
 
             self.capacity = open_file_budget()
         arr = self._maps[key] = load()
+        mm = getattr(arr, "_mmap", None)  # a np.memmap's mapping
+        if mm is not None and hasattr(mm, "madvise"):
+            # Random reads of a few KB: without this the kernel reads ahead ~128 KB a fault (10x the I/O and the
+            # page cache, measured on a 300k-image training set). A small file (a shard's caption offsets and
+            # captions) is mapped in whole now, so the reads that follow never fault.
+            mm.madvise(mmap.MADV_RANDOM)
+            if len(mm) <= POPULATE_BYTES:
+                try:
+                    mm.madvise(MADV_POPULATE_READ)
+                except OSError:  # kernels before 5.14
+                    pass
         while len(self._maps) > self.capacity:
             self._maps.popitem(last=False)
         return arr

@@ -157,6 +157,7 @@ class FaidTrainSet(Dataset):
         # store's memory maps, opened once in each worker process.
         self.store, self.retrieved, self.prompter, self.weights = store, retrieved, prompter, weights
         self.seed, self.cfg_drop, self.max_text_len = seed, cfg_drop, max_text_len
+        self._ranks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.store.num_images
@@ -168,8 +169,9 @@ class FaidTrainSet(Dataset):
         candidates = np.asarray(self.retrieved[image], dtype=np.int64)  # [T, K]
         # Shuffle each cell's K candidates, as the original did. The blender's output (a mean over K of
         # per-candidate features) does not depend on the order; the shuffle keeps no rank signal in the data.
-        candidates = np.take_along_axis(candidates, rng.permuted(np.tile(np.arange(candidates.shape[1]),
-                                                                         (len(candidates), 1)), axis=1), 1)
+        if self._ranks is None or self._ranks.shape != candidates.shape:  # 0..K-1 in every row, made once
+            self._ranks = np.tile(np.arange(candidates.shape[1]), (len(candidates), 1))
+        candidates = np.take_along_axis(candidates, rng.permuted(self._ranks, axis=1), 1)
         dropped = bool(rng.random() < self.cfg_drop)
         ids = self.prompter.ids(self.store.caption(image), self.max_text_len)
         if dropped:  # the unconditional prompt, so that the model keeps classifier-free guidance
