@@ -346,23 +346,30 @@ def part_rates(entries: int) -> dict:
 # -- projection --------------------------------------------------------------------------------------------------
 
 
+CODE_PQ_SEARCH_BYTES = 15 + 2 + 4  # per entry, searching: 4 x 14-bit codes + the id, the value, the count
+CODE_PQ_DISK_BYTES = CODE_PQ_SEARCH_BYTES + 8 + 8 + 4  # + entry codes, CSR offset, one image id per occurrence
+
+
 def projection(r: dict, idx: dict) -> list[dict]:
-    """Per stage, for 1M / 12M / 70M images on 1 / 8 / 32 machines like this one: hours, disk, RAM (projected from
-    the measured rates, which are per machine of 2 cores; de-duplication ratio 1, the worst case)."""
+    """Per stage, for 1M / 12M / 70M images on 1 / 8 / 32 machines like this one (2 CPU cores, no GPU): hours,
+    disk and RAM, projected from the measured rates, with no de-duplication (ratio 1, the worst case). The index
+    is the measured IVF-Flat build rate; its size is CodePQ's (what `--factory auto` picks for code keys beyond
+    the memory budget), from the file layout."""
     rows = []
     per_image = r["store_bytes_per_image"] + 100 + 8  # codes, a caption of about 100 bytes and its offset
     for images in (1_000_000, 12_000_000, 70_000_000):
         occ = images * P
         train = images // 10  # the original's 10% training split
         for machines in (1, 8, 32):
-            encode_h = images / min(r["vq16_encode_384_per_s"], r["decode_resize_per_s_per_core"]) / machines / 3600
-            index_h = occ / r["index_build_entries_per_s"] / machines / 3600
-            ct_h = train * P / r["construct_train_queries_per_s"] / machines / 3600
-            rows.append({"images": images, "machines": machines, "encode_h": encode_h, "index_h": index_h,
-                         "construct_train_h": ct_h, "store_gb": images * per_image / 1e9,
-                         "index_gb": occ * idx["bytes_per_entry_on_disk"] / 1e9,
-                         "trainset_gb": train * GRID * GRID * K * 2 / 1e9,
-                         "index_ram_gb_per_searcher": occ * idx["index_ram_bytes_per_entry"] / 1e9})
+            rows.append({
+                "images": images, "machines": machines,
+                "encode_h": images / min(r["vq16_encode_384_per_s"], 2 * r["decode_resize_per_s_per_core"])
+                / machines / 3600,
+                "index_h": occ / r["index_build_entries_per_s"] / machines / 3600,
+                "construct_train_h": train * P / r["construct_train_queries_per_s"] / machines / 3600,
+                "store_gb": images * per_image / 1e9, "index_gb": occ * CODE_PQ_DISK_BYTES / 1e9,
+                "trainset_gb": train * GRID * GRID * K * 2 / 1e9,
+                "index_ram_gb_per_searcher": occ * CODE_PQ_SEARCH_BYTES / 1e9})
     return rows
 
 
@@ -420,12 +427,11 @@ def main() -> None:
         print(f"[scale] rates: {json.dumps(results['rates'])}")
     result_path.write_text(json.dumps(results, indent=2) + "\n")
     if "rates" in results and "index" in results:
-        idx = {**results["index"], "index_ram_bytes_per_entry": results["index"]["search_bytes_per_entry"]}
-        rows = projection(results["rates"], idx)
+        rows = projection(results["rates"], results["index"])
         results["projection"] = rows
         result_path.write_text(json.dumps(results, indent=2) + "\n")
-        print("\n| images | machines | encode (P) | build-index (P) | construct-train (P) | store disk (P) | "
-              "index disk (P) | index RAM per searching process (P) | FAiD training set disk (P) |")
+        print("\n| images | machines | encode on CPUs (P) | build-index (P) | construct-train (P) | store disk (P) | "
+              "index disk, CodePQ (P) | index RAM per searching process (P) | FAiD training set disk (P) |")
         print("|---|---|---|---|---|---|---|---|---|")
         for row in rows:
             print(f"| {row['images'] / 1e6:g}M | {row['machines']} | {row['encode_h']:,.1f} h | "
