@@ -685,7 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="drop hits from the same image (when the index was built from this store)")
     ct.add_argument("--chunk-images", type=_int(1), default=256, help="images per batched search (default 256)")
     ct.add_argument("--nprobe", type=_int(1), default=None,
-                    help="override the index's nprobe (the original built its training set with 2048)")
+                    help="IVF lists probed (default: the index's; for the original prebuilt database the nprobe stored "
+                         "in its file, with which the original built its training set)")
     _add_index_checks(ct)
     ct.add_argument("--shard", default=None,
                     help="process i of n (i/n): this process takes the store shards s with s %% n == i; default from "

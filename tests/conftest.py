@@ -38,3 +38,12 @@ def tiny_janus(tiny_janus_dir):
     from arrag.janus import JanusPro
 
     return JanusPro.from_pretrained(tiny_janus_dir, device="cpu", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def vq_file(tmp_path_factory):
+    """A seeded VQ-tiny-16 saved as arrag's safetensors (the encode tests' tokenizer)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vqw") / "vq.safetensors"
+    VQModel("VQ-tiny-16").save(path)
+    return path

@@ -53,14 +53,6 @@ def images(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def vq_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vqw") / "vq.safetensors"
-    VQModel("VQ-tiny-16").save(path)
-    return path
-
-
 def test_index_entries_values_and_exact_search(tmp_path):
     codes, book = make_store(tmp_path / "store")
     m = build_index(tmp_path / "store", tmp_path / "idx", factory="Flat", chunk_images=7, progress=False,

@@ -8,7 +8,6 @@ import tarfile
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from arrag.build_retriever import encode as enc
@@ -17,7 +16,6 @@ from arrag.demo.shapes import ShapesWorld
 from arrag.errors import ArragError
 from arrag.image_io import save_image
 from arrag.retrieval.codestore import CodeStore
-from arrag.vq import VQModel
 
 WORLD = ShapesWorld("train", size=64)
 KW = dict(image_size=64, num_workers=0, progress=False, device="cpu")
@@ -40,14 +38,6 @@ def write_tar(path, first: int, n: int, extra: dict | None = None) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-
-
-@pytest.fixture(scope="module")
-def vq_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vq") / "vq.safetensors"
-    VQModel("VQ-tiny-16").save(path)
-    return path
 
 
 def test_tars_stream_one_shard_each_and_bad_bytes_are_skipped(tmp_path, vq_file):
