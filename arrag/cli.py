@@ -162,7 +162,8 @@ def _encode(args: argparse.Namespace) -> int:
     r = encode(args.source, args.out, args.vq, vq_preset=args.vq_preset, image_size=args.image_size,
                batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers,
                save_latents=args.save_latents, shard=args.shard, device=args.device, min_size=args.min_size,
-               max_images=args.max_images, resize=args.resize, trust_checkpoint=args.trust_checkpoint)
+               max_images=args.max_images, resize=args.resize, trust_checkpoint=args.trust_checkpoint,
+               dist_timeout=args.dist_timeout)
     state = "complete: manifest.json written" if r.complete else "other shards still pending (rerun to finish)"
     print(f"{r.summary()}; store {r.folder} {state}")
     return 0
@@ -174,16 +175,15 @@ def _build_index(args: argparse.Namespace) -> int:
     build_index(args.store, args.out, shape=args.shape, key_source=args.key_source, factory=args.factory,
                 memory_budget=args.memory_budget, nprobe=args.nprobe, train_size=args.train_size, seed=args.seed,
                 chunk_images=args.chunk_images, gpus=args.gpus, overwrite=args.overwrite, dedup=not args.no_dedup,
-                shard=args.shard, train_only=args.train_only, target_recall=args.target_recall)
+                shard=args.shard, train_only=args.train_only, target_recall=args.target_recall,
+                dist_timeout=args.dist_timeout)
     return 0
 
 
 def _merge_index(args: argparse.Namespace) -> int:
     from arrag.build_retriever.build_index import merge_index
 
-    if args.wait < 0:
-        raise ArragError(f"--wait must be >= 0, got {args.wait}")
-    merge_index(args.index, wait=args.wait)
+    merge_index(args.index)
     return 0
 
 
@@ -277,7 +277,8 @@ def _construct_train(args: argparse.Namespace) -> int:
 
     s = construct_train(args.store, args.retriever, args.out, retrieved_key_num=args.retrieved_key_num,
                         exclude_self=args.exclude_self, verify_index=_index_check(args),
-                        chunk_images=args.chunk_images, nprobe=args.nprobe, shard=args.shard, device=args.device)
+                        chunk_images=args.chunk_images, nprobe=args.nprobe, shard=args.shard, device=args.device,
+                        dist_timeout=args.dist_timeout)
     print(f"retrieved top-{s['k']} codes for every valid position of {args.store} -> {args.out or args.store}")
     return 0
 
@@ -452,6 +453,12 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
 
 
+def _add_dist_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dist-timeout", type=_float(0, open_low=True), default=30 * 60,
+                        help="seconds a rank waits for the others under torchrun / accelerate launch before it stops "
+                             "with a line naming the ranks that did not arrive (default 1800)")
+
+
 def _add_index_checks(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-verify-index", action="store_true",
                         help="check only the index files' sizes, never their hashes")
@@ -597,7 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="original: Resize(short side, bilinear) + CenterCrop, as AR-RAG encoded its database "
                           "(default); adm: LlamaGen's crop (BOX halving, bicubic)")
     enc.add_argument("--save-latents", action="store_true", help="also store float16 latents (for latent keys)")
-    enc.add_argument("--shard", default=None, help="process i of n (i/n); default from RANK/WORLD_SIZE")
+    enc.add_argument("--shard", default=None,
+                     help="process i of n (i/n) of a job array (each encodes its units and exits; the last to finish, "
+                          "or a final run without --shard, writes the manifest); under torchrun leave it out")
+    _add_dist_timeout(enc)
     enc.add_argument("--min-size", type=_int(0), default=64, help="skip images with a side below this (default 64)")
     enc.add_argument("--max-images", type=_int(1), default=None, help="encode only the first N images")
     _add_trust(enc)
@@ -633,11 +643,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="store every occurrence of a (key, value) pair; by default each distinct pair is stored "
                          "once with its count and images, and searches expand hits by their counts (same results)")
     bi.add_argument("--shard", default=None,
-                    help="process i of n (i/n) of a parallel build; default from RANK/WORLD_SIZE (torchrun, "
-                         "accelerate launch); then `arrag merge-index OUT`")
+                    help="rank i of n (i/n) of a job array's build: after --train-only, each rank adds its part and "
+                         "exits; then `arrag merge-index OUT`. Under torchrun or accelerate launch leave it out: the "
+                         "ranks coordinate through torch.distributed (rank 0 trains, merges and writes the manifest)")
     bi.add_argument("--train-only", action="store_true",
-                    help="train the quantizer of a parallel build into OUT/parts and stop (else rank 0 trains it "
-                         "while the others wait)")
+                    help="train the quantizer of a job array's build into OUT/parts and stop: the first step, before "
+                         "the ranks (--shard i/n) and merge-index (under torchrun rank 0 trains it)")
+    _add_dist_timeout(bi)
     bi.set_defaults(func=_build_index)
 
     mi = sub.add_parser("merge-index", help="join the parts of a parallel build-index into one index",
@@ -645,8 +657,6 @@ def build_parser() -> argparse.ArgumentParser:
                                     "index in OUT: IVF indexes into one index with on-disk inverted lists (FAISS's "
                                     "merge; searched by memory map), other factories as index shards.")
     mi.add_argument("index", help="the --out folder of the parallel build")
-    mi.add_argument("--wait", type=_float(0), default=0,
-                    help="seconds to wait for parts other processes or machines are still building (default 0)")
     mi.set_defaults(func=_merge_index)
 
     vi = sub.add_parser("verify-index", help="hash every file of a patch index against its manifest",
@@ -691,6 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--shard", default=None,
                     help="process i of n (i/n): this process takes the store shards s with s %% n == i; default from "
                          "RANK/WORLD_SIZE (torchrun, accelerate launch)")
+    _add_dist_timeout(ct)
     ct.add_argument("--device", default="cpu",
                     help="where the index is searched: cpu (memory-mapped, shared by the processes of a machine), "
                          "cuda (each process on its LOCAL_RANK's GPU) or cuda:N (default cpu)")

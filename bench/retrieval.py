@@ -147,6 +147,48 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def exchange_build(out: Path, entries: int, worlds=(1, 2, 4)) -> dict:
+    """build-index under torchrun with 1, 2 and 4 processes (issue 33): each rank reads 1/W of the store and sends
+    each row to its owner; per rank, the store bytes it read and its CPU seconds, from the parts' records."""
+    import socket
+
+    store = random_code_store(out / "exchange_store", entries)
+    st = CodeStore.open(store)
+    store_bytes = sum((store / s["codes"]).stat().st_size for s in st.manifest["shards"])
+    res = {"entries": st.num_images * 210, "store_bytes": store_bytes, "runs": {}}
+    for world in worlds:
+        folder = out / f"exchange_{world}"
+        remove_owned_dir(folder, what="index", owned=(r".+",))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = ([sys.executable, "-m", "arrag"] if world == 1 else
+               [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-addr",
+                "127.0.0.1", "--master-port", str(port), "-m", "arrag"])
+        threads = max(1, (os.cpu_count() or 2) // world)
+        t0 = time.perf_counter()
+        subprocess.run([*cmd, "build-index", str(store), "--out", str(folder), "--factory", "IVF1024,Flat",
+                        "--nprobe", "16"], check=True, capture_output=True, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"})
+        seconds = time.perf_counter() - t0
+        build = json.loads((folder / "manifest.json").read_text())["build"]
+        read = build.get("store_bytes_read_per_rank") or [build.get("store_bytes_read")]
+        res["runs"][world] = {"seconds": round(seconds, 1), "store_bytes_read_per_rank": read,
+                              "read_over_share": round(max(read) / (store_bytes / world), 3),
+                              "cpu_seconds_per_rank": build.get("cpu_seconds_per_rank"), "target": 1.1}
+    return res
+
+
+def print_exchange(ex: dict) -> None:
+    for world, d in ex["runs"].items():
+        cpu = d["cpu_seconds_per_rank"]
+        print(f"8. build-index, {world} process(es) ({ex['entries']:,} entries, store "
+              f"{ex['store_bytes'] / 2**20:.0f} MiB): {d['seconds']} s; store bytes read per rank "
+              + ", ".join(f"{b / 2**20:.1f} MiB" for b in d["store_bytes_read_per_rank"])
+              + f" = {d['read_over_share']:.2f}x the store / W (target <= 1.1)"
+              + (f"; CPU seconds per rank {cpu}" if cpu else ""))
+
+
 def scale_build(out: Path, entries: int, queries: int) -> dict:
     """1 process vs 2 processes + merge over the same random store (see the module docstring, item 5)."""
     from arrag.retrieval.keys import sample_entry_keys
@@ -273,10 +315,15 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--out", default="bench/out/retrieval")
     ap.add_argument("--scale-entries", type=int, default=10_000_000, help="entries of item 5 (0 skips it)")
+    ap.add_argument("--exchange-entries", type=int, default=2_000_000, help="entries of item 8 (0 skips it)")
+    ap.add_argument("--only", default=None, choices=["exchange"], help="run only this item")
     args = ap.parse_args()
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"torch_threads": torch.get_num_threads()}
+    if args.only == "exchange":
+        print_exchange(exchange_build(out, args.exchange_entries))
+        return
 
     result["key_construction"] = kc = key_throughput()
     print(f"1. key construction: {kc['keys_gb_s']:.2f} GB/s vs np.copy {kc['copy_gb_s']:.2f} GB/s "
@@ -343,6 +390,10 @@ def main() -> None:
     print(f"   top-256: distances differ by at most {cp['max_abs_distance_difference@256']:.1e}, the same codes in "
           f"{cp['same_code_multisets@256']:.1%} of queries; bytes CodePQ / IVF-Flat: "
           f"{cp['code_pq']['index_bytes_per_entry'] / cp['ivf_flat']['index_bytes_per_entry']:.3f}")
+
+    if args.exchange_entries:
+        result["exchange"] = ex = exchange_build(out, args.exchange_entries)
+        print_exchange(ex)
 
     if args.scale_entries:
         result["scale"] = sc = scale_build(out, args.scale_entries, args.queries)

@@ -210,29 +210,103 @@ def test_rank_build_and_merge_equals_one_process(built, tmp_path, factory, dedup
     np.testing.assert_array_equal(a.search_excluding(own, 4, owners), b.search_excluding(own, 4, owners))
 
 
-def test_parallel_processes_with_rank_zero_training(built, tmp_path):
-    """Two real processes started together: rank 1 waits for rank 0's quantizer, then merge-index joins them."""
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`arrag ARGS` in `nproc` processes under torchrun (a gloo process group on this machine)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), "-m", "arrag", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+
+
+def sorted_entries(folder) -> list[tuple]:
+    """An index's de-duplicated entries as sorted (neighbour codes, value, count, images) tuples."""
+    codes, values = np.load(folder / "entry_codes.npy"), np.load(folder / "values.npy")
+    counts, offsets = np.load(folder / "counts.npy"), np.load(folder / "entry_image_offsets.npy")
+    images = np.load(folder / "entry_images.npy")
+    return sorted((tuple(codes[e].tolist()), int(values[e]), int(counts[e]),
+                   tuple(images[offsets[e]:offsets[e + 1]].tolist())) for e in range(len(values)))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_torchrun_ranks_build_the_index_one_process_builds(built, tmp_path, world):
+    """Under torchrun rank 0 trains and broadcasts the plan, every rank reads 1/W of the store and sends each row to
+    its owner (all_to_all), rank 0 merges: the same entries, counts and image lists as one process (the same sorted
+    contents: entry ids differ, as each rank's entries come in a block), and the same answers."""
     root, codes, book, _, _ = built
     out = tmp_path / "par"
-    env = {**os.environ, "WORLD_SIZE": "2", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "arrag", "build-index", str(root / "store"), "--out", str(out),
-           "--factory", "IVF4,Flat", "--seed", "1"]
-    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for r in (1, 0)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs
-    run = subprocess.run([sys.executable, "-m", "arrag", "merge-index", str(out)], capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert (out / "lists.ivfdata").is_file() and sorted(p.name for p in (out / "parts").iterdir()) == [
-        "plan.json", "trained.faiss"]  # the parts' lists now live in lists.ivfdata
-    again = subprocess.run(cmd + ["--shard", "1/2"], capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "already merged" in again.stdout  # a rerun after the merge does nothing
-    assert merge_index(out, progress=False)["entries"] == json.loads((out / "manifest.json").read_text())["entries"]
-    b = PatchRetriever.load(out, nprobe=4)
-    a = PatchRetriever.load(root / "dedup")
+    run = torchrun(world, "build-index", str(root / "store"), "--out", str(out), "--factory", "IVF4,Flat",
+                   "--seed", "1", "--dist-timeout", "120")
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = build_index(root / "store", tmp_path / "one", factory="IVF4,Flat", seed=1, progress=False)
+    merged = json.loads((out / "manifest.json").read_text())
+    assert merged["build"]["processes"] == world and (merged["entries"], merged["occurrences"]) == (
+        one["entries"], one["occurrences"])
+    assert sorted_entries(out) == sorted_entries(tmp_path / "one")
+    store_bytes = sum((root / "store" / s["codes"]).stat().st_size - 128 for s in CodeStore.open(root / "store")
+                      .manifest["shards"])
+    read = merged["build"]["store_bytes_read_per_rank"]
+    assert len(read) == world and max(read) <= 1.1 * store_bytes / world + 16 * 49 * 2  # 1/W each (+ one image)
     q = queries_for(codes, book)
-    np.testing.assert_array_equal(a.search(q, 10)[1], b.search(q, 10)[1])
+    np.testing.assert_array_equal(PatchRetriever.load(tmp_path / "one", nprobe=4).search(q, 10)[1],
+                                  PatchRetriever.load(out, nprobe=4).search(q, 10)[1])
+    again = torchrun(world, "build-index", str(root / "store"), "--out", str(out), "--factory", "IVF4,Flat",
+                     "--seed", "1")
+    assert again.returncode == 0 and "already merged" in again.stdout  # a rerun after the merge does nothing
+
+
+def test_a_rank_that_leaves_stops_the_others_in_one_line(built, tmp_path):
+    """Rank 1 joins, takes the plan and exits; rank 0 builds its part and then, at the barrier, stops within the
+    timeout with a line naming rank 1: never a hang."""
+    import time
+
+    root = built[0]
+    port = free_port()
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "PYTHONWARNINGS": "ignore"}
+    leaver = ("from arrag.distributed import Group\n"
+              "g = Group.from_env(20)\n"
+              "g.broadcast(None)\n"
+              "g.all_gather(False)\n")  # takes the plan and says it has no part, like a rank of the build; leaves
+    cmd = [sys.executable, "-m", "arrag", "build-index", str(root / "store"), "--out", str(tmp_path / "x"),
+           "--factory", "Flat", "--no-dedup", "--dist-timeout", "8"]
+    t0 = time.time()
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": "0"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True),
+             subprocess.Popen([sys.executable, "-c", leaver], env={**env, "RANK": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)]
+    out = [p.communicate(timeout=120) for p in procs]  # the leaver is gone (however its process ended)
+    err = out[0][1].strip().splitlines()[-1]
+    assert procs[0].returncode == 2 and time.time() - t0 < 90, out[0][1][-2000:]
+    assert err.startswith("arrag: error: build-index: every rank's part: rank(s) 1 of 2 did not arrive"), err
+
+
+def test_torchrun_encode_writes_the_store_one_process_writes(tmp_path, vq_file):
+    from arrag.demo.shapes import ShapesWorld
+    from arrag.image_io import save_image
+
+    world = ShapesWorld("database", size=64)
+    for i in range(10):
+        save_image(world.image(i), tmp_path / "imgs" / f"{i:03d}.png")
+    args = ["encode", str(tmp_path / "imgs"), "--vq", str(vq_file), "--image-size", "64", "--shard-size", "3",
+            "--workers", "0", "--device", "cpu"]
+    run = torchrun(2, *args, "--out", str(tmp_path / "two"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    from arrag.cli import main
+
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    two, one = CodeStore.open(tmp_path / "two"), CodeStore.open(tmp_path / "one")  # rank 0 wrote the manifest
+    assert two.num_images == one.num_images == 10 and len(two.manifest["shards"]) == 4
+    for k in range(4):
+        assert (tmp_path / "two" / f"codes-{k:05d}.npy").read_bytes() == (tmp_path / "one" / f"codes-{k:05d}.npy"
+                                                                          ).read_bytes()
 
 
 def test_a_rank_with_other_settings_is_refused(built, tmp_path):

@@ -18,6 +18,7 @@ from arrag.build_retriever import encode as enc
 from arrag.build_retriever.build_index import build_index
 from arrag.cli import main
 from arrag.demo.shapes import ShapesWorld
+from arrag.distributed import parse_shard
 from arrag.errors import ArragError
 from arrag.image_io import save_image
 from arrag.retrieval import codestore
@@ -267,7 +268,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, vq_file):
     with pytest.raises(ArragError, match="no images \\(jpg, png, webp\\) under"):
         enc.encode(str(tmp_path / "empty"), tmp_path / "s", vq_file, num_workers=0)
     with pytest.raises(ArragError, match="--shard '3/2': expected i/n"):
-        enc.parse_shard("3/2")
+        parse_shard("3/2")
     with pytest.raises(ArragError, match="no code store at .*manifest.json is missing"):
         build_index(tmp_path / "empty", tmp_path / "idx")
     make_store(tmp_path / "store")
@@ -345,18 +346,26 @@ def test_build_retriever_script(tmp_path, images, vq_file):
 
 
 def test_build_retriever_script_on_two_machines_with_two_processes_each(tmp_path, images, vq_file):
-    """Two copies of the script side by side (MACHINE_RANK 0 and 1 on one filesystem): encode split 2 ways, the
-    quantizer trained once, 4 ranks, merged by machine 0 into the index one process builds."""
+    """Two copies of the script side by side (MACHINE_RANK 0 and 1 on one filesystem), each stage under torchrun
+    with 2 processes a machine: encode split 4 ways, rank 0 trains the quantizer, 4 ranks exchange rows and add
+    their parts, rank 0 merges into the index one process builds."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     env = {**os.environ, "VQ_CKPT": str(vq_file), "VQ_PRESET": "VQ-tiny-16", "STORE": str(tmp_path / "codes"),
            "INDEX": str(tmp_path / "index"), "IMAGE_SIZE": "64", "WORKERS": "0", "SHARD_SIZE": "3",
-           "FACTORY": "Flat", "NUM_PROCS": "2", "NUM_MACHINES": "2", "RUN_ID": "t1", "PYTHONWARNINGS": "ignore",
-           "ARRAG": f"{sys.executable} -m arrag"}
+           "FACTORY": "Flat", "NUM_PROCS": "2", "NUM_MACHINES": "2", "MASTER_PORT": str(port), "DIST_TIMEOUT": "120",
+           "PYTHONWARNINGS": "ignore", "ARRAG": f"{sys.executable} -m arrag",
+           "TORCHRUN": f"{sys.executable} -m torch.distributed.run"}
     script = os.path.join(os.path.dirname(__file__), "..", "arrag", "build_retriever", "build_retriever.sh")
     procs = [subprocess.Popen(["bash", script, str(images)], env={**env, "MACHINE_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (1, 0)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-4000:] for o in outs]
     assert "machine 0 merges" in outs[0][0] and "recall@10" in outs[1][0]
+    assert not any(tmp_path.glob("*.sync"))  # no marker files: the processes meet in torch.distributed
     m = json.loads((tmp_path / "index" / "manifest.json").read_text())
     assert m["layout"] == "shards" and m["build"]["processes"] == 4 and m["dedup"]
     one = build_index(tmp_path / "codes", tmp_path / "one", factory="Flat", progress=False)
@@ -364,8 +373,9 @@ def test_build_retriever_script_on_two_machines_with_two_processes_each(tmp_path
     q = np.random.default_rng(0).normal(size=(8, m["dim"])).astype(np.float32)
     np.testing.assert_array_equal(PatchRetriever.load(tmp_path / "index").search(q, 5)[0],
                                   PatchRetriever.load(tmp_path / "one").search(q, 5)[0])
-    p = subprocess.run(["bash", script, str(images)], env={**env, "RUN_ID": ""}, capture_output=True, text=True)
-    assert p.returncode == 2 and "set RUN_ID" in p.stderr
+    p = subprocess.run(["bash", script, str(images)], env={**env, "MACHINE_RANK": "2"}, capture_output=True,
+                       text=True)
+    assert p.returncode == 2 and "MACHINE_RANK 2 must be below NUM_MACHINES 2" in p.stderr
 
 
 def test_sample_queries_are_seeded(tmp_path):

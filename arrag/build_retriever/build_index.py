@@ -9,19 +9,23 @@ their counts, so results equal the full index's, while the index is smaller and 
 Without it, entry e is image e // P at valid position e % P.
 
 One process: the seeded training sample trains the quantizer, entries are added in streaming chunks, and
-the folder is written under a temporary name and renamed. Several processes or machines (`--shard i/n`, or
-RANK/WORLD_SIZE from torchrun / accelerate launch): the quantizer is trained once (`--train-only`, or by rank
-0 while the others wait for it) into <out>/parts/; each rank adds its part of the entries (a hash partition
-of the rows with de-duplication, a contiguous range of images without) into <out>/parts/rank-i-of-n/; then
-`arrag merge-index <out>` joins the parts: IVF indexes into one index with on-disk inverted lists
-(FAISS's own merge, read by memory map), other factories as index shards. An IVF index's nprobe is then
-tuned to --target-recall against probing every list, unless --nprobe fixes it.
+the folder is written under a temporary name and renamed. Several processes or machines, two ways:
+  torchrun / accelerate launch (a process group, arrag.distributed): rank 0 trains the quantizer into
+      <out>/parts/ and broadcasts the plan; every rank reads 1/W of the store and sends each row to the rank
+      its hash names (all_to_all), adds what it owns into <out>/parts/rank-i-of-n/, and after a monitored
+      barrier rank 0 merges;
+  a job array (`--shard i/n`, no group; nothing waits): `--train-only` first, then each rank adds its part
+      (a de-duplicating rank reads the whole store to find its rows), then `arrag merge-index <out>`.
+The merge joins the parts: IVF indexes into one index with on-disk inverted lists (FAISS's own merge, read by
+memory map), other factories as index shards. An IVF index's nprobe is then tuned to --target-recall against
+probing every list, unless --nprobe fixes it.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from arrag import fileops
+from arrag.distributed import DEFAULT_TIMEOUT, Group, join
 from arrag.errors import ArragError
 from arrag.retrieval import index as faiss_index
 from arrag.retrieval.codestore import CodeStore
@@ -46,7 +51,6 @@ INDEX_FILES = (r"manifest\.json", r"index\.faiss", r"values\.npy", r"counts\.npy
 ARRAYS = ("values.npy", "counts.npy", "entry_codes.npy", "entry_image_offsets.npy", "entry_images.npy")
 SPILL_ROWS = 16_000_000  # rows per de-duplication bucket (~0.6 GB of work memory with the L neighbourhood)
 ADD_ROWS = 1_000_000  # keys made and added at a time
-WAIT_SECONDS = 6 * 3600  # how long ranks wait for rank 0's trained quantizer
 
 
 def is_index_folder(folder: Path) -> bool:
@@ -107,13 +111,12 @@ def build_index(store_dir: str | Path, out: str | Path, *, shape: str = "L", key
                 factory: str = "auto", memory_budget: str | int = "auto", nprobe: int | None = None,
                 train_size: int | None = None, seed: int = 0, chunk_images: int = 1024, gpus=None,
                 overwrite: bool = False, progress: bool = True, dedup: bool = True, shard: str | None = None,
-                train_only: bool = False, target_recall: float = 0.95) -> dict:
+                train_only: bool = False, target_recall: float = 0.95, dist_timeout: float = DEFAULT_TIMEOUT) -> dict:
     """Build the patch index of a code store into folder `out` (see the module docstring).
 
-    Returns the manifest (one process), the plan (`train_only`) or this part's record (one of several ranks).
+    Returns the manifest (one process, and rank 0 of a process group), the plan (`train_only`) or this part's
+    record (the other ranks).
     """
-    from arrag.build_retriever.encode import parse_shard
-
     t0 = time.time()
     store = CodeStore.open(store_dir)
     nb = get_neighborhood(shape)
@@ -127,7 +130,7 @@ def build_index(store_dir: str | Path, out: str | Path, *, shape: str = "L", key
             raise ArragError(f"{flag} must be >= {low}, got {value}")
     if not 0 < target_recall <= 1:
         raise ArragError(f"--target-recall must be in (0, 1], got {target_recall}")
-    rank, world = parse_shard(shard)
+    group, rank, world = (None, 0, 1) if train_only else join(shard, dist_timeout)
     out = Path(out)
     parallel = world > 1 or train_only
     if not parallel or rank == 0:
@@ -154,18 +157,60 @@ def build_index(store_dir: str | Path, out: str | Path, *, shape: str = "L", key
         return _build_single(store, out, plan, index, chunk_images, overwrite, progress, t0, gpu_ids)
 
     parts = out / "parts"
-    if rank == 0 and not (parts / "plan.json").is_file():
-        plan, index = _plan_and_train(**plan_args)
-        parts.mkdir(parents=True, exist_ok=True)
-        faiss_index.write_index(index, parts / "trained.faiss")
-        fileops.write_text(parts / "plan.json", json.dumps(asdict(plan), indent=2) + "\n")  # last: the signal
-    else:
-        plan = _wait_for_plan(parts, progress)
-        mine = _plan_and_train(**plan_args, train=False)[0]
-        plan.check_same(mine)
-    if train_only:
-        return asdict(plan)
+    if group is not None:
+        return _build_in_group(group, store, out, plan_args, chunk_images, progress)
+    if train_only:  # the first step of a job array: train the quantizer, write the plan, stop
+        if not (parts / "plan.json").is_file():
+            plan, index = _plan_and_train(**plan_args)
+            _write_plan(parts, plan, index)
+        return json.loads((parts / "plan.json").read_text())
+    if not (parts / "plan.json").is_file():  # a job array's rank waits for nothing
+        raise ArragError(f"no trained quantizer in {parts}: run `arrag build-index {store.folder} --out {out} "
+                         "--train-only` first, then the ranks (--shard i/n), then `arrag merge-index`")
+    plan = BuildPlan(**json.loads((parts / "plan.json").read_text()))
+    plan.check_same(_plan_and_train(**plan_args, train=False)[0])
     return _build_rank(store, out, plan, rank, world, chunk_images, progress)
+
+
+def _write_plan(parts: Path, plan: BuildPlan, index) -> None:
+    parts.mkdir(parents=True, exist_ok=True)
+    faiss_index.write_index(index, parts / "trained.faiss")
+    fileops.write_text(parts / "plan.json", json.dumps(asdict(plan), indent=2) + "\n")  # last: the plan is complete
+
+
+def _build_in_group(group: Group, store: CodeStore, out: Path, plan_args: dict, chunk_images: int,
+                    progress: bool) -> dict:
+    """A build over a process group (torchrun, accelerate launch): rank 0 trains the quantizer and broadcasts the
+    plan, every rank adds its part (rows exchanged with all_to_all when de-duplicating), the parts' records are
+    gathered, and rank 0 merges them and writes the manifest."""
+    parts, rank = out / "parts", group.rank
+    plan_dict = error = None
+    if rank == 0:
+        try:
+            if not (parts / "plan.json").is_file():
+                plan, index = _plan_and_train(**plan_args)
+                _write_plan(parts, plan, index)
+            plan_dict = json.loads((parts / "plan.json").read_text())
+        except ArragError as e:  # every rank stops with rank 0's one line, not after a timeout
+            error = str(e)
+    plan_dict, error = group.broadcast((plan_dict, error))
+    if error is not None:
+        raise ArragError(error if rank == 0 else f"rank 0 stopped the build: {error}")
+    plan = BuildPlan(**plan_dict)
+    plan.check_same(_plan_and_train(**plan_args, train=False)[0])
+    if (out / "manifest.json").is_file():
+        if progress and rank == 0:
+            print(f"[build-index] {out} is already merged; nothing to do (--overwrite starts it over)")
+        return json.loads((out / "manifest.json").read_text())
+    # The exchange needs every rank: when any part is missing, every rank builds its part again.
+    final = parts / _part_name(rank, group.world)
+    if not all(group.all_gather((final / "part.json").is_file())):
+        fileops.remove_owned_dir(final, what="index part", owned=(r".+",))
+    record = _build_rank(store, out, plan, rank, group.world, chunk_images, progress, group)
+    group.barrier("build-index: every rank's part")
+    if rank != 0:
+        return record
+    return merge_index(out, progress)  # from the parts' records (part.json), the same as every rank's
 
 
 def _plan_and_train(*, store: CodeStore, nb, key_source: str, dedup: bool, factory: str, memory_budget, nprobe,
@@ -220,18 +265,6 @@ def _plan_and_train(*, store: CodeStore, nb, key_source: str, dedup: bool, facto
     return plan, index
 
 
-def _wait_for_plan(parts: Path, progress: bool) -> BuildPlan:
-    t0 = time.time()
-    while not (parts / "plan.json").is_file():
-        if time.time() - t0 > WAIT_SECONDS:
-            raise ArragError(f"no trained quantizer in {parts} after {WAIT_SECONDS // 3600} h: start rank 0, or run "
-                             "`arrag build-index ... --train-only` first")
-        if progress and int(time.time() - t0) % 60 == 0:
-            print(f"[build-index] waiting for rank 0's trained quantizer in {parts}", flush=True)
-        time.sleep(1)
-    return BuildPlan(**json.loads((parts / "plan.json").read_text()))
-
-
 RANK_SHIFT = 40  # IVF parts of a parallel build add ids rank << 40 | local id; merge-index maps them to global ids
 
 
@@ -252,45 +285,82 @@ class _Adder:
 
 
 def _spill_rows(store: CodeStore, plan: BuildPlan, rank: int, world: int, chunk_images: int, spill: Path,
-                progress: bool) -> int:
-    """Pass 1 of a de-duplicated build: stream the store and append this rank's rows and their images to
-    bucket files in `spill` (bucket = a hash of the row, so all copies of a row share one). Returns the bucket
-    count; each bucket is small enough to de-duplicate in memory, so memory does not grow with the store."""
+                progress: bool, group=None) -> tuple[int, int]:
+    """Pass 1 of a de-duplicated build: this rank's rows and their images, appended to bucket files in `spill`
+    (bucket = a hash of the row, so all copies of a row share one). Returns (buckets, store bytes read); each
+    bucket is small enough to de-duplicate in memory, so memory does not grow with the store.
+
+    Rows belong to the rank their hash names. With a process group, a rank reads only its 1/W of the store's
+    images and sends every row to its owner (all_to_all, one chunk of images per round: memory stays at a chunk);
+    without one (a job array's independent --shard), a rank reads the whole store and keeps its own rows."""
     nb = get_neighborhood(plan.shape)
     buckets = max(1, -(-plan.occurrences // world // SPILL_ROWS))
     spill.mkdir(parents=True, exist_ok=True)
     files = [(open(spill / f"{b:05d}.rows", "wb"), open(spill / f"{b:05d}.images", "wb")) for b in range(buckets)]
+    read = 0
+
+    def append(rows: np.ndarray, images: np.ndarray) -> None:
+        bucket = place(rows, world, buckets)[1]
+        order = np.argsort(bucket, kind="stable")
+        bounds = np.searchsorted(bucket[order], np.arange(buckets + 1))
+        for b in range(buckets):
+            pick = order[bounds[b]:bounds[b + 1]]
+            if len(pick):
+                files[b][0].write(np.ascontiguousarray(rows[pick]).tobytes())
+                files[b][1].write(images[pick].astype(np.uint32).tobytes())
+
     try:
-        bar = tqdm(total=store.num_images, desc=f"build-index rows [{rank}/{world}]", unit="img",
-                   disable=not progress)
-        for i0, codes in store.iter_chunks(chunk_images):
-            rows, images = entry_rows(codes, nb, i0)
-            owner, bucket = place(rows, world, buckets)
-            keep = owner == rank
-            rows, images, bucket = rows[keep], images[keep], bucket[keep]
-            order = np.argsort(bucket, kind="stable")  # images stay ascending within every bucket
-            bounds = np.searchsorted(bucket[order], np.arange(buckets + 1))
-            for b in range(buckets):
-                pick = order[bounds[b]:bounds[b + 1]]
-                if len(pick):
-                    files[b][0].write(np.ascontiguousarray(rows[pick]).tobytes())
-                    files[b][1].write(images[pick].astype(np.uint32).tobytes())
-            bar.update(len(codes))
+        if group is None:
+            lo, hi = 0, store.num_images
+        else:
+            lo, hi = store.num_images * rank // world, store.num_images * (rank + 1) // world
+        bar = tqdm(total=hi - lo, desc=f"build-index rows [{rank}/{world}]", unit="img", disable=not progress)
+        chunks = store.iter_chunks(chunk_images, start=lo, stop=hi)
+        # With a group every rank takes part in every round: as many rounds as the most chunks any rank reads.
+        rounds = max(_chunk_count(store, store.num_images * q // world, store.num_images * (q + 1) // world,
+                                  chunk_images) for q in range(world)) if group is not None else None
+        r = 0
+        while True:
+            i0, codes = next(chunks, (lo, None))
+            if codes is None and (group is None or r >= rounds):
+                break
+            if codes is not None:
+                read += codes.nbytes
+                rows, images = entry_rows(codes, nb, i0)
+                bar.update(len(codes))
+            else:
+                rows, images = np.zeros((0, nb.size + 1), np.uint16), np.zeros(0, np.int64)
+            owner = place(rows, world, buckets)[0]
+            if group is None:
+                keep = owner == rank
+                append(rows[keep], images[keep])
+            else:  # rows and their image (as two uint16) to the rank that owns them
+                packed = np.concatenate([rows, images.astype(np.uint32).view(np.uint16).reshape(-1, 2)], 1)
+                got = np.concatenate(group.exchange([packed[owner == dest] for dest in range(world)]))
+                append(got[:, :-2], got[:, -2:].copy().view(np.uint32).reshape(-1))
+            r += 1
         bar.close()
     finally:
         for f_rows, f_images in files:
             f_rows.close()
             f_images.close()
-    return buckets
+    return buckets, read
+
+
+def _chunk_count(store: CodeStore, lo: int, hi: int, chunk: int) -> int:
+    """How many chunks store.iter_chunks(chunk, start=lo, stop=hi) yields (chunks never span shards)."""
+    b = store.bounds
+    first, last = np.maximum(b[:-1], lo), np.minimum(b[1:], hi)
+    return int((-(-np.maximum(last - first, 0) // chunk)).sum())
 
 
 def _add_dedup(folder: Path, index, store: CodeStore, plan: BuildPlan, rank: int, world: int, chunk_images: int,
-               progress: bool) -> dict:
+               progress: bool, group=None) -> dict:
     """De-duplicate this rank's rows bucket by bucket, add the distinct keys, and write values, counts, entry
     codes and the entry -> images CSR by streaming (see retrieval.dedup)."""
     width = get_neighborhood(plan.shape).size + 1
     spill = folder / "spill"
-    buckets = _spill_rows(store, plan, rank, world, chunk_images, spill, progress)
+    buckets, read = _spill_rows(store, plan, rank, world, chunk_images, spill, progress, group)
     codebook = store.codebook()
     adder = _Adder(index, rank, world)
     raw = {name: open(spill / name, "wb") for name in ("values", "counts", "entry_codes", "offsets", "entry_images")}
@@ -328,7 +398,7 @@ def _add_dedup(folder: Path, index, store: CodeStore, plan: BuildPlan, rank: int
         del data
         (spill / name).unlink()
     spill.rmdir()
-    return {"entries": int(entries), "occurrences": int(occurrences)}
+    return {"entries": int(entries), "occurrences": int(occurrences), "store_bytes_read": int(read)}
 
 
 def concat_npy(path: Path, arrays: list[np.ndarray], chunk_rows: int = 1 << 22) -> None:
@@ -348,11 +418,11 @@ def concat_npy(path: Path, arrays: list[np.ndarray], chunk_rows: int = 1 << 22) 
 
 
 def _fill(folder: Path, index, store: CodeStore, plan: BuildPlan, rank: int, world: int, chunk_images: int,
-          progress: bool) -> dict:
+          progress: bool, group=None) -> dict:
     """Add this rank's entries to `index` and write the index and its arrays into `folder`; return the record.
     With de-duplication this rank owns the rows that hash to it; without, a contiguous range of images."""
     if plan.dedup:
-        record = _add_dedup(folder, index, store, plan, rank, world, chunk_images, progress)
+        record = _add_dedup(folder, index, store, plan, rank, world, chunk_images, progress, group)
     else:
         nb = get_neighborhood(plan.shape)
         codebook = store.codebook()
@@ -363,8 +433,10 @@ def _fill(folder: Path, index, store: CodeStore, plan: BuildPlan, rank: int, wor
         lat_iter = store.iter_chunks(chunk_images, "latents", lo, hi) if plan.key_source == "latent" else None
         adder = _Adder(index, rank, world)
         bar = tqdm(total=hi - lo, desc=f"build-index [{rank}/{world}]", unit="img", disable=not progress)
+        read = 0
         for i0, codes in store.iter_chunks(chunk_images, "codes", lo, hi):
             latents = next(lat_iter)[1] if lat_iter is not None else None
+            read += codes.nbytes + (latents.nbytes if latents is not None else 0)
             keys, vals = grid_entries(codes, latents, nb, codebook, plan.key_source)
             adder.add(keys)
             values[(i0 - lo) * p:(i0 - lo + len(codes)) * p] = vals
@@ -372,7 +444,7 @@ def _fill(folder: Path, index, store: CodeStore, plan: BuildPlan, rank: int, wor
         bar.close()
         values.flush()
         del values
-        record = {"entries": int(n), "occurrences": int(n), "images": [lo, hi]}
+        record = {"entries": int(n), "occurrences": int(n), "images": [lo, hi], "store_bytes_read": int(read)}
     if index.ntotal != record["entries"]:
         raise RuntimeError(f"index holds {index.ntotal} entries, expected {record['entries']}")
     faiss_index.write_index(index, folder / "index.faiss")
@@ -459,6 +531,7 @@ def _build_single(store, out: Path, plan: BuildPlan, index, chunk_images: int, o
             "layout": "single",
             "build": {"seed": plan.seed, "train_size": plan.train_size, "memory_budget": plan.memory_budget,
                       "chunk_images": chunk_images, "gpus": gpu_ids, "processes": 1,
+                      "store_bytes_read": record.get("store_bytes_read"),
                       "seconds": round(time.time() - t0, 2)}})
         fileops.write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         fileops.replace_owned_dir(tmp, out, what="index", is_ours=is_index_folder(out), owned=INDEX_FILES,
@@ -487,7 +560,8 @@ def _part_name(rank: int, world: int) -> str:
     return f"rank-{rank:05d}-of-{world:05d}"
 
 
-def _build_rank(store, out: Path, plan: BuildPlan, rank: int, world: int, chunk_images: int, progress: bool) -> dict:
+def _build_rank(store, out: Path, plan: BuildPlan, rank: int, world: int, chunk_images: int, progress: bool,
+                group=None) -> dict:
     parts = out / "parts"
     final = parts / _part_name(rank, world)
     if (out / "manifest.json").is_file():
@@ -504,7 +578,10 @@ def _build_rank(store, out: Path, plan: BuildPlan, rank: int, world: int, chunk_
     tmp.mkdir()
     try:
         index = faiss_index.read_index(parts / "trained.faiss")
-        record = {"rank": rank, "world": world, **_fill(tmp, index, store, plan, rank, world, chunk_images, progress)}
+        record = {"rank": rank, "world": world, **_fill(tmp, index, store, plan, rank, world, chunk_images, progress,
+                                                          group)}
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        record["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 2)  # this process's, threads included
         fileops.write_text(tmp / "part.json", json.dumps(record) + "\n")
         tmp.rename(final)
     except BaseException as e:
@@ -518,14 +595,12 @@ def _build_rank(store, out: Path, plan: BuildPlan, rank: int, world: int, chunk_
     return record
 
 
-def merge_index(out: str | Path, progress: bool = True, wait: float = 0) -> dict:
-    """Join the parts of a parallel build into the index in `out` (see the module docstring); `wait`: seconds
-    to wait for parts still being built (other machines) before refusing."""
+def merge_index(out: str | Path, progress: bool = True) -> dict:
+    """Join the parts of a parallel build into the index in `out` (see the module docstring). It waits for nothing:
+    a part still missing is refused with one line listing the missing ranks."""
     t0 = time.time()
     out = Path(out)
     parts = out / "parts"
-    while wait > 0 and time.time() - t0 < wait and not _all_parts_built(parts):
-        time.sleep(2)
     if not (parts / "plan.json").is_file():
         raise ArragError(f"{out} holds no parallel build (no parts/plan.json); build it with `arrag build-index "
                          "--shard i/n`")
@@ -571,7 +646,9 @@ def merge_index(out: str | Path, progress: bool = True, wait: float = 0) -> dict
     if ivf and index.ntotal != entries:
         raise RuntimeError(f"the merged index holds {index.ntotal} entries, its parts {entries}")
     extra["build"] = {"seed": plan.seed, "train_size": plan.train_size, "memory_budget": plan.memory_budget,
-                      "processes": world, "merge_seconds": round(time.time() - t0, 2)}
+                      "processes": world, "merge_seconds": round(time.time() - t0, 2),
+                      "store_bytes_read_per_rank": [r.get("store_bytes_read") for r in records],
+                      "cpu_seconds_per_rank": [r.get("cpu_seconds") for r in records]}
     manifest = _manifest(plan, index, entries, occurrences, out, extra, CodeStore.open(plan.store))
     if ivf:  # the parts' lists now live in lists.ivfdata; keep only the plan
         for f in folders:
@@ -596,11 +673,6 @@ def _globalise_ids(index, bases: np.ndarray) -> None:
             if new.min() < 0 or new.max() >= total:
                 raise RuntimeError(f"inverted list {lst} holds ids outside the merged index")
             ids[:] = new
-
-
-def _all_parts_built(parts: Path) -> bool:
-    records = [json.loads((p / "part.json").read_text()) for p in parts.glob("rank-*") if (p / "part.json").is_file()]
-    return bool(records) and len({r["rank"] for r in records}) == records[0]["world"]
 
 
 def _merge_arrays(out: Path, folders: list[Path], dedup: bool) -> None:

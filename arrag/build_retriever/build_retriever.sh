@@ -21,15 +21,20 @@
 #   DEDUP          1 stores each distinct (key, value) once with its count, 0 keeps every occurrence (default 1)
 #   NPROBE TARGET_RECALL TRAIN_SIZE SEED CHUNK_IMAGES GPUS     build-index settings
 #   BATCH_SIZE SHARD_SIZE WORKERS MIN_SIZE MAX_IMAGES DEVICE   encode settings
-#   NUM_GPUS       encoding processes per machine, one per GPU (default 1)
-#   NUM_PROCS      index-building processes per machine; each gets cores / NUM_PROCS threads   (default 1)
+#   NUM_PROCS      processes per machine for every stage (one per GPU on GPU machines)   (default 1)
 #   NUM_MACHINES   machines running this script on one shared filesystem (STORE, INDEX)     (default 1)
-#   MACHINE_RANK   this machine, 0 .. NUM_MACHINES-1; machine 0 trains the quantizer and merges  (default 0)
-#   RUN_ID         a name for this run, the same on every machine (needed when NUM_MACHINES > 1): the
-#                  machines wait for each other through marker files in $INDEX.sync/$RUN_ID
+#   MACHINE_RANK   this machine, 0 .. NUM_MACHINES-1                                       (default 0)
+#   MASTER_ADDR MASTER_PORT   where machine 0's rendezvous listens (default 127.0.0.1, 29500; each stage
+#                  uses the next port: 29500 encode, 29501 build-index)
+#   DIST_TIMEOUT   seconds a process waits for the others before it stops, naming them   (default 1800)
+#   TORCHRUN       the launcher                                (default torchrun)
 #   EXTRA_ENCODE / EXTRA_INDEX   any other `arrag encode` / `arrag build-index` flags
-# Steps: encode -> train the quantizer (once) -> add (every process its part) -> merge (machine 0).
-# Rerunning resumes the encoding (finished shards are skipped) and rebuilds the index (--overwrite).
+# Steps: encode -> build-index (rank 0 trains the quantizer, every process adds its part, rank 0 merges) -> a
+# look at the index (machine 0). With several processes every stage runs under torchrun (--nnodes NUM_MACHINES
+# --node-rank MACHINE_RANK --nproc-per-node NUM_PROCS); the processes coordinate through torch.distributed, so a
+# machine that dies makes the others stop within DIST_TIMEOUT with a line naming it. (For a SLURM job array, run
+# the CLI steps by hand: see README, "Scale".) Rerunning resumes the encoding (finished shards are skipped) and
+# rebuilds the index (--overwrite).
 set -euo pipefail
 
 IMAGES=${1:-${IMAGES:-data/retriever/images}}
@@ -37,17 +42,18 @@ VQ_CKPT=${VQ_CKPT:-arrag/Janus/janus/vq_ds16_t2i.pt}
 STORE=${STORE:-data/retriever/codes}
 INDEX=${INDEX:-data/retriever/index_L}
 KEY_SOURCE=${KEY_SOURCE:-code}
-NUM_GPUS=${NUM_GPUS:-1}
 NUM_PROCS=${NUM_PROCS:-1}
 NUM_MACHINES=${NUM_MACHINES:-1}
 MACHINE_RANK=${MACHINE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+DIST_TIMEOUT=${DIST_TIMEOUT:-1800}
 ARRAG=${ARRAG:-arrag}
-if [ "$NUM_MACHINES" -gt 1 ] && [ -z "${RUN_ID:-}" ]; then
-  echo "build_retriever.sh: set RUN_ID (the same name on every machine) when NUM_MACHINES > 1" >&2; exit 2
-fi
+TORCHRUN=${TORCHRUN:-torchrun}
 if [ "$MACHINE_RANK" -ge "$NUM_MACHINES" ]; then
   echo "build_retriever.sh: MACHINE_RANK $MACHINE_RANK must be below NUM_MACHINES $NUM_MACHINES" >&2; exit 2
 fi
+WORLD=$((NUM_MACHINES * NUM_PROCS))
 
 ENCODE_ARGS=("$IMAGES" --out "$STORE" --vq "$VQ_CKPT")
 add_encode() { [ -n "${2:-}" ] && ENCODE_ARGS+=("$1" "$2") || true; }
@@ -63,58 +69,25 @@ add_index --nprobe "${NPROBE:-}"; add_index --target-recall "${TARGET_RECALL:-}"
 add_index --chunk-images "${CHUNK_IMAGES:-}"; add_index --gpus "${GPUS:-}"
 [ "${DEDUP:-1}" = "0" ] && INDEX_ARGS+=(--no-dedup)
 
-SYNC="$INDEX.sync/${RUN_ID:-local}"
-# barrier NAME: wait until every machine has reached NAME.
-barrier() {
-  [ "$NUM_MACHINES" -gt 1 ] || return 0
-  mkdir -p "$SYNC" && touch "$SYNC/$1.$MACHINE_RANK"
-  until [ "$(ls "$SYNC" | grep -c "^$1\.")" -ge "$NUM_MACHINES" ]; do sleep 5; done
-}
-# run_all N CMD...: N copies of CMD side by side, copy p with P=p in its environment; fails if any fails.
-run_all() {
-  local n=$1 pids=() p; shift
-  for ((p = 0; p < n; p++)); do P=$p "$@" & pids+=($!); done
-  for p in "${pids[@]}"; do wait "$p"; done
-}
-
-ENCODE_WORLD=$((NUM_MACHINES * NUM_GPUS))
-echo "== 1/4 encode $IMAGES -> $STORE ($ENCODE_WORLD process(es) in all)"
-encode_part() {
-  local dev=() r=$((MACHINE_RANK * NUM_GPUS + P))
-  [ "$NUM_GPUS" -gt 1 ] && dev=(--device "cuda:$P")
-  $ARRAG encode "${ENCODE_ARGS[@]}" "${dev[@]}" --shard "$r/$ENCODE_WORLD" ${EXTRA_ENCODE:-}
-}
-if [ "$ENCODE_WORLD" -gt 1 ]; then
-  run_all "$NUM_GPUS" encode_part
-  barrier encoded
-  # The last process to finish writes the store's manifest; a final pass makes sure of it (nothing is left
-  # to encode by then), and the other machines wait for it.
-  [ "$MACHINE_RANK" -eq 0 ] && $ARRAG encode "${ENCODE_ARGS[@]}" ${EXTRA_ENCODE:-}
-  barrier store
-else
-  $ARRAG encode "${ENCODE_ARGS[@]}" ${EXTRA_ENCODE:-}
-fi
-
-WORLD=$((NUM_MACHINES * NUM_PROCS))
-if [ "$WORLD" -eq 1 ]; then
-  echo "== 2/4 + 3/4 build-index $STORE -> $INDEX (one process)"
-  $ARRAG build-index "${INDEX_ARGS[@]}" --overwrite ${EXTRA_INDEX:-}
-else
-  echo "== 2/4 train the quantizer once (machine 0)"
-  [ "$MACHINE_RANK" -eq 0 ] && $ARRAG build-index "${INDEX_ARGS[@]}" --train-only --overwrite ${EXTRA_INDEX:-}
-  barrier trained
-  THREADS=$(( $(nproc) / NUM_PROCS )); [ "$THREADS" -ge 1 ] || THREADS=1
-  echo "== 3/4 add: $NUM_PROCS process(es) here, $WORLD in all, $THREADS thread(s) each"
-  add_part() {
-    OMP_NUM_THREADS=$THREADS $ARRAG build-index "${INDEX_ARGS[@]}" --shard "$((MACHINE_RANK * NUM_PROCS + P))/$WORLD" \
-      ${EXTRA_INDEX:-}
-  }
-  run_all "$NUM_PROCS" add_part
-  if [ "$MACHINE_RANK" -ne 0 ]; then
-    echo "== done here: machine 0 merges the parts into $INDEX"; exit 0
+# stage PORT ARGS...: one `arrag ARGS...` process, or WORLD of them under torchrun (this machine's NUM_PROCS).
+stage() {
+  local port=$1; shift
+  if [ "$WORLD" -eq 1 ]; then
+    $ARRAG "$@"
+  else
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NUM_PROCS > 0 ? $(nproc) / NUM_PROCS : 1 ))} \
+      $TORCHRUN --nnodes "$NUM_MACHINES" --node-rank "$MACHINE_RANK" --nproc-per-node "$NUM_PROCS" \
+      --master-addr "$MASTER_ADDR" --master-port "$port" -m arrag "$@" --dist-timeout "$DIST_TIMEOUT"
   fi
-  echo "== 4/4 merge-index $INDEX"
-  $ARRAG merge-index "$INDEX" --wait 86400
+}
+
+echo "== 1/3 encode $IMAGES -> $STORE ($WORLD process(es) in all)"
+stage "$MASTER_PORT" encode "${ENCODE_ARGS[@]}" ${EXTRA_ENCODE:-}
+echo "== 2/3 build-index $STORE -> $INDEX ($WORLD process(es) in all)"
+stage "$((MASTER_PORT + 1))" build-index "${INDEX_ARGS[@]}" --overwrite ${EXTRA_INDEX:-}
+if [ "$MACHINE_RANK" -ne 0 ]; then
+  echo "== done here: machine 0 merges the parts into $INDEX"; exit 0
 fi
+echo "== 3/3 search-stats $INDEX"
 $ARRAG search-stats "$INDEX" --queries 200
 echo "== done: $INDEX"

@@ -3,10 +3,12 @@
 Sources (build_retriever.sources): a folder of images, webdataset tar shards, img2dataset parquet files, a
 Hugging Face dataset saved with `save_to_disk`, or a hub dataset streamed. Each source unit (a range of
 --shard-size images, one tar, one parquet file, one data shard) becomes one code shard; `--shard i/n`, or the
-RANK/WORLD_SIZE that `torchrun` and `accelerate launch` set, give each process whole units, and a rerun skips the
-units whose shards are finished. DataLoader workers (the CPUs shared among this machine's processes) read whole
+process group of `torchrun` and `accelerate launch`, give each process whole units, and a rerun skips the units
+whose shards are finished. DataLoader workers (the CPUs shared among this machine's processes) read whole
 units, decode and resize; a batch never spans two units, so a shard's codes do not depend on the worker or process
-count. The encoder runs in batches on the GPU when there is one. The last process to finish writes the manifest.
+count. The encoder runs in batches on the GPU when there is one. Under torchrun, the ranks meet at a monitored
+barrier and rank 0 writes the manifest; the processes of a job array wait for nothing, and the one that finds
+every shard done writes it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tqdm import tqdm
 
 from arrag import fileops
 from arrag.build_retriever.sources import SourceError, Unit, decode, local_workers, open_source
+from arrag.distributed import DEFAULT_TIMEOUT, join
 from arrag.errors import ArragError
 from arrag.image_io import RESIZE_MODES, ImageRejected, resize_crop, to_tensor
 from arrag.provenance import SettingsLock
@@ -111,21 +114,12 @@ class EncodeResult:
                 f"{self.skipped}" + (f" ({why})" if why else "") + f"; {self.without_caption} without a caption{bad}")
 
 
-def parse_shard(spec: str | None) -> tuple[int, int]:
-    """'i/n' -> (i, n); None -> from RANK/WORLD_SIZE (torchrun, accelerate launch) or (0, 1)."""
-    if spec is None:
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    m = re.fullmatch(r"(\d+)/(\d+)", spec.strip())
-    if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
-        raise ArragError(f"--shard {spec!r}: expected i/n with 0 <= i < n, e.g. 0/4")
-    return int(m.group(1)), int(m.group(2))
-
-
 def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str | None = None,
            image_size: int | None = None,
            batch_size: int = 32, shard_size: int = 4096, num_workers: int | None = None, save_latents: bool = False,
            shard: str | None = None, device: str = "auto", min_size: int = 64, progress: bool = True,
-           max_images: int | None = None, resize: str = "original", trust_checkpoint: bool = False) -> EncodeResult:
+           max_images: int | None = None, resize: str = "original", trust_checkpoint: bool = False,
+           dist_timeout: float = DEFAULT_TIMEOUT) -> EncodeResult:
     """Encode every image of `source` into a code store at `out` (resumable; see the module docstring).
 
     image_size: the crop size; None takes the tokenizer's (its config's image_size: 384 for VQ-16, the size
@@ -137,7 +131,6 @@ def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str 
     from arrag.runtime import available_cpus, kill_with_parent, resolve_device
     from arrag.vq import load_vq
 
-    rank, world = parse_shard(shard)
     for flag, value, low in (("--batch-size", batch_size, 1), ("--shard-size", shard_size, 1),
                              ("--image-size", image_size or 1, 1), ("--min-size", min_size, 0)):
         if value < low:
@@ -149,6 +142,7 @@ def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str 
     if resize not in RESIZE_MODES:
         raise ArragError(f"--resize {resize!r}: choose {' or '.join(RESIZE_MODES)}")
     fileops.check_out_dir(out, what="code store", is_ours=codestore.is_store_folder(out))  # before any loading
+    group, rank, world = join(shard, dist_timeout)
     num_workers = local_workers(num_workers, available_cpus())
     src = open_source(source, shard_size)
     if max_images is not None:
@@ -195,7 +189,11 @@ def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str 
         with tqdm(total=sum(known) if known else None, desc=f"encode [{rank}/{world}]", unit="img",
                   disable=not progress) as bar:
             _encode_stream(loader, mine, vq, dev, lock, bar, grid, save_latents, result)
-    result.complete = codestore.finalize(folder, num_shards, info)
+    if group is None:  # a job array's process, or the only one: the manifest once every shard is done
+        result.complete = codestore.finalize(folder, num_shards, info)
+        return result
+    group.barrier("encode: every rank's shards")
+    result.complete = group.broadcast(codestore.finalize(folder, num_shards, info) if rank == 0 else None)
     return result
 
 

@@ -49,12 +49,13 @@ def place(rows: np.ndarray, world: int, buckets: int = 1) -> tuple[np.ndarray, n
 
 
 def dedup(rows: np.ndarray, images: np.ndarray):
-    """Occurrences (rows [N, m] uint16, images [N] ascending) -> (distinct rows [U, m] in lexicographic order,
+    """Occurrences (rows [N, m] uint16, images [N], any order) -> (distinct rows [U, m] in lexicographic order,
     counts int64 [U], offsets int64 [U+1], image ids uint32 [N]: occurrences of entry u are
-    image_ids[offsets[u]:offsets[u+1]], in image order)."""
+    image_ids[offsets[u]:offsets[u+1]], ascending). The result depends only on the multiset of occurrences, not
+    on their order (rows exchanged between ranks arrive in any order)."""
     if len(rows) == 0:
         return rows, np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.uint32)
-    order = np.lexsort(rows.T[::-1])  # rows in lexicographic order; stable, so images stay ascending per entry
+    order = np.lexsort((images, *rows.T[::-1]))  # rows in lexicographic order, each row's images ascending
     srt = rows[order]
     starts = np.flatnonzero(np.concatenate([[True], (srt[1:] != srt[:-1]).any(1)]))
     offsets = np.concatenate([starts, [len(rows)]]).astype(np.int64)

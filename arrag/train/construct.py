@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from arrag import fileops
+from arrag.distributed import DEFAULT_TIMEOUT, join
 from arrag.errors import ArragError
 from arrag.fileops import save_npy
 from arrag.provenance import SettingsLock, made_by
@@ -42,17 +43,15 @@ def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str |
                     retrieved_key_num: int = 10,
                     exclude_self: bool = False, chunk_images: int = 256, nprobe: int | None = None,
                     progress: bool = True, verify_index: bool = True, shard: str | None = None,
-                    device: str = "cpu") -> dict:
+                    device: str = "cpu", dist_timeout: float = DEFAULT_TIMEOUT) -> dict:
     """Write the retrieved codes of every shard of `store_dir` into `out` (default: the store folder).
 
     shard 'i/n' (or RANK/WORLD_SIZE from torchrun / accelerate launch): this process takes the store shards s with
     s % n == i; every process writes whole per-shard files, the same bytes as one process would. device: where the
     index is searched ('cuda' puts each process on its LOCAL_RANK's GPU); on the CPU the index is memory-mapped, so
     the processes of one machine share its pages."""
-    from arrag.build_retriever.encode import parse_shard
-
     k = retrieved_key_num  # K candidates per position (the original's retrieved_key_num)
-    rank, world = parse_shard(shard)
+    group, rank, world = join(shard, dist_timeout)
     store = CodeStore.open(store_dir)
     if not store.has_captions:
         raise ArragError(f"code store {store.folder} has no captions: encode image-caption data for FAiD training")
@@ -120,6 +119,8 @@ def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str |
         lock.record()
         save_npy(out / retrieved_name(s), result)
     bar.close()
+    if group is not None:  # the job ends when every rank's shards are written
+        group.barrier("construct-train: every rank's shards")
     return settings
 
 
