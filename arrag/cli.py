@@ -481,6 +481,7 @@ def _add_trust(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import arrag
     from arrag.decoding.loop import SamplingConfig
     from arrag.decoding.methods import METHODS, MethodConfig
     from arrag.train.train_faid import FaidTrainConfig
@@ -489,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="arrag",
         description="Patch-level autoregressive retrieval augmentation (AR-RAG) for Janus-Pro + LlamaGen VQ-16.",
     )
+    parser.add_argument("--version", action="version", version=f"arrag {arrag.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     vq = sub.add_parser("vq", help="tokenizer tools (LlamaGen VQ-VAE)", description="Tokenizer tools.")

@@ -514,7 +514,9 @@ def _read_checkpoint(path: Path, trust: bool = False) -> tuple[dict[str, torch.T
     """Raw state dict (and an embedded config, if any) from a LlamaGen .pt or a safetensors file. A .pt is read
     without running code from it (weight_files.load_pickled; `trust`: the user's --trust-checkpoint)."""
     if not path.exists():
-        raise ArragError(f"VQ checkpoint not found: {path}; download vq_ds16_t2i.pt from LlamaGen or pass --vq")
+        from arrag.hub import missing_path_error
+
+        raise missing_path_error(path, "VQ checkpoint")
     if path.is_dir():
         raise ArragError(f"VQ checkpoint {path} is a folder; pass the .pt or .safetensors file inside it")
     if path.suffix == ".safetensors":

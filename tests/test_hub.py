@@ -47,9 +47,31 @@ def test_a_missing_hub_id_says_which_command_fetches_it(tmp_path):
                  "'deepseek-ai/Janus-Pro-1B', '--prompt', 'a cat', '--device', 'cpu']))\n")
     err = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(err) == 1, p.stderr[-2000:]
-    assert "not in the Hugging Face cache" in err[0] and "huggingface-cli download deepseek-ai/Janus-Pro-1B" in err[0]
+    assert "not in the Hugging Face cache" in err[0] and "hf download deepseek-ai/Janus-Pro-1B" in err[0]
 
 
 def test_what_counts_as_a_hub_id(tmp_path):
     assert is_hub_id("deepseek-ai/Janus-Pro-1B") and is_hub_id("peizesun/llamagen_t2i/vq_ds16_t2i.pt")
     assert not is_hub_id(str(tmp_path)) and not is_hub_id("./a/b") and not is_hub_id("just-a-name")
+
+
+def test_local_paths_are_never_hub_ids_and_fail_fast(tmp_path, monkeypatch, capsys):
+    """result/ckpts/arrag_faid (its first part a local folder) is a path: a missing one is one line at once, with no
+    network retries; a missing vq_ds16_t2i.pt names where the hub keeps it."""
+    import time
+
+    from arrag.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "result" / "ckpts").mkdir(parents=True)
+    (tmp_path / "arrag" / "Janus" / "janus").mkdir(parents=True)
+    assert not is_hub_id("result/ckpts/arrag_faid") and not is_hub_id("arrag/Janus/janus/vq_ds16_t2i.pt")
+    assert not is_hub_id("result/x.safetensors") and is_hub_id("someone/model")
+    t0 = time.time()
+    assert main(["generate", "--model", "result/ckpts/arrag_faid", "--prompt", "a cat", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "arrag: error: model result/ckpts/arrag_faid: no such file or folder" and time.time() - t0 < 20
+    assert main(["vq", "reconstruct", "x.png", "--vq", "arrag/Janus/janus/vq_ds16_t2i.pt", "--out", "o.png"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "vq_ds16_t2i.pt: no such file or folder; it is on the hub" in err
+    assert "download peizesun/llamagen_t2i vq_ds16_t2i.pt" in err

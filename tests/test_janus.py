@@ -123,7 +123,7 @@ def test_first_step_cfg_matches_independent_computation(tiny_janus_dir, tiny_jan
 
 
 def test_load_errors_are_clear(tmp_path, tiny_janus_dir):
-    with pytest.raises(ArragError, match="model not found"):
+    with pytest.raises(ArragError, match="no such file or folder"):
         JanusPro.from_pretrained(tmp_path / "nope", device="cpu")
     with pytest.raises(ArragError, match="no config.json"):
         JanusPro.from_pretrained(tmp_path, device="cpu")

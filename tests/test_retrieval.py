@@ -332,7 +332,7 @@ def test_build_retriever_script(tmp_path, images, vq_file):
     assert (tmp_path / "index_L" / "manifest.json").exists() and "recall@10" in p.stdout
     env["VQ_CKPT"] = str(tmp_path / "missing.pt")
     p = subprocess.run(["bash", script, str(images)], env=env, capture_output=True, text=True)
-    assert p.returncode == 2 and re.search("VQ checkpoint not found: .*missing.pt", p.stderr)
+    assert p.returncode == 2 and re.search("VQ checkpoint .*missing.pt: no such file or folder", p.stderr)
     # A model folder as VQ_CKPT, no preset and no size: the model decides (its VQ, its 64-px images).
     from arrag.demo.presets import make_tiny_janus
 

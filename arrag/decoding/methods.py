@@ -95,11 +95,15 @@ class Generator:
         self.prompter, self.step_mode = prompter, step_mode
 
     @classmethod
-    def load(cls, model_path: str | Path, method: MethodConfig | None = None, *, retriever: str | Path | None = None,
-             device: str = "auto", dtype: str = "auto", retriever_device: str | None = None,
-             nprobe: int | None = None, verify_index: bool = True, local_rank: int | None = None,
-             step_mode: str = "auto", trust_checkpoint: bool = False) -> Generator:
+    def load(cls, model_path: str | Path, method: MethodConfig | str | None = None, *,
+             retriever: str | Path | None = None, device: str = "auto", dtype: str = "auto",
+             retriever_device: str | None = None, nprobe: int | None = None, verify_index: bool = True,
+             local_rank: int | None = None, step_mode: str = "auto", trust_checkpoint: bool = False,
+             **method_settings) -> Generator:
         """Load a Janus-Pro folder and, for retrieval methods, its index; everything is checked before loading.
+
+        `method` is a MethodConfig, or a method name ("base", "daid", "faid", "faid+daid") with its settings as
+        keywords (daid_lambda=0.1, faid_k=10, ...).
 
         device 'auto' is CUDA when present (GPU `local_rank` when several processes share a machine). With the
         model on CUDA the index goes to the GPU too (faiss-gpu, or the torch backend for Flat and IVF-Flat
@@ -110,7 +114,10 @@ class Generator:
         from arrag.janus.model import JanusPro
         from arrag.runtime import parse_dtype, resolve_device
 
-        method = method or MethodConfig()
+        if method is None or isinstance(method, str):
+            method = MethodConfig(method=method or "base", **method_settings)
+        elif method_settings:
+            raise ArragError(f"pass method settings in the MethodConfig, not as keywords: {', '.join(method_settings)}")
         method.validate()
         if nprobe is not None and nprobe < 1:
             raise ArragError(f"--nprobe must be >= 1, got {nprobe}")
@@ -147,6 +154,14 @@ class Generator:
         """uint8 images [len(prompts) * parallel_size, H, W, 3]; image j*parallel_size+s = prompt j, sample s."""
         return self.images(self.sample_codes(prompts, sampling, **kw))
 
+    def __call__(self, prompts: str | Sequence[str], progress: bool = False, **sampling) -> np.ndarray:
+        """Generate with SamplingConfig's settings as keywords (parallel_size, cfg_weight, temperature, seed, ...):
+        uint8 images [len(prompts) * parallel_size, H, W, 3]. A model loaded once generates many times."""
+        config = SamplingConfig(**sampling)
+        config.validate()
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return self.generate(prompts, config.for_model(self.model), progress=progress)
+
     # -- the record -----------------------------------------------------------------------------------------
     def settings(self) -> dict:
         """Model, method, hooks and index settings for a JSON sidecar (not the sampling settings)."""
@@ -182,10 +197,10 @@ def generate(model, prompts: Sequence[str], *, method: str = "base", retriever=N
              image_index_offset: int = 0, progress: bool = True) -> np.ndarray:
     """Generate uint8 images [len(prompts) * parallel_size, H, W, 3] (image j*parallel_size+s = prompt j, sample s).
 
-    method: base, daid, faid or faid+daid (the last three need `retriever`, a PatchRetriever built with this
-    model's VQ; faid needs a FAiD checkpoint). daid_* left None take MethodConfig's defaults. seed=None draws a
-    fresh seed, printed to stderr (callers that record settings should pick the seed themselves). Extra
-    `hooks` run after the method's own, in the given order.
+    method: base, daid, faid or faid+daid (the last three need `retriever`: an index folder, or a PatchRetriever,
+    built with this model's VQ; faid needs a FAiD checkpoint). daid_* left None take MethodConfig's defaults.
+    seed=None draws a fresh seed, printed to stderr (callers that record settings should pick the seed
+    themselves). Extra `hooks` run after the method's own, in the given order.
     """
     cfg = MethodConfig(method=method, daid_aggregate=daid_aggregate, faid_k=faid_k, allow_unknown_vq=allow_unknown_vq)
     for name, value in (("daid_lambda", daid_lambda), ("daid_tau", daid_tau), ("daid_k", daid_k)):
@@ -196,6 +211,13 @@ def generate(model, prompts: Sequence[str], *, method: str = "base", retriever=N
         print(f"arrag: seed {seed}", file=sys.stderr)
     sampling = SamplingConfig(parallel_size=parallel_size, cfg_weight=cfg_weight, temperature=temperature,
                               top_k=top_k, top_p=top_p, seed=seed, image_size=image_size, batch_size=batch_size)
+    if isinstance(retriever, (str, Path)):  # an index folder, loaded where the model runs (see Generator.load)
+        from arrag.retrieval.retriever import PatchRetriever
+
+        where = str(model.device) if model.device.type == "cuda" else "cpu"
+        retriever = PatchRetriever.load(retriever, device=where, gpu_fallback=True)
+    elif retriever is not None and not hasattr(retriever, "check_compatible"):
+        raise ArragError(f"retriever: expected an index folder or a PatchRetriever, got {type(retriever).__name__}")
     gen = Generator(model, cfg, retriever, extra_hooks=hooks, prompter=prompter)
     n = len(prompts) * parallel_size
     return gen.generate(prompts, sampling, image_indices=range(image_index_offset, image_index_offset + n),

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from arrag import hub
-from arrag.errors import ArragError
 from arrag.fileops import atomic_path, write_text
 from arrag.janus.blender import CONV_NAMES
 from arrag.janus.config import JanusConfig
@@ -122,8 +121,7 @@ class JanusPro(nn.Module):
 
         path = hub.resolve(path, "model")  # a Hub id (deepseek-ai/Janus-Pro-1B) comes from the cache or a download
         if not path.exists():
-            raise ArragError(f"model not found: {path}; pass a Janus-Pro checkpoint folder (config.json + weights) "
-                             "or a Hugging Face id such as deepseek-ai/Janus-Pro-1B")
+            raise hub.missing_path_error(path, "model")
         folder = path if path.is_dir() else path.parent
         config = JanusConfig.from_file(folder / "config.json")
         files = weight_files(path)
