@@ -519,7 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate images for every prompt x --parallel-size samples in one batch, with CFG. Writes "
                     "OUT/<prompt>_<sample>.png (0000_00.png, 0000_01.png, ...) and OUT/settings.json with every "
                     "setting and the seed; with --layout, a benchmark's files instead.")
-    gen.add_argument("--model", required=True, help="Janus-Pro checkpoint folder (config.json, weights, tokenizer)")
+    gen.add_argument("--model", required=True,
+                     help="Janus-Pro checkpoint folder (config.json, weights, tokenizer) or a hub id such as "
+                          "deepseek-ai/Janus-Pro-1B (the cache, or a download when there is a network)")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--prompts", help="prompt source: a text file (one per line), GenEval's evaluation_metadata"
                                        ".jsonl, a DPG-Bench prompts folder (<id>.txt) or a CSV with a caption column")
@@ -594,7 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("source", help="a folder of images (recursive), webdataset .tar shards (file, folder or "
                                     "shard-{000..009}.tar), a saved HF dataset folder, or a hub dataset name")
     enc.add_argument("--out", required=True, help="code store folder")
-    enc.add_argument("--vq", required=True, help="tokenizer weights (vq_ds16_t2i.pt or .safetensors)")
+    enc.add_argument("--vq", required=True,
+                     help="the tokenizer: LlamaGen's vq_ds16_t2i.pt, an arrag .safetensors, a Janus-Pro model folder "
+                          "(its own VQ), or a hub id such as peizesun/llamagen_t2i/vq_ds16_t2i.pt or "
+                          "deepseek-ai/Janus-Pro-1B")
     enc.add_argument("--vq-preset", default=None, help="VQ architecture preset (default: from the file, else VQ-16)")
     enc.add_argument("--image-size", type=_int(1, MAX_IMAGE_SIZE), default=None,
                      help="crop size in pixels (default: the tokenizer's, 384 = 24x24 tokens for VQ-16)")
@@ -905,6 +910,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The CLI's warnings as one line each, like its errors (Python's default adds the file and a source line)."""
+    print(f"arrag: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+
 def _terminated(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (kill, timeout, a job scheduler) unwinds like Ctrl-C: temporaries are removed
 
@@ -920,6 +930,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
+    import warnings
+
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_warning
     try:
         return int(args.func(args) or 0)
     except ArragError as e:
@@ -929,6 +943,7 @@ def main(argv: list[str] | None = None) -> int:
         print("arrag: interrupted", file=sys.stderr)
         return 130
     finally:
+        warnings.showwarning = shown
         if in_main:
             signal.signal(signal.SIGTERM, previous)
 

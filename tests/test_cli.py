@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -87,3 +88,16 @@ def test_demo_smoke(tmp_path, capsys):
     folder = tmp_path / "demo" / "faid-noret" / "seed0"
     control = np.stack([np.asarray(load_rgb(folder / f"{it.index:05d}" / "samples" / "0000.png")) for it in items])
     assert np.array_equal(control, direct)
+
+
+def test_warnings_are_one_line_and_small_indexes_say_their_choice(tmp_path, tiny_janus_dir, capsys):
+    assert main(["generate", "--model", str(tiny_janus_dir), "--prompt", "a red bicycle", "--image-size", "64",
+                 "--out", str(tmp_path / "g"), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if "does not know" in x)
+    assert line.startswith("arrag: warning: the tokenizer does not know 'bicycle'") and "UserWarning" not in err
+    from arrag.retrieval import codestore
+
+    codestore.write_store(tmp_path / "s", np.zeros((3, 4, 4), np.uint16), np.eye(8, dtype=np.float32))
+    assert main(["build-index", str(tmp_path / "s"), "--out", str(tmp_path / "i")]) == 0
+    assert re.search(r"\[build-index\] 18 entries .*: Flat \(", capsys.readouterr().out)

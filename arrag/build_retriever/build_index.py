@@ -256,6 +256,9 @@ def _plan_and_train(*, store: CodeStore, nb, key_source: str, dedup: bool, facto
                   + (f", about {estimated:,} distinct" if dedup else "") + f", d={d}: {factory} ({reason}); "
                   f"training on {n_train:,} sampled keys (seed {seed})" + (f" with GPUs {gpus}" if gpus else ""))
         faiss_index.train(index, sample, gpus)
+    elif train and progress:  # nothing to train (Flat, a trained index): the choice is still said
+        print(f"[build-index] {occurrences:,} entries ({store.num_images:,} images x {p} positions)"
+              + (f", about {estimated:,} distinct" if dedup else "") + f", d={d}: {factory} ({reason})")
     plan = BuildPlan(format=INDEX_FORMAT, store=str(store.folder.resolve()), vq_fingerprint=store.fingerprint,
                      shape=nb.name, key_source=key_source, dedup=dedup, factory=factory, factory_reason=reason, dim=d,
                      grid=[h, w], images=store.num_images, entries_per_image=p, occurrences=occurrences,

@@ -4,7 +4,8 @@
 #   bash arrag/t2i_example/t2i_faid_L.sh            # run it with bash (the original README said python)
 #
 # Settings (environment variables; an empty one takes `arrag generate`'s default, see `arrag generate --help`):
-#   MODEL          FAiD checkpoint (train-faid output, or jingyq1/arrag_faid)   (default result/ckpts/arrag_faid)
+#   MODEL          FAiD checkpoint (train-faid output, or jingyq1/arrag_faid)   (default result/ckpts/ckpts_FAiD_b2_h12,
+#                  what train_FAiD.sh writes)
 #   RETRIEVER      patch index built by build_retriever.sh        (default data/retriever/index_L)
 #   PROMPT         the prompt                                     (default a photo of a red bicycle leaning on a wall)
 #   OUTPUT         the output image (a grid of PARALLEL_SIZE)     (default result/generated_imgs/example_t2i_faid.jpg)
@@ -20,7 +21,7 @@
 #   EXTRA                                                         any other `arrag generate` flags
 set -euo pipefail
 
-MODEL=${MODEL:-result/ckpts/arrag_faid}
+MODEL=${MODEL:-result/ckpts/ckpts_FAiD_b2_h12}
 RETRIEVER=${RETRIEVER:-data/retriever/index_L}
 PROMPT=${PROMPT:-a photo of a red bicycle leaning on a wall}
 OUTPUT=${OUTPUT:-result/generated_imgs/example_t2i_faid.jpg}

@@ -605,4 +605,4 @@ def _export(cfg: FaidTrainConfig, state: dict, out: Path, sidecar: dict) -> None
     index = json.loads(retrieved.read_text()).get("retriever") if retrieved.is_file() else None
     print(f"FAiD checkpoint: {out}{loss}; generate with:\n  arrag generate --model {shlex.quote(str(out))} "
           f"--method faid --retriever {shlex.quote(index) if index else 'INDEX_FOLDER'} "
-          "--prompt 'a photo of a red bicycle'")
+          "--prompt 'YOUR PROMPT'")
