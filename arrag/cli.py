@@ -372,7 +372,7 @@ def _demo(args: argparse.Namespace) -> int:
     run_demo(args.out, seeds=seeds, split=args.split, per_category=args.per_category, samples=args.samples,
              methods=tuple(args.methods.split(",")), daid=daid, faid_k=args.faid_k, sampling=sampling,
              database_images=args.database_images, retriever_dir=args.retriever_dir,
-             device=resolve_device(args.device), assets=args.assets or ASSETS)
+             device=resolve_device(args.device), assets=args.assets or ASSETS, overwrite=args.overwrite)
     return 0
 
 
@@ -878,6 +878,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "prompts with base, DAiD and FAiD from the same seeds, score them from the pixels, write "
                     "grid.png and scores.json under --out and print the table.")
     demo.add_argument("--out", default="result/demo", help="output folder (default result/demo)")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace a demo run with other settings in --out (a rerun with the same settings reuses "
+                           "its images)")
     demo.add_argument("--seeds", default=",".join(map(str, DEMO_SEEDS)),
                       help="comma-separated seeds; several give mean ± SE (default %(default)s)")
     demo.add_argument("--split", default="test", choices=["validation", "test"],

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import arrag
+from arrag.errors import ArragError
 from arrag.fileops import write_text
 
 
@@ -85,6 +86,10 @@ def write_sidecar(output: str | Path, settings: Mapping[str, Any], kind: str) ->
     return write_json(sidecar_path(output), {OUTPUT_FIELD: kind, **environment(), "settings": dict(settings)})
 
 
+class SettingsDiffer(ArragError):
+    """A folder holds results made with other settings (SettingsLock.check)."""
+
+
 class SettingsLock:
     """The record of the settings that made a resumable job's results (settings.json, train.json, ...).
 
@@ -116,10 +121,8 @@ class SettingsLock:
     def check(self) -> None:
         diff = self.differences()
         if diff and self.has_results():
-            from arrag.errors import ArragError
-
-            raise ArragError(f"{self.path.parent} holds {self.what} made with other settings ({', '.join(diff)} "
-                             f"differ); rerun with the same settings to resume, or {self.start_over}")
+            raise SettingsDiffer(f"{self.path.parent} holds {self.what} made with other settings ({', '.join(diff)} "
+                                 f"differ); rerun with the same settings to resume, or {self.start_over}")
 
     def record(self) -> None:
         if not self.path.exists() or (self.differences() and not self.has_results()):

@@ -65,8 +65,16 @@ def test_demo_smoke(tmp_path, capsys):
         [f"{i:05d}" for i in range(6)]
     assert scores["sampling"] == {"cfg_weight": 5.0, "temperature": 1.0}
     first = (tmp_path / "demo" / "base" / "seed0" / "00000" / "samples" / "0000.png").read_bytes()
-    # A rerun reuses the retriever; the sampling flags reach every method and are recorded.
-    assert main([*args, "--methods", "base,faid-noret", "--cfg-weight", "3", "--temperature", "0.5"]) == 0
+    assert "note: one seed of 6 images a method" in printed  # a one-seed look says how noisy it is
+    # A rerun with the same settings reuses every image; one with other settings is refused unless --overwrite.
+    stamp = (tmp_path / "demo" / "base" / "seed0" / "00000" / "samples" / "0000.png").stat().st_mtime_ns
+    assert main(args) == 0 and "(base, seed 0)" in capsys.readouterr().err
+    assert (tmp_path / "demo" / "base" / "seed0" / "00000" / "samples" / "0000.png").stat().st_mtime_ns == stamp
+    assert main([*args, "--samples", "2"]) == 2
+    assert "holds a demo run with other settings (samples differ)" in capsys.readouterr().err
+    # --overwrite: the retriever is reused; the sampling flags reach every method and are recorded.
+    assert main([*args, "--methods", "base,faid-noret", "--cfg-weight", "3", "--temperature", "0.5",
+                 "--overwrite"]) == 0
     assert "reusing the demo retriever" in capsys.readouterr().err
     scores = json.loads((tmp_path / "demo" / "scores.json").read_text())
     assert scores["sampling"] == {"cfg_weight": 3.0, "temperature": 0.5}

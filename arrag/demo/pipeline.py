@@ -34,13 +34,13 @@ from arrag.demo.score import (
 from arrag.demo.score import reference_images as render_reference
 from arrag.demo.shapes import CATEGORIES, ShapesWorld
 from arrag.errors import ArragError
-from arrag.eval.batch_generate import generate_into_layout
+from arrag.eval.batch_generate import run_layout
 from arrag.eval.layouts import make_layout
 from arrag.eval.prompts import read_prompt_source
 from arrag.fileops import check_out_dir, remove_owned_dir
 from arrag.image_io import labeled_grid, save_image
 from arrag.janus.model import JanusPro
-from arrag.provenance import OUTPUT_FIELD, made_by, write_json, write_sidecar
+from arrag.provenance import OUTPUT_FIELD, SettingsDiffer, made_by, read_json_dict, write_json, write_sidecar
 from arrag.retrieval.retriever import PatchRetriever
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -102,8 +102,13 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = DE
              daid: dict | None = None, faid_k: int = DEMO_FAID_K, sampling: dict | None = None,
              database_images: int = 4800,
              retriever_dir: str | Path = DEMO_RETRIEVER, assets: str | Path = ASSETS,
-             reference_images: int = 512, device: str | torch.device = "cpu", progress: bool = True) -> dict:
-    """Generate the split's prompts with each method and seed, score them, write grid.png and scores.json."""
+             reference_images: int = 512, device: str | torch.device = "cpu", progress: bool = True,
+             overwrite: bool = False) -> dict:
+    """Generate the split's prompts with each method and seed, score them, write grid.png and scores.json.
+
+    A rerun with the same settings reuses the images it finds (each method and seed is a resumable layout run);
+    a folder holding a demo run with other settings is refused unless `overwrite`, so a quick look never
+    replaces the full run's table."""
     t_start = time.time()
     out, assets = Path(out_dir), Path(assets)
     device = torch.device(device)
@@ -112,10 +117,16 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = DE
     check_settings(seeds=seeds, per_category=per_category, samples=samples, methods=methods, daid=daid,
                    faid_k=faid_k, sampling=sampling, database_images=database_images)
     check_out_dir(out, what="demo folder", is_ours=is_demo_folder(out))  # all before the retriever is built
+    run = {OUTPUT_FIELD: DEMO_KIND, "seeds": list(seeds), "split": split, "per_category": per_category,
+           "samples": samples, "methods": list(methods), "daid": daid, "faid_k": faid_k, "sampling": sampling,
+           "assets": str(assets.resolve()), "database_images": database_images}
+    earlier = read_json_dict(out / "demo.json")
+    differ = [k for k in run if earlier is not None and k in earlier and earlier[k] != run[k]]
+    if differ and not overwrite:
+        raise ArragError(f"{out} holds a demo run with other settings ({', '.join(differ)} differ); pass another "
+                         f"--out (e.g. {out}-quick) or --overwrite to replace its table")
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "demo.json", {OUTPUT_FIELD: DEMO_KIND, "seeds": list(seeds), "split": split,
-                                   "per_category": per_category, "samples": samples, "methods": list(methods),
-                                   "daid": daid, "faid_k": faid_k, "sampling": sampling, "assets": str(assets)})
+    write_json(out / "demo.json", run)
     models = load_demo_models(assets, device)
     recipe = assets / "recipe.json"
     size = json.loads(recipe.read_text())["recipe"]["image_size"] if recipe.is_file() else 64
@@ -137,6 +148,7 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = DE
           f"{', '.join(methods)}", file=sys.stderr)
     results: dict = {m: [] for m in methods}
     first_images: dict = {}
+    runs, done, t_gen = len(seeds) * len(methods), 0, time.time()
     for seed in seeds:
         for method in methods:
             model = models["faid" if method.startswith("faid") else "base"]
@@ -145,11 +157,15 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = DE
                                   None if decode == "base" else retriever)
             folder = out / method / f"seed{seed}"
             layout = make_layout("geneval", folder, samples)
-            remove_owned_dir(folder, what="GenEval image folder", owned=layout.owned)  # always fresh images
+            config = SamplingConfig(parallel_size=samples, seed=seed, image_size=size, **sampling)
+            if folder.exists() and not layout.is_ours():  # images of an earlier arrag, with no record: made again
+                remove_owned_dir(folder, what="GenEval image folder", owned=layout.owned)
             t0 = time.time()
-            generate_into_layout(generator, items, layout, SamplingConfig(parallel_size=samples, seed=seed,
-                                                                          image_size=size, **sampling),
-                                 prompts_per_batch=len(items), progress=progress)
+            try:  # the images of an earlier run with these settings are reused (a resumable layout run)
+                _generate(generator, items, layout, config, prompt_file, f"{LABELS[method]}, seed {seed}", progress)
+            except SettingsDiffer:  # other models or index since: generated again
+                remove_owned_dir(folder, what="GenEval image folder", owned=layout.owned)
+                _generate(generator, items, layout, config, prompt_file, f"{LABELS[method]}, seed {seed}", progress)
             seconds = time.time() - t0
             images, scenes, _ = read_generated(folder)
             score = accuracy(images, scenes)
@@ -157,6 +173,10 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = DE
             score["seconds"] = round(seconds, 1)
             results[method].append(score)
             first_images.setdefault(method, images[::samples])
+            done += 1
+            left = (time.time() - t_gen) / done * (runs - done)
+            print(f"[demo] {done}/{runs} runs done ({LABELS[method]}, seed {seed})"
+                  + (f", about {left / 60:.1f} min left" if done < runs else ""), file=sys.stderr)
 
     print("[demo] 3/3 scores", file=sys.stderr)
     truth_score = accuracy(truth, truth_scenes)
@@ -181,9 +201,19 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = DE
     write_sidecar(grid, {"columns": ["ground truth", *methods], "rows": [r["prompt"] for r in records],
                          "seed": seeds[0], "split": split}, kind=DEMO_KIND)
     _print_table(summary, methods)
+    if len(seeds) == 1:  # a quick look: its noise, next to its table
+        n = len(items) * samples
+        print(f"note: one seed of {n} images a method: each accuracy is uncertain by about +-{(0.25 / n) ** 0.5:.2f} "
+              "(binomial standard error), enough to reorder the methods; the default three seeds give the README's "
+              "table")
     print(f"[demo] wrote {grid} (rows: prompts; columns: ground truth, {', '.join(methods)}) and "
           f"{out / 'scores.json'} in {summary['seconds']:.0f} s")
     return summary
+
+
+def _generate(generator, items, layout, config: SamplingConfig, prompt_file: Path, desc: str, progress: bool) -> None:
+    run_layout(generator, items, layout, config, prompts_source=str(prompt_file), prompts_per_batch=len(items),
+               progress=progress, desc=desc)
 
 
 def _aggregate(per_seed: list[dict]) -> dict:

@@ -123,7 +123,8 @@ class Claims:
 
 def generate_into_layout(generator: Generator, items: Sequence[PromptItem], layout: Layout,
                          sampling: SamplingConfig, *, prompts_per_batch: int = 1, slot: ProcessSlot = ProcessSlot(),
-                         progress: bool = True, before_write: Callable[[], None] | None = None) -> dict:
+                         progress: bool = True, before_write: Callable[[], None] | None = None,
+                         desc: str | None = None) -> dict:
     """Generate this process's unfinished, unclaimed prompts into `layout`; returns counts and timing.
 
     `before_write` runs once, just before the first images are written (the caller locks its settings then).
@@ -133,7 +134,8 @@ def generate_into_layout(generator: Generator, items: Sequence[PromptItem], layo
     mine = slot.mine(items)
     todo = [it for it in mine if not layout.done(it)]
     claims = Claims(layout.out)
-    bar = tqdm(total=len(todo), desc=f"generate [{slot.rank + 1}/{slot.world}]", unit="prompt", disable=not progress)
+    bar = tqdm(total=len(todo), desc=desc or f"generate [{slot.rank + 1}/{slot.world}]", unit="prompt",
+               disable=not progress)
     t0 = time.perf_counter()
     try:
         generated, elsewhere = _generate_pending(generator, list(todo), layout, sampling, claims, bar,
@@ -182,7 +184,7 @@ def _generate_pending(generator: Generator, pending: list[PromptItem], layout: L
 
 def run_layout(generator: Generator, items: Sequence[PromptItem], layout: Layout, sampling: SamplingConfig, *,
                prompts_source: str | None, slot: ProcessSlot = ProcessSlot(), prompts_per_batch: int = 1,
-               progress: bool = True) -> dict:
+               progress: bool = True, desc: str | None = None) -> dict:
     """`generate --layout`: lock the settings (checked now, recorded with the first images), write the prompt
     list, and generate this process's share. A rerun with the same settings resumes; other settings, another
     model or an edited prompt file are refused."""
@@ -204,4 +206,4 @@ def run_layout(generator: Generator, items: Sequence[PromptItem], layout: Layout
             write_prompt_list(layout, items)
 
     return generate_into_layout(generator, items, layout, sampling, prompts_per_batch=prompts_per_batch, slot=slot,
-                                progress=progress, before_write=first_images)
+                                progress=progress, before_write=first_images, desc=desc)
