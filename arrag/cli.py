@@ -22,6 +22,7 @@ def _vq_reconstruct(args: argparse.Namespace) -> int:
 
     from arrag.fileops import check_out_file
     from arrag.image_io import image_format, load_rgb, make_grid, resize_crop, save_image, to_tensor, to_uint8
+    from arrag.image_io import psnr as image_psnr
     from arrag.provenance import made_by, sidecar_path, write_sidecar
     from arrag.runtime import resolve_device
     from arrag.vq import load_vq
@@ -42,7 +43,7 @@ def _vq_reconstruct(args: argparse.Namespace) -> int:
         rec = to_uint8(vq.decode_codes(codes))[0]
     original = np.asarray(image)
     out = save_image(make_grid(np.stack([original, rec]), ncol=2) if args.side_by_side else rec, args.out)
-    psnr = 10 * np.log10(255.0**2 / max(float(((rec.astype(float) - original) ** 2).mean()), 1e-10))
+    psnr = float(image_psnr(rec, original)[0])
     write_sidecar(out, {"image": args.image, "vq": args.vq, "vq_preset": args.vq_preset, "size": args.size,
                         "resize": args.resize,
                         "grid": list(codes.shape[1:]), "psnr_db": psnr, "fingerprint": vq.fingerprint()},

@@ -131,6 +131,15 @@ def to_tensor(images: Image.Image | Sequence[Image.Image] | np.ndarray) -> torch
     return t / 127.5 - 1.0
 
 
+def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """PSNR in dB of each image pair on the [0, 255] scale: uint8 [N, H, W, 3] (or one [H, W, 3]) -> float64 [N]."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.ndim == 3:
+        a, b = a[None], b[None]
+    mse = ((a - b) ** 2).reshape(len(a), -1).mean(1)
+    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
+
+
 def to_uint8(images: torch.Tensor, convention: str = "llamagen") -> np.ndarray:
     """float [B, 3, H, W] about [-1, 1] -> uint8 [B, H, W, 3].
 

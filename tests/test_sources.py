@@ -184,3 +184,26 @@ def test_a_streamed_hf_dataset_gives_each_rank_whole_data_shards(tmp_path, vq_fi
     for k in range(3):
         np.testing.assert_array_equal(np.load(tmp_path / "two" / f"codes-{k:05d}.npy"),
                                       np.load(tmp_path / "one" / f"codes-{k:05d}.npy"))
+
+
+def test_encode_measures_how_well_the_tokenizer_represents_the_images(tmp_path):
+    """The demo tokenizer knows ShapesWorld, not an orange gradient: encode says so, and the manifest records it."""
+    import warnings
+
+    from arrag.demo.pipeline import ASSETS
+
+    shapes, gradient = tmp_path / "shapes", tmp_path / "gradient"
+    for i in range(4):
+        save_image(WORLD.image(i), shapes / f"{i}.png")
+        ramp = np.linspace(0, 1, 64)[None, :, None] * np.array([255, 140, 0])[None, None]
+        save_image(np.broadcast_to(ramp, (64, 64, 3)).astype(np.uint8), gradient / f"{i}.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        good = enc.encode(str(shapes), tmp_path / "s1", ASSETS / "base", **KW)
+        poor = enc.encode(str(gradient), tmp_path / "s2", ASSETS / "base", **KW)
+    assert len(good.round_trip_psnr) == 4 and np.mean(good.round_trip_psnr) > 20
+    assert np.mean(poor.round_trip_psnr) < 20 and "round trip" in poor.summary()
+    said = [str(w.message) for w in caught if "reconstructs these images poorly" in str(w.message)]
+    assert len(said) == 1  # only for the gradient
+    assert CodeStore.open(tmp_path / "s2").manifest["vq_round_trip"]["psnr_db"] < 20
+    assert CodeStore.open(tmp_path / "s1").manifest["vq_round_trip"]["images"] == 4

@@ -27,9 +27,13 @@ from arrag import fileops
 from arrag.build_retriever.sources import SourceError, Unit, decode, local_workers, open_source
 from arrag.distributed import DEFAULT_TIMEOUT, join
 from arrag.errors import ArragError
-from arrag.image_io import RESIZE_MODES, ImageRejected, resize_crop, to_tensor
+from arrag.image_io import RESIZE_MODES, ImageRejected, psnr, resize_crop, to_tensor, to_uint8
 from arrag.provenance import SettingsLock
 from arrag.retrieval import codestore
+
+ROUND_TRIP_IMAGES = 32  # images per process whose decode(encode(x)) is measured (cheap next to encoding all)
+POOR_ROUND_TRIP_DB = 20.0  # below this mean PSNR a tokenizer does not represent the images: a warning
+
 
 # -- reading in workers ----------------------------------------------------------------------------------------
 
@@ -104,14 +108,18 @@ class EncodeResult:
     skipped_by_reason: dict = field(default_factory=dict)  # unreadable, too small, refused
     without_caption: int = 0
     caption_undecodable: int = 0                           # images kept whose caption file was not text
+    round_trip_psnr: list = field(default_factory=list)    # dB of decode(encode(x)) on this process's first images
 
     def summary(self) -> str:
         """One line: what was read, what was skipped and why, how many images lack a caption."""
         fmts = ", ".join(f"{n} {f}" for f, n in sorted(self.formats.items())) or "none"
         why = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped_by_reason.items()))
         bad = f" ({self.caption_undecodable} of them not UTF-8)" if self.caption_undecodable else ""
+        trip = (f"; the tokenizer's round trip {np.mean(self.round_trip_psnr):.1f} dB PSNR on "
+                f"{len(self.round_trip_psnr)} of them" if self.round_trip_psnr else "")
         return (f"encoded {self.encoded} images ({fmts}) into {len(self.shards_written)} new shards; skipped "
-                f"{self.skipped}" + (f" ({why})" if why else "") + f"; {self.without_caption} without a caption{bad}")
+                f"{self.skipped}" + (f" ({why})" if why else "") + f"; {self.without_caption} without a caption{bad}"
+                + trip)
 
 
 def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str | None = None,
@@ -189,6 +197,11 @@ def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str 
         with tqdm(total=sum(known) if known else None, desc=f"encode [{rank}/{world}]", unit="img",
                   disable=not progress) as bar:
             _encode_stream(loader, mine, vq, dev, lock, bar, grid, save_latents, result)
+    if result.round_trip_psnr and np.mean(result.round_trip_psnr) < POOR_ROUND_TRIP_DB:
+        warnings.warn(f"the tokenizer reconstructs these images poorly ({np.mean(result.round_trip_psnr):.1f} dB PSNR "
+                      f"on {len(result.round_trip_psnr)} of them): their codes will not look like them, and neither "
+                      "will a database built from them; use a tokenizer trained on such images (LlamaGen's "
+                      "vq_ds16_t2i.pt for photographs; the demo's knows only ShapesWorld)", stacklevel=2)
     if group is None:  # a job array's process, or the only one: the manifest once every shard is done
         result.complete = codestore.finalize(folder, num_shards, info)
         return result
@@ -219,6 +232,12 @@ def _encode_stream(loader, units: list[Unit], vq, dev, lock: SettingsLock, bar, 
             x = to_tensor(np.stack([b["array"] for b in good])).to(dev)
             with torch.no_grad():
                 codes, lat = vq.encode_to_codes(x, return_latents=True)
+                m = min(len(good), ROUND_TRIP_IMAGES - len(result.round_trip_psnr))
+                if m > 0:  # how well the tokenizer represents these images, on the first few
+                    rec = to_uint8(vq.decode_codes(codes[:m]))
+                    trip = psnr(rec, np.stack([b["array"] for b in good[:m]]))
+                    result.round_trip_psnr += trip.tolist()
+                    good[0]["round_trip_psnr"] = trip.tolist()
             del x
             trim_heap()  # memory flat over millions of images (see runtime.trim_heap)
             for b, c, la in zip(good, codes.cpu().numpy(), lat.cpu().numpy(), strict=True):
@@ -248,8 +267,9 @@ def _flush(folder: Path, k: int, rows: list[dict], grid: int, save_latents: bool
     # Captions are kept per image: a missing one is null, and does not drop the others.
     captions = caps
     undecodable = [{"id": b["id"], "reason": b["caption_error"]} for b in good if b.get("caption_error")]
+    trip = [x for b in good for x in b.get("round_trip_psnr", [])]
     codestore.write_shard(folder, k, codes, [b["id"] for b in good], latents, captions, skipped, formats,
-                          caption_errors=undecodable)
+                          caption_errors=undecodable, round_trip_psnr=trip)
     result.encoded += len(good)
     result.skipped += len(skipped)
     result.shards_written.append(k)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from arrag import fileops
 from arrag.demo.database import DEMO_RETRIEVER, build_demo_retriever, render_split
 from arrag.demo.shapes import ShapesWorld
-from arrag.image_io import to_tensor
+from arrag.image_io import psnr, to_tensor
 from arrag.vq import VQModel
 from arrag.weight_files import load_pickled
 
@@ -45,9 +45,7 @@ class VQTrainResult:
 
 def reconstruction_psnr(model: VQModel, images: np.ndarray, batch: int = 16) -> float:
     """Mean PSNR (dB) of decode(encode(x)) against uint8 images [N, H, W, 3], on the [0, 255] scale."""
-    rec = model.eval().round_trip(images, batch=batch).astype(np.float64)
-    mse = ((rec - images.astype(np.float64)) ** 2).reshape(len(rec), -1).mean(1)
-    return float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))))
+    return float(np.mean(psnr(model.eval().round_trip(images, batch=batch), images)))
 
 
 def round_trip_accuracy(model: VQModel, split: str, count: int, size: int, seed: int = 0) -> dict:

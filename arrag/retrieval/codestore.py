@@ -115,15 +115,18 @@ def shard_done(folder: str | Path, k: int) -> bool:
 
 def write_shard(folder: str | Path, k: int, codes: np.ndarray, ids: list[str], latents: np.ndarray | None = None,
                 captions: list[str | None] | None = None, skipped: list[dict] | None = None,
-                formats: dict | None = None, caption_errors: list[dict] | None = None) -> None:
+                formats: dict | None = None, caption_errors: list[dict] | None = None,
+                round_trip_psnr: list[float] | None = None) -> None:
     """Write shard k (codes uint16 [n, h, w], optional latents and captions, None for an image without one);
-    the metadata file goes last. caption_errors: {id, reason} of kept images whose caption file was unreadable."""
+    the metadata file goes last. caption_errors: {id, reason} of kept images whose caption file was unreadable;
+    round_trip_psnr: dB of the tokenizer's decode(encode(x)) on some of the shard's images."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if codes.size and int(codes.max()) > np.iinfo(np.uint16).max:
         raise ValueError("codes do not fit in uint16")
     meta = {"shard": k, "count": int(len(codes)), "ids": list(ids), "skipped": list(skipped or []),
-            "formats": dict(formats or {}), "caption_errors": list(caption_errors or [])}
+            "formats": dict(formats or {}), "caption_errors": list(caption_errors or []),
+            "round_trip_psnr": [round(float(x), 2) for x in round_trip_psnr or []]}
     save_npy(folder / f"codes-{k:05d}.npy", codes.astype(np.uint16))
     meta["codes"] = f"codes-{k:05d}.npy"
     if latents is not None:
@@ -185,11 +188,12 @@ def finalize(folder: str | Path, num_shards: int, info: dict) -> bool:
     folder = Path(folder)
     if not all(shard_done(folder, k) for k in range(num_shards)):
         return False
-    shards, skipped, formats, caption_errors = [], [], {}, []
+    shards, skipped, formats, caption_errors, trips = [], [], {}, [], []
     for k in range(num_shards):
         meta = json.loads(shard_meta_path(folder, k).read_text())
         skipped += meta.pop("skipped")
         caption_errors += meta.pop("caption_errors", [])
+        trips += meta.pop("round_trip_psnr", [])
         for fmt, n in meta.pop("formats", {}).items():
             formats[fmt] = formats.get(fmt, 0) + n
         meta.pop("ids")
@@ -213,6 +217,8 @@ def finalize(folder: str | Path, num_shards: int, info: dict) -> bool:
         "num_without_caption": num_images - captioned,
         "num_caption_undecodable": len(caption_errors),  # kept images whose caption file was not text
         "caption_undecodable": caption_errors[:1000],
+        # How well the tokenizer represents these images: decode(encode(x)) on the first images each process read.
+        "vq_round_trip": {"images": len(trips), "psnr_db": round(float(np.mean(trips)), 2) if trips else None},
         "shards": shards,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
