@@ -232,7 +232,11 @@ def test_our_frechet_distance_equals_torchmetrics_on_the_fid_inception_features(
                 v.normal_(0, 0.1)
     torch.save({k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")},
                tmp_path / WEIGHTS_NAME)  # as pytorch-fid's file: no batch counters
-    net = load_fid_inception(tmp_path / WEIGHTS_NAME)
+    with pytest.warns(UserWarning, match="is not pytorch-fid's .* not comparable with published ones"):
+        net = load_fid_inception(tmp_path / WEIGHTS_NAME)  # the right keys, random numbers: relabelled
+    from arrag.eval.fid import extractor_name
+
+    assert extractor_name(net).startswith("pytorch-fid-inception-2015-12-05:pool3 with other weights (sha256 ")
     rng = np.random.default_rng(0)
     real = torch.from_numpy(rng.integers(0, 256, (6, 3, 40, 40), dtype=np.uint8))
     fake = torch.from_numpy(np.clip(rng.integers(0, 256, (6, 3, 40, 40)) + 30, 0, 255).astype(np.uint8))
@@ -282,3 +286,19 @@ def test_words_the_tokenizer_does_not_know_are_named(tiny_janus_dir):
     p = Prompter.from_folder(tiny_janus_dir)
     with pytest.warns(UserWarning, match="does not know 'bicycle'"):
         p.ids("a red bicycle")
+
+
+def test_fid_skips_unreadable_images_as_encode_does(tmp_path):
+    """A corrupt file and a 40:1 panorama are skipped, counted and listed; too few readable images is one line."""
+    a, b = _folder(tmp_path / "a", 0), _folder(tmp_path / "b", 1, bias=40)
+    (b / "broken.jpg").write_bytes(b"not a jpeg")
+    Image.fromarray(np.zeros((10, 400, 3), np.uint8)).save(b / "panorama.png")
+    got = compute_fid(a, b, feature=_ColourStats(), progress=False)
+    assert got["num_fake"] == 24 and got["num_skipped"] == {"real": 0, "fake": 2}
+    assert sorted(s["file"] for s in got["skipped"]["fake"]) == ["broken.jpg", "panorama.png"]
+    c = tmp_path / "c"
+    c.mkdir()
+    (c / "x.jpg").write_bytes(b"junk")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(c / "y.png")
+    with pytest.raises(ArragError, match="FID needs at least 2 readable images; 1 of 2 could not be read"):
+        compute_fid(a, c, feature=_ColourStats(), progress=False)

@@ -31,6 +31,7 @@ class FeatureStats:
     """Running float64 sums of features [N, F]: their mean and covariance, saved and loaded as .npz."""
 
     def __init__(self, dim: int, extractor: str, resize: int | None):
+        self.skipped: list[dict] = []  # images that could not be read (folder_stats)
         self.total = np.zeros(dim)
         self.outer = np.zeros((dim, dim))
         self.count = 0
@@ -122,9 +123,11 @@ def load_uint8(path: Path, resize: int | None = None) -> torch.Tensor:
 
 
 def extractor_name(feature: nn.Module) -> str:
+    """What made the features: pytorch-fid's Inception (relabelled when its weights are not pytorch-fid's)."""
     from arrag.eval.inception import FEATURES, FIDInception
 
-    return FEATURES if isinstance(feature, FIDInception) else f"custom:{type(feature).__name__}"
+    return getattr(feature, "label", FEATURES) if isinstance(feature, FIDInception) else \
+        f"custom:{type(feature).__name__}"
 
 
 @torch.no_grad()
@@ -134,6 +137,7 @@ def folder_stats(feature: nn.Module, folder: str | Path, *, resize: int | None =
     files = image_files(folder)
     stats = None
     batch: list[torch.Tensor] = []
+    skipped: list[dict] = []
 
     def flush():
         nonlocal stats
@@ -144,11 +148,24 @@ def folder_stats(feature: nn.Module, folder: str | Path, *, resize: int | None =
         batch.clear()
 
     for f in tqdm(files, desc=f"features {Path(folder).name}", unit="img", disable=not progress):
-        image = load_uint8(f, resize)
+        try:
+            image = load_uint8(f, resize)
+        except ArragError as e:  # encode's policy: an unreadable image is skipped, counted and listed
+            skipped.append({"file": str(f.relative_to(folder)), "reason": str(e)[:200]})
+            continue
         if batch and (image.shape != batch[0].shape or len(batch) == batch_size):
             flush()
         batch.append(image)
-    flush()
+    if batch:
+        flush()
+    if stats is None or stats.count < 2:
+        raise ArragError(f"{folder}: FID needs at least 2 readable images; {len(skipped)} of {len(files)} could not be "
+                         f"read ({skipped[0]['file']}: {skipped[0]['reason']})" if skipped else
+                         f"{folder}: FID needs at least 2 images")
+    if skipped:
+        print(f"arrag: {folder}: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]['file']}",
+              file=sys.stderr)
+    stats.skipped = skipped
     return stats
 
 
@@ -175,6 +192,8 @@ def compute_fid(real: str | Path, fake: str | Path, *, feature: nn.Module | None
             real_stats.save(save_stats_to)
             print(f"arrag: reference statistics of {real_stats.count} images -> {save_stats_to}", file=sys.stderr)
     fake_stats = folder_stats(feature, fake, resize=resize, batch_size=batch_size, device=device, progress=progress)
+    skipped = {"real": getattr(real_stats, "skipped", []), "fake": fake_stats.skipped}
     return {"fid": frechet_distance(real_stats, fake_stats), "real": str(real), "fake": str(fake),
             "num_real": real_stats.count, "num_fake": fake_stats.count, "extractor": extractor_name(feature),
-            "resize": resize}
+            "resize": resize, "num_skipped": {k: len(v) for k, v in skipped.items()},
+            "skipped": {k: v[:1000] for k, v in skipped.items()}}

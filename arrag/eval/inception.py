@@ -10,6 +10,8 @@ Input: uint8 images [B, 3, H, W] (0..255), resized to 299x299 (bilinear, align_c
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from arrag.errors import ArragError, one_line
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
 FEATURES = "pytorch-fid-inception-2015-12-05:pool3"
+WEIGHTS_SHA256_PREFIX = "6726825d"  # pytorch-fid's file, named as torch hub names files: sha256's first 8 digits
 
 
 class Conv(nn.Module):
@@ -185,4 +188,19 @@ def load_fid_inception(weights: str | Path | None = None, device: str | torch.de
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = torch.tensor(0)
     load_state_strict(model, state, f"Inception weights {path} (expected pytorch-fid's {WEIGHTS_NAME})")
+    digest = _sha256(path)
+    model.label = FEATURES
+    if not digest.startswith(WEIGHTS_SHA256_PREFIX):  # right keys, other numbers: not the FID people publish
+        model.label = f"{FEATURES} with other weights (sha256 {digest[:16]})"
+        warnings.warn(f"{path} is not pytorch-fid's {WEIGHTS_NAME} (sha256 {digest[:16]}..., expected "
+                      f"{WEIGHTS_SHA256_PREFIX}...): these FID values are not comparable with published ones, and "
+                      "the result is labelled so", stacklevel=2)
     return model.eval().to(device)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
