@@ -914,9 +914,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """The CLI's warnings as one line each, like its errors (Python's default adds the file and a source line)."""
-    print(f"arrag: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """The CLI's warnings as one line each, like its errors (Python's default adds the file and a source line).
+    A formatter, not a `showwarning`: whoever records warnings (pytest.warns, catch_warnings) still gets them."""
+    return f"arrag: warning: {' '.join(str(message).split())}\n"
 
 
 def _terminated(signum, frame):
@@ -936,10 +937,14 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
     import warnings
 
-    shown = warnings.showwarning
-    warnings.showwarning = _one_line_warning
+    from arrag.distributed import leave
+
+    formatter = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
+    rc = 1
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        return rc
     except ArragError as e:
         print(f"arrag: error: {e}", file=sys.stderr)
         return 2
@@ -947,7 +952,8 @@ def main(argv: list[str] | None = None) -> int:
         print("arrag: interrupted", file=sys.stderr)
         return 130
     finally:
-        warnings.showwarning = shown
+        leave(ok=rc == 0)  # the process group of a launched stage (encode, build-index, construct-train)
+        warnings.formatwarning = formatter
         if in_main:
             signal.signal(signal.SIGTERM, previous)
 

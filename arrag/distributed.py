@@ -21,6 +21,8 @@ from arrag.errors import ArragError, one_line
 
 DEFAULT_TIMEOUT = 30 * 60  # seconds
 
+_joined: list[Group] = []  # the groups this process created, closed by leave()
+
 
 def launched() -> bool:
     """True when a launcher (torchrun, accelerate launch) started this process as one of several."""
@@ -64,6 +66,12 @@ class Group:
                              f"{os.environ.get('MASTER_PORT')} ({one_line(e, 160)}); start every rank with the same "
                              "launcher settings") from None
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if self.owned:
+            if not _joined:  # a process that ends without leave() still closes its connections before teardown
+                import atexit
+
+                atexit.register(leave, False)
+            _joined.append(self)
 
     @classmethod
     def from_env(cls, timeout: float = DEFAULT_TIMEOUT) -> Group | None:
@@ -78,6 +86,8 @@ class Group:
             self.dist.monitored_barrier(group=self.pg, timeout=self.timeout, wait_all_ranks=True)
         except RuntimeError as e:
             missing = _ranks_in(str(e))
+            if not missing and self.world == 2:  # a peer that closed its connection is not named; of two, it is the other
+                missing = [1 - self.rank]
             who = f"rank(s) {', '.join(map(str, missing))}" if missing else "another rank"
             wait = self.timeout.total_seconds()
             raise ArragError(f"{name}: {who} of {self.world} did not arrive within {wait:.0f} s (it failed or is "
@@ -125,6 +135,20 @@ class Group:
     def close(self) -> None:
         if self.owned and self.dist.is_initialized():
             self.dist.destroy_process_group()
+
+
+def leave(ok: bool) -> None:
+    """Close the groups this process joined. After work that succeeded, a last barrier first, so no rank closes
+    its connections while a peer still reads from them (gloo then aborts the peer: "terminate called without an
+    active exception"); after a failure at once, as the other ranks may be gone."""
+    while _joined:
+        group = _joined.pop()
+        if ok:
+            try:
+                group.barrier("leaving the process group")
+            except ArragError:  # this rank's work is done and written; a peer that left early is its own error
+                pass
+        group.close()
 
 
 def _ranks_in(message: str) -> list[int]:
