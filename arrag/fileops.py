@@ -39,6 +39,14 @@ def _default_file_mode() -> int:
 
 FILE_MODE = _default_file_mode()
 
+# Shell scripts set this to what their user types instead of `--overwrite` (e.g. "rerun with OVERWRITE=1").
+OVERWRITE_HINT_ENV = "ARRAG_OVERWRITE_HINT"
+
+
+def overwrite_hint() -> str:
+    """How the user asks to replace an earlier output: "pass --overwrite", or the calling script's own words."""
+    return os.environ.get(OVERWRITE_HINT_ENV, "").strip() or "pass --overwrite"
+
 
 def temp_path(path: str | Path) -> Path:
     """The temporary name of `path` for this process: `NAME.<host>-<pid>.tmp` in the same folder."""
@@ -183,7 +191,7 @@ def check_replaceable(out: str | Path, *, what: str, is_ours: bool, owned: Seque
     if not out.exists() or not any(out.iterdir()):
         return
     if not overwrite:
-        raise ArragError(f"{out} already holds an {what}; pass --overwrite to replace it")
+        raise ArragError(f"{out} already holds an {what}; {overwrite_hint()} to replace it")
     foreign = foreign_files(out, owned)
     if foreign:
         raise ArragError(f"{out} holds files arrag did not write ({', '.join(foreign[:3])}); move them away or "

@@ -183,6 +183,12 @@ def test_cli_daid_and_script(tmp_path, tiny_janus_dir, retriever_dir):
     p = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
     assert (tmp_path / "example_t2i_daid.jpg").exists() and (tmp_path / "example_t2i_daid.jpg.json").exists()
+    # A rerun is refused in the script's own words, and OVERWRITE=1 replaces the images.
+    p = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and "rerun with OVERWRITE=1 to replace them" in p.stderr, p.stderr[-2000:]
+    assert "--overwrite" not in p.stderr
+    p = subprocess.run(["bash", str(script)], env={**env, "OVERWRITE": "1"}, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rc = main(["generate", "--model", str(tiny_janus_dir), "--prompt", "a", "--retriever", str(retriever_dir),

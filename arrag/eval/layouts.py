@@ -21,7 +21,7 @@ import numpy as np
 
 from arrag.errors import ArragError
 from arrag.eval.prompts import PromptItem
-from arrag.fileops import check_out_dir, foreign_files, write_text
+from arrag.fileops import check_out_dir, foreign_files, overwrite_hint, write_text
 from arrag.image_io import make_grid, save_image
 from arrag.provenance import made_by, read_json_dict, write_json
 
@@ -177,8 +177,8 @@ def check_plain_out(out: str | Path, names: list[str], overwrite: bool) -> list[
         raise ArragError(f"{out / foreign[0]} exists and no earlier arrag run wrote it; pass another --out")
     earlier = sorted(out / n for n in listed if (out / n).is_file())
     if earlier and not overwrite:
-        raise ArragError(f"{out} holds {len(earlier)} images of an earlier run ({earlier[0].name}, ...); pass "
-                         "--overwrite to replace them, or another --out")
+        raise ArragError(f"{out} holds {len(earlier)} images of an earlier run ({earlier[0].name}, ...); "
+                         f"{overwrite_hint()} to replace them, or use another output")
     return earlier
 
 

@@ -35,5 +35,6 @@ add --top-p "${TOP_P:-}"; add --seed "${SEED:-}"; add --image-size "${IMAGE_SIZE
 add --dtype "${DTYPE:-}"; add --batch-size "${BATCH_SIZE:-}"; add --decode-step "${DECODE_STEP:-}"
 [ "${ALLOW_UNKNOWN_VQ:-0}" = "1" ] && ARGS+=(--allow-unknown-vq)
 [ "${OVERWRITE:-0}" = "1" ] && ARGS+=(--overwrite)
+export ARRAG_OVERWRITE_HINT="rerun with OVERWRITE=1"  # what a refusal tells the user to type
 
 $ARRAG generate "${ARGS[@]}" ${EXTRA:-}

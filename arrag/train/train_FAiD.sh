@@ -28,6 +28,7 @@
 #   LAUNCHER       accelerate or torchrun                                 (default accelerate)
 #   OUT            output folder            (default result/ckpts/ckpts_FAiD_b${NUM_BLENDER}_h${NUM_HOP without commas})
 #   RESUME         1 continues from the newest checkpoint in OUT          (default 1)
+#   OVERWRITE      1 deletes OUT's checkpoints and trains from scratch    (default 0)
 #   EXTRA_ENCODE / EXTRA   any other `arrag encode` / `arrag train-faid` flags
 set -euo pipefail
 
@@ -78,6 +79,8 @@ add --lora-alpha "${LORA_ALPHA:-}"; add --lora-dropout "${LORA_DROPOUT:-}"; add 
 add --seed "${SEED:-}"; add --save-every "${SAVE_EVERY:-}"; add --keep-checkpoints "${KEEP_CHECKPOINTS:-}"
 add --num-workers "${NUM_WORKERS:-}"; add --mixed-precision "${MIXED_PRECISION:-}"; add --deepspeed "${DEEPSPEED:-}"
 [ "$RESUME" = "1" ] && TRAIN_ARGS+=(--resume)
+[ "${OVERWRITE:-0}" = "1" ] && TRAIN_ARGS+=(--overwrite)
+export ARRAG_OVERWRITE_HINT="rerun with OVERWRITE=1"  # what a refusal tells the user to type
 
 if [ "$LAUNCHER" = "torchrun" ]; then
   torchrun --nnodes "$NUM_MACHINES" --node_rank "$MACHINE_RANK" --nproc_per_node "$NUM_GPUS" \

@@ -446,13 +446,13 @@ def train_faid(cfg: FaidTrainConfig) -> Path:
     settings = asdict(cfg)
     lock = SettingsLock(out / "train.json", settings, what="a training run", ignore=RESUMABLE_CHANGES,
                         has_results=lambda: bool(_checkpoints(out)),
-                        start_over="use another --out, or pass --overwrite to start over", kind="train-faid")
+                        start_over=f"use another --out, or {fileops.overwrite_hint()} to start over", kind="train-faid")
     set_seed(cfg.seed)  # the same blender and LoRA initialisation in every process
     janus = build_model(cfg)
     store, dataset, collate = _open_data(cfg, janus)  # everything is checked before the folder is touched
     if _checkpoints(out) and not (cfg.resume or cfg.overwrite):
-        raise ArragError(f"checkpoints exist in {out / 'checkpoints'}: pass --resume to continue that run or "
-                         "--overwrite to delete them and start over")
+        raise ArragError(f"checkpoints exist in {out / 'checkpoints'}: pass --resume to continue that run, or "
+                         f"{fileops.overwrite_hint()} to delete them and start over")
     if cfg.overwrite:
         accelerator.wait_for_everyone()  # every process has seen the old folder before rank 0 clears it
         if main:
