@@ -76,7 +76,8 @@ def resolve(spec: str | Path, what: str = "model") -> Path:
     if not is_hub_id(spec):
         return Path(spec)
     text = str(spec)
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or not network_answers()
+    forced = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    offline = forced or not network_answers()
     repo, filename = (text, None) if REPO_ID.fullmatch(text) else REPO_FILE.fullmatch(text).groups()
     try:
         if filename is None:
@@ -87,7 +88,7 @@ def resolve(spec: str | Path, what: str = "model") -> Path:
 
         return Path(hf_hub_download(repo, filename, local_files_only=offline))
     except Exception as e:  # offline and not cached, unknown repository, no access, ...
-        why = "no network answers" if offline else one_line(e, 120)
+        why = "HF_HUB_OFFLINE is set" if forced else "no network answers" if offline else one_line(e, 120)
         raise ArragError(f"{what} {text!r} is not a local path and is not in the Hugging Face cache, and could not "
                          f"be downloaded ({why}); fetch it on a machine with network with "
                          f"`{download_command(repo, filename)}` and pass that path") from None

@@ -48,6 +48,7 @@ def test_a_missing_hub_id_says_which_command_fetches_it(tmp_path):
     err = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(err) == 1, p.stderr[-2000:]
     assert "not in the Hugging Face cache" in err[0] and "hf download deepseek-ai/Janus-Pro-1B" in err[0]
+    assert "(HF_HUB_OFFLINE is set)" in err[0]
 
 
 def test_what_counts_as_a_hub_id(tmp_path):
