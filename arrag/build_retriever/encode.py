@@ -31,7 +31,9 @@ from arrag.image_io import RESIZE_MODES, ImageRejected, psnr, resize_crop, to_te
 from arrag.provenance import SettingsLock
 from arrag.retrieval import codestore
 
-ROUND_TRIP_IMAGES = 32  # images per process whose decode(encode(x)) is measured (cheap next to encoding all)
+# decode(encode(x)) is measured on each shard's first images: a function of the store alone (a resumed or
+# several-process run records the same), and ~0.2% of encoding's work at 4096 images a shard.
+ROUND_TRIP_PER_SHARD = 8
 POOR_ROUND_TRIP_DB = 20.0  # below this mean PSNR a tokenizer does not represent the images: a warning
 
 
@@ -108,7 +110,7 @@ class EncodeResult:
     skipped_by_reason: dict = field(default_factory=dict)  # unreadable, too small, refused
     without_caption: int = 0
     caption_undecodable: int = 0                           # images kept whose caption file was not text
-    round_trip_psnr: list = field(default_factory=list)    # dB of decode(encode(x)) on this process's first images
+    round_trip_psnr: list = field(default_factory=list)    # dB of decode(encode(x)), first images of each shard
 
     def summary(self) -> str:
         """One line: what was read, what was skipped and why, how many images lack a caption."""
@@ -232,12 +234,13 @@ def _encode_stream(loader, units: list[Unit], vq, dev, lock: SettingsLock, bar, 
             x = to_tensor(np.stack([b["array"] for b in good])).to(dev)
             with torch.no_grad():
                 codes, lat = vq.encode_to_codes(x, return_latents=True)
-                m = min(len(good), ROUND_TRIP_IMAGES - len(result.round_trip_psnr))
-                if m > 0:  # how well the tokenizer represents these images, on the first few
-                    rec = to_uint8(vq.decode_codes(codes[:m]))
-                    trip = psnr(rec, np.stack([b["array"] for b in good[:m]]))
-                    result.round_trip_psnr += trip.tolist()
-                    good[0]["round_trip_psnr"] = trip.tolist()
+                first = [i for i, b in enumerate(good) if b["pos"] < ROUND_TRIP_PER_SHARD]
+                if first:  # how well the tokenizer represents these images, on each shard's first few
+                    rec = to_uint8(vq.decode_codes(codes[first]))
+                    trip = psnr(rec, np.stack([good[i]["array"] for i in first])).tolist()
+                    result.round_trip_psnr += trip
+                    for i, db in zip(first, trip, strict=True):
+                        good[i]["round_trip_psnr"] = db
             del x
             trim_heap()  # memory flat over millions of images (see runtime.trim_heap)
             for b, c, la in zip(good, codes.cpu().numpy(), lat.cpu().numpy(), strict=True):
@@ -267,7 +270,7 @@ def _flush(folder: Path, k: int, rows: list[dict], grid: int, save_latents: bool
     # Captions are kept per image: a missing one is null, and does not drop the others.
     captions = caps
     undecodable = [{"id": b["id"], "reason": b["caption_error"]} for b in good if b.get("caption_error")]
-    trip = [x for b in good for x in b.get("round_trip_psnr", [])]
+    trip = [b["round_trip_psnr"] for b in good if "round_trip_psnr" in b]
     codestore.write_shard(folder, k, codes, [b["id"] for b in good], latents, captions, skipped, formats,
                           caption_errors=undecodable, round_trip_psnr=trip)
     result.encoded += len(good)
