@@ -86,7 +86,7 @@ class Group:
             self.dist.monitored_barrier(group=self.pg, timeout=self.timeout, wait_all_ranks=True)
         except RuntimeError as e:
             missing = _ranks_in(str(e))
-            if not missing and self.world == 2:  # a peer that closed its connection is not named; of two, it is the other
+            if not missing and self.world == 2:  # a peer that closed its connection goes unnamed: of two, the other
                 missing = [1 - self.rank]
             who = f"rank(s) {', '.join(map(str, missing))}" if missing else "another rank"
             wait = self.timeout.total_seconds()

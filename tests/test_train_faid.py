@@ -236,7 +236,8 @@ def test_a_rerun_without_resume_is_refused_where_checkpoints_exist(world, tmp_pa
     out = tmp_path / "run"
     train_faid(_cfg(world, out, max_steps=4))
     first = sorted(p.name for p in (out / "checkpoints").iterdir())
-    with pytest.raises(ArragError, match="checkpoints exist in .*: pass --resume .*, or pass --overwrite to delete them"):
+    with pytest.raises(ArragError,
+                       match="checkpoints exist in .*: pass --resume .*, or pass --overwrite to delete them"):
         train_faid(_cfg(world, out, max_steps=8))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == first  # nothing rotated away
     train_faid(_cfg(world, out, max_steps=2, overwrite=True))  # starts over
