@@ -177,7 +177,7 @@ def _build_index(args: argparse.Namespace) -> int:
                 memory_budget=args.memory_budget, nprobe=args.nprobe, train_size=args.train_size, seed=args.seed,
                 chunk_images=args.chunk_images, gpus=args.gpus, overwrite=args.overwrite, dedup=not args.no_dedup,
                 shard=args.shard, train_only=args.train_only, target_recall=args.target_recall,
-                dist_timeout=args.dist_timeout)
+                dist_timeout=args.dist_timeout, hnsw_above=args.hnsw_above)
     return 0
 
 
@@ -636,8 +636,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="'auto' (by size and budget), a FAISS factory string, or IVF<nlist>,CodePQ (code keys stored "
                          "as their codes: about 15 bytes an entry, exact distances)")
     bi.add_argument("--memory-budget", default="auto",
-                    help="index memory budget for --factory auto: a size such as 64G, or auto, 3/4 of this machine's "
-                         "memory (default auto)")
+                    help="RAM the index may need to search: --factory auto picks an index under it, and a build whose "
+                         "estimate exceeds it is refused before training; a size such as 64G, or auto, 3/4 of this "
+                         "machine's memory (default auto)")
+    bi.add_argument("--hnsw-above", type=_int(1), default=None,
+                    help="entries from which --factory auto uses an HNSW32 coarse quantiser over 2^16-2^18 lists "
+                         "(default 50,000,000)")
     bi.add_argument("--nprobe", type=_int(1), default=None,
                     help="nprobe stored in the manifest (default: the smallest reaching --target-recall)")
     bi.add_argument("--target-recall", type=_float(0, 1, open_low=True), default=0.95,
@@ -645,7 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--train-size", type=_int(1), default=None, help="training sample size (default by index type)")
     bi.add_argument("--seed", type=_int(0), default=0, help="seed of the training sample (default 0)")
     bi.add_argument("--chunk-images", type=_int(1), default=1024, help="images per streaming add (default 1024)")
-    bi.add_argument("--gpus", default="auto", help="GPU FAISS for training: auto, cpu, or ids such as 0,1")
+    bi.add_argument("--gpus", default="auto",
+                    help="GPUs for the coarse k-means: auto, cpu, or ids such as 0,1 (FAISS's GPU k-means with "
+                         "faiss-gpu, else torch's on the first CUDA device)")
     bi.add_argument("--overwrite", action="store_true", help="replace an existing index in --out")
     bi.add_argument("--no-dedup", action="store_true",
                     help="store every occurrence of a (key, value) pair; by default each distinct pair is stored "

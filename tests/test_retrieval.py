@@ -114,7 +114,7 @@ def test_auto_factory_choice_and_budget():
     assert choose_factory(50_000, 32, parse_bytes("1G"))[0] == "Flat"
     assert choose_factory(2_000_000, 32, parse_bytes("4G"))[0] == "IVF4096,Flat"
     assert choose_factory(2_000_000, 32, parse_bytes("100M"))[0] == "OPQ8,IVF4096,PQ8"  # over budget for Flat
-    assert choose_factory(500_000_000, 32, parse_bytes("32G"))[0].startswith("OPQ8,IVF65536,PQ8")
+    assert choose_factory(500_000_000, 32, parse_bytes("32G"))[0] == "OPQ8,IVF131072_HNSW32,PQ8"  # 2^17 lists
     assert choose_factory(20_000_000, 32, parse_bytes("16G"))[0].endswith(",Flat")  # the budget decides
     # Code keys (Janus-Pro's 16,384 x 8 codebook): over the IVF-Flat budget, exact CodePQ at 7 + 8 bytes an entry.
     assert choose_factory(2_000_000, 32, parse_bytes("100M"), (16384, 8))[0] == "IVF4096,CodePQ"

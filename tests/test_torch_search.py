@@ -86,9 +86,7 @@ def test_the_padded_scan_reads_no_value_back_to_the_host():
     index.train(xb)
     index.add(xb)
     index.nprobe = 4
-    backend = TorchIndex.from_faiss(index)
-    for name in ("vectors", "ids", "centroids", "offsets", "sizes"):
-        setattr(backend, name, getattr(backend, name).to("meta"))
+    backend = TorchIndex.from_faiss(index).to("meta")
     d, i = backend.search(torch.from_numpy(xq).to("meta"), 10)
     assert d.shape == i.shape == (40, 10) and d.device.type == "meta"
     backend.padded = False

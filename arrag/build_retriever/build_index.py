@@ -42,7 +42,7 @@ from arrag.retrieval.codestore import CodeStore
 from arrag.retrieval.dedup import dedup as dedup_rows
 from arrag.retrieval.dedup import entry_rows, place
 from arrag.retrieval.keys import KEY_SOURCES, grid_entries, row_keys, sample_distinct_rows, sample_entry_keys
-from arrag.retrieval.neighborhood import get_neighborhood
+from arrag.retrieval.neighborhood import get_neighborhood, keys_for_grid
 
 INDEX_FORMAT = "arrag-index/2"
 # Every file build-index writes into its folder: the only files `--overwrite` may remove.
@@ -111,7 +111,8 @@ def build_index(store_dir: str | Path, out: str | Path, *, shape: str = "L", key
                 factory: str = "auto", memory_budget: str | int = "auto", nprobe: int | None = None,
                 train_size: int | None = None, seed: int = 0, chunk_images: int = 1024, gpus=None,
                 overwrite: bool = False, progress: bool = True, dedup: bool = True, shard: str | None = None,
-                train_only: bool = False, target_recall: float = 0.95, dist_timeout: float = DEFAULT_TIMEOUT) -> dict:
+                train_only: bool = False, target_recall: float = 0.95, dist_timeout: float = DEFAULT_TIMEOUT,
+                hnsw_above: int | None = None) -> dict:
     """Build the patch index of a code store into folder `out` (see the module docstring).
 
     Returns the manifest (one process, and rank 0 of a process group), the plan (`train_only`) or this part's
@@ -125,7 +126,7 @@ def build_index(store_dir: str | Path, out: str | Path, *, shape: str = "L", key
     if key_source == "latent" and not store.has_latents:
         raise ArragError(f"--key-source latent needs latents in {store.folder}: encode with --save-latents")
     for flag, value, low in (("--seed", seed, 0), ("--chunk-images", chunk_images, 1), ("--nprobe", nprobe, 1),
-                             ("--train-size", train_size, 1)):
+                             ("--train-size", train_size, 1), ("--hnsw-above", hnsw_above, 1)):
         if value is not None and value < low:
             raise ArragError(f"{flag} must be >= {low}, got {value}")
     if not 0 < target_recall <= 1:
@@ -147,10 +148,12 @@ def build_index(store_dir: str | Path, out: str | Path, *, shape: str = "L", key
     if store.num_images == 0:
         raise ArragError(f"code store {store.folder} holds no images")
     dedup = dedup and key_source == "code"  # latent keys are continuous: copies are not exact
-    gpu_ids = faiss_index.parse_gpus(gpus)
+    hnsw_above = faiss_index.HNSW_ABOVE if hnsw_above is None else hnsw_above
+    kmeans_device = _torch_kmeans_device(gpus)
+    gpu_ids = [] if kmeans_device else faiss_index.parse_gpus(gpus)
     plan_args = dict(store=store, nb=nb, key_source=key_source, dedup=dedup, factory=factory,
                      memory_budget=memory_budget, nprobe=nprobe, target_recall=target_recall, train_size=train_size,
-                     seed=seed, gpus=gpu_ids,
+                     seed=seed, gpus=gpu_ids, kmeans_device=kmeans_device, hnsw_above=hnsw_above,
                      progress=progress)
     if not parallel:
         plan, index = _plan_and_train(**plan_args)
@@ -170,6 +173,19 @@ def build_index(store_dir: str | Path, out: str | Path, *, shape: str = "L", key
     plan = BuildPlan(**json.loads((parts / "plan.json").read_text()))
     plan.check_same(_plan_and_train(**plan_args, train=False)[0])
     return _build_rank(store, out, plan, rank, world, chunk_images, progress)
+
+
+def _torch_kmeans_device(gpus) -> str | None:
+    """'cuda' when GPUs are asked for (or 'auto') and CUDA is there but FAISS has no GPU support: the coarse
+    k-means then runs in torch on the GPU (retrieval.kmeans) instead of on the CPU."""
+    import torch
+
+    if gpus in (None, "cpu") or faiss_index.has_gpu_faiss() or not torch.cuda.is_available():
+        return None
+    if isinstance(gpus, (list, tuple)):
+        return f"cuda:{int(gpus[0])}" if gpus else None
+    first = str(gpus).replace("cuda:", "").split(",")[0].strip()
+    return f"cuda:{first}" if first.isdigit() else "cuda"
 
 
 def _write_plan(parts: Path, plan: BuildPlan, index) -> None:
@@ -215,7 +231,8 @@ def _build_in_group(group: Group, store: CodeStore, out: Path, plan_args: dict, 
 
 def _plan_and_train(*, store: CodeStore, nb, key_source: str, dedup: bool, factory: str, memory_budget, nprobe,
                     target_recall: float,
-                    train_size, seed: int, gpus, progress: bool, train: bool = True):
+                    train_size, seed: int, gpus, progress: bool, train: bool = True, kmeans_device: str | None = None,
+                    hnsw_above: int = faiss_index.HNSW_ABOVE):
     """The plan of a build and (when `train`) the trained, empty index. Without `train` (a rank checking its
     flags against rank 0's plan) nothing is sampled, and an automatic factory is left for the plan to say."""
     h, w = store.grid
@@ -230,7 +247,8 @@ def _plan_and_train(*, store: CodeStore, nb, key_source: str, dedup: bool, facto
     reason = "given with --factory"
     if factory == "auto" and train:
         factory, reason = faiss_index.choose_factory(estimated, d, budget,
-                                                     codebook.shape if key_source == "code" else None)
+                                                     codebook.shape if key_source == "code" else None, hnsw_above,
+                                                     dedup)
     index = None
     if factory != "auto":
         index = faiss_index.create_index(factory, d, codebook if key_source == "code" else None)
@@ -240,6 +258,9 @@ def _plan_and_train(*, store: CodeStore, nb, key_source: str, dedup: bool, facto
         raise ArragError(f"--factory {factory}: {nlist:,} inverted lists need at least {nlist:,} entries to train "
                          f"(FAISS recommends {39 * nlist:,}), but {store.folder} gives about {estimated:,}; use "
                          f"fewer lists (e.g. IVF{faiss_index.default_nlist(estimated)}) or --factory auto")
+    if train:
+        _check_search_memory(factory, estimated, occurrences, d, budget, memory_budget, dedup,
+                             codebook.shape if key_source == "code" else None, progress)
     if train and not index.is_trained:
         n_train = train_size if train_size is not None else faiss_index.train_sample_size(index, estimated)
         n_train = min(max(n_train, 1), occurrences)
@@ -254,8 +275,9 @@ def _plan_and_train(*, store: CodeStore, nb, key_source: str, dedup: bool, facto
         if progress:
             print(f"[build-index] {occurrences:,} entries ({store.num_images:,} images x {p} positions)"
                   + (f", about {estimated:,} distinct" if dedup else "") + f", d={d}: {factory} ({reason}); "
-                  f"training on {n_train:,} sampled keys (seed {seed})" + (f" with GPUs {gpus}" if gpus else ""))
-        faiss_index.train(index, sample, gpus)
+                  f"training on {n_train:,} sampled keys (seed {seed})" + (f" with GPUs {gpus}" if gpus else "")
+                  + (f" with torch k-means on {kmeans_device}" if kmeans_device else ""))
+        faiss_index.train(index, sample, gpus, kmeans_device, seed)
     elif train and progress:  # nothing to train (Flat, a trained index): the choice is still said
         print(f"[build-index] {occurrences:,} entries ({store.num_images:,} images x {p} positions)"
               + (f", about {estimated:,} distinct" if dedup else "") + f", d={d}: {factory} ({reason})")
@@ -268,6 +290,22 @@ def _plan_and_train(*, store: CodeStore, nb, key_source: str, dedup: bool, facto
     return plan, index
 
 
+def _check_search_memory(factory: str, entries: int, occurrences: int, d: int, budget: int, budget_flag, dedup: bool,
+                         codebook_shape, progress: bool) -> None:
+    """Print what searching the chosen index will need (RAM, disk, GPU) and refuse, before any training, a
+    --memory-budget its RAM would exceed."""
+    need = faiss_index.search_memory(factory, entries, d, codebook_shape, dedup, occurrences)
+    gib = faiss_index.format_bytes
+    if progress:
+        print(f"[build-index] searching {factory} over ~{entries:,} entries will need ~{gib(need['ram'])} of RAM "
+              f"(faiss-cpu), ~{gib(need['disk'])} on disk and ~{gib(need['gpu'])} of GPU memory "
+              f"({need['gpu_backend']} backend, split over the GPUs given)")
+    if need["ram"] > budget:
+        raise ArragError(f"--memory-budget {budget_flag} ({gib(budget)}): searching {factory} over ~{entries:,} "
+                         f"entries needs ~{gib(need['ram'])} of RAM; raise --memory-budget, or choose a smaller "
+                         "index (--factory auto picks one under the budget)")
+
+
 RANK_SHIFT = 40  # IVF parts of a parallel build add ids rank << 40 | local id; merge-index maps them to global ids
 
 
@@ -278,12 +316,17 @@ class _Adder:
     def __init__(self, index, rank: int, world: int):
         self.index, self.added = index, 0
         self.tag = rank << RANK_SHIFT if world > 1 and faiss_index.nlist_of(index) is not None else None
+        self.code_pq = faiss_index.is_code_pq(index)
 
-    def add(self, keys: np.ndarray) -> None:
-        if self.tag is None:
+    def add(self, keys: np.ndarray, codes: np.ndarray | None = None) -> None:
+        """Add keys [n, d]; `codes` [n, M], the keys' neighbour codes, let a CodePQ index store them as they are."""
+        ids = None if self.tag is None else self.tag + np.arange(self.added, self.added + len(keys), dtype=np.int64)
+        if self.code_pq and codes is not None:
+            faiss_index.add_code_pq(self.index, keys, codes, ids)
+        elif ids is None:
             self.index.add(keys)
         else:
-            self.index.add_with_ids(keys, self.tag + np.arange(self.added, self.added + len(keys), dtype=np.int64))
+            self.index.add_with_ids(keys, ids)
         self.added += len(keys)
 
 
@@ -368,7 +411,10 @@ def _add_dedup(folder: Path, index, store: CodeStore, plan: BuildPlan, rank: int
     adder = _Adder(index, rank, world)
     raw = {name: open(spill / name, "wb") for name in ("values", "counts", "entry_codes", "offsets", "entry_images")}
     entries = occurrences = 0
-    bar = tqdm(total=buckets, desc=f"build-index add [{rank}/{world}]", unit="bucket", disable=not progress)
+    # Counted in entries added (the distinct total is an estimate until the last bucket), not in buckets: a bucket
+    # holds up to SPILL_ROWS rows, minutes of adding at billions of entries.
+    bar = tqdm(total=max(1, plan.estimated_entries // world), desc=f"build-index add [{rank}/{world}]",
+               unit="entry", unit_scale=True, disable=not progress)
     try:
         raw["offsets"].write(np.zeros(1, np.int64).tobytes())
         for b in range(buckets):
@@ -376,7 +422,8 @@ def _add_dedup(folder: Path, index, store: CodeStore, plan: BuildPlan, rank: int
             images = np.fromfile(spill / f"{b:05d}.images", np.uint32)
             rows, counts, offsets, image_ids = dedup_rows(rows, images)
             for s in range(0, len(rows), ADD_ROWS):
-                adder.add(row_keys(rows[s:s + ADD_ROWS], codebook))
+                adder.add(row_keys(rows[s:s + ADD_ROWS], codebook), rows[s:s + ADD_ROWS, :-1])
+                bar.update(len(rows[s:s + ADD_ROWS]))
             raw["values"].write(np.ascontiguousarray(rows[:, -1]).tobytes())
             raw["counts"].write(counts.astype(np.uint32).tobytes())
             raw["entry_codes"].write(np.ascontiguousarray(rows[:, :-1]).tobytes())
@@ -386,7 +433,7 @@ def _add_dedup(folder: Path, index, store: CodeStore, plan: BuildPlan, rank: int
             occurrences += int(counts.sum())
             (spill / f"{b:05d}.rows").unlink()
             (spill / f"{b:05d}.images").unlink()
-            bar.update(1)
+        bar.total = bar.n  # the estimate becomes the count
         bar.close()
     finally:
         for f in raw.values():
@@ -441,7 +488,7 @@ def _fill(folder: Path, index, store: CodeStore, plan: BuildPlan, rank: int, wor
             latents = next(lat_iter)[1] if lat_iter is not None else None
             read += codes.nbytes + (latents.nbytes if latents is not None else 0)
             keys, vals = grid_entries(codes, latents, nb, codebook, plan.key_source)
-            adder.add(keys)
+            adder.add(keys, keys_for_grid(codes, nb)[1].reshape(len(keys), -1) if adder.code_pq else None)
             values[(i0 - lo) * p:(i0 - lo + len(codes)) * p] = vals
             bar.update(len(codes))
         bar.close()
@@ -474,17 +521,16 @@ def tuning_queries(store: CodeStore, plan: BuildPlan) -> np.ndarray:
 
 
 def _nprobe_fields(plan: BuildPlan, index, store: CodeStore) -> dict:
-    """The index's nprobe: --nprobe as given, else the smallest reaching --target-recall against probing every
-    list (index.tune_nprobe on tuning_queries), else sqrt(nlist)/2 for an index too big to tune."""
+    """The index's nprobe: --nprobe as given, else the smallest reaching --target-recall against a reference search
+    (index.tune_nprobe on tuning_queries: every list, or each query's nearest lists at billions of entries)."""
     nlist = faiss_index.nlist_of(index)
     if nlist is None:
         return {"nprobe": None}
     if plan.nprobe is not None:
         return {"nprobe": min(plan.nprobe, nlist)}
     tuning = faiss_index.tune_nprobe(index, tuning_queries(store, plan), 10, plan.target_recall)
-    if tuning is None:
-        return {"nprobe": faiss_index.default_nprobe(nlist), "nprobe_tuning": "skipped: too large to tune here; "
-                "`arrag search-stats` sweeps nprobe"}
+    if tuning is None:  # an empty index
+        return {"nprobe": faiss_index.default_nprobe(nlist), "nprobe_tuning": "skipped: the index is empty"}
     return {"nprobe": tuning["nprobe"], "nprobe_tuning": tuning}
 
 
@@ -529,12 +575,16 @@ def _build_single(store, out: Path, plan: BuildPlan, index, chunk_images: int, o
     tmp = fileops.temp_path(out)
     tmp.mkdir()
     try:
+        t_fill = time.time()
         record = _fill(tmp, index, store, plan, 0, 1, chunk_images, progress)
+        t_fill = time.time() - t_fill
         manifest = _manifest(plan, index, record["entries"], record["occurrences"], tmp, store=store, extra={
             "layout": "single",
             "build": {"seed": plan.seed, "train_size": plan.train_size, "memory_budget": plan.memory_budget,
                       "chunk_images": chunk_images, "gpus": gpu_ids, "processes": 1,
                       "store_bytes_read": record.get("store_bytes_read"),
+                      "plan_and_train_seconds": round(time.time() - t0 - t_fill, 2),
+                      "add_seconds": round(t_fill, 2),
                       "seconds": round(time.time() - t0, 2)}})
         fileops.write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         fileops.replace_owned_dir(tmp, out, what="index", is_ours=is_index_folder(out), owned=INDEX_FILES,
@@ -554,8 +604,10 @@ def _build_single(store, out: Path, plan: BuildPlan, index, chunk_images: int, o
 def _nprobe_note(manifest: dict) -> str:
     tuning = manifest.get("nprobe_tuning")
     if isinstance(tuning, dict):
+        against = "" if tuning.get("reference", "all lists") == "all lists" else \
+            f" against each query's nearest {tuning['reference_lists']:,} lists"
         return (f"; nprobe {tuning['nprobe']} of {manifest['nlist']} lists reaches recall@{tuning['k']} "
-                f"{tuning['recall']} (target {tuning['target']})")
+                f"{tuning['recall']} (target {tuning['target']}){against}")
     return f"; nprobe {manifest['nprobe']}" if manifest.get("nprobe") else ""
 
 

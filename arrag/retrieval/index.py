@@ -6,6 +6,11 @@ Index choice follows autofaiss's idea, by entry count under a memory budget:
   codes  IVF{nlist},CodePQ       code keys beyond that (about 15 bytes per entry, still exact; see below)
   PQ     OPQ{m},IVF{nlist},PQ{m} latent keys beyond that (m + 8 bytes per entry), the original AR-RAG index
                                  (m = 8 for 32-d keys)
+From HNSW_ABOVE entries (50M; `--hnsw-above` moves it) the IVF indexes take an HNSW32 coarse quantiser
+(`IVF{nlist}_HNSW32,...`) and more lists, 2^16 to 2^18 (about 8 sqrt(n)), as autofaiss does for hundreds of
+millions of vectors: lists stay a few thousand entries long at billions, and an HNSW graph finds the nearest of
+2^18 centroids in microseconds where comparing with all of them would dominate each search. Its k-means runs on a
+flat index (or the GPUs), not on the graph.
 An explicit FAISS factory string overrides the choice. One name is arrag's own:
   IVF{nlist},CodePQ  code keys stored as their neighbour codes (n_neighbours x log2(codebook) bits + an 8-byte
                      id per entry, e.g. 7 + 8 bytes for Janus-Pro's L keys instead of 136), with EXACT distances:
@@ -19,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 from pathlib import Path
 
 import faiss
@@ -56,9 +62,31 @@ def parse_bytes(text: str | int, flag: str = "--memory-budget") -> int:
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
 
 
-def default_nlist(n: int) -> int:
-    """A power of two near 4*sqrt(n) lists, between 16 and 65536."""
+HNSW_ABOVE = 50_000_000  # entries from which --factory auto uses an HNSW32 coarse quantiser and more lists
+HNSW_M = 32  # graph neighbours per centroid of the HNSW coarse quantiser
+MAX_NLIST = 1 << 18
+
+
+def format_bytes(n: float) -> str:
+    """'812 KiB', '3.4 GiB': a size for messages, in the unit that suits it."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} TiB"
+
+
+def default_nlist(n: int, hnsw_above: int = HNSW_ABOVE) -> int:
+    """Lists for n entries: a power of two near 4*sqrt(n), between 16 and 65536; from `hnsw_above` entries (an
+    HNSW coarse quantiser) near 8*sqrt(n), up to 2^18 (2^16 at 50M entries, 2^17 at 500M, 2^18 at 2B)."""
+    if n >= hnsw_above:
+        return int(min(MAX_NLIST, max(16, 2 ** round(math.log2(max(1.0, 8 * math.sqrt(n)))))))
     return int(min(65536, max(16, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n)))))))
+
+
+def coarse_quantizer(n: int, hnsw_above: int = HNSW_ABOVE) -> str:
+    """The IVF part of an automatic factory for n entries: 'IVF{nlist}' or, from `hnsw_above`, 'IVF{nlist}_HNSW32'."""
+    return f"IVF{default_nlist(n, hnsw_above)}" + (f"_HNSW{HNSW_M}" if n >= hnsw_above else "")
 
 
 def default_nprobe(nlist: int) -> int:
@@ -71,7 +99,7 @@ def default_nprobe(nlist: int) -> int:
     return int(min(nlist, max(16, round(math.sqrt(nlist) / 2))))
 
 
-CODE_PQ = re.compile(r"IVF(\d+),CodePQ")
+CODE_PQ = re.compile(r"(IVF\d+(?:_HNSW\d+)?),CodePQ")
 
 
 def code_pq_shape(d: int, codebook_size: int, e_dim: int) -> tuple[int, int]:
@@ -92,30 +120,44 @@ def bytes_per_entry(factory: str, d: int, codebook_size: int = 16384, e_dim: int
     return int(m.group(1)) + 8 if m else 4 * d + 8
 
 
-def choose_factory(n: int, d: int, memory_budget: int, codebook_shape: tuple[int, int] | None = None
-                   ) -> tuple[str, str]:
-    """(factory string, one-line reason) for n entries of dimension d under memory_budget bytes.
+def quantizer_bytes(factory: str, d: int) -> int:
+    """Bytes of an IVF factory's coarse quantiser: its centroids, and the graph links of an HNSW one (0: no IVF)."""
+    m = re.search(r"IVF(\d+)(?:_HNSW(\d+))?", factory)
+    if not m:
+        return 0
+    nlist = int(m.group(1))
+    links = 2 * int(m.group(2)) * 4 * 1.07 if m.group(2) else 0  # level 0 holds 2M links; upper levels add ~1/M
+    return int(nlist * (4 * d + links))
+
+
+def choose_factory(n: int, d: int, memory_budget: int, codebook_shape: tuple[int, int] | None = None,
+                   hnsw_above: int = HNSW_ABOVE, dedup: bool = False) -> tuple[str, str]:
+    """(factory string, one-line reason) for n entries of dimension d whose search RAM (`search_memory`, with
+    the code and, `dedup`, count tables) stays under memory_budget bytes.
 
     codebook_shape (K, e) when the keys are codes (concatenated codebook rows): CodePQ, exact at PQ's size,
-    then comes before PQ."""
-    nlist = default_nlist(n)
+    then comes before PQ. From `hnsw_above` entries the coarse quantiser is an HNSW graph over more lists."""
+    nlist = default_nlist(n, hnsw_above)
+    ivf = coarse_quantizer(n, hnsw_above)
     m = max(1, d // 4)
     while d % m:
         m -= 1
     options = [("Flat", f"{n:,} entries <= {EXACT_MAX:,}: exact search")] if n <= EXACT_MAX else []
     # Exact distances whenever they fit the budget: PQ codes lose much recall on patch keys (bench/retrieval.py).
-    options.append((f"IVF{nlist},Flat", f"{n:,} entries: inverted lists with exact distances"))
+    lists = (f"{nlist:,} lists, an HNSW{HNSW_M} coarse quantiser from {hnsw_above:,} entries"
+             if n >= hnsw_above else f"{nlist:,} lists")
+    options.append((f"{ivf},Flat", f"{n:,} entries: inverted lists with exact distances ({lists})"))
     if codebook_shape is not None and d % codebook_shape[1] == 0:
-        options.append((f"IVF{nlist},CodePQ", f"{n:,} entries: inverted lists of the keys' codes, exact distances"))
-    options.append((f"OPQ{m},IVF{nlist},PQ{m}", f"{n:,} entries: OPQ + IVF-PQ, {m} bytes per code"))
-    size = {} if codebook_shape is None else {"codebook_size": codebook_shape[0], "e_dim": codebook_shape[1]}
+        options.append((f"{ivf},CodePQ", f"{n:,} entries: inverted lists of the keys' codes, exact distances "
+                        f"({lists})"))
+    options.append((f"OPQ{m},{ivf},PQ{m}", f"{n:,} entries: OPQ + IVF-PQ, {m} bytes per code ({lists})"))
     for factory, reason in options:
-        need = n * bytes_per_entry(factory, d, **size)
+        need = search_memory(factory, n, d, codebook_shape, dedup)["ram"]
         if need <= memory_budget:
-            return factory, f"{reason} (~{need / 2**30:.2f} GiB of {memory_budget / 2**30:.2f} GiB budget)"
-    need = n * bytes_per_entry(options[-1][0], d, **size)
-    raise ArragError(f"--memory-budget {memory_budget / 2**30:.2f} GiB is too small for {n:,} entries: even "
-                     f"{options[-1][0]} needs ~{need / 2**30:.2f} GiB; raise it or encode fewer images")
+            return factory, f"{reason} (~{format_bytes(need)} of {format_bytes(memory_budget)} budget)"
+    need = search_memory(options[-1][0], n, d, codebook_shape, dedup)["ram"]
+    raise ArragError(f"--memory-budget {format_bytes(memory_budget)} is too small for {n:,} entries: even "
+                     f"{options[-1][0]} needs ~{format_bytes(need)}; raise it or encode fewer images")
 
 
 def create_index(factory: str, d: int, codebook: np.ndarray | None = None) -> faiss.Index:
@@ -125,7 +167,7 @@ def create_index(factory: str, d: int, codebook: np.ndarray | None = None) -> fa
         if codebook is None:
             raise ArragError(f"--factory {factory}: CodePQ stores code keys; it needs --key-source code")
         sub, bits = code_pq_shape(d, len(codebook), codebook.shape[1])
-        index = faiss.index_factory(d, f"IVF{m.group(1)},PQ{sub}x{bits}", faiss.METRIC_L2)
+        index = faiss.index_factory(d, f"{m.group(1)},PQ{sub}x{bits}", faiss.METRIC_L2)
         ivf = faiss.downcast_index(index)
         ivf.by_residual = False  # codes of the keys themselves, not of their residuals to a centroid
         # Every sub-quantiser is the codebook; rows past K (2**bits > K) lie far away and are never chosen.
@@ -139,6 +181,30 @@ def create_index(factory: str, d: int, codebook: np.ndarray | None = None) -> fa
     except RuntimeError as e:
         raise ArragError(f"--factory {factory!r} is not a valid FAISS factory string for d={d}: "
                          f"{str(e).strip().splitlines()[-1][:160]}") from None
+
+
+def pack_codes(codes: np.ndarray, nbits: int) -> np.ndarray:
+    """Sub-codes [n, M] -> FAISS's packed PQ codes [n, ceil(M * nbits / 8)] uint8 (bits LSB first, as PQ encoders
+    write them); the inverse of torch_search.unpack_codes."""
+    n, m = codes.shape
+    bits = ((codes.astype(np.int64)[..., None] >> np.arange(nbits, dtype=np.int64)) & 1).astype(np.uint8)
+    return np.packbits(bits.reshape(n, m * nbits), axis=1, bitorder="little")
+
+
+def add_code_pq(index: faiss.Index, keys: np.ndarray, codes: np.ndarray, ids: np.ndarray | None = None) -> None:
+    """Add keys [n, d] to a CodePQ index from their known codebook codes [n, M]: the coarse quantiser assigns the
+    lists, and the codes are packed as they are, instead of FAISS encoding every sub-vector again by searching the
+    whole codebook (~1 MFLOP an entry with 16,384 codes). The same index as index.add(keys) (tested)."""
+    ivf = faiss.downcast_index(_ivf(index))
+    keys = np.ascontiguousarray(keys, dtype=np.float32)
+    lists = ivf.quantizer.assign(keys, 1).reshape(-1) if len(keys) else np.zeros(0, np.int64)
+    coarse = ivf.coarse_code_size()
+    sa = np.empty((len(keys), coarse + ivf.code_size), np.uint8)
+    sa[:, :coarse] = lists.astype("<i8").view(np.uint8).reshape(-1, 8)[:, :coarse]
+    sa[:, coarse:] = pack_codes(codes, ivf.pq.nbits)
+    ivf.add_sa_codes(sa, None if ids is None else np.ascontiguousarray(ids, dtype=np.int64))
+    if ivf is not index:
+        index.ntotal = ivf.ntotal
 
 
 def is_code_pq(index: faiss.Index) -> bool:
@@ -186,40 +252,83 @@ def set_nprobe(index: faiss.Index, nprobe: int | None) -> int | None:
     value = int(min(nprobe, nlist)) if nlist else int(nprobe)
     space = faiss.GpuParameterSpace() if _is_gpu(index) else faiss.ParameterSpace()
     space.set_index_parameter(index, "nprobe", value)
+    if has_hnsw_quantizer(index):  # the graph must explore at least twice the lists it returns (as autofaiss)
+        space.set_index_parameter(index, "quantizer_efSearch", max(16, 2 * value))
     return value
 
 
-TUNE_MAX_WORK = 2e12  # queries x entries x dim: above it (about 5 min on 2 cores) nprobe is not tuned at build
+def has_hnsw_quantizer(index: faiss.Index) -> bool:
+    """True for a CPU IVF index whose coarse quantiser is an HNSW graph."""
+    ivf = _ivf(index)
+    return ivf is not None and isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
 
 
-def tune_nprobe(index: faiss.Index, queries: np.ndarray, k: int = 10, target: float = 0.95) -> dict | None:
-    """The smallest power-of-two nprobe whose top-k reaches `target` recall against probing every list.
+TUNE_MAX_WORK = 2e12  # queries x entries x dim of the reference search (about 5 min on 2 cores)
+MIN_REFERENCE_LISTS = 1024  # a reference probes at least this many lists (or all)
 
-    Against all lists is exact search for IVF-Flat (for PQ it measures the probing loss only). Recall is
-    tie-aware: a hit counts when its distance is within the all-lists k-th distance. Returns {'nprobe',
-    'recall', 'target', 'queries', 'k', 'table': [[nprobe, recall], ...]}, or None for a non-IVF index or one
-    too large to tune here (`arrag search-stats` sweeps nprobe instead).
+
+def reference_lists(nlist: int, queries: int, entries: int, d: int, max_work: float | None = None) -> int:
+    """Lists the reference search of nprobe tuning probes: all while queries x entries x d fits `max_work`, else
+    the largest power of two that does (at least MIN_REFERENCE_LISTS): each query's nearest lists, a sample of
+    lists per query where probing every list would take hours on billions of entries."""
+    work, max_work = queries * entries * d, TUNE_MAX_WORK if max_work is None else max_work
+    if work <= max_work:
+        return nlist
+    share = 2 ** math.floor(math.log2(max(1.0, nlist * max_work / work)))
+    return int(min(nlist, max(MIN_REFERENCE_LISTS, share)))
+
+
+def tune_nprobe(index: faiss.Index, queries: np.ndarray, k: int = 10, target: float = 0.95,
+                max_work: float | None = None) -> dict | None:
+    """The smallest power-of-two nprobe whose top-k reaches `target` recall against a reference search.
+
+    The reference probes every list (exact search for IVF-Flat and CodePQ; for PQ it measures the probing loss
+    only) or, where that exceeds `max_work`, each query's nearest `reference_lists` lists: recall then counts the
+    neighbours found among those lists, an upper bound that is close while the tuned nprobe is well below them.
+    Recall is tie-aware: a hit counts when its distance is within the reference's k-th distance. Returns
+    {'nprobe', 'recall', 'target', 'queries', 'k', 'reference', 'reference_lists', 'table': [[nprobe, recall],
+    ...]}, or None for a non-IVF or empty index. Never skipped for size.
     """
     nlist = nlist_of(index)
-    if nlist is None or len(queries) * index.ntotal * index.d > TUNE_MAX_WORK or index.ntotal == 0:
+    if nlist is None or index.ntotal == 0:
         return None
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    before = _ivf(index).nprobe
+    max_work = TUNE_MAX_WORK if max_work is None else max_work
+    ref_lists = reference_lists(nlist, len(q), index.ntotal, index.d, max_work)
+    before, t0 = _ivf(index).nprobe, time.time()
     try:
-        set_nprobe(index, nlist)
-        ref = index.search(q, k)[0][:, -1:]
+        ref = _reference_search(index, q, k, ref_lists)[:, -1:]
         table, probe = [], 1
         while True:
             set_nprobe(index, probe)
             dist, ids = index.search(q, k)
             recall = float(((ids >= 0) & (dist <= ref + 1e-5 * np.maximum(1.0, ref))).mean())
             table.append([probe, round(recall, 4)])
-            if recall >= target or probe >= nlist:
+            if recall >= target or probe >= ref_lists:
                 return {"nprobe": probe, "recall": round(recall, 4), "target": target, "queries": len(q), "k": k,
-                        "reference": "all lists", "table": table}
-            probe = min(2 * probe, nlist)
+                        "reference": "all lists" if ref_lists == nlist else
+                        f"each query's nearest {ref_lists:,} of {nlist:,} lists (probing all: {len(q)} x "
+                        f"{index.ntotal:,} x {index.d} > {max_work:.0e})",
+                        "reference_lists": ref_lists, "table": table, "seconds": round(time.time() - t0, 2)}
+            probe = min(2 * probe, ref_lists)
     finally:
         set_nprobe(index, before)
+
+
+def _reference_search(index: faiss.Index, q: np.ndarray, k: int, lists: int) -> np.ndarray:
+    """Distances [Q, k] of a search of each query's `lists` nearest lists, found exactly (all centroids compared):
+    an HNSW quantiser asked for thousands of lists would walk its whole graph with a huge beam, and could miss
+    some."""
+    ivf = faiss.downcast_index(_ivf(index))
+    x = q
+    outer = faiss.downcast_index(index)
+    if isinstance(outer, faiss.IndexPreTransform):  # e.g. OPQ: the lists live in the transformed space
+        for i in range(outer.chain.size()):
+            x = faiss.downcast_VectorTransform(outer.chain.at(i)).apply_py(x)
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    coarse_d, coarse_i = faiss.knn(np.ascontiguousarray(x, dtype=np.float32), centroids, lists)
+    ivf.nprobe = lists  # the caller restores its own
+    return ivf.search_preassigned(np.ascontiguousarray(x, dtype=np.float32), k, coarse_i, coarse_d)[0]
 
 
 def _is_gpu(index: faiss.Index) -> bool:
@@ -273,8 +382,13 @@ def to_gpus(index: faiss.Index, gpus: list[int], shard: bool = True) -> faiss.In
     return gpu_index
 
 
-def train(index: faiss.Index, sample: np.ndarray, gpus: list[int] | None = None) -> None:
-    """Train on `sample` [S, d] float32; the coarse k-means runs on the GPUs when given."""
+def train(index: faiss.Index, sample: np.ndarray, gpus: list[int] | None = None, kmeans_device: str | None = None,
+          seed: int = 0) -> None:
+    """Train on `sample` [S, d] float32. The coarse k-means runs on FAISS GPUs when `gpus` are given, else with
+    torch on `kmeans_device` ('cuda:0': a GPU without faiss-gpu) when given, else with FAISS on the CPU: in two
+    levels (kmeans.two_level_kmeans) from TWO_LEVEL_LISTS lists, where one k-means would take hours."""
+    from arrag.retrieval.kmeans import TWO_LEVEL_LISTS, kmeans, two_level_kmeans
+
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     ivf = _ivf(index)
     trainee, trainee_ivf = index, ivf
@@ -282,13 +396,31 @@ def train(index: faiss.Index, sample: np.ndarray, gpus: list[int] | None = None)
         # Only the coarse quantiser learns: IVF-PQ's own training would replace the codebook by k-means
         # centroids. An IVF-Flat sharing the quantiser (not owning it) runs FAISS's usual coarse training.
         trainee = trainee_ivf = faiss.IndexIVFFlat(ivf.quantizer, ivf.d, ivf.nlist)
-    gpu_flat = None
-    if gpus and trainee_ivf is not None:
+    pre_transformed = isinstance(faiss.downcast_index(index), faiss.IndexPreTransform)  # OPQ: k-means after it
+    centroids = None
+    if not gpus and trainee_ivf is not None and not pre_transformed:
+        if kmeans_device is not None:
+            centroids = kmeans(sample, trainee_ivf.nlist, seed=seed, device=kmeans_device)
+        elif trainee_ivf.nlist >= TWO_LEVEL_LISTS:
+            centroids = two_level_kmeans(sample, trainee_ivf.nlist, seed=seed)
+    if centroids is not None:
+        # The centroids go into the quantiser; FAISS then sees a trained quantiser and trains only the rest.
+        trainee_ivf.quantizer.reset()
+        trainee_ivf.quantizer.add(centroids)
+        trainee_ivf.quantizer.is_trained = True
+        if trainee is not index:
+            ivf.is_trained = True
+            return
+    clustering = None
+    if trainee_ivf is not None and gpus:
+        clustering = to_gpus(faiss.IndexFlatL2(trainee_ivf.d), gpus, shard=False)
+    elif trainee_ivf is not None and has_hnsw_quantizer(trainee_ivf):
+        clustering = faiss.IndexFlatL2(trainee_ivf.d)  # k-means on the graph would rebuild it every iteration
+    if clustering is not None:
         # IndexIVF trains its coarse quantiser through `clustering_index` when one is set.
-        gpu_flat = to_gpus(faiss.IndexFlatL2(trainee_ivf.d), gpus, shard=False)
-        trainee_ivf.clustering_index = gpu_flat
+        trainee_ivf.clustering_index = clustering
     trainee.train(sample)
-    if gpu_flat is not None:
+    if clustering is not None:
         trainee_ivf.clustering_index = None
     if trainee is not index:
         ivf.is_trained = True
@@ -322,6 +454,32 @@ def describe(index: faiss.Index) -> str:
             continue
         break
     return " > ".join(parts)
+
+
+def search_memory(factory: str, n: int, d: int, codebook_shape: tuple[int, int] | None = None,
+                  dedup: bool = False, occurrences: int | None = None) -> dict:
+    """Estimated bytes to search an index of n entries built by `factory`, before building it: 'ram' (faiss-cpu:
+    the index and the code and count tables), 'disk' (the index folder, with de-duplication's entry maps) and
+    'gpu' (the torch backend for Flat, IVF-Flat and CodePQ; faiss-gpu for PQ), with 'gpu_backend' naming it."""
+    size = {} if codebook_shape is None else {"codebook_size": codebook_shape[0], "e_dim": codebook_shape[1]}
+    quantizer = quantizer_bytes(factory, d)
+    index = n * bytes_per_entry(factory, d, **size) + quantizer
+    tables = n * (2 + (4 if dedup else 0))  # values uint16, counts uint32
+    ram = index + tables
+    disk = ram
+    if dedup:  # entry codes (neighbours + value, uint16), CSR offsets (int64), one image id per occurrence (uint32)
+        e = codebook_shape[1] if codebook_shape else 8
+        disk += n * (2 * (d // e + 1) + 8) + 4 * (occurrences or n)
+    m = CODE_PQ.fullmatch(factory)
+    if factory == "Flat" or re.fullmatch(r"IVF\d+(_HNSW\d+)?,Flat", factory):
+        gpu, backend = n * (4 * d + 4) + quantizer, "torch"
+    elif m:
+        sub = code_pq_shape(d, *(codebook_shape or (16384, 8)))[0]
+        gpu, backend = n * (2 * sub + 4) + quantizer, "torch"  # int16 sub-codes and an int32 id per entry
+    else:
+        gpu, backend = index, "faiss-gpu"
+    gpu += n * (2 + (4 if dedup else 0))  # the code (int16) and count (int32) tables beside the hits
+    return {"ram": int(ram), "disk": int(disk), "gpu": int(gpu), "gpu_backend": backend}
 
 
 def index_memory_bytes(index: faiss.Index) -> int:

@@ -56,7 +56,7 @@ class PatchRetriever:
     def backend(self) -> str:
         """Where searches run: 'faiss-cpu', 'faiss-gpu' or 'torch:<device>'."""
         if isinstance(self.index, TorchIndex):
-            return f"torch:{self.index.device}"
+            return "torch:" + ",".join(str(d) for d in self.index.devices)
         return "faiss-gpu" if self.gpus else "faiss-cpu"
 
     # -- loading ------------------------------------------------------------------------------------------
@@ -130,13 +130,13 @@ class PatchRetriever:
             raise ArragError(f"retriever backend {backend!r}: choose auto, faiss or torch")
         spec = _gpu_spec(device)
         if backend == "torch":
-            target = "cpu" if spec is None else _torch_device(spec)
+            target = "cpu" if spec is None else _torch_devices(spec)
             return cls(TorchIndex.from_faiss(index, target), values, manifest, folder, [])
         # faiss-gpu's IVF-PQ takes 8-bit codes with residuals only: a CodePQ index goes to the torch backend.
         if spec is not None and backend == "auto" and (not faiss_index.has_gpu_faiss()
                                                        or faiss_index.is_code_pq(index)):
             if torch.cuda.is_available() and torch_search.supports(index):
-                return cls(TorchIndex.from_faiss(index, _torch_device(spec)), values, manifest, folder, [])
+                return cls(TorchIndex.from_faiss(index, _torch_devices(spec)), values, manifest, folder, [])
             reason = ("no CUDA device" if not torch.cuda.is_available() else
                       f"{faiss_index.describe(index)} needs faiss-gpu (the torch backend serves Flat, IVF-Flat "
                       "and CodePQ)")
@@ -314,7 +314,10 @@ class PatchRetriever:
             else:
                 dist, ids = expand(dist, ids, counts, k)
         values = self._on(self._values_torch, self.values, ids.device)
-        codes = torch.where(ids >= 0, values[ids.clamp_min(0)].long(), -1)
+        codes = values[ids.clamp_min(0)].long()
+        if values.dtype == torch.int16:
+            codes = codes & 0xFFFF  # uint16 codes kept as their int16 bits: 2 bytes per entry on a GPU
+        codes = torch.where(ids >= 0, codes, -1)
         return (dist, codes, copies) if counted else (dist, codes)
 
     def prepare(self, device: str | torch.device) -> None:
@@ -330,13 +333,16 @@ class PatchRetriever:
 
     @staticmethod
     def _on(cache: dict, array: np.ndarray, device) -> torch.Tensor:
-        """An int32 copy of `array` (codes or counts) on `device`, made once: 4 bytes per entry on a GPU."""
+        """A copy of `array` (codes or counts) on `device`, made once: uint16 codes as int16 bits (2 bytes per entry),
+        the rest as int32 (4 bytes)."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         key = str(device)
         if key not in cache:
-            cache[key] = torch.from_numpy(np.asarray(array, dtype=np.int32)).to(device)
+            array = np.asarray(array)
+            compact = array.view(np.int16) if array.dtype == np.uint16 else array.astype(np.int32, copy=False)
+            cache[key] = torch.from_numpy(np.array(compact)).to(device)  # a copy: the array may be a read-only map
         return cache[key]
 
 
@@ -396,15 +402,20 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _torch_device(spec) -> str:
-    """The torch device of a GPU spec ('cuda', 'cuda:1', [1, 2] -> its first GPU)."""
+def _torch_devices(spec) -> list[str]:
+    """The torch devices of a GPU spec, over which the torch backend splits the index: 'cuda' -> every GPU,
+    'cuda:1' -> that one, '0,1' or [0, 1] -> those."""
     if isinstance(spec, list):
-        return f"cuda:{spec[0]}"
+        return [f"cuda:{int(g)}" for g in spec]
     spec = str(spec)
-    if spec.startswith("cuda"):
-        return spec
-    first = spec.split(",")[0].strip()
-    return f"cuda:{first}" if first.isdigit() else "cuda"
+    if spec in ("cuda", "gpu", "all", "auto"):
+        return [f"cuda:{g}" for g in range(max(1, torch.cuda.device_count()))]
+    if spec.startswith("cuda:"):
+        return [spec]
+    try:
+        return [f"cuda:{int(g)}" for g in spec.split(",") if g.strip()]
+    except ValueError:
+        raise ArragError(f"device {spec!r}: expected cpu, cuda, cuda:N or GPU ids such as 0,1") from None
 
 
 def _gpu_spec(device):
