@@ -11,9 +11,10 @@ from test_retrieval import make_store
 from arrag.build_retriever.build_index import build_index
 from arrag.errors import ArragError
 from arrag.retrieval import index as faiss_index
+from arrag.retrieval.index import unpack_codes
 from arrag.retrieval.kmeans import kmeans
 from arrag.retrieval.retriever import PatchRetriever
-from arrag.retrieval.torch_search import TorchIndex, unpack_codes
+from arrag.retrieval.torch_search import TorchIndex
 
 
 def test_auto_factory_grows_lists_and_takes_an_hnsw_quantizer_from_the_threshold():

@@ -185,10 +185,16 @@ def create_index(factory: str, d: int, codebook: np.ndarray | None = None) -> fa
 
 def pack_codes(codes: np.ndarray, nbits: int) -> np.ndarray:
     """Sub-codes [n, M] -> FAISS's packed PQ codes [n, ceil(M * nbits / 8)] uint8 (bits LSB first, as PQ encoders
-    write them); the inverse of torch_search.unpack_codes."""
+    write them); unpack_codes reads them back."""
     n, m = codes.shape
     bits = ((codes.astype(np.int64)[..., None] >> np.arange(nbits, dtype=np.int64)) & 1).astype(np.uint8)
     return np.packbits(bits.reshape(n, m * nbits), axis=1, bitorder="little")
+
+
+def unpack_codes(packed: np.ndarray, m: int, nbits: int) -> np.ndarray:
+    """FAISS's packed PQ codes [n, code_size] uint8 -> sub-codes [n, m] int64; the inverse of pack_codes."""
+    bits = np.unpackbits(packed, axis=1, bitorder="little")[:, :m * nbits].reshape(len(packed), m, nbits)
+    return (bits.astype(np.int64) << np.arange(nbits, dtype=np.int64)).sum(-1)
 
 
 def add_code_pq(index: faiss.Index, keys: np.ndarray, codes: np.ndarray, ids: np.ndarray | None = None) -> None:

@@ -26,19 +26,13 @@ import numpy as np
 import torch
 
 from arrag.errors import ArragError
-from arrag.retrieval.index import is_code_pq
+from arrag.retrieval.index import is_code_pq, unpack_codes
 
 FLAT_BLOCK = 1 << 18  # database rows scored per block in exact search (bounds the [Q, block] distance matrix)
 SCAN_BYTES = 256 << 20  # padded IVF scan: queries per block so that the gathered data stay under this
 PAD_IMBALANCE = 8  # padded IVF scan while the longest list is at most this many times the mean
 QUERY_BLOCK = 256  # queries searched at a time (bounds CodePQ's distance tables: Q x M x K floats)
 TABLE_QUERIES = 8  # queries whose CodePQ tables are computed at once
-
-
-def unpack_codes(packed: np.ndarray, m: int, nbits: int) -> np.ndarray:
-    """FAISS's packed PQ codes [n, code_size] uint8 -> sub-codes [n, m] int64 (bits in FAISS's order, LSB first)."""
-    bits = np.unpackbits(packed, axis=1, bitorder="little")[:, :m * nbits].reshape(len(packed), m, nbits)
-    return (bits.astype(np.int64) << np.arange(nbits, dtype=np.int64)).sum(-1)
 
 
 class _Part:
