@@ -19,6 +19,15 @@
 7. CodePQ (code keys stored as their codes, exact distances) against IVF-Flat, same lists and nprobe, on the
    de-duplicated ShapesWorld database: index bytes per entry, recall@10, the share of identical top-k codes,
    search time per 16 queries. Targets: the same answers at a fraction of the bytes.
+8. build-index under torchrun with 1, 2 and 4 processes: store bytes each rank reads (target <= 1.1x its share).
+9. The torch backend's compact CodePQ (int16 sub-codes, int32 ids, distance tables) on 1 and 2 "devices" (CPU)
+   against faiss-cpu's CodePQ search of item 7's index on 1,000 queries at k 10: identical id lists (and
+   identical up to entries tied at the k-th distance), device bytes per entry. Target: identical; <= 20 B with
+   the code and count tables.
+10. A large index (--large-entries, default 100M; `--large-hnsw-above` forces the HNSW branch on smaller runs):
+   a random-code store built by `build-index --memory-budget 4G` in a fresh process: the factory auto picks,
+   build time and peak RSS (target <= 4 GiB), the tuned nprobe and its reference, recall@10 against exact search,
+   queries/s at batch 16. Random codes are IVF's worst case (no cluster structure).
 The database: ShapesWorld images encoded by a seeded VQ-tiny-8 at 128 px (16x16 tokens, 210 entries each).
 """
 
@@ -179,6 +188,26 @@ def exchange_build(out: Path, entries: int, worlds=(1, 2, 4)) -> dict:
     return res
 
 
+def print_torch_code_pq(tc: dict) -> None:
+    for n in (1, 2):
+        d = tc[f"devices_{n}"]
+        print(f"9. torch CodePQ on {n} device(s) vs faiss-cpu ({tc['entries']:,} entries, {tc['factory']}, nprobe "
+              f"{tc['nprobe']}, {tc['queries']:,} queries, k 10): identical id lists {d['identical_id_lists']:.1%}, "
+              f"identical up to ties at the k-th distance: {d['identical_up_to_kth_ties']}; distances within "
+              f"{d['max_abs_distance_difference']:.1e}; {d['index_bytes_per_entry']:.1f} B/entry on the devices, "
+              f"{d['with_code_and_count_tables']:.1f} with the code and count tables (target <= 20); "
+              f"{d['ms_per_16q']:.2f} vs {d['faiss_ms_per_16q']:.2f} ms per 16 queries (CPU)")
+
+
+def print_large(lg: dict) -> None:
+    tuning = lg["nprobe_tuning"] or {}
+    print(f"10. {lg['entries']:,} random-code entries, --memory-budget {lg['budget']}: {lg['factory']}, built in "
+          f"{lg['build_seconds']:.0f} s ({lg['build_cpu_seconds']:.0f} CPU-s; store {lg['store_seconds']:.0f} s), peak "
+          f"RSS {lg['peak_rss_gib']:.2f} GiB (target <= 4), {lg['disk_bytes_per_entry']:.1f} B/entry on disk; nprobe "
+          f"{lg['nprobe']} (reference: {tuning.get('reference')}); recall@10 {lg['recall@10']:.3f} against exact "
+          f"search (target >= 0.95); {lg['queries_per_s_batch16']:,.0f} queries/s at batch 16")
+
+
 def print_exchange(ex: dict) -> None:
     for world, d in ex["runs"].items():
         cpu = d["cpu_seconds_per_rank"]
@@ -308,6 +337,70 @@ def code_pq_vs_flat(store: Path, out: Path, queries: int) -> dict:
     return res
 
 
+def torch_code_pq(store: Path | None, out: Path, queries: int = 1000) -> dict:
+    """The torch backend's CodePQ against faiss-cpu's on item 7's index, or on a 2M-entry random-code one where
+    item 7 has not run (see the module docstring, item 9)."""
+    from arrag.retrieval.keys import sample_entry_keys
+    from arrag.retrieval.retriever import PatchRetriever
+    from arrag.retrieval.torch_search import TorchIndex
+
+    folder = out / "idx_code_pq"
+    if not (folder / "manifest.json").exists():  # item 7 did not run: a 2M-entry random-code CodePQ of its own
+        from arrag.build_retriever.build_index import build_index
+
+        store = random_code_store(out / "random_store_2m", 2_000_000, seed=5)
+        folder = out / "idx_code_pq_random"
+        if built_manifest(folder).get("factory") != "IVF1024,CodePQ":
+            build_index(store, folder, factory="IVF1024,CodePQ", nprobe=64, overwrite=True, progress=False)
+    r = PatchRetriever.load(folder)
+    q = sample_entry_keys(CodeStore.open(store), queries, seed=7)
+    q[1::2] += np.random.default_rng(7).normal(scale=0.05, size=q[1::2].shape).astype(np.float32)  # off-database
+    fd, fi = r.index.search(q, 10)
+    res = {"entries": r.entries, "queries": len(q), "factory": r.manifest["factory"], "nprobe": r.nprobe}
+    for devices in (["cpu"], ["cpu", "cpu"]):
+        t = TorchIndex.from_faiss(r.index, devices)
+        td, ti = t.search(q, 10)
+        inside = fd < fd[:, -1:] - 1e-5  # hits strictly inside the k-th distance: the same entries whatever the order
+        same_set = all(set(ti[i][inside[i]]) == set(fi[i][inside[i]]) for i in range(len(q)))
+        res[f"devices_{len(devices)}"] = {
+            "identical_id_lists": float((ti == fi).all(1).mean()), "identical_up_to_kth_ties": same_set,
+            "max_abs_distance_difference": float(np.abs(td - fd).max()),
+            "index_bytes_per_entry": t.bytes_per_entry(),
+            "with_code_and_count_tables": t.bytes_per_entry() + 2 + (4 if r.counts is not None else 0),
+            "ms_per_16q": 1e3 * best_of(lambda t=t: t.search(q[:16], 10)),
+            "faiss_ms_per_16q": 1e3 * best_of(lambda: r.index.search(q[:16], 10))}
+    return res
+
+
+def large_build(out: Path, entries: int, hnsw_above: int | None, queries: int, budget: str = "4G") -> dict:
+    """A large random-code index built under a 4 GiB budget in a fresh process (module docstring, item 10)."""
+    from arrag.retrieval.keys import sample_entry_keys
+    from arrag.retrieval.recall import queries_per_second, recall_at_k
+    from arrag.retrieval.retriever import PatchRetriever
+
+    t0 = time.perf_counter()
+    store = random_code_store(out / f"large_store_{entries}", entries, seed=3)
+    store_seconds = time.perf_counter() - t0
+    folder = out / f"large_{entries}"
+    extra = "" if hnsw_above is None else f", hnsw_above={hnsw_above}"
+    code = ("from arrag.build_retriever.build_index import build_index\n"
+            f"m = build_index({str(store)!r}, {str(folder)!r}, memory_budget={budget!r}, overwrite=True{extra})\n")
+    t0 = time.perf_counter()
+    [(rss, printed)] = finish([run_python(code)])
+    seconds = time.perf_counter() - t0
+    r = PatchRetriever.load(folder, verify=False)
+    st = CodeStore.open(store)
+    q = sample_entry_keys(st, queries, seed=1)
+    t0 = time.perf_counter()
+    recall = recall_at_k(r, st, q, 10)
+    return {"entries": r.entries, "budget": budget, "store_seconds": store_seconds, "build_seconds": seconds,
+            "build_cpu_seconds": float(printed.split("CPU_S")[-1].split()[0]), "peak_rss_gib": rss / 2**30,
+            "factory": r.manifest["factory"], "nprobe": r.nprobe, "nprobe_tuning": r.manifest.get("nprobe_tuning"),
+            "disk_bytes_per_entry": folder_bytes(folder) / r.entries, "recall@10": recall,
+            "recall_seconds": time.perf_counter() - t0, "queries_per_s_batch16": queries_per_second(r, q, 10, 16),
+            "printed": [line for line in printed.splitlines() if line.startswith("[build-index]")]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=5000, help="database images (210 entries each; default 5000)")
@@ -316,13 +409,25 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/retrieval")
     ap.add_argument("--scale-entries", type=int, default=10_000_000, help="entries of item 5 (0 skips it)")
     ap.add_argument("--exchange-entries", type=int, default=2_000_000, help="entries of item 8 (0 skips it)")
-    ap.add_argument("--only", default=None, choices=["exchange"], help="run only this item")
+    ap.add_argument("--large-entries", type=int, default=100_000_000, help="entries of item 10 (0 skips it)")
+    ap.add_argument("--large-hnsw-above", type=int, default=None,
+                    help="item 10's --hnsw-above (default: build-index's, 50M)")
+    ap.add_argument("--large-budget", default="4G", help="item 10's --memory-budget (default 4G)")
+    ap.add_argument("--only", default=None, choices=["exchange", "torch-code-pq", "large"],
+                    help="run only this item (torch-code-pq needs item 7's index from an earlier run)")
     args = ap.parse_args()
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"torch_threads": torch.get_num_threads()}
     if args.only == "exchange":
         print_exchange(exchange_build(out, args.exchange_entries))
+        return
+    if args.only == "torch-code-pq":
+        has_item_7 = (out / "idx_code_pq" / "manifest.json").exists()
+        print_torch_code_pq(torch_code_pq(make_store(out, args.images, args.workers) if has_item_7 else None, out))
+        return
+    if args.only == "large":
+        print_large(large_build(out, args.large_entries, args.large_hnsw_above, args.queries, args.large_budget))
         return
 
     result["key_construction"] = kc = key_throughput()
@@ -391,6 +496,9 @@ def main() -> None:
           f"{cp['same_code_multisets@256']:.1%} of queries; bytes CodePQ / IVF-Flat: "
           f"{cp['code_pq']['index_bytes_per_entry'] / cp['ivf_flat']['index_bytes_per_entry']:.3f}")
 
+    result["torch_code_pq"] = tc = torch_code_pq(store, out)
+    print_torch_code_pq(tc)
+
     if args.exchange_entries:
         result["exchange"] = ex = exchange_build(out, args.exchange_entries)
         print_exchange(ex)
@@ -410,6 +518,10 @@ def main() -> None:
         print(f"   CPU seconds: 1 process {sc['processes_1']['cpu_seconds']:.0f}; 2 processes: train "
               f"{c2['train']:.0f}, ranks {c2['rank0']:.0f} + {c2['rank1']:.0f}, merge {c2['merge']:.0f} -> on "
               f"{sc['cores']} cores the 2-process build cannot beat {sc['cpu_floor_ratio']:.2f}x")
+    if args.large_entries:
+        result["large"] = lg = large_build(out, args.large_entries, args.large_hnsw_above, args.queries,
+                                           args.large_budget)
+        print_large(lg)
     (out / "retrieval.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out / 'retrieval.json'}")
 
