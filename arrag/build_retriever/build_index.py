@@ -180,12 +180,11 @@ def _torch_kmeans_device(gpus) -> str | None:
     k-means then runs in torch on the GPU (retrieval.kmeans) instead of on the CPU."""
     import torch
 
-    if gpus in (None, "cpu") or faiss_index.has_gpu_faiss() or not torch.cuda.is_available():
+    from arrag.retrieval.torch_search import torch_devices
+
+    if gpus in (None, "cpu", []) or faiss_index.has_gpu_faiss() or not torch.cuda.is_available():
         return None
-    if isinstance(gpus, (list, tuple)):
-        return f"cuda:{int(gpus[0])}" if gpus else None
-    first = str(gpus).replace("cuda:", "").split(",")[0].strip()
-    return f"cuda:{first}" if first.isdigit() else "cuda"
+    return torch_devices(gpus)[0]
 
 
 def _write_plan(parts: Path, plan: BuildPlan, index) -> None:
@@ -422,8 +421,9 @@ def _add_dedup(folder: Path, index, store: CodeStore, plan: BuildPlan, rank: int
             images = np.fromfile(spill / f"{b:05d}.images", np.uint32)
             rows, counts, offsets, image_ids = dedup_rows(rows, images)
             for s in range(0, len(rows), ADD_ROWS):
-                adder.add(row_keys(rows[s:s + ADD_ROWS], codebook), rows[s:s + ADD_ROWS, :-1])
-                bar.update(len(rows[s:s + ADD_ROWS]))
+                chunk = rows[s:s + ADD_ROWS]
+                adder.add(row_keys(chunk, codebook), chunk[:, :-1])
+                bar.update(len(chunk))
             raw["values"].write(np.ascontiguousarray(rows[:, -1]).tobytes())
             raw["counts"].write(counts.astype(np.uint32).tobytes())
             raw["entry_codes"].write(np.ascontiguousarray(rows[:, :-1]).tobytes())

@@ -130,13 +130,13 @@ class PatchRetriever:
             raise ArragError(f"retriever backend {backend!r}: choose auto, faiss or torch")
         spec = _gpu_spec(device)
         if backend == "torch":
-            target = "cpu" if spec is None else _torch_devices(spec)
+            target = "cpu" if spec is None else torch_search.torch_devices(spec)
             return cls(TorchIndex.from_faiss(index, target), values, manifest, folder, [])
         # faiss-gpu's IVF-PQ takes 8-bit codes with residuals only: a CodePQ index goes to the torch backend.
         if spec is not None and backend == "auto" and (not faiss_index.has_gpu_faiss()
                                                        or faiss_index.is_code_pq(index)):
             if torch.cuda.is_available() and torch_search.supports(index):
-                return cls(TorchIndex.from_faiss(index, _torch_devices(spec)), values, manifest, folder, [])
+                return cls(TorchIndex.from_faiss(index, torch_search.torch_devices(spec)), values, manifest, folder, [])
             reason = ("no CUDA device" if not torch.cuda.is_available() else
                       f"{faiss_index.describe(index)} needs faiss-gpu (the torch backend serves Flat, IVF-Flat "
                       "and CodePQ)")
@@ -400,22 +400,6 @@ def _read_manifest(path: Path) -> dict:
             raise ArragError(f"{path}: {key} {value!r} is not a whole number >= 1; correct it in the manifest or "
                              "rebuild the index")
     return manifest
-
-
-def _torch_devices(spec) -> list[str]:
-    """The torch devices of a GPU spec, over which the torch backend splits the index: 'cuda' -> every GPU,
-    'cuda:1' -> that one, '0,1' or [0, 1] -> those."""
-    if isinstance(spec, list):
-        return [f"cuda:{int(g)}" for g in spec]
-    spec = str(spec)
-    if spec in ("cuda", "gpu", "all", "auto"):
-        return [f"cuda:{g}" for g in range(max(1, torch.cuda.device_count()))]
-    if spec.startswith("cuda:"):
-        return [spec]
-    try:
-        return [f"cuda:{int(g)}" for g in spec.split(",") if g.strip()]
-    except ValueError:
-        raise ArragError(f"device {spec!r}: expected cpu, cuda, cuda:N or GPU ids such as 0,1") from None
 
 
 def _gpu_spec(device):

@@ -35,6 +35,22 @@ QUERY_BLOCK = 256  # queries searched at a time (bounds CodePQ's distance tables
 TABLE_QUERIES = 8  # queries whose CodePQ tables are computed at once
 
 
+def torch_devices(spec) -> list[str]:
+    """The torch devices of a GPU spec, over which the torch backend splits the index: 'cuda' -> every GPU,
+    'cuda:1' -> that one, '0,1' or [0, 1] -> those."""
+    if isinstance(spec, (list, tuple)):
+        return [f"cuda:{int(g)}" for g in spec]
+    spec = str(spec)
+    if spec in ("cuda", "gpu", "all", "auto"):
+        return [f"cuda:{g}" for g in range(max(1, torch.cuda.device_count()))]
+    if spec.startswith("cuda:"):
+        return [spec]
+    try:
+        return [f"cuda:{int(g)}" for g in spec.split(",") if g.strip()]
+    except ValueError:
+        raise ArragError(f"device {spec!r}: expected cpu, cuda, cuda:N or GPU ids such as 0,1") from None
+
+
 class _Part:
     """One device's share of the entries: data (vectors [n, d] float32, or CodePQ sub-codes [n, M]) and ids [n]
     (None for Flat: the rows base, base + 1, ...), and for IVF the CSR offsets [nlist + 1] of its lists."""
