@@ -93,6 +93,10 @@ def _generate(args: argparse.Namespace) -> int:
     sampling.validate()
     if args.prompts_per_batch < 1:
         raise ArragError(f"--prompts-per-batch must be >= 1, got {args.prompts_per_batch}")
+    if args.attribution and args.layout:
+        raise ArragError("--attribution writes beside plain generate's images: leave out --layout")
+    if args.attribution and not method.uses_retrieval:
+        raise ArragError("--attribution records what retrieval did: use it with --method daid, faid or faid+daid")
     if not args.layout:
         return _generate_plain(args, items, method, sampling)
     slot = ProcessSlot.from_env()
@@ -107,17 +111,31 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attribution_settings(args: argparse.Namespace):
+    """The --attribution-* flags as AttributionSettings (None without --attribution)."""
+    from arrag.decoding.attribution import AttributionSettings
+
+    if not getattr(args, "attribution", False):
+        return None
+    settings = AttributionSettings(hits=args.attribution_hits, top=args.attribution_top,
+                                   images_per_hit=args.attribution_images_per_hit,
+                                   diffuse_above=args.attribution_diffuse_above)
+    settings.validate()
+    return settings
+
+
 def _load_generator(args: argparse.Namespace, method, local_rank: int | None):
     from arrag.decoding import Generator
 
     return Generator.load(args.model, method, retriever=args.retriever, device=args.device, dtype=args.dtype,
                           retriever_device=args.retriever_device, nprobe=args.nprobe,
                           verify_index=_index_check(args), local_rank=local_rank, step_mode=args.decode_step,
-                          trust_checkpoint=args.trust_checkpoint)
+                          trust_checkpoint=args.trust_checkpoint, attribution=_attribution_settings(args))
 
 
 def _generate_plain(args: argparse.Namespace, items: list, method, sampling) -> int:
     """Plain generate: every image in one batch into --out, which this run claims while it works."""
+    from arrag.decoding.attribution import attribution_paths
     from arrag.eval.batch_generate import Claims
     from arrag.eval.layouts import PLAIN_KIND, check_plain_out, plain_names, write_plain
     from arrag.fileops import DiskFull, check_out_file
@@ -125,7 +143,10 @@ def _generate_plain(args: argparse.Namespace, items: list, method, sampling) -> 
     from arrag.provenance import made_by, sidecar_path, write_sidecar
 
     image_format(f"x.{args.format}", "--format")
-    earlier = check_plain_out(args.out, plain_names(len(items), args.parallel_size, args.format), args.overwrite)
+    names = plain_names(len(items), args.parallel_size, args.format)
+    if args.attribution:
+        names += [p.name for n in list(names) for p in attribution_paths(n)]
+    earlier = check_plain_out(args.out, names, args.overwrite)
     if args.grid:
         image_format(args.grid, "--grid")
         check_out_file(args.grid, what="grid image", flag="--grid",
@@ -144,6 +165,10 @@ def _generate_plain(args: argparse.Namespace, items: list, method, sampling) -> 
         except DiskFull as e:
             raise ArragError(f"no space left on device while writing {e.path}; free some space and rerun (plain "
                              "generate writes its images at the end and starts over; --layout flat resumes)") from None
+        if args.attribution:
+            for i, record in enumerate(generator.take_attribution()):
+                files += record.save(Path(args.out) / files[i], prompt=prompts[i // args.parallel_size],
+                                     sample=i % args.parallel_size, method=method.method)
         settings = {**generator.settings(), **sampling.settings(), "prompts": prompts, "prompts_file": args.prompts,
                     "files": files, "method_stats": generator.stats(), "grid": args.grid}
         write_sidecar(args.out, settings, kind=PLAIN_KIND)
@@ -483,6 +508,7 @@ def _add_trust(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     import arrag
+    from arrag.decoding.attribution import AttributionSettings
     from arrag.decoding.loop import SamplingConfig
     from arrag.decoding.methods import METHODS, MethodConfig
     from arrag.train.train_faid import FaidTrainConfig
@@ -588,6 +614,22 @@ def build_parser() -> argparse.ArgumentParser:
                           "CUDA refuses the capture; eager elsewhere), eager (the reference), static (fixed shapes, "
                           "no graph), graph (CUDA graph replay; a refused capture is an error)")
     _add_trust(gen)
+    A_ = AttributionSettings
+    gen.add_argument("--attribution", action="store_true",
+                     help="record what every retrieval step found (hits, distances, codes, p_ret weight or FAiD gates, "
+                          "the database images behind them) as <image>.attribution.npz + .json beside each image, "
+                          "with the database images that contributed most (daid, faid, faid+daid; plain output)")
+    gen.add_argument("--attribution-hits", type=_int(1), default=_default(A_, "hits"),
+                     help=f"with --attribution: hits recorded per step, nearest first (default {_default(A_, 'hits')})")
+    gen.add_argument("--attribution-top", type=_int(1), default=_default(A_, "top"),
+                     help="with --attribution: contributing database images listed per image "
+                          f"(default {_default(A_, 'top')})")
+    gen.add_argument("--attribution-images-per-hit", type=_int(1), default=_default(A_, "images_per_hit"),
+                     help="with --attribution: database images recorded per hit "
+                          f"(default {_default(A_, 'images_per_hit')})")
+    gen.add_argument("--attribution-diffuse-above", type=_int(1), default=_default(A_, "diffuse_above"),
+                     help="with --attribution: a patch found in more database images than this is a common pattern, "
+                          f"its mass counted as diffuse, not given to images (default {_default(A_, 'diffuse_above')})")
     gen.set_defaults(func=_generate)
 
     enc = sub.add_parser(

@@ -111,6 +111,7 @@ class DAiD(DecodingHook):
         self.check_settings(lam, tau, k, aggregate)
         self.retriever, self.lam, self.tau, self.k, self.aggregate = retriever, lam, tau, k, aggregate
         self.prefetch, self.side_stream, self.prefetcher, self.pending = prefetch, side_stream, None, None
+        self.recorder = None  # an AttributionRecorder, when the run records attribution
         self.stats = {"steps_augmented": 0, "rows_augmented": 0, "rows_without_hits": 0}
 
     @staticmethod
@@ -136,9 +137,13 @@ class DAiD(DecodingHook):
             # the same cores (measured on 2 cores: 1.61x -> 1.89x overhead at batch 16), so it stays off there.
             self.prefetch = state.codes.device.type == "cuda"
         if self.active and self.prefetch and self.prefetcher is None:
-            self.prefetcher = SearchPrefetch(self.retriever.search_counted, state.codes.device, self.side_stream)
+            self.prefetcher = SearchPrefetch(self._search, state.codes.device, self.side_stream)
         if self.lam > 0 and self.retriever.entries == 0:
             warnings.warn(f"retriever {self.retriever.folder} is empty: DAiD decodes as base", stacklevel=2)
+
+    def _search(self, query, k: int) -> tuple:
+        """(distances, codes, copies[, ids with attribution]) of the raw hits."""
+        return self.retriever.search_counted(query, k, with_ids=self.recorder is not None)
 
     def before_forward(self, state: DecodeState, target: int) -> None:
         # DAiD gives the decoder no context; it only starts the search early. The query for `target` is complete
@@ -152,16 +157,20 @@ class DAiD(DecodingHook):
         if not self.active or not self.queries.valid[target]:
             return probs
         if self.pending is not None and self.pending[0] == target:
-            distances, codes, copies = self.prefetcher.collect(self.pending[1])
+            found = self.prefetcher.collect(self.pending[1])
             self.pending = None
         else:
-            distances, codes, copies = self.retriever.search_counted(self.queries.query(state, target), self.k)
+            found = self._search(self.queries.query(state, target), self.k)
+        distances, codes, copies = found[:3]
         p_ret = retrieval_distribution(distances.to(probs.device), codes.to(probs.device), probs.shape[1],
                                        self.tau, self.aggregate, None if copies is None else copies.to(probs.device))
         missing = codes[:, :1] < 0  # hits come nearest first: a row without a first hit has none
         self.stats["steps_augmented"] += 1
         self.rows_searched += len(codes)
         self.misses = self.misses + missing.sum()  # counted on the device: no host sync per step
+        if self.recorder is not None:
+            self.recorder.daid_step(target, self.queries.query(state, target), distances, codes, copies, found[3],
+                                    p_ret, self.tau, self.aggregate)
         # (1 - lambda) p + lambda p_ret, and p unchanged where p_ret is an empty row (no hits).
         return torch.where(missing, probs, probs * (1 - self.lam) + p_ret * self.lam)
 

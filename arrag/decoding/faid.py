@@ -23,6 +23,7 @@ class FAiD(DecodingHook):
             raise ArragError(f"--faid-k must be >= 1, got {k}")
         self.retriever, self.k = retriever, k
         self.stats = {"steps_augmented": 0}
+        self.recorder = None  # an AttributionRecorder, when the run records attribution
 
     def begin(self, state: DecodeState) -> None:
         model = state.model
@@ -51,19 +52,33 @@ class FAiD(DecodingHook):
         self.no_candidates = torch.full((rows, self.k_used), -1, dtype=torch.long, device=device)
         self.centre = torch.tensor([False, True], device=device)
         self.active = self.retriever.entries > 0
+        self.gates: list | None = [] if self.recorder is not None else None  # the blenders' gates of a forward
+        self.retrieved_at = -1
         if not self.active:
             warnings.warn(f"retriever {self.retriever.folder} is empty: FAiD decodes without features", stacklevel=2)
 
     def before_forward(self, state: DecodeState, target: int) -> FaidContext:
         candidates, retrieved = self.no_candidates, False
         if self.active and self.queries.valid[target]:
-            _, codes = self.retriever.search(self.queries.query(state, target), self.k_used)
-            candidates = codes.to(state.codes.device).repeat_interleave(2, 0)  # one copy for each CFG row
+            query = self.queries.query(state, target)
+            found = self.retriever.search(query, self.k_used, with_ids=self.recorder is not None)
+            candidates = found[1].to(state.codes.device).repeat_interleave(2, 0)  # one copy for each CFG row
             retrieved = True
             self.stats["steps_augmented"] += 1
+            if self.recorder is not None:
+                self.recorder.faid_step(target, query, *found)
+                self.retrieved_at = target
         return FaidContext("step", state.grid, candidates, self.row_mask, rows=state.cond_rows,
                            target=self.targets[target:target + 1], has_centre=self.centre[int(retrieved):][:1],
-                           buffers=self.buffers, cells=state.model.config.language.faid_cells)
+                           buffers=self.buffers, cells=state.model.config.language.faid_cells, gates=self.gates)
+
+    def adjust_probs(self, state: DecodeState, target: int, probs: torch.Tensor) -> torch.Tensor:
+        # The forward pass that predicted `target` has run: hand its blenders' gates to the recorder.
+        if self.gates is not None:
+            if self.retrieved_at == target and self.gates:
+                self.recorder.faid_gates(target, torch.stack(self.gates).mean(0)[:, 0])  # [N, K]
+            self.gates.clear()
+        return probs
 
     def end(self, state: DecodeState) -> None:
         self.buffers = {}

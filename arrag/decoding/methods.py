@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from arrag.decoding.attribution import AttributionRecorder, AttributionSettings, ImageAttribution
 from arrag.decoding.daid import DEFAULT_AGGREGATE, DEFAULT_K, DEFAULT_LAMBDA, DEFAULT_TAU, DAiD
 from arrag.decoding.faid import DEFAULT_FAID_K, FAiD
 from arrag.decoding.hooks import DecodingHook
@@ -86,20 +87,46 @@ def build_hooks(model, method: MethodConfig, retriever=None) -> list[DecodingHoo
 
 
 class Generator:
-    """A ready text-to-image generator: model + retriever + the method's hooks, and the record of them."""
+    """A ready text-to-image generator: model + retriever + the method's hooks, and the record of them.
+
+    attribution: record what every retrieval step found and weighed (decoding.attribution); after a run,
+    `take_attribution()` returns one ImageAttribution per image. Recording needs eager decode steps (the blenders'
+    gates are read back each step), so step_mode 'auto' decodes eagerly and 'graph' is refused.
+    """
 
     def __init__(self, model, method: MethodConfig | None = None, retriever=None,
-                 extra_hooks: Sequence[DecodingHook] = (), prompter=None, step_mode: str = "auto"):
+                 extra_hooks: Sequence[DecodingHook] = (), prompter=None, step_mode: str = "auto",
+                 attribution: AttributionSettings | None = None):
         self.model, self.method, self.retriever = model, method or MethodConfig(), retriever
         self.hooks = [*build_hooks(model, self.method, retriever), *extra_hooks]
         self.prompter, self.step_mode = prompter, step_mode
+        self.recorder = None
+        if attribution is not None:
+            if not self.method.uses_retrieval:
+                raise ArragError("--attribution records what retrieval did: use it with --method daid, faid or "
+                                 "faid+daid")
+            if step_mode == "graph":
+                raise ArragError("--attribution reads the blenders' gates back every step, which a CUDA graph "
+                                 "cannot: use --decode-step auto, eager or static")
+            self.recorder = AttributionRecorder(retriever, attribution)
+            for hook in self.hooks:
+                if isinstance(hook, (DAiD, FAiD)):
+                    hook.recorder = self.recorder
+            self.hooks.append(self.recorder)
+            self.step_mode = "eager" if step_mode == "auto" else step_mode
+
+    def take_attribution(self) -> list[ImageAttribution]:
+        """One ImageAttribution per image generated since the last call, in image order (attribution on)."""
+        if self.recorder is None:
+            raise ArragError("this generator was made without attribution (pass attribution=AttributionSettings())")
+        return self.recorder.take()
 
     @classmethod
     def load(cls, model_path: str | Path, method: MethodConfig | str | None = None, *,
              retriever: str | Path | None = None, device: str = "auto", dtype: str = "auto",
              retriever_device: str | None = None, nprobe: int | None = None, verify_index: bool = True,
              local_rank: int | None = None, step_mode: str = "auto", trust_checkpoint: bool = False,
-             **method_settings) -> Generator:
+             attribution: AttributionSettings | None = None, **method_settings) -> Generator:
         """Load a Janus-Pro folder and, for retrieval methods, its index; everything is checked before loading.
 
         `method` is a MethodConfig, or a method name ("base", "daid", "faid", "faid+daid") with its settings as
@@ -137,7 +164,7 @@ class Generator:
                                         gpu_fallback=retriever_device is None)
         model = JanusPro.from_pretrained(model_path, dtype=parse_dtype(dtype, dev), device=dev,
                                          trust_checkpoint=trust_checkpoint)
-        return cls(model, method, index, step_mode=step_mode)
+        return cls(model, method, index, step_mode=step_mode, attribution=attribution)
 
     # -- generating -----------------------------------------------------------------------------------------
     def sample_codes(self, prompts: Sequence[str], sampling: SamplingConfig, *,

@@ -137,9 +137,10 @@ class SmoothPatchBlender(nn.Module):
         a, b = (getattr(self, n) for n in CONV_NAMES[hop])
         return _conv(_conv(x, a), b).flatten(1)
 
-    def forward(self, windows: torch.Tensor, features: torch.Tensor, direct: bool = False):
+    def forward(self, windows: torch.Tensor, features: torch.Tensor, direct: bool = False, with_gates: bool = False):
         """windows [M, D, S, S] (causally masked; S = self.window), features [M, K, D]
-        -> (per-candidate features [M, K, D], their mean [M, D]). Cells at and after the centre are ignored."""
+        -> (per-candidate features [M, K, D], their mean [M, D]), and with_gates the candidates' gates [M, K]
+        (attribution). Cells at and after the centre are ignored."""
         m, k, d = features.shape
         hw = self.hop_weights().to(features.dtype)
         outs = 0
@@ -156,8 +157,9 @@ class SmoothPatchBlender(nn.Module):
             else:  # decoding: the same linear function as precomputed per-cell maps
                 out = self._past_part(hop, crop)[:, None] + features @ self.centre_map(hop).T
             outs = outs + weight * out
-        gated = torch.sigmoid(self.mlp(outs)) * outs
-        return gated, gated.mean(1)
+        gate = torch.sigmoid(self.mlp(outs))
+        gated = gate * outs
+        return (gated, gated.mean(1), gate[..., 0]) if with_gates else (gated, gated.mean(1))
 
 
 def _conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

@@ -55,6 +55,7 @@ class FaidContext:
     buffers: dict | None = None           # step mode
     rows: torch.Tensor | None = None      # the rows of row_mask, when known in advance
     carry: torch.Tensor | None = field(default=None, repr=False)  # per-candidate outputs of the previous blender
+    gates: list | None = field(default=None, repr=False)  # attribution: each blender appends its gates [S, P, K]
 
     STEP_INPUTS = ("target", "candidates", "has_centre")  # what changes from one decode step to the next
 
@@ -118,7 +119,11 @@ class FaidLayerHook:
         # As the original trains: cells without retrieval get a zero centre in every blender, the later ones
         # included (its decoding instead passes the first blender's outputs on there; see the README).
         feats = layer.retrieval_layernorm(feats) * has_centre[None, :, None, None].to(dtype)
-        per_candidate, mean = layer.blender(windows.to(dtype), feats.reshape(rows[0] * rows[1], cand.shape[-1], -1))
+        found = layer.blender(windows.to(dtype), feats.reshape(rows[0] * rows[1], cand.shape[-1], -1),
+                              with_gates=ctx.gates is not None)
+        per_candidate, mean = found[:2]
+        if ctx.gates is not None:
+            ctx.gates.append(found[2].reshape(*rows, -1))
         ctx.carry = per_candidate.reshape(*rows, *per_candidate.shape[1:])
         return mean.reshape(*rows, -1)
 

@@ -391,6 +391,24 @@ class CodeStore:
             raise ArragError(f"{self.folder / s['captions']} line {row + 1} is not JSON ({e}); rerun `arrag encode` "
                              "with the same settings") from None
 
+    def source_ids(self, images: np.ndarray) -> list[str | None]:
+        """The ids `arrag encode` gave images (their source file or record names), read from the shards' metadata
+        (each shard's file read once per call; None where a shard's metadata has gone)."""
+        images = np.asarray(images, dtype=np.int64).reshape(-1)
+        out: list[str | None] = [None] * len(images)
+        by_shard: dict[int, list[int]] = {}
+        for i, image in enumerate(images.tolist()):
+            by_shard.setdefault(self.shard_of(image)[0], []).append(i)
+        for k, where in by_shard.items():
+            meta = read_json_dict(shard_meta_path(self.folder, int(self.manifest["shards"][k].get("shard", k))))
+            ids = meta.get("ids") if meta else None
+            if not isinstance(ids, list):
+                continue
+            for i in where:
+                row = int(images[i] - self.bounds[k])
+                out[i] = str(ids[row]) if row < len(ids) else None
+        return out
+
     def _jsonl_bytes(self, s: dict) -> np.ndarray:
         path = self.folder / s["captions"]
         try:

@@ -194,22 +194,26 @@ class PatchRetriever:
                              "< 0.2 on a GPU also needs a rebuild, or --allow-unknown-vq if you know it matches)")
 
     # -- search -------------------------------------------------------------------------------------------
-    def search(self, queries, k: int):
-        """Batched k-NN: queries [Q, D] -> (squared-L2 distances [Q, k], codes [Q, k] int64; -1 = no entry)."""
-        return self._search(queries, k, counted=False)
+    def search(self, queries, k: int, with_ids: bool = False):
+        """Batched k-NN: queries [Q, D] -> (squared-L2 distances [Q, k], codes [Q, k] int64; -1 = no entry), and
+        with_ids the entries' ids [Q, k] int64 last (a de-duplicated entry repeated by its count; attribution)."""
+        return self._search(queries, k, counted=False, with_ids=with_ids)
 
-    def search_counted(self, queries, k: int):
+    def search_counted(self, queries, k: int, with_ids: bool = False):
         """search() without repeating de-duplicated hits: (distances [Q, k], codes [Q, k], copies [Q, k] int64),
         copies = how many of each hit's occurrences the full index's top k holds (`dedup.copies_in_top`), or
         None for an index without de-duplication (every hit is one occurrence). The same multiset of
-        (distance, code) pairs as search(), for callers that aggregate (DAiD's p_ret) instead of listing."""
-        return self._search(queries, k, counted=True)
+        (distance, code) pairs as search(), for callers that aggregate (DAiD's p_ret) instead of listing.
+        with_ids: the hits' entry ids [Q, k] int64 last (attribution)."""
+        return self._search(queries, k, counted=True, with_ids=with_ids)
 
-    def _search(self, queries, k: int, counted: bool) -> tuple:
+    def _search(self, queries, k: int, counted: bool, with_ids: bool = False) -> tuple:
         self._check(queries, k)
         if isinstance(queries, torch.Tensor):
-            return self._search_torch(queries, k, counted)
-        return self._search_np(queries, k, counted)
+            found = self._search_torch(queries, k, counted)
+        else:
+            found = self._search_np(queries, k, counted)
+        return found if with_ids else found[:-1]
 
     def search_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(distances, entry ids) [Q, k], NumPy; a de-duplicated entry is repeated by its count, as in the full
@@ -244,13 +248,67 @@ class PatchRetriever:
                            k, weights_per_hit=True)
         return self._codes_np(picked)
 
-    def _own_copies(self, ids: np.ndarray, owners: np.ndarray) -> np.ndarray:
-        """How many occurrences of entry ids[q, j] came from image owners[q]: two binary searches in each hit's
-        ascending slice of the CSR image list (memory-mapped; nothing proportional to the index is loaded)."""
+    def _image_csr(self) -> tuple[np.ndarray, np.ndarray]:
+        """The de-duplicated index's map from entries to the images they came from (memory-mapped, opened once)."""
         if self._csr is None:
             offsets = self._array("entry_image_offsets.npy", len(self.values) + 1)
             self._csr = (offsets, np.load(self.folder / "entry_images.npy", mmap_mode="r"))
-        offsets, images = self._csr
+        return self._csr
+
+    @property
+    def image_map(self) -> str:
+        """How entries map to database images: 'csr' (de-duplicated: entry_image_offsets + entry_images),
+        'arithmetic' (entry e of a full index came from image e // entries_per_image) or 'none' (the original
+        prebuilt database records no images)."""
+        if self.counts is not None:
+            return "csr"
+        return "arithmetic" if self.manifest.get("entries_per_image") else "none"
+
+    def images_of(self, entries: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The database images behind entries [M] (ids >= 0) -> (offsets int64 [M+1], images int64 [<= M*limit],
+        occurrences int64 [M]): entry m's first min(occurrences, limit) image ids (ascending, one per occurrence)
+        are images[offsets[m]:offsets[m+1]]. Only the slices asked for are read from the memory-mapped map."""
+        entries = np.asarray(entries, dtype=np.int64).reshape(-1)
+        kind = self.image_map
+        if kind == "none":
+            raise ArragError(f"{self.folder} is the original prebuilt database: it records no database images for "
+                             "its entries; build an index with `arrag build-index` to see them")
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        if kind == "arithmetic":  # one occurrence each
+            return (np.arange(len(entries) + 1, dtype=np.int64), entries // int(self.manifest["entries_per_image"]),
+                    np.ones(len(entries), np.int64))
+        offsets, images = self._image_csr()
+        lo, hi = np.asarray(offsets[entries], np.int64), np.asarray(offsets[entries + 1], np.int64)
+        take = np.minimum(hi - lo, limit)
+        out_offsets = np.concatenate([[0], np.cumsum(take)]).astype(np.int64)
+        # every position of every taken slice, as one gather: lo[m] + 0 .. take[m]-1
+        where = np.repeat(lo - out_offsets[:-1], take) + np.arange(out_offsets[-1])
+        order = np.argsort(where, kind="stable")  # read the map in ascending order
+        got = np.empty(len(where), np.int64)
+        got[order] = images[where[order]]
+        return out_offsets, got, hi - lo
+
+    def entry_cells(self, entry: int, image: int, grid: np.ndarray) -> np.ndarray:
+        """The raster cells of database image `image` (its code grid [h, w]) whose target is entry `entry`:
+        where the patch sits in that image (a de-duplicated entry may occur there more than once)."""
+        if self.image_map == "arithmetic":
+            p = int(self.manifest["entries_per_image"])
+            if entry // p != image:
+                return np.zeros(0, np.int64)
+            return np.asarray(self.manifest["positions"], np.int64)[[entry % p]]
+        from arrag.retrieval.dedup import entry_rows
+
+        rows, _ = entry_rows(np.asarray(grid)[None], self.neighborhood)
+        codes = np.load(self.folder / "entry_codes.npy", mmap_mode="r")
+        want = np.concatenate([np.asarray(codes[entry], np.uint16), [np.uint16(self.values[entry])]])
+        positions = self.neighborhood.positions(*np.asarray(grid).shape)
+        return positions[(rows == want).all(1)].astype(np.int64)
+
+    def _own_copies(self, ids: np.ndarray, owners: np.ndarray) -> np.ndarray:
+        """How many occurrences of entry ids[q, j] came from image owners[q]: two binary searches in each hit's
+        ascending slice of the CSR image list (memory-mapped; nothing proportional to the index is loaded)."""
+        offsets, images = self._image_csr()
         flat = np.maximum(ids, 0).ravel()
         lo, hi = np.asarray(offsets[flat], np.int64), np.asarray(offsets[flat + 1], np.int64)
         target = np.broadcast_to(owners[:, None], ids.shape).ravel()
@@ -286,10 +344,11 @@ class PatchRetriever:
         return np.where(ids >= 0, got.reshape(ids.shape), -1)
 
     def _search_np(self, queries: np.ndarray, k: int, counted: bool) -> tuple:
+        """(distances, codes[, copies], ids): the ids always last, dropped by callers that do not want them."""
         dist, ids = self._search_ids(queries, k, expand_counts=not counted)
         if not counted:
-            return dist, self._codes_np(ids)
-        return dist, self._codes_np(ids), None if self.counts is None else copies_in_top(ids, self.counts, k)
+            return dist, self._codes_np(ids), ids
+        return dist, self._codes_np(ids), None if self.counts is None else copies_in_top(ids, self.counts, k), ids
 
     def _search_torch(self, queries: torch.Tensor, k: int, counted: bool) -> tuple:
         if isinstance(self.index, TorchIndex):  # searched where the index lives, codes looked up there too
@@ -304,8 +363,8 @@ class PatchRetriever:
         return tuple(None if a is None else a.to(queries.device) for a in found)
 
     def _codes_torch(self, dist: torch.Tensor, ids: torch.Tensor, k: int, counted: bool) -> tuple:
-        """Raw hits on a device -> (distances, codes[, copies]) there: counts expanded (or, `counted`, turned into
-        copies per hit), codes looked up on that device."""
+        """Raw hits on a device -> (distances, codes[, copies], ids) there: counts expanded (or, `counted`, turned
+        into copies per hit), codes looked up on that device."""
         copies = None
         if self.counts is not None:
             counts = self._on(self._counts_torch, self.counts, ids.device)
@@ -318,7 +377,7 @@ class PatchRetriever:
         if values.dtype == torch.int16:
             codes = codes & 0xFFFF  # uint16 codes kept as their int16 bits: 2 bytes per entry on a GPU
         codes = torch.where(ids >= 0, codes, -1)
-        return (dist, codes, copies) if counted else (dist, codes)
+        return (dist, codes, copies, ids) if counted else (dist, codes, ids)
 
     def prepare(self, device: str | torch.device) -> None:
         """Copy the code (and count) tables to where searches of queries on `device` return their hits, now,
