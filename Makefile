@@ -1,12 +1,12 @@
 # arrag: two commands on a fresh machine.
-#   make test   create .venv if missing, install arrag with its dev, train, eval and data extras, run the tests
+#   make test   create .venv if missing, install arrag with its dev, train, eval, data and app extras, run the tests
 #   make demo   same set-up, then run the main job on the embedded default (ShapesWorld)
 # On a machine without CUDA the venv gets the CPU torch wheel (never a multi-GB CUDA build) and faiss-cpu.
 # On a CUDA machine it gets PyPI's CUDA torch and GPU FAISS (faiss-gpu-cu12 replaces faiss-cpu).
 
 PYTHON ?= python3
 VENV ?= .venv
-EXTRAS ?= dev,train,eval,data
+EXTRAS ?= dev,train,eval,data,app
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 FAISS_GPU ?= faiss-gpu-cu12

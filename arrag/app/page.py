@@ -1,0 +1,128 @@
+"""The `arrag app` page (Gradio): generate with base, DAiD and FAiD side by side from one seed, click a cell of a
+DAiD or FAiD image to see the database patches its retrieval step found, and see each image's top contributors.
+
+Each method's samples are shown as one strip, enlarged so a cell can be clicked; a click's pixel maps back to
+(sample, row, column). Errors become a line on the page, never a traceback.
+"""
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from arrag.app.session import APP_METHODS, LABELS, AppSession, MethodResult
+from arrag.errors import ArragError
+
+STRIP_MIN_PX = 256  # each sample is enlarged (nearest) to at least this many pixels a side
+DEFAULT_PROMPT = "a red circle and a blue square"
+
+
+def strip(images: np.ndarray) -> tuple[np.ndarray, int]:
+    """Samples uint8 [S, H, W, 3] side by side, enlarged by an integer factor -> (strip, factor)."""
+    factor = max(1, -(-STRIP_MIN_PX // images.shape[2]))
+    row = np.concatenate(list(images), axis=1)
+    big = Image.fromarray(row).resize((row.shape[1] * factor, row.shape[0] * factor), Image.NEAREST)
+    return np.asarray(big), factor
+
+
+def click_to_cell(x: int, y: int, image_px: int, factor: int, grid: tuple[int, int]) -> tuple[int, int, int]:
+    """A click at pixel (x, y) of a strip -> (sample, row, column)."""
+    side = image_px * factor
+    sample, x_in = divmod(int(x), side)
+    cell_px = side / grid[1]
+    return sample, min(grid[0] - 1, int(int(y) // cell_px)), min(grid[1] - 1, int(x_in // cell_px))
+
+
+def _message(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"**Error:** {text}"
+
+
+def build_page(session: AppSession, defaults: dict | None = None):
+    """The Gradio Blocks of the page for `session`."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    d = {"samples": 4, "seed": 0, "cfg_weight": 5.0, "temperature": 1.0, "daid_lambda": 0.1, "daid_tau": 1.0,
+         "daid_k": 256, "faid_k": 10, **(defaults or {})}
+    available = session.methods
+    with gr.Blocks(title="arrag: see what retrieval did", analytics_enabled=False) as page:
+        gr.Markdown("## arrag — see what retrieval did\nGenerate with each method from the same seed. Click a cell "
+                    "of a DAiD or FAiD image to see the database patches its retrieval step found.")
+        with gr.Row():
+            prompt = gr.Textbox(value=DEFAULT_PROMPT, label="prompt", scale=3, elem_id="prompt")
+            methods = gr.CheckboxGroup([(LABELS[m], m) for m in available],
+                                       value=[m for m in ("base", "daid") if m in available], label="methods",
+                                       elem_id="methods")
+        with gr.Row():
+            samples = gr.Slider(1, 8, value=d["samples"], step=1, label="samples")
+            seed = gr.Number(value=d["seed"], precision=0, label="seed", minimum=0)
+            cfg = gr.Slider(0, 15, value=d["cfg_weight"], step=0.5, label="CFG")
+            temperature = gr.Slider(0, 2, value=d["temperature"], step=0.05, label="temperature")
+        with gr.Row():
+            lam = gr.Slider(0, 1, value=d["daid_lambda"], step=0.01, label="DAiD λ")
+            tau = gr.Slider(0.05, 5, value=d["daid_tau"], step=0.05, label="DAiD τ")
+            k = gr.Number(value=d["daid_k"], precision=0, minimum=1, label="DAiD k")
+            big_k = gr.Number(value=d["faid_k"], precision=0, minimum=1, label="FAiD K")
+        go = gr.Button("Generate", variant="primary", elem_id="generate")
+        status = gr.Markdown(elem_id="status")
+        state = gr.State({})
+        shown = {m: gr.Image(label=LABELS[m], type="numpy", format="png", interactive=False, visible=False,
+                             elem_id=f"strip-{m}", buttons=["download"]) for m in APP_METHODS}
+        cell_info = gr.Markdown(elem_id="cell-info")
+        crops = gr.Gallery(label="database patches retrieved for the clicked cell (nearest first)", columns=8,
+                           height="auto", format="png", elem_id="crops")
+        contrib_info = gr.Markdown(elem_id="contrib-info")
+        contributors = gr.Gallery(label="database images that contributed most to this sample", columns=10,
+                                  height="auto", format="png", elem_id="contributors")
+
+        def generate(prompt_, methods_, samples_, seed_, cfg_, temp_, lam_, tau_, k_, big_k_,
+                     progress=gr.Progress(track_tqdm=True)):  # noqa: B008  (Gradio's way to show tqdm bars)
+            outputs = {m: gr.update(value=None, visible=False) for m in APP_METHODS}
+            try:
+                results = session.generate(prompt_, list(methods_ or []), samples=int(samples_), seed=int(seed_ or 0),
+                                           cfg_weight=float(cfg_), temperature=float(temp_), daid_lambda=float(lam_),
+                                           daid_tau=float(tau_), daid_k=int(k_ or 1), faid_k=int(big_k_ or 1),
+                                           progress=True)
+            except (ArragError, ValueError, RuntimeError) as e:
+                return ({}, _message(e), *outputs.values(), "", [], "", [])
+            kept = {}
+            for m, r in results.items():
+                picture, factor = strip(r.images)
+                outputs[m] = gr.update(value=picture, visible=True)
+                kept[m] = (r, factor)
+            line = (f"{len(results)} method(s) × {int(samples_)} sample(s), seed {int(seed_ or 0)}. "
+                    + ("Click a cell of a DAiD or FAiD image." if any(r.records for r in results.values()) else ""))
+            return (kept, line, *outputs.values(), "", [], "", [])
+
+        go.click(generate, [prompt, methods, samples, seed, cfg, temperature, lam, tau, k, big_k],
+                 [state, status, *shown.values(), cell_info, crops, contrib_info, contributors])
+
+        for method, image in shown.items():
+            def on_select(kept, evt: gr.SelectData, method=method):
+                if method not in kept:
+                    return "generate first", [], "", []
+                result, factor = kept[method]
+                x, y = evt.index
+                sample, row, col = click_to_cell(x, y, result.images.shape[2], factor, session.grid())
+                try:
+                    line, patches = session.retrieved(result, sample, row, col)
+                    top_line, tops = session.contributors(result, sample)
+                except ArragError as e:
+                    return _message(e), [], "", []
+                return (line, [(p.image, p.caption) for p in patches], top_line,
+                        [(p.image, p.caption) for p in tops])
+
+            image.select(on_select, [state], [cell_info, crops, contrib_info, contributors])
+    return page
+
+
+def launch(session: AppSession, host: str = "127.0.0.1", port: int = 7860, defaults: dict | None = None) -> None:
+    """Serve the page until interrupted (127.0.0.1 unless the user asks for another address)."""
+    page = build_page(session, defaults)
+    print(f"arrag app: http://{host}:{port}", flush=True)
+    page.queue().launch(server_name=host, server_port=port, share=False, ssr_mode=False, quiet=True,
+                        footer_links=[])
+
+
+__all__ = ["MethodResult", "build_page", "click_to_cell", "launch", "strip"]

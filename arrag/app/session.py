@@ -1,0 +1,251 @@
+"""What `arrag app` computes, without the page: the models and retriever it serves, generation of every method from
+one seed with attribution, and the pictures of what retrieval did (database crops, top contributors).
+
+Database images are decoded by the model's VQ from the index's code store, so the page needs no original files.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from arrag.decoding.attribution import AttributionSettings, ImageAttribution
+from arrag.decoding.loop import SamplingConfig, decode_images
+from arrag.decoding.methods import Generator, MethodConfig
+from arrag.errors import ArragError
+
+APP_METHODS = ("base", "daid", "faid")
+LABELS = {"base": "base", "daid": "DAiD", "faid": "FAiD"}
+CROP_PX, THUMB_PX = 96, 96  # sides of the crops and thumbnails shown on the page
+
+
+@dataclass
+class MethodResult:
+    """One method's samples: codes Long [S, h, w], images uint8 [S, H, W, 3], one attribution per sample (None
+    for base)."""
+
+    method: str
+    codes: torch.Tensor
+    images: np.ndarray
+    records: list[ImageAttribution] | None
+
+
+@dataclass
+class Patch:
+    """A picture for the page with its caption."""
+
+    image: np.ndarray
+    caption: str
+
+
+class AppSession:
+    """The models and retriever behind the page; generation and the pictures of attribution."""
+
+    def __init__(self, model, faid_model=None, retriever=None, store=None, image_size: int | None = None):
+        self.model, self.faid_model, self.retriever, self.store = model, faid_model, retriever, store
+        self.image_size = image_size or model.vq.config.image_size
+        self._decoded: OrderedDict[int, np.ndarray] = OrderedDict()  # database images decoded lately
+
+    @classmethod
+    def load(cls, model: str | Path, faid_model: str | Path | None = None, retriever: str | Path | None = None,
+             device: str = "cpu", store: str | Path | None = None, image_size: int | None = None) -> AppSession:
+        """Load the checkpoints and the index (its code store from the manifest, or `store`)."""
+        from arrag.janus.model import JanusPro
+        from arrag.retrieval.codestore import CodeStore
+        from arrag.retrieval.retriever import PatchRetriever
+        from arrag.runtime import resolve_device
+
+        dev = resolve_device(device)
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        base = JanusPro.from_pretrained(model, dtype=dtype, device=dev, quiet=True)
+        faid = JanusPro.from_pretrained(faid_model, dtype=dtype, device=dev, quiet=True) if faid_model else None
+        index = code_store = None
+        if retriever:
+            index = PatchRetriever.load(retriever, device=str(dev) if dev.type == "cuda" else "cpu",
+                                        gpu_fallback=True)
+            where = store or index.manifest.get("store")
+            if where and Path(where).is_dir():
+                code_store = CodeStore.open(where)
+            else:
+                warnings.warn(f"the code store of {retriever} ({where}) is not there: the page shows hits without "
+                              "database crops (pass --store)", stacklevel=2)
+        return cls(base, faid, index, code_store, image_size)
+
+    @classmethod
+    def demo(cls, device: str = "cpu", progress: bool = True) -> AppSession:
+        """The shipped demo models and the demo retriever (built on first use, as `make demo` does)."""
+        from arrag.demo.database import DEMO_RETRIEVER, build_demo_retriever
+        from arrag.demo.pipeline import ASSETS
+
+        recipe = json.loads((ASSETS / "recipe.json").read_text())["recipe"]
+        index = build_demo_retriever(ASSETS / "base", DEMO_RETRIEVER, recipe["database_images"],
+                                     recipe["image_size"], progress=progress)
+        return cls.load(ASSETS / "base", ASSETS / "faid", index, device=device, image_size=recipe["image_size"])
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods this session can run."""
+        return [m for m in APP_METHODS if m == "base" or (self.retriever is not None and
+                                                          (m == "daid" or self.faid_model is not None))]
+
+    # -- generating ---------------------------------------------------------------------------------------------
+    def generate(self, prompt: str, methods: list[str], samples: int = 4, seed: int = 0, cfg_weight: float = 5.0,
+                 temperature: float = 1.0, daid_lambda: float = 0.1, daid_tau: float = 1.0, daid_k: int = 256,
+                 faid_k: int = 10, progress: bool = False) -> dict[str, MethodResult]:
+        """Every method's `samples` images from the same seed (sample s of every method draws the same uniforms)."""
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise ArragError("enter a prompt")
+        if not methods:
+            raise ArragError("choose at least one method")
+        unknown = [m for m in methods if m not in self.methods]
+        if unknown:
+            raise ArragError(f"{', '.join(unknown)} needs " + ("a FAiD checkpoint (--faid-model)" if self.retriever
+                                                                 else "a retriever (--retriever)"))
+        sampling = SamplingConfig(parallel_size=int(samples), cfg_weight=cfg_weight, temperature=temperature,
+                                  seed=int(seed), image_size=self.image_size)
+        sampling.validate()
+        out = {}
+        for method in methods:
+            model = self.faid_model if method == "faid" else self.model
+            config = MethodConfig(method, daid_lambda=daid_lambda, daid_tau=daid_tau, daid_k=int(daid_k),
+                                  faid_k=int(faid_k))
+            retrieves = config.uses_retrieval
+            gen = Generator(model, config, self.retriever if retrieves else None,
+                            attribution=AttributionSettings() if retrieves else None)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                codes = gen.sample_codes([prompt], sampling, progress=progress)
+            for w in caught:
+                if "does not know" in str(w.message):  # a word outside the tokenizer: refuse, do not guess
+                    raise ArragError(str(w.message).split(":")[0] + ": use words the model was trained on")
+            out[method] = MethodResult(method, codes, gen.images(codes), gen.take_attribution() if retrieves else None)
+        return out
+
+    # -- what retrieval did -------------------------------------------------------------------------------------
+    def grid(self) -> tuple[int, int]:
+        side = self.model.vq.grid_size(self.image_size)
+        return side, side
+
+    def step_at(self, result: MethodResult, sample: int, row: int, col: int) -> tuple[int | None, str]:
+        """The record row of the retrieval step at cell (row, col) of a sample, or None with the reason."""
+        if result.records is None:
+            return None, f"{LABELS[result.method]} does not retrieve; click a DAiD or FAiD image"
+        cell = row * self.grid()[1] + col
+        hit = np.flatnonzero(result.records[sample].arrays["cells"] == cell)
+        if len(hit) == 0:
+            return None, (f"cell ({row}, {col}) had no retrieval: its neighbourhood is not all inside the image "
+                          "(the first row and the edge columns)")
+        return int(hit[0]), ""
+
+    def retrieved(self, result: MethodResult, sample: int, row: int, col: int, limit: int = 8
+                  ) -> tuple[str, list[Patch]]:
+        """A line about the step at (row, col) and its hits as crops of their database images, nearest first."""
+        step, why = self.step_at(result, sample, row, col)
+        if step is None:
+            return why, []
+        a = result.records[sample].arrays
+        m = result.method
+        sampled = int(a["sampled"][step])
+        line = f"{LABELS[m]} sample {sample + 1}, cell ({row}, {col}): sampled code {sampled}"
+        if m == "daid":
+            line += f", p_ret's weight on it {float(a['daid_weight'][step]):.3f}"
+        if self.retriever.image_map == "none":
+            return line + "; the original prebuilt database records no images for its entries", []
+        patches = []
+        offsets, images = a[f"{m}_hit_image_offsets"], a[f"{m}_hit_images"]
+        hits = a[f"{m}_hit_entries"].shape[1]
+        for j in range(min(limit, hits)):
+            entry = int(a[f"{m}_hit_entries"][step, j])
+            if entry < 0:
+                break
+            row_ = step * hits + j
+            behind = images[offsets[row_]:offsets[row_ + 1]]
+            if len(behind) == 0:
+                continue
+            image = int(behind[0])
+            weight = (f"p_ret {float(a['daid_hit_p_ret'][step, j]):.3f}" if m == "daid"
+                      else f"gate {float(a['faid_hit_gates'][step, j]):.3g}")
+            distance = float(a[f"{m}_hit_distances"][step, j])
+            caption = f"d {distance:.3f} · {weight} · db image {image}{self._source(image)}"
+            occurrences = int(a[f"{m}_hit_occurrences"][step, j])
+            if occurrences > 1:
+                caption += f" (+{occurrences - 1} more)"
+            patches.append(Patch(self._crop(entry, image), caption))
+        if not patches and self.store is None:
+            line += "; no database crops: the index's code store is not there (--store)"
+        return line, patches
+
+    def contributors(self, result: MethodResult, sample: int) -> tuple[str, list[Patch]]:
+        """A line about the sample's attribution and thumbnails of its top contributing database images."""
+        if result.records is None:
+            return "", []
+        summary = result.records[sample].summary.get(result.method, {})
+        top = summary.get("top")
+        if top is None:
+            return summary.get("note", "no database images recorded"), []
+        line = (f"{LABELS[result.method]} sample {sample + 1}: retrieval mass {summary['mass']:.3f}, of which "
+                f"{summary.get('diffuse_mass', 0):.3f} on common patterns")
+        pics = [Patch(self._thumb(t["image"]), f"db image {t['image']}{self._source(t['image'])} · "
+                      f"{100 * t['share']:.1f}%") for t in top if self.store is not None]
+        return line, pics
+
+    # -- pictures -----------------------------------------------------------------------------------------------
+    def _source(self, image: int) -> str:
+        if self.store is None:
+            return ""
+        src = self.store.source_ids(np.array([image]))[0]
+        return f" ({src})" if src else ""
+
+    def database_image(self, image: int) -> np.ndarray:
+        """Database image `image` decoded by the VQ from its codes: uint8 [H, W, 3] (the last 64 kept)."""
+        if self.store is None:
+            raise ArragError("the index's code store is not there: pass --store")
+        if image not in self._decoded:
+            codes = torch.from_numpy(self.store.gather(np.array([image])).astype(np.int64))
+            self._decoded[image] = decode_images(self.model, codes.to(self.model.device))[0]
+            if len(self._decoded) > 64:
+                self._decoded.popitem(last=False)
+        self._decoded.move_to_end(image)
+        return self._decoded[image]
+
+    def _crop(self, entry: int, image: int) -> np.ndarray:
+        """The patch of `entry` in database image `image`: its cell and two cells around it, outlined, enlarged."""
+        if self.store is None:
+            return np.full((CROP_PX, CROP_PX, 3), 200, np.uint8)
+        grid = self.store.gather(np.array([image]))[0]
+        cells = self.retriever.entry_cells(entry, image, grid)
+        pixels = self.database_image(image)
+        h, w = grid.shape
+        return crop_cell(pixels, (h, w), int(cells[0]) if len(cells) else None)
+
+    def _thumb(self, image: int) -> np.ndarray:
+        return np.asarray(Image.fromarray(self.database_image(image)).resize((THUMB_PX, THUMB_PX), Image.NEAREST))
+
+
+def crop_cell(pixels: np.ndarray, grid: tuple[int, int], cell: int | None, margin: int = 2,
+              size: int = CROP_PX) -> np.ndarray:
+    """uint8 [size, size, 3]: the cells within `margin` of `cell` (clipped at the edges) with the cell outlined in
+    red; the whole image when the cell is unknown."""
+    h, w = grid
+    ph, pw = pixels.shape[0] // h, pixels.shape[1] // w
+    if cell is None:
+        return np.asarray(Image.fromarray(pixels).resize((size, size), Image.NEAREST))
+    r, c = divmod(cell, w)
+    r0, r1 = max(0, r - margin), min(h, r + margin + 1)
+    c0, c1 = max(0, c - margin), min(w, c + margin + 1)
+    crop = Image.fromarray(pixels[r0 * ph:r1 * ph, c0 * pw:c1 * pw])
+    scale = size / max(crop.width, crop.height)
+    crop = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))), Image.NEAREST)
+    box = [(c - c0) * pw * scale, (r - r0) * ph * scale, (c - c0 + 1) * pw * scale - 1, (r - r0 + 1) * ph * scale - 1]
+    ImageDraw.Draw(crop).rectangle(box, outline=(255, 0, 0), width=2)
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    canvas.paste(crop, ((size - crop.width) // 2, (size - crop.height) // 2))
+    return np.asarray(canvas)

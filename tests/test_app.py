@@ -1,0 +1,172 @@
+"""`arrag app`: the session behind the page, and the page itself driven in headless Chromium (Debian's system
+browser through Selenium; skipped, with the reason, where no browser is installed)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from arrag.app.page import click_to_cell, strip
+from arrag.app.session import AppSession, crop_cell
+from arrag.demo.database import build_demo_retriever
+from arrag.demo.pipeline import ASSETS
+from arrag.errors import ArragError
+
+SIZE = 64  # the demo models' image size: 16 x 16 cells of 4 pixels
+SHOTS = Path(os.environ.get("ARRAG_SCREENSHOTS", "result/screenshots"))
+
+
+@pytest.fixture(scope="module")
+def small_demo_index(tmp_path_factory):
+    """The demo retriever's recipe on 300 ShapesWorld images (the real render, encode and build-index)."""
+    return build_demo_retriever(ASSETS / "base", tmp_path_factory.mktemp("app"), 300, SIZE, progress=False,
+                                device="cpu")
+
+
+@pytest.fixture(scope="module")
+def session(small_demo_index):
+    return AppSession.load(ASSETS / "base", ASSETS / "faid", small_demo_index, device="cpu", image_size=SIZE)
+
+
+def test_every_method_from_one_seed_and_what_a_cell_retrieved(session):
+    results = session.generate("a red circle", ["base", "daid", "faid"], samples=2, seed=3, daid_k=64)
+    assert set(results) == {"base", "daid", "faid"} and results["base"].records is None
+    again = session.generate("a red circle", ["daid"], samples=2, seed=3, daid_k=64)
+    np.testing.assert_array_equal(again["daid"].images, results["daid"].images)  # seeded
+    daid = results["daid"]
+    line, patches = session.retrieved(daid, 1, 5, 7)
+    a = daid.records[1].arrays
+    step = int(np.flatnonzero(a["cells"] == 5 * 16 + 7)[0])
+    assert f"sampled code {int(a['sampled'][step])}" in line and "p_ret's weight" in line
+    assert 1 <= len(patches) <= 8 and patches[0].image.shape == (96, 96, 3)
+    assert f"p_ret {a['daid_hit_p_ret'][step, 0]:.3f}" in patches[0].caption
+    assert f"d {a['daid_hit_distances'][step, 0]:.3f}" in patches[0].caption
+    # the crop is the database image decoded from its codes, around the hit's cell
+    first = int(a["daid_hit_images"][a["daid_hit_image_offsets"][step * a["daid_hit_entries"].shape[1]]])
+    assert f"db image {first} ({first:06d}.png)" in patches[0].caption
+    line, tops = session.contributors(daid, 1)
+    assert "retrieval mass" in line and len(tops) >= 1
+    assert session.retrieved(results["base"], 0, 5, 7) == ("base does not retrieve; click a DAiD or FAiD image", [])
+    assert "had no retrieval" in session.retrieved(daid, 0, 0, 7)[0]
+    assert "FAiD sample 1" in session.retrieved(results["faid"], 0, 5, 7)[0]
+
+
+def test_bad_input_is_a_line_not_a_traceback(session, tmp_path):
+    with pytest.raises(ArragError, match="does not know 'dragon'"):
+        session.generate("a red dragon", ["base"])
+    with pytest.raises(ArragError, match="enter a prompt"):
+        session.generate("  ", ["base"])
+    with pytest.raises(ArragError, match="choose at least one method"):
+        session.generate("a circle", [])
+    from arrag.demo.presets import make_tiny_janus
+
+    make_tiny_janus(tmp_path / "other", seed=4)  # another tokenizer than the index's
+    other = AppSession.load(tmp_path / "other", None, session.retriever.folder, device="cpu", image_size=SIZE)
+    with pytest.raises(ArragError, match="another tokenizer"):
+        other.generate("a circle", ["daid"])
+
+
+def test_clicks_map_to_cells_and_crops_outline_the_cell():
+    images = np.zeros((3, SIZE, SIZE, 3), np.uint8)
+    picture, factor = strip(images)
+    assert factor == 4 and picture.shape == (256, 3 * 256, 3)
+    assert click_to_cell(256 + 7 * 16 + 3, 5 * 16 + 1, SIZE, factor, (16, 16)) == (1, 5, 7)
+    pixels = np.zeros((SIZE, SIZE, 3), np.uint8)
+    crop = crop_cell(pixels, (16, 16), 5 * 16 + 7)
+    assert crop.shape == (96, 96, 3) and (crop[..., 0] == 255).any()  # the red outline
+
+
+# -- the page in a real browser -----------------------------------------------------------------------------------
+
+def _browser() -> tuple[str, str]:
+    for module in ("gradio", "selenium"):
+        try:
+            __import__(module)
+        except ImportError:
+            pytest.skip(f"{module} is not installed (pip install -e '.[app,dev]')")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("no system Chromium and chromedriver: apt-get install chromium chromium-driver (as .ci/run does)")
+    return chromium, driver
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"arrag app exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"arrag app did not answer on port {port} within {seconds} s")
+
+
+def test_the_page_generates_and_shows_database_crops_in_chromium(small_demo_index, tmp_path):
+    chromium, chromedriver = _browser()
+    from selenium import webdriver
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "SE_OFFLINE": "true"}
+    proc = subprocess.Popen([sys.executable, "-m", "arrag", "app", "--model", str(ASSETS / "base"),
+                             "--faid-model", str(ASSETS / "faid"), "--retriever", str(small_demo_index),
+                             "--image-size", str(SIZE), "--device", "cpu", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    driver = None
+    try:
+        _wait_for_port(port, proc, 120)
+        options = webdriver.ChromeOptions()
+        options.binary_location = chromium
+        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1800"):
+            options.add_argument(arg)
+        driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=chromedriver), options=options)
+        wait = WebDriverWait(driver, 120)
+        driver.get(f"http://127.0.0.1:{port}/")
+        box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
+        box.clear()
+        box.send_keys("a red circle and a blue square")
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        strip_img = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#strip-daid img"))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#strip-base img"))
+        natural = driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", strip_img)
+        assert natural == [4 * 256, 256]  # 4 samples of 64 px, each enlarged 4x
+        scale = strip_img.size["width"] / natural[0]
+        x, y = (256 + 7.5 * 16) * scale, 5.5 * 16 * scale  # sample 2, cell (5, 7)
+        ActionChains(driver).move_to_element_with_offset(
+            strip_img, int(x - strip_img.size["width"] / 2), int(y - strip_img.size["height"] / 2)).click().perform()
+        wait.until(lambda d: "cell (5, 7)" in d.find_element(By.CSS_SELECTOR, "#cell-info").text)
+        crops = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#crops img"))
+        assert len(crops) >= 1
+        assert "DAiD sample 2" in driver.find_element(By.CSS_SELECTOR, "#cell-info").text
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#contributors img"))
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(SHOTS / "app.png"))
+        # bad input becomes a line on the page
+        box.clear()
+        box.send_keys("a red dragon")
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        wait.until(lambda d: "does not know 'dragon'" in d.find_element(By.CSS_SELECTOR, "#status").text)
+    finally:
+        if driver is not None:
+            driver.quit()
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
