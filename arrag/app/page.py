@@ -71,10 +71,10 @@ def build_page(session: AppSession, defaults: dict | None = None):
                              elem_id=f"strip-{m}", buttons=["download"]) for m in APP_METHODS}
         cell_info = gr.Markdown(elem_id="cell-info")
         crops = gr.Gallery(label="database patches retrieved for the clicked cell (nearest first)", columns=8,
-                           height="auto", format="png", elem_id="crops")
+                           height=190, format="png", elem_id="crops")
         contrib_info = gr.Markdown(elem_id="contrib-info")
         contributors = gr.Gallery(label="database images that contributed most to this sample", columns=10,
-                                  height="auto", format="png", elem_id="contributors")
+                                  height=190, format="png", elem_id="contributors")
 
         def generate(prompt_, methods_, samples_, seed_, cfg_, temp_, lam_, tau_, k_, big_k_,
                      progress=gr.Progress(track_tqdm=True)):  # noqa: B008  (Gradio's way to show tqdm bars)

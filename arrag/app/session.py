@@ -191,8 +191,9 @@ class AppSession:
         top = summary.get("top")
         if top is None:
             return summary.get("note", "no database images recorded"), []
-        line = (f"{LABELS[result.method]} sample {sample + 1}: retrieval mass {summary['mass']:.3f}, of which "
-                f"{summary.get('diffuse_mass', 0):.3f} on common patterns")
+        steps = len(result.records[sample].arrays["cells"])
+        line = (f"{LABELS[result.method]} sample {sample + 1}: retrieval mass {summary['mass']:.3f} summed over {steps} "
+                f"steps, {summary.get('diffuse_mass', 0):.3f} of it on common patterns; the images it came from:")
         pics = [Patch(self._thumb(t["image"]), f"db image {t['image']}{self._source(t['image'])} · "
                       f"{100 * t['share']:.1f}%") for t in top if self.store is not None]
         return line, pics
