@@ -187,13 +187,15 @@ class AppSession:
         """A line about the sample's attribution and thumbnails of its top contributing database images."""
         if result.records is None:
             return "", []
-        summary = result.records[sample].summary.get(result.method, {})
+        record = result.records[sample].summary
+        summary = record.get(result.method, {})
         top = summary.get("top")
         if top is None:
-            return summary.get("note", "no database images recorded"), []
+            return record.get("note", "no database images recorded"), []
         steps = len(result.records[sample].arrays["cells"])
-        line = (f"{LABELS[result.method]} sample {sample + 1}: retrieval mass {summary['mass']:.3f} summed over {steps} "
-                f"steps, {summary.get('diffuse_mass', 0):.3f} of it on common patterns; the images it came from:")
+        line = (f"{LABELS[result.method]} sample {sample + 1}: retrieval mass {summary['mass']:.3f} summed over "
+                f"{steps} steps, {summary.get('diffuse_mass', 0):.3f} of it on common patterns; the images it came "
+                "from:")
         pics = [Patch(self._thumb(t["image"]), f"db image {t['image']}{self._source(t['image'])} · "
                       f"{100 * t['share']:.1f}%") for t in top if self.store is not None]
         return line, pics

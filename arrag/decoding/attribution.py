@@ -118,7 +118,7 @@ class AttributionRecorder(DecodingHook):
         self.retriever, self.config = retriever, settings or AttributionSettings()
         self.config.validate()
         self.records: list[ImageAttribution] = []
-        self._store, self._store_note = None, None
+        self._store, self._store_opened = None, False  # the index's code store, for source ids (opened once)
         if retriever.image_map == "none":
             warnings.warn(f"{retriever.folder}: {NO_IMAGE_MAP}", stacklevel=2)
 
@@ -296,7 +296,7 @@ class AttributionRecorder(DecodingHook):
 
     def _sources(self, images: np.ndarray) -> list[str | None]:
         """The code store's ids (source file names) of database images, when the index's store is still there."""
-        if self._store is None and self._store_note is None:
+        if not self._store_opened:
             from arrag.retrieval.codestore import CodeStore
 
             path = self.retriever.manifest.get("store")
@@ -306,7 +306,7 @@ class AttributionRecorder(DecodingHook):
                 self._store = None
                 warnings.warn(f"attribution: the index's code store cannot be opened ({e}); image source ids are left "
                               "out", stacklevel=2)
-            self._store_note = "checked"
+            self._store_opened = True
         if self._store is None:
             return [None] * len(images)
         return self._store.source_ids(images)
