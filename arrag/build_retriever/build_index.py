@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -49,7 +50,7 @@ INDEX_FORMAT = "arrag-index/2"
 INDEX_FILES = (r"manifest\.json", r"index\.faiss", r"values\.npy", r"counts\.npy", r"entry_codes\.npy",
                r"entry_image_offsets\.npy", r"entry_images\.npy", r"lists\.ivfdata", r"parts/.+", r"spill/.+")
 ARRAYS = ("values.npy", "counts.npy", "entry_codes.npy", "entry_image_offsets.npy", "entry_images.npy")
-SPILL_ROWS = 16_000_000  # rows per de-duplication bucket (~0.6 GB of work memory with the L neighbourhood)
+SPILL_ROWS = 8_000_000  # rows per de-duplication bucket (~0.7 GB of work memory with the L neighbourhood)
 ADD_ROWS = 1_000_000  # keys made and added at a time
 
 
@@ -453,18 +454,30 @@ def _add_dedup(folder: Path, index, store: CodeStore, plan: BuildPlan, rank: int
 
 def concat_npy(path: Path, arrays: list[np.ndarray], chunk_rows: int = 1 << 22) -> None:
     """Write the row-wise concatenation of `arrays` (memory maps welcome) to the .npy `path`, chunk by chunk
-    under a temporary name: memory stays at one chunk whatever the total."""
+    under a temporary name: memory stays at one chunk whatever the total. The output is written, not mapped, and
+    the pages of a mapped input are let go after each chunk: mapped pages count in this process's RSS, and at
+    100M entries these tables are gigabytes."""
     rows = sum(len(a) for a in arrays)
-    with fileops.atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=arrays[0].dtype, shape=(rows, *arrays[0].shape[1:]))
-        at = 0
+    dtype, tail = np.dtype(arrays[0].dtype), tuple(arrays[0].shape[1:])
+    with fileops.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                                                 "shape": (rows, *tail)})
         for a in arrays:
             for s in range(0, len(a), chunk_rows):
-                part = np.asarray(a[s:s + chunk_rows])
-                out[at:at + len(part)] = part
-                at += len(part)
-        out.flush()
-        del out
+                f.write(np.ascontiguousarray(a[s:s + chunk_rows], dtype=dtype).tobytes())
+                _drop_mapped_pages(a)
+
+
+def _drop_mapped_pages(array) -> None:
+    """Let go of the pages a memory-mapped array (or a view of one, or a _Shifted) has read: they stay in the page
+    cache, not in this process's RSS, and are read again if touched."""
+    a = getattr(array, "offsets", array)
+    while a is not None:
+        mm = getattr(a, "_mmap", None)
+        if isinstance(mm, mmap.mmap):
+            mm.madvise(mmap.MADV_DONTNEED)
+            return
+        a = getattr(a, "base", None)
 
 
 def _fill(folder: Path, index, store: CodeStore, plan: BuildPlan, rank: int, world: int, chunk_images: int,
