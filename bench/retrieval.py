@@ -193,7 +193,10 @@ def print_torch_code_pq(tc: dict) -> None:
         d = tc[f"devices_{n}"]
         print(f"9. torch CodePQ on {n} device(s) vs faiss-cpu ({tc['entries']:,} entries, {tc['factory']}, nprobe "
               f"{tc['nprobe']}, {tc['queries']:,} queries, k 10): identical id lists {d['identical_id_lists']:.1%}, "
-              f"identical up to ties at the k-th distance: {d['identical_up_to_kth_ties']}; distances within "
+              f"identical up to ties at the k-th distance: {d['identical_up_to_kth_ties']}; of the "
+              f"{d['differing_queries']} differing queries, {d['differing_with_other_probed_lists']} probed another "
+              f"list, its centroid distance within {d['their_centroid_distance_gap']:.1e} (relative) of the one "
+              "FAISS probed; distances within "
               f"{d['max_abs_distance_difference']:.1e}; {d['index_bytes_per_entry']:.1f} B/entry on the devices, "
               f"{d['with_code_and_count_tables']:.1f} with the code and count tables (target <= 20); "
               f"{d['ms_per_16q']:.2f} vs {d['faiss_ms_per_16q']:.2f} ms per 16 queries (CPU)")
@@ -340,6 +343,8 @@ def code_pq_vs_flat(store: Path, out: Path, queries: int) -> dict:
 def torch_code_pq(store: Path | None, out: Path, queries: int = 1000) -> dict:
     """The torch backend's CodePQ against faiss-cpu's on item 7's index, or on a 2M-entry random-code one where
     item 7 has not run (see the module docstring, item 9)."""
+    import faiss
+
     from arrag.retrieval.keys import sample_entry_keys
     from arrag.retrieval.retriever import PatchRetriever
     from arrag.retrieval.torch_search import TorchIndex
@@ -362,8 +367,24 @@ def torch_code_pq(store: Path | None, out: Path, queries: int = 1000) -> dict:
         td, ti = t.search(q, 10)
         inside = fd < fd[:, -1:] - 1e-5  # hits strictly inside the k-th distance: the same entries whatever the order
         same_set = all(set(ti[i][inside[i]]) == set(fi[i][inside[i]]) for i in range(len(q)))
+        # Where the id lists differ, did the two scan different lists? Then the nprobe-th and next centroids are
+        # within float32 rounding of each other (BLAS and torch sum in other orders): a tie, not a wrong search.
+        differ = np.flatnonzero((ti != fi).any(1))
+        quantizer = faiss.extract_index_ivf(r.index).quantizer
+        centroids = quantizer.reconstruct_n(0, quantizer.ntotal).astype(np.float64)
+        faiss_probe = quantizer.search(q[differ], r.nprobe)[1]
+        torch_probe = t.probe(torch.from_numpy(q[differ])).numpy()
+        other_lists, gap = 0, 0.0
+        for j, a, b in zip(differ, faiss_probe, torch_probe, strict=True):
+            swapped = sorted(set(a) ^ set(b))
+            if swapped:  # the float64 distances of the lists only one of them scanned: how far apart they are
+                other_lists += 1
+                d = ((centroids[swapped] - q[j].astype(np.float64)) ** 2).sum(1)
+                gap = max(gap, float((d.max() - d.min()) / d.max()))
         res[f"devices_{len(devices)}"] = {
             "identical_id_lists": float((ti == fi).all(1).mean()), "identical_up_to_kth_ties": same_set,
+            "differing_queries": len(differ), "differing_with_other_probed_lists": other_lists,
+            "their_centroid_distance_gap": gap,
             "max_abs_distance_difference": float(np.abs(td - fd).max()),
             "index_bytes_per_entry": t.bytes_per_entry(),
             "with_code_and_count_tables": t.bytes_per_entry() + 2 + (4 if r.counts is not None else 0),

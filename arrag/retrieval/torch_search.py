@@ -194,12 +194,17 @@ class TorchIndex:
                                                                              device=self.device)
         return (dist.cpu().numpy(), ids.cpu().numpy()) if as_numpy else (dist, ids)
 
+    def probe(self, q: torch.Tensor) -> torch.Tensor:
+        """The lists an IVF search of queries [Q, d] scans: Long [Q, nprobe], the nearest centroids in float32 (a
+        centroid within rounding of the nprobe-th may be chosen differently than by FAISS's BLAS)."""
+        c = self.centroids
+        coarse = (q * q).sum(1, keepdim=True) + (c * c).sum(1)[None] - 2 * q @ c.T
+        return coarse.topk(self.nprobe, dim=1, largest=False).indices
+
     def _search_block(self, q: torch.Tensor, k: int):
         probe = tables = None
         if self.centroids is not None:
-            c = self.centroids
-            coarse = (q * q).sum(1, keepdim=True) + (c * c).sum(1)[None] - 2 * q @ c.T
-            probe = coarse.topk(self.nprobe, dim=1, largest=False).indices       # [Q, P] lists to scan
+            probe = self.probe(q)                                                # [Q, P] lists to scan
         if self.codebook is not None:
             m, _, dsub = self.codebook.shape
             sub = q.reshape(len(q), m, 1, dsub)
