@@ -41,6 +41,7 @@ class PatchRetriever:
         self._counts_torch: dict[str, torch.Tensor] = {}
         self.counts = np.asarray(self._array("counts.npy", len(values))) if manifest.get("dedup") else None
         self._csr: tuple[np.ndarray, np.ndarray] | None = None
+        self._entry_codes: np.ndarray | None = None
         self.set_nprobe(manifest.get("nprobe"))
 
     def _array(self, name: str, length: int) -> np.ndarray:
@@ -300,8 +301,9 @@ class PatchRetriever:
         from arrag.retrieval.dedup import entry_rows
 
         rows, _ = entry_rows(np.asarray(grid)[None], self.neighborhood)
-        codes = np.load(self.folder / "entry_codes.npy", mmap_mode="r")
-        want = np.concatenate([np.asarray(codes[entry], np.uint16), [np.uint16(self.values[entry])]])
+        if self._entry_codes is None:  # memory-mapped once, like the image map
+            self._entry_codes = self._array("entry_codes.npy", len(self.values))
+        want = np.concatenate([np.asarray(self._entry_codes[entry], np.uint16), [np.uint16(self.values[entry])]])
         positions = self.neighborhood.positions(*np.asarray(grid).shape)
         return positions[(rows == want).all(1)].astype(np.int64)
 
