@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from arrag.app.page import click_to_cell, strip
+from arrag.app.page import click_to_cell, mark_cell, strip
 from arrag.app.session import AppSession, crop_cell
 from arrag.demo.database import build_demo_retriever
 from arrag.demo.pipeline import ASSETS
@@ -77,6 +77,10 @@ def test_clicks_map_to_cells_and_crops_outline_the_cell():
     picture, factor = strip(images)
     assert factor == 4 and picture.shape == (256, 3 * 256, 3)
     assert click_to_cell(256 + 7 * 16 + 3, 5 * 16 + 1, SIZE, factor, (16, 16)) == (1, 5, 7)
+    marked = mark_cell(picture, SIZE, factor, (16, 16), 1, 5, 7)
+    changed = np.argwhere((marked != picture).any(-1))  # the outline lies on that cell's 16 x 16 pixels only
+    assert changed.min(0).tolist() == [5 * 16, 256 + 7 * 16]
+    assert changed.max(0).tolist() == [6 * 16 - 1, 256 + 8 * 16 - 1]
     pixels = np.zeros((SIZE, SIZE, 3), np.uint8)
     crop = crop_cell(pixels, (16, 16), 5 * 16 + 7)
     assert crop.shape == (96, 96, 3) and (crop[..., 0] == 255).any()  # the red outline

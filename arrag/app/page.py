@@ -8,7 +8,7 @@ Each method's samples are shown as one strip, enlarged so a cell can be clicked;
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from arrag.app.session import APP_METHODS, LABELS, AppSession, MethodResult
 from arrag.errors import ArragError
@@ -31,6 +31,17 @@ def click_to_cell(x: int, y: int, image_px: int, factor: int, grid: tuple[int, i
     sample, x_in = divmod(int(x), side)
     cell_px = side / grid[1]
     return sample, min(grid[0] - 1, int(int(y) // cell_px)), min(grid[1] - 1, int(x_in // cell_px))
+
+
+def mark_cell(picture: np.ndarray, image_px: int, factor: int, grid: tuple[int, int], sample: int, row: int,
+              col: int) -> np.ndarray:
+    """A copy of a strip with cell (row, col) of `sample` outlined in red: where the user clicked."""
+    cell = image_px * factor / grid[1]
+    x0, y0 = sample * image_px * factor + col * cell, row * cell
+    marked = Image.fromarray(picture)
+    ImageDraw.Draw(marked).rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], outline=(255, 0, 0),
+                                     width=max(1, int(cell) // 8))
+    return np.asarray(marked)
 
 
 def _message(e: Exception) -> str:
@@ -101,19 +112,21 @@ def build_page(session: AppSession, defaults: dict | None = None):
         for method, image in shown.items():
             def on_select(kept, evt: gr.SelectData, method=method):
                 if method not in kept:
-                    return "generate first", [], "", []
+                    return "generate first", [], "", [], gr.update()
                 result, factor = kept[method]
                 x, y = evt.index
-                sample, row, col = click_to_cell(x, y, result.images.shape[2], factor, session.grid())
+                px, grid = result.images.shape[2], session.grid()
+                sample, row, col = click_to_cell(x, y, px, factor, grid)
+                marked = mark_cell(strip(result.images)[0], px, factor, grid, sample, row, col)
                 try:
                     line, patches = session.retrieved(result, sample, row, col)
                     top_line, tops = session.contributors(result, sample)
                 except ArragError as e:
-                    return _message(e), [], "", []
+                    return _message(e), [], "", [], marked
                 return (line, [(p.image, p.caption) for p in patches], top_line,
-                        [(p.image, p.caption) for p in tops])
+                        [(p.image, p.caption) for p in tops], marked)
 
-            image.select(on_select, [state], [cell_info, crops, contrib_info, contributors])
+            image.select(on_select, [state], [cell_info, crops, contrib_info, contributors, image])
     return page
 
 
@@ -125,4 +138,4 @@ def launch(session: AppSession, host: str = "127.0.0.1", port: int = 7860, defau
                         footer_links=[])
 
 
-__all__ = ["MethodResult", "build_page", "click_to_cell", "launch", "strip"]
+__all__ = ["MethodResult", "build_page", "click_to_cell", "launch", "mark_cell", "strip"]
