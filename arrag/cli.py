@@ -95,8 +95,6 @@ def _generate(args: argparse.Namespace) -> int:
         raise ArragError(f"--prompts-per-batch must be >= 1, got {args.prompts_per_batch}")
     if args.attribution and args.layout:
         raise ArragError("--attribution writes beside plain generate's images: leave out --layout")
-    if args.attribution and not method.uses_retrieval:
-        raise ArragError("--attribution records what retrieval did: use it with --method daid, faid or faid+daid")
     if not args.layout:
         return _generate_plain(args, items, method, sampling)
     slot = ProcessSlot.from_env()
@@ -117,11 +115,9 @@ def _attribution_settings(args: argparse.Namespace):
 
     if not getattr(args, "attribution", False):
         return None
-    settings = AttributionSettings(hits=args.attribution_hits, top=args.attribution_top,
-                                   images_per_hit=args.attribution_images_per_hit,
-                                   diffuse_above=args.attribution_diffuse_above)
-    settings.validate()
-    return settings
+    return AttributionSettings(hits=args.attribution_hits, top=args.attribution_top,
+                               images_per_hit=args.attribution_images_per_hit,
+                               diffuse_above=args.attribution_diffuse_above)
 
 
 def _load_generator(args: argparse.Namespace, method, local_rank: int | None):

@@ -101,7 +101,7 @@ def build_page(session: AppSession, defaults: dict | None = None):
             for m, r in results.items():
                 picture, factor = strip(r.images)
                 outputs[m] = gr.update(value=picture, visible=True)
-                kept[m] = (r, factor)
+                kept[m] = (r, picture, factor)
             line = (f"{len(results)} method(s) × {int(samples_)} sample(s), seed {int(seed_ or 0)}. "
                     + ("Click a cell of a DAiD or FAiD image." if any(r.records for r in results.values()) else ""))
             return (kept, line, *outputs.values(), "", [], "", [])
@@ -113,11 +113,11 @@ def build_page(session: AppSession, defaults: dict | None = None):
             def on_select(kept, evt: gr.SelectData, method=method):
                 if method not in kept:
                     return "generate first", [], "", [], gr.update()
-                result, factor = kept[method]
+                result, picture, factor = kept[method]
                 x, y = evt.index
                 px, grid = result.images.shape[2], session.grid()
                 sample, row, col = click_to_cell(x, y, px, factor, grid)
-                marked = mark_cell(strip(result.images)[0], px, factor, grid, sample, row, col)
+                marked = mark_cell(picture, px, factor, grid, sample, row, col)
                 try:
                     line, patches = session.retrieved(result, sample, row, col)
                     top_line, tops = session.contributors(result, sample)

@@ -51,7 +51,7 @@ class AppSession:
     def __init__(self, model, faid_model=None, retriever=None, store=None, image_size: int | None = None):
         self.model, self.faid_model, self.retriever, self.store = model, faid_model, retriever, store
         self.image_size = image_size or model.vq.config.image_size
-        self._decoded: OrderedDict[int, np.ndarray] = OrderedDict()  # database images decoded lately
+        self._decoded: OrderedDict[int, tuple] = OrderedDict()  # (codes, pixels) of database images decoded lately
 
     @classmethod
     def load(cls, model: str | Path, faid_model: str | Path | None = None, retriever: str | Path | None = None,
@@ -159,22 +159,23 @@ class AppSession:
             line += f", p_ret's weight on it {float(a['daid_weight'][step]):.3f}"
         if self.retriever.image_map == "none":
             return line + "; the original prebuilt database records no images for its entries", []
-        patches = []
         offsets, images = a[f"{m}_hit_image_offsets"], a[f"{m}_hit_images"]
         hits = a[f"{m}_hit_entries"].shape[1]
+        shown = []  # (hit, entry, its first database image)
         for j in range(min(limit, hits)):
             entry = int(a[f"{m}_hit_entries"][step, j])
             if entry < 0:
                 break
             row_ = step * hits + j
-            behind = images[offsets[row_]:offsets[row_ + 1]]
-            if len(behind) == 0:
-                continue
-            image = int(behind[0])
+            if offsets[row_ + 1] > offsets[row_]:
+                shown.append((j, entry, int(images[offsets[row_]])))
+        sources = self._sources([image for _, _, image in shown])
+        patches = []
+        for (j, entry, image), source in zip(shown, sources, strict=True):
             weight = (f"p_ret {float(a['daid_hit_p_ret'][step, j]):.3f}" if m == "daid"
                       else f"gate {float(a['faid_hit_gates'][step, j]):.3g}")
             distance = float(a[f"{m}_hit_distances"][step, j])
-            caption = f"d {distance:.3f} · {weight} · db image {image}{self._source(image)}"
+            caption = f"d {distance:.3f} · {weight} · db image {image}{source}"
             occurrences = int(a[f"{m}_hit_occurrences"][step, j])
             if occurrences > 1:
                 caption += f" (+{occurrences - 1} more)"
@@ -196,24 +197,26 @@ class AppSession:
         line = (f"{LABELS[result.method]} sample {sample + 1}: retrieval mass {summary['mass']:.3f} summed over "
                 f"{steps} steps, {summary.get('diffuse_mass', 0):.3f} of it on common patterns; the images it came "
                 "from:")
-        pics = [Patch(self._thumb(t["image"]), f"db image {t['image']}{self._source(t['image'])} · "
-                      f"{100 * t['share']:.1f}%") for t in top if self.store is not None]
+        pics = [Patch(self._thumb(t["image"]), f"db image {t['image']}" + (f" ({t['source']})" if t["source"] else "")
+                      + f" · {100 * t['share']:.1f}%") for t in top if self.store is not None]
         return line, pics
 
     # -- pictures -----------------------------------------------------------------------------------------------
-    def _source(self, image: int) -> str:
-        if self.store is None:
-            return ""
-        src = self.store.source_ids(np.array([image]))[0]
-        return f" ({src})" if src else ""
+    def _sources(self, images: list[int]) -> list[str]:
+        """' (<source id>)' for each database image, from one read of the store's shard records ('' without)."""
+        if self.store is None or not images:
+            return [""] * len(images)
+        return [f" ({src})" if src else "" for src in self.store.source_ids(np.array(images))]
 
-    def database_image(self, image: int) -> np.ndarray:
-        """Database image `image` decoded by the VQ from its codes: uint8 [H, W, 3] (the last 64 kept)."""
+    def database_image(self, image: int) -> tuple[np.ndarray, np.ndarray]:
+        """Database image `image`: its codes [h, w] from the store and the VQ's decoding of them, uint8 [H, W, 3]
+        (the last 64 kept)."""
         if self.store is None:
             raise ArragError("the index's code store is not there: pass --store")
         if image not in self._decoded:
-            codes = torch.from_numpy(self.store.gather(np.array([image])).astype(np.int64))
-            self._decoded[image] = decode_images(self.model, codes.to(self.model.device))[0]
+            codes = self.store.gather(np.array([image]))[0]
+            pixels = decode_images(self.model, torch.from_numpy(codes[None].astype(np.int64)).to(self.model.device))
+            self._decoded[image] = (codes, pixels[0])
             if len(self._decoded) > 64:
                 self._decoded.popitem(last=False)
         self._decoded.move_to_end(image)
@@ -223,14 +226,13 @@ class AppSession:
         """The patch of `entry` in database image `image`: its cell and two cells around it, outlined, enlarged."""
         if self.store is None:
             return np.full((CROP_PX, CROP_PX, 3), 200, np.uint8)
-        grid = self.store.gather(np.array([image]))[0]
-        cells = self.retriever.entry_cells(entry, image, grid)
-        pixels = self.database_image(image)
-        h, w = grid.shape
-        return crop_cell(pixels, (h, w), int(cells[0]) if len(cells) else None)
+        codes, pixels = self.database_image(image)
+        cells = self.retriever.entry_cells(entry, image, codes)
+        return crop_cell(pixels, codes.shape, int(cells[0]) if len(cells) else None)
 
     def _thumb(self, image: int) -> np.ndarray:
-        return np.asarray(Image.fromarray(self.database_image(image)).resize((THUMB_PX, THUMB_PX), Image.NEAREST))
+        pixels = self.database_image(image)[1]
+        return np.asarray(Image.fromarray(pixels).resize((THUMB_PX, THUMB_PX), Image.NEAREST))
 
 
 def crop_cell(pixels: np.ndarray, grid: tuple[int, int], cell: int | None, margin: int = 2,

@@ -134,8 +134,8 @@ class AttributionRecorder(DecodingHook):
     def daid_step(self, target: int, query: torch.Tensor, dist: torch.Tensor, codes: torch.Tensor,
                   copies: torch.Tensor | None, ids: torch.Tensor, p_ret: torch.Tensor, tau: float,
                   aggregate: str) -> None:
-        """One DAiD search: its hits [N, k] (copies None without de-duplication) and p_ret [N, V]."""
-        self._resolve_daid()
+        """One DAiD search: its hits [N, k] (copies None without de-duplication) and p_ret [N, V]. The previous
+        step was resolved in before_forward, which the loop calls before every step's hooks."""
         self.queries.setdefault(target, query.float().cpu().numpy())
         h = min(self.config.hits, codes.shape[1])
         copies_ = torch.ones_like(codes) if copies is None else copies.to(codes.device)

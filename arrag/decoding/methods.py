@@ -86,6 +86,15 @@ def build_hooks(model, method: MethodConfig, retriever=None) -> list[DecodingHoo
     return hooks
 
 
+def check_attribution(method: MethodConfig, step_mode: str) -> None:
+    """One-line errors for attribution where there is nothing to record, or where it cannot be read back."""
+    if not method.uses_retrieval:
+        raise ArragError("--attribution records what retrieval did: use it with --method daid, faid or faid+daid")
+    if step_mode == "graph":
+        raise ArragError("--attribution reads the blenders' gates back every step, which a CUDA graph cannot: use "
+                         "--decode-step auto, eager or static")
+
+
 class Generator:
     """A ready text-to-image generator: model + retriever + the method's hooks, and the record of them.
 
@@ -102,12 +111,7 @@ class Generator:
         self.prompter, self.step_mode = prompter, step_mode
         self.recorder = None
         if attribution is not None:
-            if not self.method.uses_retrieval:
-                raise ArragError("--attribution records what retrieval did: use it with --method daid, faid or "
-                                 "faid+daid")
-            if step_mode == "graph":
-                raise ArragError("--attribution reads the blenders' gates back every step, which a CUDA graph "
-                                 "cannot: use --decode-step auto, eager or static")
+            check_attribution(self.method, step_mode)
             self.recorder = AttributionRecorder(retriever, attribution)
             for hook in self.hooks:
                 if isinstance(hook, (DAiD, FAiD)):
@@ -146,6 +150,8 @@ class Generator:
         elif method_settings:
             raise ArragError(f"pass method settings in the MethodConfig, not as keywords: {', '.join(method_settings)}")
         method.validate()
+        if attribution is not None:
+            check_attribution(method, step_mode)
         if nprobe is not None and nprobe < 1:
             raise ArragError(f"--nprobe must be >= 1, got {nprobe}")
         if method.uses_retrieval and not retriever:
