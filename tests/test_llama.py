@@ -71,3 +71,23 @@ def test_left_padding_equals_running_alone(pair):
             ref = hf(input_ids=seq).logits[0]
             got = _logits(hf, torch.cat([pre[row, -alone_ids.shape[1]:], *[s[row] for s in steps]]))
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_angles_cos_and_sin_are_correctly_rounded(pair):
+    """The rotary tables are cos/sin of transformers' fp32 angles, correctly rounded to fp32: the same numbers
+    whatever the thread count (torch.cos on CPUs is within an ulp, and its first multi-threaded call in a process
+    was sometimes not: tests/test_api.py then saw other images for the same seed)."""
+    import math
+
+    ours, _ = pair
+    rotary = ours.model.rotary
+    positions = torch.tensor([[0, 1, 5, 127], [300, 4095, 2, 3]])
+    cos, sin = rotary(positions, 4096, torch.float32)  # grows past max_position_embeddings when asked
+    assert cos.shape == sin.shape == (2, 1, 4, 16)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 16, 2).float() / 16))
+    for b, row in enumerate(positions.tolist()):
+        for t, pos in enumerate(row):
+            angles = torch.cat([torch.tensor(float(pos)) * inv_freq] * 2).tolist()  # fp32 products
+            assert cos[b, 0, t].tolist() == [float(torch.tensor(math.cos(a))) for a in angles]
+            assert sin[b, 0, t].tolist() == [float(torch.tensor(math.sin(a))) for a in angles]
+    assert rotary(positions, 64, torch.bfloat16)[0].dtype == torch.bfloat16

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,12 +52,44 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin [B, 1, T, head_dim] for integer positions [B, T] (Llama's 'default' rope, computed in fp32)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[..., None] * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+class RotaryTable:
+    """cos and sin of every rotary position, [positions, head_dim] each, computed once per device and dtype.
+
+    Llama's 'default' rope, as transformers computes it: inv_freq and the angles position * inv_freq in fp32;
+    then cos and sin in float64 with NumPy, rounded once to the model's dtype. Not torch.cos: on CPUs, torch's
+    cos runs MKL's vector math on several OpenMP threads, and the first such call in a process sometimes gives
+    one thread's share at ~1e-4 error (tests/test_llama.py: the same seed gave other images about one call in
+    eight in the suite). A table makes the angles' cos exact and independent of the thread count; each step
+    then indexes it (no host sync, so a CUDA graph can replay it).
+    """
+
+    def __init__(self, head_dim: int, theta: float):
+        self.head_dim, self.theta = head_dim, theta
+        self.length = 0
+        self.tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _compute(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+        inv_freq = (1.0 / (self.theta ** exponent)).numpy()  # fp32, as transformers' LlamaRotaryEmbedding
+        angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq  # fp32 products, as its matmul's
+        angles = np.concatenate([angles, angles], axis=1).astype(np.float64)
+        return np.cos(angles), np.sin(angles)
+
+    def get(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [>= length, head_dim] on `device` in `dtype`."""
+        if length > self.length:  # grows in powers of two: a few recomputations over a model's life at most
+            self.length = max(length, 2 * self.length, 256)
+            self.tables.clear()
+        key = (torch.device(device), dtype)
+        if key not in self.tables:
+            cos, sin = self._compute(self.length)
+            self.tables[key] = tuple(torch.from_numpy(a).to(device=device, dtype=dtype) for a in (cos, sin))
+        return self.tables[key]
+
+    def __call__(self, positions: torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, T, head_dim] for integer positions [B, T], all < length."""
+        cos, sin = self.get(length, positions.device, dtype)
+        return cos[positions][:, None], sin[positions][:, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -154,9 +187,11 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryTable(cfg.head_dim, cfg.rope_theta)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         w = self.embed_tokens.weight
+        self.rotary.get(max_len, w.device, w.dtype)  # now, not inside a CUDA graph's capture
         return KVCache(self.config, batch, max_len, w.device, w.dtype)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -189,7 +224,8 @@ class LlamaModel(nn.Module):
             k_slot = torch.arange(s0 + t, device=dev)[None, :]
             attn_mask = ((k_slot <= q_slot)[None] & key_mask[:, None, :]) | (k_slot == q_slot)[None]
             attn_mask = attn_mask[:, None]  # [B, 1, T, S]
-        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        # every position is below the slot count: rows count only their real tokens
+        cos, sin = self.rotary(positions, s0 + t, inputs_embeds.dtype)
         h = inputs_embeds
         for layer in self.layers:
             h = layer(h, cos, sin, attn_mask, cache, context)
@@ -207,8 +243,7 @@ class LlamaModel(nn.Module):
         on the same cache, up to float rounding. cache.length is left alone: the caller owns `slot`.
         """
         # this token's rotary position (a left-padded row's own), taken before the counter moves on
-        cos, sin = rotary_cos_sin(cache.next_pos[:, None], self.config.head_dim, self.config.rope_theta,
-                                  inputs_embeds.dtype)
+        cos, sin = self.rotary(cache.next_pos[:, None], cache.max_len, inputs_embeds.dtype)
         cache.key_mask.index_fill_(1, slot, True)
         cache.next_pos += 1
         attn_mask = cache.key_mask[:, None, None, :]  # [B, 1, 1, S]
