@@ -6,6 +6,7 @@ Errors the user can fix (a bad file or flag) print as one line `arrag: error: ..
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import re
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from arrag.demo import DEMO_SAMPLES, DEMO_SEEDS
 from arrag.errors import ArragError
+from arrag.fileops import disk_full_message
 from arrag.image_io import MAX_IMAGE_SIZE, check_image_size
 
 
@@ -159,8 +161,8 @@ def _generate_plain(args: argparse.Namespace, items: list, method, sampling) -> 
         try:
             files = write_plain(images, args.out, args.parallel_size, args.format, grid=args.grid, replace=earlier)
         except DiskFull as e:
-            raise ArragError(f"no space left on device while writing {e.path}; free some space and rerun (plain "
-                             "generate writes its images at the end and starts over; --layout flat resumes)") from None
+            raise ArragError(disk_full_message(e.path, " (plain generate writes its images at the end and starts over; "
+                                                       "--layout flat resumes)")) from None
         if args.attribution:
             for i, record in enumerate(generator.take_attribution()):
                 files += record.save(Path(args.out) / files[i], prompt=prompts[i // args.parallel_size],
@@ -1041,6 +1043,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("arrag: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        # A full disk wherever a write failed outside the writers that say it themselves (DiskFull): still one line.
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"arrag: error: {disk_full_message(e.filename)}", file=sys.stderr)
+        return 2
     finally:
         leave(ok=rc == 0)  # the process group of a launched stage (encode, build-index, construct-train)
         warnings.formatwarning = formatter

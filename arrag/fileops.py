@@ -71,13 +71,37 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _free_space(path: str | Path | None) -> str:
+    """' (N free on that file system)' for the nearest existing folder of `path`; '' when unknown."""
+    if path is None:
+        return ""
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return ""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return f" ({free:,.0f} {unit} free on that file system)" if unit == "bytes" else \
+                f" ({free:.1f} {unit} free on that file system)"
+        free /= 1024
+    return ""
+
+
+def disk_full_message(path: str | Path | None, after: str = "") -> str:
+    """The one line for a full disk: what was being written, how much is free, and `after` (what a rerun does)."""
+    return (f"no space left on device while writing {path or 'an output file'}{_free_space(path)}; free some space "
+            f"and rerun{after}")
+
+
 class DiskFull(ArragError):
     """The disk filled up while writing `path` (the message promises what resumable jobs do; others say their own)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        super().__init__(f"no space left on device while writing {path}; free some space and rerun "
-                         "(finished parts are kept and the rerun resumes)")
+        super().__init__(disk_full_message(path, " (finished parts are kept and the rerun resumes)"))
 
 
 def no_space_error(path: str | Path) -> DiskFull:
@@ -260,10 +284,19 @@ def same_or_inside(inner: str | Path, outer: str | Path) -> bool:
     return a == b or b in a.parents
 
 
+class _PlainWriter:
+    """A file's write() alone. NumPy writes a real file object with fwrite, whose short write on a full disk is an
+    OSError without errno ('25600 requested and 10176 written'); through write() the OS's ENOSPC reaches
+    atomic_path, which makes it the one-line DiskFull."""
+
+    def __init__(self, f):
+        self.write = f.write
+
+
 def save_npy(path: str | Path, array) -> Path:
     """np.save under a temporary name, then rename: a reader never sees a partial .npy."""
     import numpy as np
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
+        np.save(_PlainWriter(f), array)  # numpy writes in 16 MiB blocks here
     return Path(path)

@@ -10,6 +10,7 @@ this host (or that is older than a day, from another host) is taken over.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from arrag import fileops
 from arrag.decoding.loop import SamplingConfig
 from arrag.decoding.methods import Generator
+from arrag.errors import ArragError
 from arrag.eval.layouts import CLAIMS, LAYOUT_KIND, Layout, write_prompt_list
 from arrag.eval.prompts import PromptItem
 from arrag.provenance import SettingsLock
@@ -83,7 +85,13 @@ class Claims:
         """Create `path` holding this process's identity, atomically: the claim never exists half-written
         (a hard link of a finished temporary file; link() fails if the name exists)."""
         tmp = fileops.temp_path(path)
-        tmp.write_text(json.dumps({"host": fileops.HOST, "pid": os.getpid(), "time": time.time()}))
+        try:
+            tmp.write_text(json.dumps({"host": fileops.HOST, "pid": os.getpid(), "time": time.time()}))
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ArragError(fileops.disk_full_message(path)) from None
+            raise
         try:
             os.link(tmp, path)
             return True
