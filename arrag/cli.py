@@ -227,15 +227,24 @@ def _write_result(path: Path, kind: str, result: dict) -> None:
 
 
 def _verify_index(args: argparse.Namespace) -> int:
-    from arrag.retrieval.retriever import ORIGINAL_INDEX, _read_manifest, check_index_files
+    from arrag.retrieval import index as faiss_index
+    from arrag.retrieval.retriever import ORIGINAL_INDEX, _read_manifest, check_index_files, check_manifest_figures
 
     folder = Path(args.index)
     if not (folder / "manifest.json").is_file():
         hint = " (the original prebuilt database records no checksums)" if (folder / ORIGINAL_INDEX).exists() else ""
         raise ArragError(f"{folder} has no manifest.json: nothing records what its files should hold{hint}")
-    got = check_index_files(folder, _read_manifest(folder / "manifest.json"), hash_below=1 << 62, progress=True)
+    manifest = _read_manifest(folder / "manifest.json")
+    got = check_index_files(folder, manifest, hash_below=1 << 62, progress=True)
+    layout = manifest.get("layout", "single")
+    index = faiss_index.read_shard_files(folder, manifest["shard_files"]) if layout == "shards" else \
+        faiss_index.read_index(folder / "index.faiss", mmap=layout == "single", ondisk=layout == "ondisk")
+    checked = check_manifest_figures(folder, manifest, index)
+    digest = {"matches": "the manifest's own digest matches its content",
+              "absent": f"the manifest ({manifest.get('format')}) predates digests: only the figures below could be "
+                        "checked"}[got["digest"]]
     print(f"{folder}: all {got['files']} files intact ({got['bytes'] / 2**30:.2f} GiB hashed, every checksum matches "
-          "the manifest)")
+          f"the manifest); {digest}; its {', '.join(checked)} agree with the files")
     return 0
 
 
@@ -272,6 +281,7 @@ def _search_stats(args: argparse.Namespace) -> int:
     store_dir = args.store or m.get("store")
     if args.queries > 0 and store_dir:
         store = CodeStore.open(store_dir)
+        r.check_store(store)
         queries = sample_entry_keys(store, args.queries, args.seed, r.neighborhood, m["key_source"])
         stats[f"recall@{args.recall_k}"] = recall_at_k(r, store, queries, args.recall_k)
         stats[f"distinct_codes@{args.recall_k}"] = round(distinct_codes_per_topk(r, queries, args.recall_k), 2)

@@ -151,7 +151,8 @@ def test_empty_database_degrades_to_base_with_a_warning(tmp_path, tiny_janus):
     (tmp_path / "empty" / "manifest.json").write_text(json.dumps({
         "format": "arrag-index/1", "neighborhood": {"shape": "L"}, "key_source": "code", "dim": 32,
         "vq_fingerprint": tiny_janus.vq.fingerprint(), "values": "values.npy"}))
-    r = PatchRetriever.load(tmp_path / "empty")
+    with pytest.warns(UserWarning, match="an unverified index; used unchecked"):  # a hand-made manifest lists no files
+        r = PatchRetriever.load(tmp_path / "empty", verify=False)
     base = generate(tiny_janus, ["a circle"], **KW)
     with pytest.warns(UserWarning, match="is empty: DAiD decodes as base"):
         daid = generate(tiny_janus, ["a circle"], method="daid", retriever=r, daid_lambda=0.5, **KW)

@@ -28,6 +28,7 @@ import json
 import mmap
 import resource
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,8 +45,9 @@ from arrag.retrieval.dedup import dedup as dedup_rows
 from arrag.retrieval.dedup import entry_rows, place
 from arrag.retrieval.keys import KEY_SOURCES, grid_entries, row_keys, sample_distinct_rows, sample_entry_keys
 from arrag.retrieval.neighborhood import get_neighborhood, keys_for_grid
+from arrag.retrieval.retriever import manifest_digest
 
-INDEX_FORMAT = "arrag-index/2"
+INDEX_FORMAT = "arrag-index/3"  # /3: the manifest records its own digest (manifest_sha256)
 # Every file build-index writes into its folder: the only files `--overwrite` may remove.
 INDEX_FILES = (r"manifest\.json", r"index\.faiss", r"values\.npy", r"counts\.npy", r"entry_codes\.npy",
                r"entry_image_offsets\.npy", r"entry_images\.npy", r"lists\.ivfdata", r"parts/.+", r"spill/.+")
@@ -149,13 +151,13 @@ def build_index(store_dir: str | Path, out: str | Path, *, shape: str = "L", key
     if store.num_images == 0:
         raise ArragError(f"code store {store.folder} holds no images")
     dedup = dedup and key_source == "code"  # latent keys are continuous: copies are not exact
-    hnsw_above = faiss_index.HNSW_ABOVE if hnsw_above is None else hnsw_above
+    hnsw_given, hnsw_above = hnsw_above is not None, faiss_index.HNSW_ABOVE if hnsw_above is None else hnsw_above
     kmeans_device = _torch_kmeans_device(gpus)
     gpu_ids = [] if kmeans_device else faiss_index.parse_gpus(gpus)
     plan_args = dict(store=store, nb=nb, key_source=key_source, dedup=dedup, factory=factory,
                      memory_budget=memory_budget, nprobe=nprobe, target_recall=target_recall, train_size=train_size,
                      seed=seed, gpus=gpu_ids, kmeans_device=kmeans_device, hnsw_above=hnsw_above,
-                     progress=progress)
+                     hnsw_given=hnsw_given, progress=progress)
     if not parallel:
         plan, index = _plan_and_train(**plan_args)
         return _build_single(store, out, plan, index, chunk_images, overwrite, progress, t0, gpu_ids)
@@ -232,9 +234,10 @@ def _build_in_group(group: Group, store: CodeStore, out: Path, plan_args: dict, 
 def _plan_and_train(*, store: CodeStore, nb, key_source: str, dedup: bool, factory: str, memory_budget, nprobe,
                     target_recall: float,
                     train_size, seed: int, gpus, progress: bool, train: bool = True, kmeans_device: str | None = None,
-                    hnsw_above: int = faiss_index.HNSW_ABOVE):
+                    hnsw_above: int = faiss_index.HNSW_ABOVE, hnsw_given: bool = False):
     """The plan of a build and (when `train`) the trained, empty index. Without `train` (a rank checking its
-    flags against rank 0's plan) nothing is sampled, and an automatic factory is left for the plan to say."""
+    flags against rank 0's plan) nothing is sampled, and an automatic factory is left for the plan to say.
+    A flag the user gave that the chosen index does not use is said, with why (`hnsw_given`: --hnsw-above was)."""
     h, w = store.grid
     p = len(nb.positions(h, w))
     occurrences = store.num_images * p
@@ -261,6 +264,7 @@ def _plan_and_train(*, store: CodeStore, nb, key_source: str, dedup: bool, facto
     if train:
         _check_search_memory(factory, estimated, occurrences, d, budget, memory_budget, dedup,
                              codebook.shape if key_source == "code" else None, progress)
+        _say_unused_flags(factory, reason, index, hnsw_above if hnsw_given else None, nprobe, train_size, estimated)
     if train and not index.is_trained:
         n_train = train_size if train_size is not None else faiss_index.train_sample_size(index, estimated)
         n_train = min(max(n_train, 1), occurrences)
@@ -288,6 +292,22 @@ def _plan_and_train(*, store: CodeStore, nb, key_source: str, dedup: bool, facto
                      nprobe=nprobe, target_recall=target_recall,
                      seed=seed, train_size=int(n_train), memory_budget=budget)
     return plan, index
+
+
+def _say_unused_flags(factory: str, reason: str, index, hnsw_above: int | None, nprobe: int | None,
+                      train_size: int | None, estimated: int) -> None:
+    """One warning line for each flag the user gave that this index does not use, and why."""
+    given = reason == "given with --factory"
+    why = f"--factory {factory} was given" if given else f"--factory auto chose {factory}: {reason}"
+    if hnsw_above is not None and "HNSW" not in factory:
+        if not given and estimated < hnsw_above:
+            why = f"about {estimated:,} entries is below it, so --factory auto chose {factory}"
+        warnings.warn(f"--hnsw-above {hnsw_above:,} did not apply: {why}", stacklevel=3)
+    if nprobe is not None and faiss_index.nlist_of(index) is None:
+        warnings.warn(f"--nprobe {nprobe} did not apply: {factory} has no inverted lists to probe ({why})",
+                      stacklevel=3)
+    if train_size is not None and index.is_trained:
+        warnings.warn(f"--train-size {train_size:,} did not apply: {factory} needs no training ({why})", stacklevel=3)
 
 
 def _check_search_memory(factory: str, entries: int, occurrences: int, d: int, budget: int, budget_flag, dedup: bool,
@@ -581,6 +601,11 @@ def _manifest(plan: BuildPlan, index, entries: int, occurrences: int, folder: Pa
     return manifest
 
 
+def sealed(manifest: dict) -> dict:
+    """The manifest with its digest, computed when nothing more will be added (retriever.manifest_digest)."""
+    return {**manifest, "manifest_sha256": manifest_digest(manifest)}
+
+
 def _build_single(store, out: Path, plan: BuildPlan, index, chunk_images: int, overwrite: bool, progress: bool,
                   t0: float, gpu_ids) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -599,6 +624,7 @@ def _build_single(store, out: Path, plan: BuildPlan, index, chunk_images: int, o
                       "plan_and_train_seconds": round(time.time() - t0 - t_fill, 2),
                       "add_seconds": round(t_fill, 2),
                       "seconds": round(time.time() - t0, 2)}})
+        manifest = sealed(manifest)
         fileops.write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         fileops.replace_owned_dir(tmp, out, what="index", is_ours=is_index_folder(out), owned=INDEX_FILES,
                                   overwrite=overwrite)
@@ -646,8 +672,11 @@ def _build_rank(store, out: Path, plan: BuildPlan, rank: int, world: int, chunk_
     tmp.mkdir()
     try:
         index = faiss_index.read_index(parts / "trained.faiss")
-        record = {"rank": rank, "world": world, **_fill(tmp, index, store, plan, rank, world, chunk_images, progress,
-                                                          group)}
+        # which plan this part belongs to: merge-index refuses parts of different plans (another factory, or the
+        # same factory trained anew)
+        made_from = {"factory": plan.factory, "trained": fileops.file_digest(parts / "trained.faiss")["blake2b"]}
+        record = {"rank": rank, "world": world, **made_from,
+                  **_fill(tmp, index, store, plan, rank, world, chunk_images, progress, group)}
         usage = resource.getrusage(resource.RUSAGE_SELF)
         record["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 2)  # this process's, threads included
         fileops.write_text(tmp / "part.json", json.dumps(record) + "\n")
@@ -661,6 +690,30 @@ def _build_rank(store, out: Path, plan: BuildPlan, rank: int, world: int, chunk_
         print(f"[build-index] wrote part {rank + 1} of {world}: {record['entries']:,} entries -> {final}; when all "
               f"parts are built: arrag merge-index {out}")
     return record
+
+
+def _check_same_plan(parts: Path, plan: BuildPlan, folders: list[Path], records: list[dict]) -> None:
+    """Refuse, before anything is written, parts built from another plan than parts/plan.json (FAISS fails on lists
+    or codes of another shape, and would merge lists of another quantizer training without a word). A part records
+    its plan's factory and trained quantizer's hash; one of arrag < 0.3 recorded neither and is read for its index
+    type instead."""
+    trained = faiss_index.read_index(parts / "trained.faiss")
+    expected = (plan.factory, fileops.file_digest(parts / "trained.faiss")["blake2b"])
+    for folder, record in zip(folders, records, strict=True):
+        if "trained" in record:
+            same = (record.get("factory"), record["trained"]) == expected
+            theirs = record.get("factory") if record.get("factory") != plan.factory else \
+                f"{plan.factory} trained anew"
+        else:
+            theirs = faiss_index.describe(faiss_index.read_index(folder / "index.faiss", mmap=True))
+            same = theirs == faiss_index.describe(trained)
+        if not same:
+            followers = [f.name for f, r in zip(folders, records, strict=True)
+                         if (r.get("factory"), r.get("trained")) == expected]
+            raise ArragError(f"{folder.name} was built from another plan ({theirs}) than {parts / 'plan.json'} "
+                             f"({plan.factory}{', which ' + ', '.join(followers) + ' followed' if followers else ''}); "
+                             f"rebuild {folder.name} with the plan's flags, or build again into a new --out (the parts "
+                             "are left as they are)")
 
 
 def merge_index(out: str | Path, progress: bool = True) -> dict:
@@ -691,6 +744,7 @@ def merge_index(out: str | Path, progress: bool = True) -> dict:
                          "(`arrag build-index ... --shard i/n`) first")
     folders = [parts / _part_name(r, world) for r in range(world)]
     records = [json.loads((f / "part.json").read_text()) for f in folders]
+    _check_same_plan(parts, plan, folders, records)
     trained = faiss_index.read_index(parts / "trained.faiss")
     ivf = faiss_index.nlist_of(trained) is not None
     if ivf:
@@ -721,6 +775,7 @@ def merge_index(out: str | Path, progress: bool = True) -> dict:
     if ivf:  # the parts' lists now live in lists.ivfdata; keep only the plan
         for f in folders:
             fileops.remove_owned_dir(f, what="index part", owned=(r".+",))
+    manifest = sealed(manifest)
     fileops.write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     if progress:
         print(f"[merge-index] {world} parts -> {out} ({entries:,} entries, {extra['layout']} layout, "
@@ -769,12 +824,3 @@ class _Shifted:
 
     def __getitem__(self, s: slice) -> np.ndarray:
         return np.asarray(self.offsets[1:][s]) + self.base
-
-
-def read_shard_files(folder: Path, names: list[str]) -> faiss.Index:
-    """The shards of a non-IVF parallel build as one faiss.IndexShards with successive ids."""
-    indexes = [faiss_index.read_index(folder / n) for n in names]
-    shards = faiss.IndexShards(indexes[0].d, True, True)  # threaded, successive ids
-    for ix in indexes:
-        shards.add_shard(ix)
-    return shards

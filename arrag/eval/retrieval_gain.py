@@ -45,10 +45,7 @@ def _check_inputs(model, retriever, store) -> None:
     if not model.vq.matches(store.fingerprint):
         raise ArragError(f"code store {store.folder} was encoded with another tokenizer (VQ fingerprint "
                          f"{store.fingerprint}, model {model.vq.fingerprint()}); encode the images with this model")
-    grid = retriever.manifest.get("grid")
-    if grid is not None and tuple(grid) != store.grid:
-        raise ArragError(f"retriever {retriever.folder} holds {grid[0]}x{grid[1]} grids but code store {store.folder} "
-                         f"{store.grid[0]}x{store.grid[1]}; encode the images at the index's image size")
+    retriever.check_store(store)
     source = retriever.manifest.get("store")
     if source is not None and Path(source).resolve() == store.folder.resolve():
         raise ArragError(f"code store {store.folder} is the one {retriever.folder} was built from: its own entries "

@@ -183,6 +183,23 @@ def write_codebook(folder: str | Path, codebook: np.ndarray) -> str:
     return digest
 
 
+def empty_source_error(folder: str | Path, num_shards: int, source: dict) -> str | None:
+    """When every shard is done and none holds an image: the one-line error for the source (whatever its kind),
+    after removing those shards' records, so that a rerun reads the source again. None otherwise."""
+    folder = Path(folder)
+    if not all(shard_done(folder, k) for k in range(num_shards)):
+        return None
+    metas = [json.loads(shard_meta_path(folder, k).read_text()) for k in range(num_shards)]
+    if any(m["count"] for m in metas):
+        return None
+    skipped = sum(len(m.get("skipped", [])) for m in metas)
+    fileops.remove_files([shard_meta_path(folder, k) for k in range(num_shards)])
+    where = source.get("path") or ", ".join(source.get("shards") or source.get("files") or []) or \
+        source.get("name", "the source")
+    return (f"no images in {where} ({source.get('type', 'source')}" + (f"; {skipped:,} items could not be read as "
+            "images" if skipped else "") + "): nothing to encode; pass a source that holds images")
+
+
 def finalize(folder: str | Path, num_shards: int, info: dict) -> bool:
     """Write manifest.json when all `num_shards` shards are done; False (and nothing written) otherwise."""
     folder = Path(folder)
@@ -272,6 +289,7 @@ class CodeStore:
     _codebook: np.ndarray | None = None
     _bounds: np.ndarray | None = field(default=None, repr=False)
     _maps: MapCache = field(default_factory=MapCache, repr=False)
+    _checked: set = field(default_factory=set, repr=False)  # (key, shard) already checked by this process
 
     @classmethod
     def open(cls, folder: str | Path) -> CodeStore:
@@ -291,6 +309,9 @@ class CodeStore:
             raise ArragError(f"{path}: format {found!r} is not {STORE_FORMAT!r}; is this an arrag code store?")
         store = cls(folder, manifest)
         store._codebook = store._read_codebook()
+        first = next((k for k, s in enumerate(manifest.get("shards", [])) if s.get("count")), None)
+        if first is not None:  # the grid every consumer reshapes by, against the codes (a header read)
+            store.shard_array("codes", first)
         return store
 
     def _read_codebook(self) -> np.ndarray:
@@ -356,14 +377,33 @@ class CodeStore:
         return self._bounds
 
     def shard_array(self, key: str, k: int, cache: bool = False) -> np.ndarray:
-        """Shard k's `key` array (codes, latents), memory-mapped and length-checked; `cache` keeps the map for
-        this process (random access: training samples), so a file is opened once, not once per sample."""
+        """Shard k's `key` array (codes, latents), memory-mapped and checked against the manifest (its length, its
+        grid) and shard k's own record; `cache` keeps the map for this process (random access: training samples),
+        so a file is opened once, not once per sample."""
         s = self.manifest["shards"][k]
         if key not in s:
             raise ArragError(f"code store {self.folder} has no {key} (encode with --save-latents for latents)")
-        if cache:
-            return self.mapped(s[key], s["count"])
-        return self.load_shard_file(s[key], s["count"])
+        arr = self.mapped(s[key], s["count"]) if cache else self.load_shard_file(s[key], s["count"])
+        if (key, k) not in self._checked:
+            self._check_shard(key, k, arr)
+            self._checked.add((key, k))
+        return arr
+
+    def _check_shard(self, key: str, k: int, arr: np.ndarray) -> None:
+        """Refuse a shard whose array is not on the manifest's grid, or whose own record (shard-k.json) gives
+        another image count than the manifest: one of them was edited, or they come from different runs."""
+        s = self.manifest["shards"][k]
+        path = self.folder / s[key]
+        if tuple(arr.shape[1:3]) != self.grid:
+            h, w = self.grid
+            raise ArragError(f"{path} holds {key} of {arr.shape[1]}x{arr.shape[2]} cells, but "
+                             f"{self.folder / 'manifest.json'} says {h}x{w}: the manifest was edited or belongs to "
+                             "another store; rerun `arrag encode` with the same settings to rewrite it")
+        meta = read_json_dict(shard_meta_path(self.folder, int(s.get("shard", k))))
+        if meta is not None and meta.get("count") != s["count"]:
+            raise ArragError(f"{shard_meta_path(self.folder, int(s.get('shard', k)))} records {meta.get('count')} "
+                             f"images, but {self.folder / 'manifest.json'} and {path} hold {s['count']}: one was "
+                             "edited or comes from another run; rerun `arrag encode` with the same settings")
 
     def mapped(self, name: str | Path, count: int, what: str = "") -> np.ndarray:
         """load_shard_file, kept open in this process's MapCache (random access: each file opened once)."""

@@ -526,3 +526,12 @@ def sample_stored_vectors(index: faiss.Index, n: int, seed: int = 0) -> np.ndarr
         outer.reverse_chain(len(out), faiss.swig_ptr(out), faiss.swig_ptr(back))
         out = back
     return out
+
+
+def read_shard_files(folder: Path, names: list[str]) -> faiss.Index:
+    """The shards of a non-IVF parallel build (`layout: shards`) as one faiss.IndexShards with successive ids."""
+    indexes = [read_index(Path(folder) / n) for n in names]
+    shards = faiss.IndexShards(indexes[0].d, True, True)  # threaded, successive ids
+    for ix in indexes:
+        shards.add_shard(ix)
+    return shards

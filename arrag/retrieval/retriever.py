@@ -9,6 +9,7 @@ merged from parallel builds load too: on-disk inverted lists (memory-mapped) or 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import warnings
@@ -85,12 +86,11 @@ class PatchRetriever:
         if (folder / "manifest.json").exists():
             manifest = _read_manifest(folder / "manifest.json")
             values_path = folder / manifest.get("values", "values.npy")
-            check_index_files(folder, manifest, hash_below=HASH_BELOW if verify is True else int(verify))
+            check_index_files(folder, manifest, hash_below=HASH_BELOW if verify is True else int(verify),
+                              allow_unverified=verify is False)
             layout = manifest.get("layout", "single")
             if layout == "shards":
-                from arrag.build_retriever.build_index import read_shard_files
-
-                index = read_shard_files(folder, manifest["shard_files"])
+                index = faiss_index.read_shard_files(folder, manifest["shard_files"])
             else:
                 index = faiss_index.read_index(folder / "index.faiss", mmap=mmap, ondisk=layout == "ondisk")
         elif (folder / ORIGINAL_INDEX).exists():
@@ -125,6 +125,8 @@ class PatchRetriever:
         if len(values) != index.ntotal:
             raise ArragError(f"{folder}: {values_path.name} has {len(values)} values but the index has "
                              f"{index.ntotal} entries")
+        if manifest.get("format") != "ar-rag-original":
+            check_manifest_figures(folder, manifest, index)
         if nprobe is not None:
             manifest = {**manifest, "nprobe": int(nprobe)}
         if backend not in ("auto", "faiss", "torch"):
@@ -167,6 +169,18 @@ class PatchRetriever:
     @property
     def fingerprint(self) -> str | None:
         return self.manifest.get("vq_fingerprint")
+
+    def check_store(self, store) -> None:
+        """Refuse a code store this index cannot be used with: encoded by another tokenizer (VQ fingerprint), or
+        on another grid. The original prebuilt database records neither and is not checked."""
+        if self.fingerprint is not None and self.fingerprint != store.fingerprint:
+            raise ArragError(f"code store {store.folder} (VQ {store.fingerprint}) and retriever {self.folder} "
+                             f"(VQ {self.fingerprint}) were built with different tokenizers (or one of them by "
+                             "arrag < 0.2, whose fingerprints differ: rebuild the older one)")
+        grid = self.manifest.get("grid")
+        if grid is not None and tuple(grid) != store.grid:
+            raise ArragError(f"code store {store.folder} holds {store.grid[0]}x{store.grid[1]} grids, the index "
+                             f"{self.folder} {grid[0]}x{grid[1]}; encode both at one --image-size")
 
     def settings(self) -> dict:
         """What a generation's sidecar records about the retriever it searched."""
@@ -410,13 +424,49 @@ class PatchRetriever:
 HASH_BELOW = 2 << 30  # an index whose files total more is checked by size on load (`arrag verify-index` hashes all)
 
 
-def check_index_files(folder: Path, manifest: dict, hash_below: int = HASH_BELOW, progress: bool = False) -> dict:
-    """Check every file the manifest records: present, of the recorded size, and (when the files total at most
-    `hash_below` bytes) of the recorded blake2b hash. Returns {'files', 'bytes', 'hashed'}; a damaged file is one
-    ArragError line naming it."""
+# Fields a user may change by hand, left out of the manifest's digest: the nprobe search starts with, and where
+# the code store has moved to.
+DIGEST_FREE = ("manifest_sha256", "nprobe", "store")
+DIGEST_FORMATS = ("arrag-index/3",)  # formats whose manifests carry manifest_sha256
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 (32 hex digits) of a manifest's content fields, canonical JSON, for build-index to record."""
+    body = {k: v for k, v in manifest.items() if k not in DIGEST_FREE}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+def check_index_files(folder: Path, manifest: dict, hash_below: int = HASH_BELOW, progress: bool = False,
+                      allow_unverified: bool = False) -> dict:
+    """Check the manifest itself (its digest, when its format records one) and every file it records: present,
+    of the recorded size, and (when the files total at most `hash_below` bytes) of the recorded blake2b hash.
+    Returns {'files', 'bytes', 'hashed', 'digest'}; a damaged file or an edited manifest is one ArragError line.
+    `allow_unverified` (--no-verify-index): a manifest with no file records, or an edited one, is used with a
+    warning instead."""
     from tqdm import tqdm
 
-    files = manifest.get("files", {})
+    path = folder / "manifest.json"
+    files = manifest.get("files")
+    if not files or not isinstance(files, dict):
+        why = f"{path} records no file checksums ('files'): an unverified index"
+        if not allow_unverified:
+            raise ArragError(f"{why}; rebuild it with `arrag build-index`, or pass --no-verify-index to use it as "
+                             "it is")
+        warnings.warn(f"{why}; used unchecked (--no-verify-index)", stacklevel=3)
+        files = {}
+    digest = "absent"
+    recorded = manifest.get("manifest_sha256")
+    if recorded is not None or manifest.get("format") in DIGEST_FORMATS:
+        if recorded != manifest_digest(manifest):
+            why = (f"{path} was edited after build-index wrote it (its content no longer matches its "
+                   f"manifest_sha256{'' if recorded is not None else ', which was removed'})")
+            if not allow_unverified:
+                raise ArragError(f"{why}; restore it or rebuild the index (only nprobe and store may be changed by "
+                                 "hand), or pass --no-verify-index to use it as it is")
+            warnings.warn(f"{why}; used as it is (--no-verify-index)", stacklevel=3)
+            digest = "edited"
+        else:
+            digest = "matches"
     for name in files:
         if not (folder / name).is_file():
             raise ArragError(f"{folder}: {name} is missing; rebuild the index with `arrag build-index`")
@@ -429,7 +479,43 @@ def check_index_files(folder: Path, manifest: dict, hash_below: int = HASH_BELOW
         for name, record in files.items():
             fileops.verify_file(folder / name, record, hash_contents=hashed, hint=hint,
                                 on_bytes=bar.update if progress else None)
-    return {"files": len(files), "bytes": total, "hashed": hashed}
+    return {"files": len(files), "bytes": total, "hashed": hashed, "digest": digest}
+
+
+def check_manifest_figures(folder: Path, manifest: dict, index) -> list[str]:
+    """Cross-check the manifest's own figures against the files: entries and dim against the index, de-duplication
+    against its counts file, the grid against the recorded target positions. Returns what was checked; an
+    inconsistency is one ArragError line (an edited manifest, or files from another build)."""
+    path = folder / "manifest.json"
+    checked = []
+
+    def refuse(what: str) -> None:
+        raise ArragError(f"{path}: {what}; the manifest was edited or the files come from another build: restore it "
+                         "or rebuild the index with `arrag build-index`")
+
+    if "entries" in manifest:
+        if manifest["entries"] != index.ntotal:
+            refuse(f"entries {manifest['entries']:,}, but index.faiss holds {index.ntotal:,}")
+        checked.append("entries")
+    if manifest.get("dim") != index.d:
+        refuse(f"dim {manifest.get('dim')}, but index.faiss holds {index.d}-dimensional keys")
+    checked.append("dim")
+    if "dedup" in manifest:
+        has_counts = (folder / "counts.npy").is_file()
+        if bool(manifest["dedup"]) != has_counts:
+            refuse(f"dedup {str(manifest['dedup']).lower()}, but the folder {'holds' if has_counts else 'has no'} the "
+                   "counts.npy of a de-duplicated index")
+        checked.append("dedup")
+    grid, positions = manifest.get("grid"), manifest.get("positions")
+    if grid is not None and positions is not None:
+        try:
+            expected = get_neighborhood(manifest["neighborhood"]["shape"]).positions(*grid).tolist()
+        except (TypeError, ValueError, KeyError, ArragError):
+            expected = None
+        if expected != positions:
+            refuse(f"grid {grid} does not give the {len(positions)} target positions the index was built over")
+        checked.append("grid")
+    return checked
 
 
 def _bisect(sorted_values: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: np.ndarray, right: bool) -> np.ndarray:

@@ -70,14 +70,7 @@ def construct_train(store_dir: str | Path, retriever_dir: str | Path, out: str |
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
     retriever = PatchRetriever.load(retriever_dir, device=device, nprobe=nprobe, verify=verify_index,
                                     mmap=device == "cpu")
-    if retriever.fingerprint is not None and retriever.fingerprint != store.fingerprint:
-        raise ArragError(f"code store {store.folder} (VQ {store.fingerprint}) and retriever {retriever.folder} "
-                         f"(VQ {retriever.fingerprint}) were built with different tokenizers (or one of them by "
-                         "arrag < 0.2, whose fingerprints differ: rebuild the older one)")
-    index_grid = retriever.manifest.get("grid")
-    if index_grid is not None and tuple(index_grid) != store.grid:
-        raise ArragError(f"code store {store.folder} holds {store.grid[0]}x{store.grid[1]} grids, the index "
-                         f"{retriever.folder} {index_grid[0]}x{index_grid[1]}; encode both at one --image-size")
+    retriever.check_store(store)
     same_store = Path(retriever.manifest.get("store", "")).resolve() == store.folder.resolve()
     if exclude_self and not same_store:
         raise ArragError("--exclude-self needs the index built from this code store (its manifest names "
