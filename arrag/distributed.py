@@ -43,6 +43,10 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
 def join(shard: str | None, timeout: float = DEFAULT_TIMEOUT) -> tuple[Group | None, int, int]:
     """(group, rank, world) of this process: the launcher's process group when there is one and no --shard was
     given; else the --shard (or RANK/WORLD_SIZE) of an independent job-array process, with no group."""
+    if shard is not None and launched():
+        raise ArragError(f"--shard {shard} in one of {os.environ['WORLD_SIZE']} launched processes (torchrun, "
+                         "accelerate launch): every one would take that same slice; launch the processes without "
+                         "--shard (they split the work), or run one process per --shard i/n (a job array)")
     group = Group.from_env(timeout) if shard is None else None
     return (group, group.rank, group.world) if group is not None else (None, *parse_shard(shard))
 

@@ -240,6 +240,12 @@ def replace_owned_dir(tmp: str | Path, out: str | Path, *, what: str, is_ours: b
     shutil.rmtree(old)
 
 
+def remove_files(paths: Sequence[str | Path]) -> None:
+    """Delete these files (records a job of ours wrote and must not be trusted again); missing ones are fine."""
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
+
+
 def remove_owned_dir(folder: str | Path, *, what: str, owned: Sequence[str]) -> None:
     """Delete `folder` only when every file in it matches `owned`; otherwise refuse, naming a foreign file."""
     folder = Path(folder)
@@ -290,7 +296,7 @@ class _PlainWriter:
     atomic_path, which makes it the one-line DiskFull."""
 
     def __init__(self, f):
-        self.write = f.write
+        self.write, self.name = f.write, f.name
 
 
 def save_npy(path: str | Path, array) -> Path:

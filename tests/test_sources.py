@@ -207,3 +207,87 @@ def test_encode_measures_how_well_the_tokenizer_represents_the_images(tmp_path):
     assert len(said) == 1  # only for the gradient
     assert CodeStore.open(tmp_path / "s2").manifest["vq_round_trip"]["psnr_db"] < 20
     assert CodeStore.open(tmp_path / "s1").manifest["vq_round_trip"]["images"] == 4
+
+
+def _write_parquet(path, ids, image_col="jpg"):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"key": [f"{i:09d}" for i in ids], image_col: [_png(i) for i in ids],
+                             "txt": [WORLD.scene(i).caption for i in ids]}), path)
+
+
+def _one_line(capsys, *args) -> str:
+    from arrag.cli import main
+
+    rc = main([str(a) for a in args])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("arrag: error")]
+    assert rc == 2 and len(err) == 1, err
+    return err[0]
+
+
+def test_a_truncated_parquet_file_is_one_line_naming_it(tmp_path, vq_file, capsys):
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    _write_parquet(folder / "00000.parquet", [0, 1])
+    _write_parquet(folder / "00001.parquet", [2, 3])
+    for victim in ("00000.parquet", "00001.parquet"):  # the first (its schema is read first) and a later one
+        data = (folder / victim).read_bytes()
+        (folder / victim).write_bytes(data[: len(data) // 2])
+        err = _one_line(capsys, "encode", folder, "--out", tmp_path / f"s_{victim}", "--vq", vq_file, "--image-size",
+                        64, "--workers", 0, "--device", "cpu")
+        assert f"cannot read {folder / victim}" in err and "Traceback" not in err, err
+        _write_parquet(folder / victim, [0, 1] if victim.startswith("00000") else [2, 3])
+
+
+def test_a_parquet_file_without_the_image_column_names_its_columns(tmp_path, vq_file, capsys):
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    _write_parquet(folder / "00000.parquet", [0, 1])
+    _write_parquet(folder / "00001.parquet", [2, 3], image_col="png")
+    err = _one_line(capsys, "encode", folder, "--out", tmp_path / "s", "--vq", vq_file, "--image-size", 64,
+                    "--workers", 0, "--device", "cpu")
+    assert f"{folder / '00001.parquet'} has no 'jpg' column (it has key, png, txt)" in err, err
+
+
+@pytest.mark.parametrize("kind", ["tar", "parquet", "folder"])
+def test_a_source_without_images_is_one_line_whatever_its_kind(tmp_path, vq_file, capsys, kind):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    if kind == "tar":
+        write_tar(folder / "empty.tar", 0, 0)
+    elif kind == "parquet":
+        _write_parquet(folder / "empty.parquet", [])
+    else:
+        (folder / "broken.png").write_bytes(b"not an image")
+    err = _one_line(capsys, "encode", folder, "--out", tmp_path / "s", "--vq", vq_file, "--image-size", 64,
+                    "--workers", 0, "--device", "cpu")
+    assert err.startswith(f"arrag: error: no images in {folder}"), err
+    assert not (tmp_path / "s" / "manifest.json").exists() and not list((tmp_path / "s").glob("shard-*.json"))
+
+
+def test_a_folder_of_several_source_kinds_is_refused_naming_them(tmp_path, vq_file, capsys):
+    folder = tmp_path / "mixed"
+    (folder / "pngs").mkdir(parents=True)
+    for i in range(3):
+        save_image(WORLD.image(i), folder / "pngs" / f"{i}.png")
+    write_tar(folder / "a.tar", 3, 2)
+    _write_parquet(folder / "b.parquet", [5, 6])
+    err = _one_line(capsys, "encode", folder, "--out", tmp_path / "s", "--vq", vq_file, "--image-size", 64,
+                    "--workers", 0, "--device", "cpu")
+    assert f"{folder} holds 3 images and 1 .tar shards and 1 .parquet files" in err, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_shard_under_a_launcher_is_refused(tmp_path, vq_file, monkeypatch, capsys):
+    """torchrun's processes with --shard i/n would each take the same slice: refused before anything is written."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    save_image(WORLD.image(0), folder / "0.png")
+    err = _one_line(capsys, "encode", folder, "--out", tmp_path / "s", "--vq", vq_file, "--image-size", 64,
+                    "--workers", 0, "--device", "cpu", "--shard", "0/2")
+    assert "--shard 0/2 in one of 2 launched processes" in err and "job array" in err, err
+    assert not (tmp_path / "s").exists()

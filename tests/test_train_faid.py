@@ -446,3 +446,31 @@ def test_training_batches_are_the_same_as_reading_the_whole_store(world, tiny_ja
         batches[workers] = list(loader)
     for a, b in zip(batches[0], batches[2], strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Payload:
+    """Unpickling this creates the folder named by `marker`: what a hostile checkpoint file would do."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.makedirs, (self.marker,))
+
+
+@pytest.mark.parametrize("name", ["optimizer.bin", "scheduler.bin", "random_states_0.pkl"])
+def test_resume_refuses_a_checkpoint_file_with_a_pickle_payload_in_one_line(world, tmp_path, name):
+    """A payload in any file --resume reads: one line naming the file and the way to start fresh; nothing runs."""
+    cfg = _cfg(world, tmp_path / "run", max_steps=4)
+    train_faid(cfg)
+    ckpt = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
+    marker = tmp_path / "payload_ran"
+    torch.save({"state": _Payload(str(marker))}, ckpt / name)
+    with pytest.raises(ArragError) as e:
+        train_faid(dataclasses.replace(cfg, max_steps=8, resume=True))
+    line = str(e.value)
+    assert "\n" not in line and f"cannot resume from {ckpt / name}" in line, line
+    assert "could run code" in line and "--overwrite" in line, line
+    assert not marker.exists()

@@ -205,9 +205,15 @@ def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str 
                       "will a database built from them; use a tokenizer trained on such images (LlamaGen's "
                       "vq_ds16_t2i.pt for photographs; the demo's knows only ShapesWorld)", stacklevel=2)
     if group is None:  # a job array's process, or the only one: the manifest once every shard is done
+        empty = codestore.empty_source_error(folder, num_shards, info["source"])
+        if empty:
+            raise ArragError(empty)
         result.complete = codestore.finalize(folder, num_shards, info)
         return result
     group.barrier("encode: every rank's shards")
+    empty = group.broadcast(codestore.empty_source_error(folder, num_shards, info["source"]) if rank == 0 else None)
+    if empty:
+        raise ArragError(empty)
     result.complete = group.broadcast(codestore.finalize(folder, num_shards, info) if rank == 0 else None)
     return result
 

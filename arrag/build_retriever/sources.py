@@ -246,10 +246,21 @@ class ParquetSource:
 
     def __init__(self, files: list[Path]):
         self.files = files
-        pq = _pyarrow()
-        cols = list(pq.read_schema(files[0]).names)
-        self.image_col, self.caption_col = _columns(cols)
+        cols = self._columns_of(files[0])
+        try:
+            self.image_col, self.caption_col = _columns(cols)
+        except ArragError as e:
+            raise SourceError(f"{files[0]}: {e}") from None
         self.key_col = "key" if "key" in cols else None
+
+    @staticmethod
+    def _columns_of(path: Path) -> list[str]:
+        """The column names of a parquet file (its footer only); a file that is not whole parquet is one line."""
+        pq = _pyarrow()
+        try:
+            return list(pq.read_schema(path).names)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid (no footer: truncated) is a ValueError
+            raise _read_error(path, e) from None
 
     def describe(self) -> dict:
         return {"type": "parquet", "files": [str(f) for f in self.files], "count": None,
@@ -262,6 +273,11 @@ class ParquetSource:
         pq = _pyarrow()
         path = Path(unit.path)
         columns = [c for c in (self.image_col, self.caption_col, self.key_col) if c]
+        has = self._columns_of(path)  # every file of the set must have the columns the first one gave
+        lacking = [c for c in columns if c not in has]
+        if lacking:
+            raise SourceError(f"{path} has no {', '.join(map(repr, lacking))} column (it has {', '.join(has)}), "
+                              f"which {self.files[0].name} gave this source; pass parquet files of one layout")
         row = 0
         try:
             with pq.ParquetFile(path) as f:
@@ -327,12 +343,7 @@ def open_source(spec: str, shard_size: int = 4096):
         if (path / "dataset_info.json").exists() or (path / "state.json").exists() \
                 or (path / "dataset_dict.json").exists():
             return _hf_from_disk(path, shard_size)
-        has_images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir())
-        for suffix, cls in ((".tar", TarSource), (".parquet", ParquetSource)):
-            files = sorted(path.glob(f"*{suffix}"))
-            if files and not has_images:
-                return cls(files)
-        return FolderSource(path, shard_size)
+        return _folder_source(path, shard_size)
     for suffix, cls in ((".tar", TarSource), (".parquet", ParquetSource)):
         if path.suffix == suffix or (suffix in spec and "{" in spec):
             files = [Path(p) for p in _expand_braces(spec)]
@@ -344,6 +355,28 @@ def open_source(spec: str, shard_size: int = 4096):
         return _hf_stream(spec)
     raise ArragError(f"image source not found: {spec} (a folder of images, .tar or .parquet shards, a saved HF "
                      "dataset, or a hub dataset name)")
+
+
+def _folder_source(path: Path, shard_size: int):
+    """The one kind of source a folder holds: images (anywhere under it), .tar shards or .parquet files. A folder
+    with more than one kind is refused, naming what one source would leave out: nothing is dropped unsaid."""
+    images = tars = parquets = 0
+    for p in path.rglob("*"):
+        suffix = p.suffix.lower()
+        images += suffix in IMAGE_SUFFIXES
+        tars += suffix == ".tar" and p.parent == path
+        parquets += suffix == ".parquet" and p.parent == path
+    kinds = [f"{n:,} {what}" for n, what in ((images, "images"), (tars, ".tar shards"), (parquets, ".parquet files"))
+             if n]
+    if len(kinds) > 1:
+        raise ArragError(f"{path} holds {' and '.join(kinds)}: a source is one kind, and encoding one would leave "
+                         "the others out; move each kind into a folder of its own (a brace pattern such as "
+                         "shard-{000..009}.tar names tar or parquet shards directly)")
+    if tars:
+        return TarSource(sorted(path.glob("*.tar")))
+    if parquets:
+        return ParquetSource(sorted(path.glob("*.parquet")))
+    return FolderSource(path, shard_size)
 
 
 def _datasets():

@@ -432,6 +432,37 @@ def check_out(cfg: FaidTrainConfig, out: Path) -> None:
     fileops.check_out_dir(out, what="FAiD training folder", is_ours=is_training_folder(out))
 
 
+def _load_training_state(accelerator, folder: Path) -> None:
+    """accelerate's load_state of a checkpoint folder; a file that cannot be read, or whose pickle holds more than
+    tensors and plain values (refused unread: unpickling it could run code), is one line naming it. The RNG state
+    file is read first on its own: accelerate skips one it cannot load, which would resume without the run's
+    random state, so not as the uninterrupted run."""
+    import pickle
+
+    from accelerate.utils import load as accelerate_load
+
+    def refuse(path: Path, error: BaseException):
+        why = ("it holds Python objects besides tensors and plain values, which could run code when unpickled: it "
+               "was not read") if isinstance(error, pickle.UnpicklingError) else one_line(error, 160)
+        return ArragError(f"cannot resume from {path}: {why}; start fresh with --overwrite instead of --resume (or "
+                          f"move {folder.name} away to resume from the checkpoint before it)")
+
+    rng = folder / f"random_states_{accelerator.process_index}.pkl"
+    try:
+        accelerate_load(rng, map_location="cpu")
+        accelerator.load_state(str(folder))
+        return
+    except Exception as e:  # noqa: BLE001 - which file failed is found below
+        error = e
+    for f in [rng, *sorted(folder.iterdir())]:  # each pickled file read alone, as accelerate reads it
+        if f.suffix in (".bin", ".pkl", ".pt"):
+            try:
+                accelerate_load(f, map_location="cpu")
+            except Exception as e:  # noqa: BLE001
+                raise refuse(f, e) from None
+    raise refuse(folder, error) from None
+
+
 def train_faid(cfg: FaidTrainConfig) -> Path:
     """Run the training described by `cfg`; returns the folder of the merged checkpoint."""
     from accelerate.utils import set_seed
@@ -488,7 +519,7 @@ def train_faid(cfg: FaidTrainConfig) -> Path:
     if cfg.resume:
         found = _checkpoints(out)
         if found:
-            accelerator.load_state(str(found[-1]))
+            _load_training_state(accelerator, found[-1])
             state = json.loads((found[-1] / "trainer_state.json").read_text())
             step, history = state["step"], state["history"]
             if main:
