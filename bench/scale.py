@@ -3,10 +3,11 @@
     .venv/bin/python bench/scale.py [--parts sample,quantizer,tars,index,rates] [--images 300000]
 
 Measured (each part in its own process where peak memory matters):
-  sample     one FAiD training sample (codes, K=10 candidates, caption) from a 300k-image store of 24x24 grids,
+  sample     one FAiD training sample (codes, K=10 candidates, caption) from a store of 24x24 grids (--images),
              split into 30 and into 3,000 shards: microseconds per sample (random order, steady state after every
-             shard was opened once) and the growth of the process's anonymous memory (RssAnon; the mapped files'
-             pages are page cache, reported apart). Targets: <= 300 us, at most 2x apart; growth <= 100 MB.
+             shard was read once) and the growth of the process's anonymous memory (RssAnon; file pages are page
+             cache, reported apart); at this machine's open-file limit and under `ulimit -n 1024`, each also through
+             4 DataLoader workers. Targets: <= 300 us, at most 2x apart; growth <= 100 MB.
   quantizer  peak RSS of the quantizer's training sample, 64 x 65,536 keys from a 100k-image store (code keys, and
              the distinct rows a de-duplicated build samples). Target: <= 3x the sample's bytes.
   tars       120 webdataset tars encoded under `ulimit -n 48` (every image, none skipped); 1,000 tars: seconds
@@ -53,8 +54,11 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _in_subprocess(part: str, *args: str) -> dict:
-    p = subprocess.run([sys.executable, __file__, "--one", part, *args], capture_output=True, text=True)
+def _in_subprocess(part: str, *args: str, nofile: int | None = None) -> dict:
+    """Run one part in a fresh process; `nofile`: its open-file limit, soft and hard (what `ulimit -n` sets)."""
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))) if nofile else None
+    p = subprocess.run([sys.executable, __file__, "--one", part, *args], capture_output=True, text=True,
+                       preexec_fn=limit)
     if p.returncode:
         raise RuntimeError(f"{part} failed: {p.stderr[-2000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -83,8 +87,9 @@ def _training_store(folder: Path, n: int, shards: int) -> Path:
     return folder
 
 
-def part_sample(images: int, shards: int, samples: int) -> dict:
-    """In this process: open the training set the way train-faid does and time random samples."""
+def part_sample(images: int, shards: int, samples: int, workers: int = 0) -> dict:
+    """In this process: open the training set the way train-faid does and time random samples; with `workers`,
+    also the items per second a DataLoader of that many worker processes delivers (each reads on its own)."""
     from arrag.janus import Prompter
     from arrag.retrieval.codestore import CodeStore
     from arrag.train.construct import load_retrieved
@@ -115,10 +120,23 @@ def part_sample(images: int, shards: int, samples: int) -> dict:
         data[int(i)]
     per_item = (time.perf_counter() - t0) / samples
     anon1, file1 = _rss_anon_mib()
-    return {"images": images, "shards": shards, "us_per_read": round(per_read * 1e6, 1),
-            "us_per_item": round(per_item * 1e6, 1), "first_open_of_every_shard_s": round(warm, 2),
-            "rss_anon_growth_mib": round(anon1 - anon0, 1), "rss_file_growth_mib": round(file1 - file0, 1),
-            "maps_open": len(store._maps)}
+    out = {"images": images, "shards": shards, "us_per_read": round(per_read * 1e6, 1),
+           "us_per_item": round(per_item * 1e6, 1), "first_open_of_every_shard_s": round(warm, 2),
+           "rss_anon_growth_mib": round(anon1 - anon0, 1), "rss_file_growth_mib": round(file1 - file0, 1),
+           "files_open": len(getattr(store, "_reader", ())), "maps_open": len(store._maps),
+           "open_file_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
+    if workers:
+        import torch
+
+        loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, collate_fn=lambda x: x,
+                                             sampler=order.tolist(), persistent_workers=False)
+        it, t0, n = iter(loader), 0.0, 0
+        for n, _ in enumerate(it, 1):
+            if n == len(order) // 2:  # every worker is up and has read; time the second half
+                t0 = time.perf_counter()
+        out["workers"] = workers
+        out["us_per_item_with_workers"] = round((time.perf_counter() - t0) / (n - len(order) // 2) * 1e6, 1)
+    return out
 
 
 # -- quantizer ---------------------------------------------------------------------------------------------------
@@ -392,16 +410,27 @@ def main() -> None:
     result_path = OUT / "scale.json"
     results = json.loads(result_path.read_text()) if result_path.is_file() else {}
     if "sample" in parts:
-        results["sample"] = [_in_subprocess("sample", str(args.images), str(s), str(args.samples)) for s in (30, 3000)]
-        a, b = results["sample"]
+        # The machine's own open-file limit (raised to its hard limit by arrag), and 1,024 (`ulimit -n 1024`, the
+        # usual Linux default, soft and hard: nothing to raise), each without and with 4 DataLoader workers.
+        results["sample"] = [_in_subprocess("sample", str(args.images), str(s), str(args.samples), str(w),
+                                            nofile=limit)
+                             for limit in (None, 1024) for w in (0, 4) for s in (30, 3000)]
         for row in results["sample"]:
-            print(f"[scale] training sample, {row['shards']:>5} shards: codes + candidates + caption "
-                  f"{row['us_per_read']} us (target <= 300), the whole item (shuffle, tokenised prompt) "
-                  f"{row['us_per_item']} us; anonymous memory +{row['rss_anon_growth_mib']} MiB (target <= 100), "
-                  f"mapped file pages +{row['rss_file_growth_mib']} MiB; opening every shard once "
-                  f"{row['first_open_of_every_shard_s']} s")
-        print(f"[scale] 3,000 vs 30 shards: {b['us_per_read'] / a['us_per_read']:.2f}x read, "
-              f"{b['us_per_item'] / a['us_per_item']:.2f}x item (target <= 2)")
+            print(f"[scale] training sample, {row['shards']:>5} shards, open-file limit {row['open_file_limit']:,}: "
+                  f"codes + candidates + caption {row['us_per_read']} us (target <= 300), the whole item (shuffle, "
+                  f"tokenised prompt) {row['us_per_item']} us"
+                  + (f", {row['us_per_item_with_workers']} us per item from {row['workers']} DataLoader workers"
+                     if row.get("workers") else "")
+                  + f"; anonymous memory +{row['rss_anon_growth_mib']} MiB (target <= 100), file pages "
+                  f"+{row['rss_file_growth_mib']} MiB; {row['files_open']} files open")
+        rows = results["sample"]
+        for a, b in zip(rows[0::2], rows[1::2], strict=True):
+            print(f"[scale] 3,000 vs 30 shards at open-file limit {a['open_file_limit']:,}"
+                  + (f" with {a['workers']} workers" if a.get("workers") else "")
+                  + f": {b['us_per_read'] / a['us_per_read']:.2f}x read, "
+                  f"{b['us_per_item'] / a['us_per_item']:.2f}x item"
+                  + (f", {b['us_per_item_with_workers'] / a['us_per_item_with_workers']:.2f}x with workers"
+                     if a.get("workers") else "") + " (target <= 2)")
     if "quantizer" in parts:
         results["quantizer"] = [_in_subprocess("quantizer", "100000", str(64 * 65536), json.dumps(d))
                                 for d in (False, True)]

@@ -14,8 +14,9 @@ Layout of a store folder:
 Every file is written to a temporary name and renamed, so an interrupted run leaves only whole shards.
 
 Random access (a training sample: one image's codes, its retrieved candidates, its caption) finds the shard by
-binary search and reads through memory maps that each process opens once and keeps (MapCache), so a sample costs
-the same with 30 or 3,000 shards and nothing per image is held in Python objects.
+binary search and reads the rows with pread through a pool of open files (RowReader), so a sample costs
+the same with 30 or 3,000 shards and under the usual limit of 1,024 open files, and nothing per image is held in
+Python objects.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -91,6 +93,89 @@ class MapCache:
 
     def __len__(self) -> int:
         return len(self._maps)
+
+
+class RowReader:
+    """Rows of .npy files (and byte spans of other files) read with os.pread through a pool of open files, the
+    least recently used closed first.
+
+    For random access over thousands of shards (training samples): a memory map holds a file descriptor for as
+    long as it lives, so under the usual limit of 1,024 open files a few hundred maps thrashed (every sample
+    re-mapped its files: about 10x the cost at 3,000 shards). A pread needs the file open only in the pool, whose
+    size follows the open-file budget; a file's .npy header (dtype, shape, where the data starts) is read once and
+    kept, a few numbers per file. Files are opened with POSIX_FADV_RANDOM: no read-ahead for reads of a few KB."""
+
+    def __init__(self, capacity: int | None = None):
+        self.capacity = capacity
+        self._fds: OrderedDict = OrderedDict()
+        self._headers: dict = {}
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is not None:
+            self._fds.move_to_end(path)
+            return fd
+        if self.capacity is None:
+            from arrag.runtime import open_file_budget
+
+            self.capacity = open_file_budget()
+        while len(self._fds) >= self.capacity:
+            os.close(self._fds.popitem(last=False)[1])
+        fd = os.open(path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        self._fds[path] = fd
+        return fd
+
+    def header(self, path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
+        """(dtype, shape, data offset) of a C-ordered .npy file, read once."""
+        got = self._headers.get(path)
+        if got is None:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read(f)
+                if fortran or dtype.hasobject:
+                    raise ValueError("not a C-ordered array of plain values")
+                got = self._headers[path] = (dtype, shape, f.tell())
+        return got
+
+    def rows(self, path: Path, rows: np.ndarray) -> np.ndarray:
+        """Rows `rows` (ints, any order) of a .npy file: [len(rows), *row shape]."""
+        dtype, shape, offset = self.header(path)
+        row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        fd = self._fd(path)
+        out = np.empty((len(rows), *shape[1:]), dtype=dtype)
+        if len(rows) == 0:
+            return out
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        for i, r in enumerate(np.asarray(rows, dtype=np.int64).tolist()):
+            data = os.pread(fd, row_bytes, offset + r * row_bytes)
+            if len(data) != row_bytes:
+                raise EOFError(f"row {r} lies past the end of the file")
+            flat[i] = np.frombuffer(data, np.uint8)
+        return out
+
+    def span(self, path: Path, start: int, stop: int) -> bytes:
+        """Bytes start..stop of a file."""
+        data = os.pread(self._fd(path), stop - start, start)
+        if len(data) != stop - start:
+            raise EOFError(f"bytes {start}-{stop} lie past the end of the file")
+        return data
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __len__(self) -> int:
+        return len(self._fds)
 
 
 def shard_meta_path(folder: Path, k: int) -> Path:
@@ -289,7 +374,10 @@ class CodeStore:
     _codebook: np.ndarray | None = None
     _bounds: np.ndarray | None = field(default=None, repr=False)
     _maps: MapCache = field(default_factory=MapCache, repr=False)
+    _reader: RowReader = field(default_factory=RowReader, repr=False)
     _checked: set = field(default_factory=set, repr=False)  # (key, shard) already checked by this process
+    # shard -> None (its caption offsets file is read by pread) or the offsets in memory (a read-only store)
+    _offsets: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, folder: str | Path) -> CodeStore:
@@ -378,25 +466,29 @@ class CodeStore:
 
     def shard_array(self, key: str, k: int, cache: bool = False) -> np.ndarray:
         """Shard k's `key` array (codes, latents), memory-mapped and checked against the manifest (its length, its
-        grid) and shard k's own record; `cache` keeps the map for this process (random access: training samples),
-        so a file is opened once, not once per sample."""
+        grid) and shard k's own record; `cache` keeps the map for this process."""
+        s = self._shard(key, k)
+        arr = self.mapped(s[key], s["count"]) if cache else self.load_shard_file(s[key], s["count"])
+        self._check_shard(key, k, arr.shape)
+        return arr
+
+    def _shard(self, key: str, k: int) -> dict:
         s = self.manifest["shards"][k]
         if key not in s:
             raise ArragError(f"code store {self.folder} has no {key} (encode with --save-latents for latents)")
-        arr = self.mapped(s[key], s["count"]) if cache else self.load_shard_file(s[key], s["count"])
-        if (key, k) not in self._checked:
-            self._check_shard(key, k, arr)
-            self._checked.add((key, k))
-        return arr
+        return s
 
-    def _check_shard(self, key: str, k: int, arr: np.ndarray) -> None:
-        """Refuse a shard whose array is not on the manifest's grid, or whose own record (shard-k.json) gives
-        another image count than the manifest: one of them was edited, or they come from different runs."""
+    def _check_shard(self, key: str, k: int, shape: tuple[int, ...]) -> None:
+        """Refuse (once per process) a shard whose array is not on the manifest's grid, or whose own record
+        (shard-k.json) gives another image count than the manifest: one of them was edited, or they come from
+        different runs."""
+        if (key, k) in self._checked:
+            return
         s = self.manifest["shards"][k]
         path = self.folder / s[key]
-        if tuple(arr.shape[1:3]) != self.grid:
+        if tuple(shape[1:3]) != self.grid:
             h, w = self.grid
-            raise ArragError(f"{path} holds {key} of {arr.shape[1]}x{arr.shape[2]} cells, but "
+            raise ArragError(f"{path} holds {key} of {shape[1]}x{shape[2]} cells, but "
                              f"{self.folder / 'manifest.json'} says {h}x{w}: the manifest was edited or belongs to "
                              "another store; rerun `arrag encode` with the same settings to rewrite it")
         meta = read_json_dict(shard_meta_path(self.folder, int(s.get("shard", k))))
@@ -404,6 +496,26 @@ class CodeStore:
             raise ArragError(f"{shard_meta_path(self.folder, int(s.get('shard', k)))} records {meta.get('count')} "
                              f"images, but {self.folder / 'manifest.json'} and {path} hold {s['count']}: one was "
                              "edited or comes from another run; rerun `arrag encode` with the same settings")
+        self._checked.add((key, k))
+
+    def read_rows(self, name: str | Path, count: int, rows: np.ndarray, what: str = "") -> np.ndarray:
+        """Rows of a per-image .npy of `count` rows (random access: RowReader, no map held per file): `name` (str)
+        is a file of this store's folder, a Path is used as it is. Refused, in one line, unless it holds exactly
+        `count` rows."""
+        path = name if isinstance(name, Path) else self.folder / name
+        fix = what or "rerun `arrag encode` with the same settings to repair the store"
+        try:
+            n = self._reader.header(path)[1][0]
+        except FileNotFoundError:
+            raise ArragError(f"{path} is missing; {fix}") from None
+        except (ValueError, OSError, EOFError, IndexError) as e:
+            raise ArragError(f"cannot read {path} ({one_line(e)}): it is truncated or damaged; {fix}") from None
+        if n != count:
+            raise ArragError(f"{path} holds {n} images, its shard has {count}; {fix}")
+        try:
+            return self._reader.rows(path, rows)
+        except (OSError, EOFError) as e:
+            raise ArragError(f"cannot read {path} ({one_line(e)}): it is truncated or damaged; {fix}") from None
 
     def mapped(self, name: str | Path, count: int, what: str = "") -> np.ndarray:
         """load_shard_file, kept open in this process's MapCache (random access: each file opened once)."""
@@ -418,18 +530,27 @@ class CodeStore:
         return k, image - int(self.bounds[k])
 
     def caption(self, image: int) -> str | None:
-        """One image's caption (None where it had none), read by offset from its shard's .jsonl."""
+        """One image's caption (None where it had none), read by offset from its shard's .jsonl (two preads)."""
         k, row = self.shard_of(image)
         s = self.manifest["shards"][k]
         if "captions" not in s:
             raise ArragError(f"code store {self.folder} has no captions")
-        offsets = self._maps.get(("offsets", k), lambda: self._caption_offsets(s))
-        data = self._maps.get(("jsonl", k), lambda: self._jsonl_bytes(s))
+        if k not in self._offsets:
+            self._offsets[k] = self._caption_offsets(s)
+        offsets = self._offsets[k]
+        if offsets is None:  # the offsets file: read the two numbers this caption needs
+            start, stop = self.read_rows(self._offsets_path(s), s["count"] + 1, np.array([row, row + 1])).tolist()
+        else:
+            start, stop = int(offsets[row]), int(offsets[row + 1])
+        path = self.folder / s["captions"]
         try:
-            return json.loads(bytes(data[offsets[row]:offsets[row + 1]]))
+            return json.loads(self._reader.span(path, start, stop))
         except ValueError as e:
-            raise ArragError(f"{self.folder / s['captions']} line {row + 1} is not JSON ({e}); rerun `arrag encode` "
-                             "with the same settings") from None
+            raise ArragError(f"{path} line {row + 1} is not JSON ({e}); rerun `arrag encode` with the same "
+                             "settings") from None
+        except (OSError, EOFError) as e:
+            raise ArragError(f"cannot read {path} ({one_line(e)}); rerun `arrag encode` with the same settings") \
+                from None
 
     def source_ids(self, images: np.ndarray) -> list[str | None]:
         """The ids `arrag encode` gave images (their source file or record names), read from the shards' metadata
@@ -457,27 +578,31 @@ class CodeStore:
             raise ArragError(f"cannot read {path} ({one_line(e)}); rerun `arrag encode` with the same settings") \
                 from None
 
-    def _caption_offsets(self, s: dict) -> np.ndarray:
-        """A shard's caption offsets: its file (encode writes one), else built from the .jsonl once and saved
-        beside it (kept in memory where the folder is read-only); checked against the shard's image count."""
-        path = self.folder / s["captions"].replace("captions-", "caption-offsets-").replace(".jsonl", ".npy")
+    def _offsets_path(self, s: dict) -> Path:
+        return self.folder / s["captions"].replace("captions-", "caption-offsets-").replace(".jsonl", ".npy")
+
+    def _caption_offsets(self, s: dict) -> np.ndarray | None:
+        """None when the shard's caption offsets file is there (encode writes one; it is read by pread); else the
+        offsets built from the .jsonl once and saved beside it (kept in memory where the folder is read-only),
+        checked against the shard's image count."""
+        path = self._offsets_path(s)
         if path.is_file():
-            offsets = self.load_shard_file(path, s["count"] + 1, "rerun `arrag encode` with the same settings")
-        else:
-            offsets = caption_offsets(self._jsonl_bytes(s))
-            try:
-                save_npy(path, offsets)
-            except (OSError, ArragError):  # a read-only store: the offsets stay in this process
-                pass
+            self.read_rows(path, s["count"] + 1, np.zeros(0, np.int64), "rerun `arrag encode` with the same settings")
+            return None
+        offsets = caption_offsets(self._jsonl_bytes(s))
         if len(offsets) != s["count"] + 1:
             raise ArragError(f"{self.folder / s['captions']} holds {len(offsets) - 1} captions, its shard has "
                              f"{s['count']} images: captions would shift onto the wrong images; rerun `arrag encode` "
                              "with the same settings")
-        return offsets
+        try:
+            save_npy(path, offsets)
+        except (OSError, ArragError):  # a read-only store: the offsets stay in this process
+            return offsets
+        return None
 
     def __getstate__(self) -> dict:
-        # DataLoader workers get the store without its maps (pickling a map would copy the whole file).
-        return {**self.__dict__, "_maps": MapCache(self._maps.capacity)}
+        # DataLoader workers get the store without its maps and open files (pickling a map would copy the file).
+        return {**self.__dict__, "_maps": MapCache(self._maps.capacity), "_reader": RowReader(self._reader.capacity)}
 
     def load_shard_file(self, name: str | Path, count: int, what: str = "") -> np.ndarray:
         """A per-image .npy (memory-mapped), refused unless it holds exactly `count` rows: `name` (str) is a file
@@ -514,8 +639,8 @@ class CodeStore:
 
     def gather(self, indices: np.ndarray, key: str = "codes") -> np.ndarray:
         """Arrays for the given image indices (any order): [len(indices), h, w, ...]. Each index finds its shard
-        by binary search and the shard's map is kept for this process: a training sample costs the same whatever
-        the number of shards."""
+        by binary search and its rows are read with pread (RowReader): a training sample costs the same whatever
+        the number of shards and the open-file limit."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(indices) == 0 or indices.min() < 0 or indices.max() >= self.num_images:
             raise ArragError(f"image indices out of range for code store {self.folder} ({self.num_images} images)")
@@ -528,8 +653,9 @@ class CodeStore:
             groups = [np.flatnonzero(shard_of == k) for k in shards]
         out = None
         for k, sel in zip(shards.tolist(), groups, strict=True):
-            arr = self.shard_array(key, k, cache=True)
-            part = np.asarray(arr[indices[sel] - bounds[k]])
+            s = self._shard(key, k)
+            part = self.read_rows(s[key], s["count"], indices[sel] - bounds[k])
+            self._check_shard(key, k, (s["count"], *part.shape[1:]))
             if key == "codes":
                 self._check_codes(part, k)
             if out is None:

@@ -126,7 +126,7 @@ def _retrieved_intact(path: Path, count: int) -> bool:
 
 class RetrievedCodes:
     """A store's retrieved codes, [N, h*w, K] int16 (-1 = none), read one image at a time from the per-shard files
-    (memory-mapped through the store's MapCache; never concatenated, so a training process holds none of them)."""
+    (through the store's RowReader; never concatenated, so a training process holds none of them)."""
 
     def __init__(self, folder: Path, store: CodeStore, k: int):
         self.folder, self.store, self.k = folder, store, k
@@ -142,11 +142,11 @@ class RetrievedCodes:
     dtype = np.dtype(np.int16)
 
     def __getitem__(self, image):
-        """[h*w, K] for one image (a view into its shard's map); any other index reads the whole array first (for
-        small stores and checks: nothing at scale does that)."""
+        """[h*w, K] for one image (read with pread: CodeStore.read_rows); any other index reads the whole array first
+        (for small stores and checks: nothing at scale does that)."""
         if isinstance(image, (int, np.integer)):
             k, row = self.store.shard_of(int(image))
-            return self.store.mapped(self.path(k), self.store.manifest["shards"][k]["count"])[row]
+            return self.store.read_rows(self.path(k), self.store.manifest["shards"][k]["count"], np.array([row]))[0]
         return np.asarray(self)[image]
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
