@@ -352,11 +352,17 @@ def _eval_retrieval_gain(args: argparse.Namespace) -> int:
     out = _result_file(args.out or str(Path(args.store).resolve()) + "_retrieval_gain.json", "eval retrieval-gain",
                        lambda r: "model_nats" in r)
     store = CodeStore.open(args.store)
+    groups = None
+    if args.by_bucket:
+        from arrag.demo.tail import bucket_of_caption
+
+        groups = [bucket_of_caption(store.caption(i)) for i in range(min(args.images, store.num_images))]
     result, retriever_settings = measure_folders(
         args.model, args.retriever, store, device=args.device, nprobe=args.nprobe,
         verify_index=_index_check(args), allow_unknown_vq=args.allow_unknown_vq,
         trust_checkpoint=args.trust_checkpoint, images=args.images, k=args.k,
-        lambdas=lambdas, taus=taus, aggregate=args.aggregate, cfg_weight=args.cfg_weight, batch_size=args.batch_size)
+        lambdas=lambdas, taus=taus, aggregate=args.aggregate, cfg_weight=args.cfg_weight, batch_size=args.batch_size,
+        groups=groups)
     _write_result(out, "eval retrieval-gain", {**result, "settings": {
         **{k: v for k, v in vars(args).items() if k != "func"}, "retriever_settings": retriever_settings}})
     print(f"model alone: {result['model_nats']:.4f} nats per retrieval target ({result['targets']:,} targets, "
@@ -365,6 +371,10 @@ def _eval_retrieval_gain(args: argparse.Namespace) -> int:
     for row in result["table"]:
         if row["lambda"] > 0:
             print(f"  tau {row['tau']:<5g} lambda {row['lambda']:<5g} {row['nats']:.4f} nats  gain {row['gain']:+.4f}")
+    for name, g in result.get("by_group", {}).items():
+        b = g["best"]
+        print(f"  {name:6} ({g['images']} images): model {g['model_nats']:.4f} nats, best gain {b['gain']:+.4f} at "
+              f"tau {b['tau']:g}, lambda {b['lambda']:g}")
     best = result["best"]
     verdict = (f"best gain {best['gain']:+.4f} nats at tau {best['tau']:g}, lambda {best['lambda']:g}"
                if best["lambda"] > 0 else "no lambda > 0 lowers the loss: the database adds nothing the model lacks")
@@ -417,7 +427,7 @@ def _app(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from arrag.demo.pipeline import ASSETS, run_demo
+    from arrag.demo.pipeline import ASSETS, run_demo, run_tail_demo
     from arrag.runtime import resolve_device
 
     seeds = tuple(_ints(args.seeds, "--seeds"))
@@ -427,10 +437,23 @@ def _demo(args: argparse.Namespace) -> int:
                               ("daid_k", args.daid_k)) if v is not None}
     sampling = {k: v for k, v in (("cfg_weight", args.cfg_weight), ("temperature", args.temperature))
                 if v is not None}
-    run_demo(args.out, seeds=seeds, split=args.split, per_category=args.per_category, samples=args.samples,
-             methods=tuple(args.methods.split(",")), daid=daid, faid_k=args.faid_k, sampling=sampling,
-             database_images=args.database_images, retriever_dir=args.retriever_dir,
-             device=resolve_device(args.device), assets=args.assets or ASSETS, overwrite=args.overwrite)
+    common = dict(seeds=seeds, split=args.split, daid=daid, faid_k=args.faid_k, sampling=sampling,
+                  device=resolve_device(args.device), overwrite=args.overwrite)
+    if args.methods is not None:
+        common["methods"] = tuple(args.methods.split(","))
+    if args.database_images is not None:
+        common["database_images"] = args.database_images
+    if args.world == "tail":
+        if args.retriever_dir:  # the control database lives beside the world's
+            common.update(retriever_dir=args.retriever_dir,
+                          control_dir=str(Path(args.retriever_dir).with_name(Path(args.retriever_dir).name
+                                                                             + "_control")))
+        run_tail_demo(args.out or "result/demo", per_pattern=args.per_pattern, samples=args.samples or 1,
+                      assets=args.assets, **common)
+    else:
+        run_demo(args.out or "result/demo_shapes", per_category=args.per_category,
+                 samples=args.samples or DEMO_SAMPLES, retriever_dir=args.retriever_dir or "data/retriever/demo_L",
+                 assets=args.assets or ASSETS, **common)
     return 0
 
 
@@ -934,6 +957,9 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--batch-size", type=_int(1), default=16, help="images per forward pass (default 16)")
     rg.add_argument("--nprobe", type=_int(1), default=None, help="IVF lists probed per search (default: the index's)")
     rg.add_argument("--allow-unknown-vq", action="store_true", help="accept an index without a VQ fingerprint")
+    rg.add_argument("--by-bucket", action="store_true",
+                    help="TailWorld: also report each frequency bucket (head, torso, tail) of the images, read from "
+                         "the pattern their captions name")
     _add_index_checks(rg)
     rg.add_argument("--out", default=None, help="result JSON (default <store>_retrieval_gain.json)")
     _add_trust(rg)
@@ -954,11 +980,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_eval_shapes_prompts)
 
     demo = sub.add_parser(
-        "demo", help="run the main job on the embedded default (ShapesWorld)",
-        description="With the shipped ShapesWorld models: build the demo retriever (first run), generate the test "
-                    "prompts with base, DAiD and FAiD from the same seeds, score them from the pixels, write "
-                    "grid.png and scores.json under --out and print the table.")
-    demo.add_argument("--out", default="result/demo", help="output folder (default result/demo)")
+        "demo", help="run the main job on the embedded default (TailWorld; ShapesWorld with --world shapes)",
+        description="With the shipped demo models of a world: build its demo retriever(s) (first run), generate the "
+                    "test prompts with base, DAiD, FAiD (and, for TailWorld, their controls) from the same seeds, "
+                    "score them from the pixels, write grid.png and scores.json (and TailWorld's "
+                    "accuracy_by_frequency.png) under --out and print the table. TailWorld: named patterns seen by "
+                    "the base with long-tailed frequencies, a database that holds every pattern evenly (where "
+                    "retrieval pays); ShapesWorld: a database drawn from what the base learned (where it does not).")
+    demo.add_argument("--world", default="tail", choices=["tail", "shapes"],
+                      help="tail (TailWorld, the default) or shapes (ShapesWorld)")
+    demo.add_argument("--out", default=None, help="output folder (default result/demo; result/demo_shapes for "
+                                                  "--world shapes)")
     demo.add_argument("--overwrite", action="store_true",
                       help="replace a demo run with other settings in --out (a rerun with the same settings reuses "
                            "its images)")
@@ -966,29 +998,36 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated seeds; several give mean ± SE (default %(default)s)")
     demo.add_argument("--split", default="test", choices=["validation", "test"],
                       help="prompt set: tune on validation, report on test (default test)")
-    demo.add_argument("--per-category", type=_int(1), default=4, help="prompts per GenEval category (default 4)")
-    demo.add_argument("--samples", type=_int(1), default=DEMO_SAMPLES, help="samples per prompt (default %(default)s)")
-    demo.add_argument("--methods", default="base,daid,faid",
-                      help="comma-separated, from base, daid, faid and faid-noret (a control: the FAiD model "
-                           "decoding without retrieval, to tell the candidates' effect from the fine-tuning's; "
-                           "default base,daid,faid)")
+    demo.add_argument("--per-pattern", type=_int(1), default=4,
+                      help="TailWorld: prompts per pattern, 24 patterns (default 4 = 96 prompts)")
+    demo.add_argument("--per-category", type=_int(1), default=4,
+                      help="ShapesWorld: prompts per GenEval category (default 4)")
+    demo.add_argument("--samples", type=_int(1), default=None,
+                      help=f"samples per prompt (default 1 for TailWorld, {DEMO_SAMPLES} for ShapesWorld)")
+    demo.add_argument("--methods", default=None,
+                      help="comma-separated. TailWorld: base, daid, faid, faid-noret (FAiD's weights without "
+                           "retrieval), daid-control and faid-control (a database without the tail patterns); "
+                           "default all six. ShapesWorld: base, daid, faid, faid-noret; default base,daid,faid")
     demo.add_argument("--daid-lambda", type=_float(0, 1), default=None,
-                      help="DAiD lambda (default: the demo's tuned value)")
+                      help="DAiD lambda (default: the world's tuned value: 0.3 TailWorld, 0.1 ShapesWorld)")
     demo.add_argument("--daid-tau", type=_float(0, open_low=True), default=None,
-                      help="DAiD tau (default: the demo's tuned value)")
-    demo.add_argument("--daid-k", type=_int(1), default=None, help="DAiD neighbours (default: the demo's tuned value)")
+                      help="DAiD tau (default: the world's tuned value: 0.3 TailWorld, 1.0 ShapesWorld)")
+    demo.add_argument("--daid-k", type=_int(1), default=None,
+                      help="DAiD neighbours (default: the world's tuned value: 256 for both)")
     demo.add_argument("--faid-k", type=_int(1), default=10, help="FAiD candidates per step (default 10)")
     demo.add_argument("--cfg-weight", type=_float(0), default=None,
-                      help="CFG weight for every method (default: the demo's tuned value)")
+                      help="CFG weight for every method (default: the world's tuned value, 5.0 for both)")
     demo.add_argument("--temperature", type=_float(0), default=None,
-                      help="sampling temperature for every method (default: the demo's tuned value)")
-    demo.add_argument("--database-images", type=_int(1), default=4800,
-                      help="database images in the demo retriever (default 4800 = 1,008,000 entries)")
-    demo.add_argument("--retriever-dir", default="data/retriever/demo_L",
-                      help="where the demo retriever is built and reused (default data/retriever/demo_L)")
+                      help="sampling temperature for every method (default: the world's tuned value, 1.0 for both)")
+    demo.add_argument("--database-images", type=_int(1), default=None,
+                      help="database images in each demo retriever (default 3000 for TailWorld = 630,000 entries; "
+                           "4800 for ShapesWorld = 1,008,000 entries)")
+    demo.add_argument("--retriever-dir", default=None,
+                      help="where the demo retriever is built and reused (default data/retriever/tail_L; "
+                           "data/retriever/demo_L for ShapesWorld); TailWorld's control database goes beside it")
     demo.add_argument("--assets", default=None,
                       help="folder with base/ and faid/ demo models, e.g. the --assets of your own "
-                           "`python -m arrag.demo.train_demo` run (default: the shipped arrag/demo/assets)")
+                           "`python -m arrag.demo.train_demo` run (default: the shipped ones of the world)")
     _add_device(demo)
     demo.set_defaults(func=_demo)
 

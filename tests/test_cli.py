@@ -49,7 +49,8 @@ def test_help_lists_commands():
 
 def test_demo_smoke(tmp_path, capsys):
     """`arrag demo` with the shipped weights on a 12-image database: files, table == scores.json, reuse."""
-    args = ["demo", "--out", str(tmp_path / "demo"), "--per-category", "1", "--samples", "1", "--seeds", "0",
+    args = ["demo", "--world", "shapes", "--out", str(tmp_path / "demo"), "--per-category", "1", "--samples", "1",
+            "--seeds", "0",
             "--device", "cpu", "--database-images", "12", "--retriever-dir", str(tmp_path / "demo_L")]
     assert main(args) == 0
     scores = json.loads((tmp_path / "demo" / "scores.json").read_text())

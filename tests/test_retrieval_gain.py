@@ -39,13 +39,15 @@ def world(tmp_path_factory, tiny_janus):
     return root, db, held
 
 
-def _brute_force(model, prompter, db, held, tau, lam, aggregate):
-    """Mean -log((1-lam) p_model + lam p_ret) at the valid targets, p_ret from every database occurrence."""
+def _brute_force(model, prompter, db, held, tau, lam, aggregate, only=None):
+    """Mean -log((1-lam) p_model + lam p_ret) at the valid targets of the held-out images (`only` those indices),
+    p_ret from every database occurrence."""
     codebook = held.codebook()
     db_keys, db_values = grid_entries(db, None, "L", codebook, "code")
-    grids = held.gather(np.arange(held.num_images))
+    images = np.arange(held.num_images) if only is None else np.asarray(only)
+    grids = held.gather(images)
     keys, values = grid_entries(grids, None, "L", codebook, "code")
-    batch = prompter.left_pad([prompter.ids(c) for c in held.captions()])
+    batch = prompter.left_pad([prompter.ids(held.captions()[i]) for i in images])
     codes = torch.from_numpy(grids.reshape(len(grids), -1).astype(np.int64))
     with torch.no_grad():
         logits = full_sequence_logits(model, batch.input_ids, batch.attention_mask, codes, None, held.grid)
@@ -98,3 +100,25 @@ def test_cli_writes_the_table_and_refuses_the_database_store(world, tiny_janus_d
     assert "--lambdas must lie in [0, 1] and include 0" in capsys.readouterr().err
     assert main([*args, "--store", str(root / "held"), "--k", "0"]) != 0
     assert "--k 0: must be >= 1" in capsys.readouterr().err
+
+
+def test_groups_give_each_groups_own_numbers(world, tiny_janus, tiny_janus_dir):
+    """Per group (TailWorld's frequency buckets), the numbers of that group's images alone."""
+    root, db, held = world
+    prompter = Prompter.from_folder(tiny_janus_dir)
+    retriever = PatchRetriever.load(root / "index")
+    groups = ["tail", "head", "tail", "tail", "head", "head"]
+    out = retrieval_gain(tiny_janus, prompter, retriever, held, k=2048, lambdas=(0.0, 0.3), taus=(0.5,),
+                         batch_size=4, progress=False, groups=groups)
+    assert set(out["by_group"]) == {"head", "tail"}
+    for name, g in out["by_group"].items():
+        only = [i for i, x in enumerate(groups) if x == name]
+        assert g["images"] == 3 and g["targets"] == 3 * 6
+        for row in g["table"]:
+            want = _brute_force(tiny_janus, prompter, db, held, 0.5, row["lambda"], "nearest", only)
+            assert row["nats"] == pytest.approx(want, abs=1e-5)
+    whole = {r["lambda"]: r["nats"] for r in out["table"]}
+    for lam in (0.0, 0.3):  # the groups' targets make up the whole
+        parts = [g["targets"] * next(r["nats"] for r in g["table"] if r["lambda"] == lam)
+                 for g in out["by_group"].values()]
+        assert sum(parts) / out["targets"] == pytest.approx(whole[lam], abs=1e-9)

@@ -1,4 +1,4 @@
-"""ShapesWorld splits rendered to folders, and the demo retriever built from one with the real encode/build-index."""
+"""Demo-world splits rendered to folders, and a demo retriever built from one with the real encode/build-index."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from arrag.build_retriever.build_index import build_index
 from arrag.build_retriever.encode import encode
-from arrag.demo.shapes import ShapesWorld
+from arrag.demo.worlds import get_world
 from arrag.fileops import remove_owned_dir, sweep_stale_temps, temp_path
 from arrag.image_io import save_image
 from arrag.retrieval.codestore import STORE_FILES
@@ -19,10 +19,12 @@ from arrag.vq import load_vq
 DEMO_RETRIEVER = Path("data/retriever/demo_L")
 
 
-def render_split(folder: Path, split: str, count: int, size: int, seed: int) -> Path:
-    """Render images 0..count-1 of a split as PNGs with same-named .txt captions (for `arrag encode`)."""
+def render_split(folder: Path, split: str, count: int, size: int, seed: int, world: str = "shapes",
+                 **params) -> Path:
+    """Render images 0..count-1 of a world's split as PNGs with same-named .txt captions (for `arrag encode`);
+    `params` are the world's own settings (TailWorld: zipf_s)."""
     folder.mkdir(parents=True, exist_ok=True)
-    world = ShapesWorld(split, seed=seed, size=size)
+    world = get_world(world).split(split, seed=seed, size=size, **params)
     for i in tqdm(range(count), desc=f"render {split}", unit="img", leave=False):
         png = folder / f"{i:06d}.png"
         if not png.exists():
@@ -32,9 +34,10 @@ def render_split(folder: Path, split: str, count: int, size: int, seed: int) -> 
 
 
 def build_demo_retriever(vq_source: Path, folder: Path, images: int, image_size: int, seed: int = 0,
-                         progress: bool = True, device: str = "auto") -> Path:
-    """Render `images` database images, encode them and index them under `folder`/index (reused when up to
-    date: same tokenizer, same image count)."""
+                         progress: bool = True, device: str = "auto", world: str = "shapes", split: str = "database",
+                         **params) -> Path:
+    """Render `images` images of a world's database split (or `split`, e.g. TailWorld's control_database), encode
+    them and index them under `folder`/index (reused when up to date: same tokenizer, same image count)."""
     vq = load_vq(vq_source)
     index = folder / "index"
     if (index / "manifest.json").exists():
@@ -48,7 +51,7 @@ def build_demo_retriever(vq_source: Path, folder: Path, images: int, image_size:
     sweep_stale_temps(folder)
     rendered = temp_path(folder / "render")
     try:
-        render_split(rendered, "database", images, image_size, seed)
+        render_split(rendered, split, images, image_size, seed, world, **params)
         store = folder / "codes"
         remove_owned_dir(store, what="code store", owned=STORE_FILES)
         encode(str(rendered), store, vq_source, image_size=image_size, batch_size=64, num_workers=0, min_size=8,

@@ -234,8 +234,9 @@ def scene_from_dict(d: dict) -> Scene:
     return Scene(d["category"], d["caption"], objects, background, d.get("relation"))
 
 
-def read_generated(folder: str | Path) -> tuple[np.ndarray, list[Scene], list[dict]]:
-    """Images and scenes of a geneval-layout folder generated from a ShapesWorld prompt file."""
+def read_generated(folder: str | Path, scene_from=None) -> tuple[np.ndarray, list, list[dict]]:
+    """Images and scenes of a geneval-layout folder generated from a demo world's prompt file (`scene_from`: the
+    world's scene reader; default ShapesWorld's)."""
     from PIL import Image
 
     folder = Path(folder)
@@ -247,14 +248,14 @@ def read_generated(folder: str | Path) -> tuple[np.ndarray, list[Scene], list[di
             continue
         record = json.loads(meta.read_text())
         if "scene" not in record:
-            raise ArragError(f"{meta} has no ShapesWorld scene: generate from a prompt file made by "
+            raise ArragError(f"{meta} has no demo-world scene: generate from a prompt file made by "
                              "arrag.demo.score.write_prompt_file")
         for png in sorted((sub / "samples").glob("*.png")):
             images.append(np.asarray(Image.open(png).convert("RGB")))
-            scenes.append(scene_from_dict(record["scene"]))
+            scenes.append((scene_from or scene_from_dict)(record["scene"]))
             records.append(record)
     if not images:
-        raise ArragError(f"{folder}: no generated ShapesWorld samples (<index>/metadata.jsonl + samples/*.png)")
+        raise ArragError(f"{folder}: no generated demo-world samples (<index>/metadata.jsonl + samples/*.png)")
     return np.stack(images), scenes, records
 
 

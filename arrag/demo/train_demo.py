@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from arrag import fileops
 from arrag.demo.database import DEMO_RETRIEVER, build_demo_retriever, render_split
-from arrag.demo.shapes import ShapesWorld
+from arrag.demo.worlds import get_world
 from arrag.image_io import psnr, to_tensor
-from arrag.vq import VQModel
+from arrag.vq import VQModel, load_vq
 from arrag.weight_files import load_pickled
 
 
@@ -48,13 +48,13 @@ def reconstruction_psnr(model: VQModel, images: np.ndarray, batch: int = 16) -> 
     return float(np.mean(psnr(model.eval().round_trip(images, batch=batch), images)))
 
 
-def round_trip_accuracy(model: VQModel, split: str, count: int, size: int, seed: int = 0) -> dict:
-    """The scorer's accuracy on decode(encode(x)) of a split's first `count` images: the tokenizer's ceiling
-    (what a perfect AR model over these codes could score)."""
-    from arrag.demo.score import accuracy
+def round_trip_accuracy(model: VQModel, split, count: int) -> dict:
+    """The world's scorer on decode(encode(x)) of a split's first `count` images: the tokenizer's ceiling (what a
+    perfect AR model over these codes could score). `split`: a world split (ShapesWorld, TailWorld)."""
+    from arrag.demo.scorers import scorer_for
 
-    world = ShapesWorld(split, seed=seed, size=size)
-    return accuracy(model.round_trip(world.images(0, count), "janus"), [world.scene(i) for i in range(count)])
+    scenes = [split.scene(i) for i in range(count)]
+    return scorer_for(split).accuracy(model.round_trip(split.images(0, count), "janus"), scenes)
 
 
 def shape_weighted_mse(rec: torch.Tensor, x: torch.Tensor, weight: float = 10.0, margin: int = 2) -> torch.Tensor:
@@ -76,8 +76,9 @@ def shape_weighted_mse(rec: torch.Tensor, x: torch.Tensor, weight: float = 10.0,
 
 def train_vq(preset: str = "VQ-tiny-8", image_size: int = 64, steps: int = 100, batch: int = 8,
              lr: float = 2e-3, seed: int = 0, device: str | torch.device = "cpu", restart_every: int = 20,
-             progress: bool = True) -> VQTrainResult:
-    """Train a VQ-VAE on ShapesWorld training images: MSE reconstruction + codebook + commitment losses.
+             progress: bool = True, world=None) -> VQTrainResult:
+    """Train a VQ-VAE on a demo world's training images (`world`: a split; default ShapesWorld's train split):
+    MSE reconstruction + codebook + commitment losses.
 
     Every `restart_every` steps, codes unused since the last restart are moved onto random encoder outputs
     of the current batch (dead-code restart): without it a short CPU run collapses onto a few dozen codes
@@ -85,7 +86,7 @@ def train_vq(preset: str = "VQ-tiny-8", image_size: int = 64, steps: int = 100, 
     """
     torch.manual_seed(seed)
     model = VQModel(preset).to(device).train()
-    world = ShapesWorld("train", seed=seed, size=image_size)
+    world = world or get_world("shapes").split("train", seed=seed, size=image_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     losses, t0 = [], time.time()
@@ -129,6 +130,7 @@ class DemoRecipe:
     """Every setting of the demo models. The shipped assets: these defaults, then the same run continued with
     base_steps 9000, 12000 and 15000 (see assets/README.md)."""
 
+    world: str = "shapes"
     seed: int = 0
     image_size: int = 64
     vq_preset: str = "VQ-tiny-4"
@@ -160,10 +162,17 @@ class DemoRecipe:
     k: int = 10
     lora_r: int = 16
     lora_alpha: int = 32
+    zipf_s: float = 2.0  # TailWorld only: training frequency of the pattern of rank k is proportional to k^-zipf_s
+
+    def split(self, name: str):
+        """This recipe's world's split `name` (seeded, at the recipe's image size)."""
+        return get_world(self.world).split(name, seed=self.seed, size=self.image_size, zipf_s=self.zipf_s)
 
 
 # What each DemoRecipe field sets (the recipe's --help).
 RECIPE_HELP = {
+    "world": "the demo world: shapes (ShapesWorld) or tail (TailWorld, the long tail)",
+    "zipf_s": "TailWorld: Zipf exponent of the patterns' training frequencies (rank k drawn with weight k^-s)",
     "seed": "seed of every random choice (scenes, initialisation, batches)",
     "image_size": "image side in pixels (64 = 16x16 tokens with VQ-tiny-4)",
     "vq_preset": "VQ architecture preset (arrag.vq presets)",
@@ -195,7 +204,8 @@ def encode_split(workdir: Path, name: str, split: str, count: int, vq_path: Path
     store = workdir / f"{name}_codes"
     if (store / "manifest.json").exists():
         return store
-    images = render_split(workdir / f"{name}_images", split, count, recipe.image_size, recipe.seed)
+    images = render_split(workdir / f"{name}_images", split, count, recipe.image_size, recipe.seed, recipe.world,
+                          zipf_s=recipe.zipf_s)
     encode(images, store, vq_path, image_size=recipe.image_size, batch_size=64, num_workers=0, min_size=8,
            shard_size=4096, device=device, progress=True)
     CodeStore.open(store)
@@ -214,7 +224,7 @@ def train_base(out: Path, store_dir: Path, vq_path: Path, recipe: DemoRecipe, pr
     from arrag.vq import load_vq
 
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_word_tokenizer(out)
+    tokenizer = build_word_tokenizer(out, get_world(recipe.world).vocabulary())
     torch.manual_seed(recipe.seed)
     config = tiny_janus_config(len(tokenizer), hidden=recipe.hidden, layers=recipe.layers, heads=recipe.heads,
                                kv_heads=recipe.kv_heads, intermediate=recipe.intermediate,
@@ -291,14 +301,14 @@ def train_base(out: Path, store_dir: Path, vq_path: Path, recipe: DemoRecipe, pr
 
 
 def object_cell_weights(captions: list[str | None], recipe: DemoRecipe, grid: int) -> torch.Tensor:
-    """float [N, T]: recipe.shape_weight on the cells of training image i's objects (ShapesWorld train item i), 1
+    """float [N, T]: recipe.shape_weight on the cells of training image i's objects (the world's train item i), 1
     elsewhere. The store must hold items 0..N-1 in order; their captions are checked against the scenes."""
-    world = ShapesWorld("train", seed=recipe.seed, size=recipe.image_size)
+    world = recipe.split("train")
     out = np.ones((len(captions), grid * grid), dtype=np.float32)
     for i, caption in enumerate(captions):
         scene = world.scene(i)
         if caption != scene.caption:
-            raise SystemExit(f"error: training store row {i} has caption {caption!r}, not ShapesWorld train item "
+            raise SystemExit(f"error: training store row {i} has caption {caption!r}, not the world's train item "
                              f"{i}'s {scene.caption!r}; --shape-weight needs the store train_demo rendered")
         out[i, scene.object_cells(grid).reshape(-1)] = recipe.shape_weight
     return torch.from_numpy(out)
@@ -339,7 +349,7 @@ def held_out_loss(model_dir: Path, recipe: DemoRecipe, count: int = 384, batch: 
     count = min(count, recipe.train_images)  # training items beyond train_images were never trained on
     out = {}
     for split in ("train", "validation"):
-        world = ShapesWorld(split, seed=recipe.seed, size=recipe.image_size)
+        world = recipe.split(split)
         sums = np.zeros(3)
         counts = np.zeros(3)
         for start in range(0, count, batch):
@@ -362,18 +372,40 @@ def held_out_loss(model_dir: Path, recipe: DemoRecipe, count: int = 384, batch: 
 
 
 def base_retrieval_gain(base_dir: Path, index: Path, workdir: Path, vq_path: Path, recipe: DemoRecipe,
-                        device: torch.device, images: int = 256) -> dict:
+                        device: torch.device, images: int = 256, control_index: Path | None = None) -> dict:
     """`arrag eval retrieval-gain` of the base against the demo database on held-out (validation) images, at the
-    demo's DAiD k: whether the database knows anything about the next code that the base does not."""
-    from arrag.demo.pipeline import DEMO_DAID
+    demo's DAiD k: whether the database knows anything about the next code that the base does not. TailWorld:
+    per frequency bucket, and again against the control database (no tail pattern), whose gain is what any
+    database of similar images gives."""
     from arrag.eval.retrieval_gain import measure_folders
     from arrag.retrieval.codestore import CodeStore
 
     store = CodeStore.open(encode_split(workdir, "validation", "validation", images, vq_path, recipe, str(device)))
-    out, _ = measure_folders(base_dir, index, store, device=str(device), images=images, k=DEMO_DAID["daid_k"],
-                             lambdas=(0.0, 0.01, 0.03, 0.1, 0.3), taus=(0.3, 1.0))
-    out["split"] = "validation"
+    settings = dict(device=str(device), images=images, lambdas=(0.0, 0.01, 0.03, 0.1, 0.3), taus=(0.3, 1.0))
+    if recipe.world != "tail":
+        from arrag.demo.pipeline import DEMO_DAID
+
+        out, _ = measure_folders(base_dir, index, store, k=DEMO_DAID["daid_k"], **settings)
+        out["split"] = "validation"
+        return out
+    from arrag.demo.pipeline import TAIL_DAID
+    from arrag.demo.tail import bucket_of_caption
+
+    groups = [bucket_of_caption(store.caption(i), recipe.seed) for i in range(min(images, store.num_images))]
+    out = {"split": "validation"}
+    for name, folder in (("world_database", index), ("control_database", control_index)):
+        if folder is not None:
+            out[name], _ = measure_folders(base_dir, folder, store, k=TAIL_DAID["daid_k"], groups=groups, **settings)
     return out
+
+
+def train_counts(recipe: DemoRecipe) -> dict[str, int] | None:
+    """TailWorld: how many of the base's training images show each pattern (the x axis of the demo's plot)."""
+    if recipe.world != "tail":
+        return None
+    split = recipe.split("train")
+    names = [split.pattern_of(i) for i in range(recipe.train_images)]
+    return {p: names.count(p) for p in split.frequencies.ranking}
 
 
 def _device_label(dev: torch.device) -> str:
@@ -425,16 +457,19 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
     vq_path = workdir / "vq.safetensors"
     if not vq_path.exists():
         t0 = time.time()
-        val = ShapesWorld("validation", seed=recipe.seed, size=recipe.image_size).images(0, 64)
         result = train_vq(recipe.vq_preset, recipe.image_size, recipe.vq_steps, recipe.vq_batch, recipe.vq_lr,
-                          recipe.seed, device=dev, progress=progress)
+                          recipe.seed, device=dev, progress=progress, world=recipe.split("train"))
         result.model.save(vq_path)
         report["vq"] = {"final_loss": float(np.mean(result.losses[-50:])), "losses": result.losses[::20],
-                        "validation_psnr": reconstruction_psnr(result.model, val),
-                        "validation_round_trip": round_trip_accuracy(result.model, "validation", 240,
-                                                                     recipe.image_size, recipe.seed),
                         "codebook_usage": float(result.model.quantize.usage()), "seconds": round(time.time() - t0),
                         "device": where}
+        write_json(report_path, report)
+    if "validation_round_trip" not in report.get("vq", {}):  # measured apart, so a rerun completes the record
+        vq = load_vq(vq_path, recipe.vq_preset).eval()
+        val = recipe.split("validation")
+        report.setdefault("vq", {})
+        report["vq"]["validation_psnr"] = reconstruction_psnr(vq, val.images(0, 64))
+        report["vq"]["validation_round_trip"] = round_trip_accuracy(vq, val, 240)
         write_json(report_path, report)
     vq_report = report.get("vq", {})
     print(f"[train-demo] 1/4 VQ: {vq_report.get('validation_psnr', 0):.2f} dB PSNR, round trip accuracy "
@@ -462,14 +497,29 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
 
     t0 = time.time()
     index = build_demo_retriever(base_dir, Path(retriever_dir), recipe.database_images, recipe.image_size,
-                                 recipe.seed, device=str(dev))
+                                 recipe.seed, device=str(dev), world=recipe.world, zipf_s=recipe.zipf_s)
+    control = None
+    if recipe.world == "tail":  # the control database: the same number of images, no tail pattern
+        control = build_demo_retriever(base_dir, Path(retriever_dir).with_name(Path(retriever_dir).name + "_control"),
+                                       recipe.database_images, recipe.image_size, recipe.seed, device=str(dev),
+                                       world="tail", split="control_database", zipf_s=recipe.zipf_s)
+        if "train_counts" not in report:
+            report["train_counts"] = train_counts(recipe)
     if "retrieval_gain" not in report["base"]:
-        report["base"]["retrieval_gain"] = base_retrieval_gain(base_dir, index, workdir, vq_path, recipe, dev)
+        report["base"]["retrieval_gain"] = base_retrieval_gain(base_dir, index, workdir, vq_path, recipe, dev,
+                                                               control_index=control)
         write_json(report_path, report)
-    gains = ", ".join(f"{r['gain']:+.4f} at lambda {r['lambda']:g}" for r in report["base"]["retrieval_gain"]["table"]
-                      if r["tau"] == 1.0 and r["lambda"] > 0)
-    print(f"[train-demo] the database on held-out images: mixing its distribution into the base's changes the "
-          f"teacher-forced loss by {gains} nats (tau 1)", file=sys.stderr)
+    gain = report["base"]["retrieval_gain"]
+    if recipe.world == "tail":
+        for name in ("world_database", "control_database"):
+            parts = ", ".join(f"{b} {g['best']['gain']:+.4f}" for b, g in gain[name]["by_group"].items())
+            print(f"[train-demo] the {name.replace('_', ' ')} on held-out images, best gain per bucket (nats per "
+                  f"target): {parts}", file=sys.stderr)
+    else:
+        gains = ", ".join(f"{r['gain']:+.4f} at lambda {r['lambda']:g}" for r in gain["table"]
+                          if r["tau"] == 1.0 and r["lambda"] > 0)
+        print(f"[train-demo] the database on held-out images: mixing its distribution into the base's changes the "
+              f"teacher-forced loss by {gains} nats (tau 1)", file=sys.stderr)
     faid_store = encode_split(workdir, "faid", "train", recipe.faid_images, vq_path, recipe, str(dev))
     construct_train(faid_store, index, retrieved_key_num=recipe.k, progress=progress)
     faid_dir = workdir / "faid"
@@ -528,20 +578,49 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
     return report
 
 
+# TailWorld's recipe: what differs from the ShapesWorld defaults above (every other field is shared).
+TAIL_RECIPE = {"world": "tail", "train_images": 48000, "base_steps": 8000, "database_images": 3000,
+               "faid_images": 4000, "faid_steps": 500}
+# Where each world's run keeps its intermediate files, exports its weights and builds its demo retriever.
+WORLD_PATHS = {"shapes": ("data/demo_train", ASSETS, DEMO_RETRIEVER),
+               "tail": ("data/tail_train", ASSETS / "tail", Path("data/retriever/tail_L"))}
+
+
+def recipe_for(world: str, **changes) -> DemoRecipe:
+    """The recipe of a world (TailWorld's fields over the defaults), with `changes` applied."""
+    base = asdict(DemoRecipe())
+    if world == "tail":
+        base.update(TAIL_RECIPE)
+    return DemoRecipe(**{**base, **changes, "world": world})
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(description="Train the ShapesWorld demo models (VQ, base AR, FAiD) and export them.")
-    ap.add_argument("--workdir", default="data/demo_train", help="intermediate files and checkpoints")
-    ap.add_argument("--assets", default=str(ASSETS), help="where the exported weights go")
-    ap.add_argument("--retriever-dir", default=str(DEMO_RETRIEVER), help="the demo retriever (built if missing)")
+    ap = argparse.ArgumentParser(description="Train a demo world's models (VQ, base AR, FAiD) and export them: "
+                                             "ShapesWorld (the default) or TailWorld (--world tail).")
+    ap.add_argument("--workdir", default=None, help="intermediate files and checkpoints (default data/demo_train; "
+                                                    "data/tail_train for --world tail)")
+    ap.add_argument("--assets", default=None, help="where the exported weights go (default: the shipped folder of "
+                                                   "the world)")
+    ap.add_argument("--retriever-dir", default=None, help="the demo retriever (built if missing; default "
+                                                          "data/retriever/demo_L, or tail_L)")
     ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    tail = recipe_for("tail")
     for f in DemoRecipe.__dataclass_fields__.values():
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                        help=f"{RECIPE_HELP[f.name]} (default {f.default})")
+        other = getattr(tail, f.name)
+        tail_value = f" (--world tail: {other})" if other != f.default and f.name != "world" else ""
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
+                        help=f"{RECIPE_HELP[f.name]} (default {f.default}){tail_value}")
     args = ap.parse_args(argv)
-    recipe = DemoRecipe(**{k: getattr(args, k) for k in DemoRecipe.__dataclass_fields__})
-    run_recipe(args.workdir, args.assets, args.retriever_dir, recipe, device=args.device)
+    world = args.world or "shapes"
+    if world not in WORLD_PATHS:
+        raise SystemExit(f"error: --world {world!r}: choose shapes or tail")
+    given = {k: getattr(args, k) for k in DemoRecipe.__dataclass_fields__ if getattr(args, k) is not None}
+    recipe = recipe_for(world, **given)
+    workdir, assets, retriever = WORLD_PATHS[world]
+    run_recipe(args.workdir or workdir, args.assets or assets, args.retriever_dir or retriever, recipe,
+               device=args.device)
     return 0
 
 

@@ -20,7 +20,16 @@ import itertools
 import math
 from pathlib import Path
 
-from arrag.demo.pipeline import DEMO_DAID, DEMO_FAID_K, DEMO_SAMPLING, run_demo
+from arrag.demo.pipeline import (
+    DEMO_DAID,
+    DEMO_FAID_K,
+    DEMO_SAMPLING,
+    TAIL_DAID,
+    TAIL_FAID_K,
+    TAIL_SAMPLING,
+    run_demo,
+    run_tail_demo,
+)
 from arrag.provenance import write_json
 
 LAMBDAS = (0.1, 0.3, 0.6, 1.0)
@@ -31,7 +40,14 @@ CFG_WEIGHTS = (3.0, 5.0, 7.5, 10.0)
 TEMPERATURES = (1.0, 0.8, 0.6)
 
 
-def _point(out: Path, seeds: tuple[int, ...], samples: int, **kw) -> dict:
+def _point(out: Path, seeds: tuple[int, ...], samples: int, world: str = "shapes", **kw) -> dict:
+    """One setting on the validation prompts: overall accuracy (TailWorld: over every pattern, each bucket too)."""
+    if world == "tail":
+        s = run_tail_demo(out, seeds=seeds, split="validation", samples=samples, progress=False, overwrite=True, **kw)
+        m = next(iter(s["methods"].values()))["by_bucket"]
+        return {"overall": m["overall"]["accuracy"]["mean"], "realism_fid": m["overall"]["fid"],
+                "images": s["prompts"] * s["samples_per_prompt"] * len(s["seeds"]),
+                "per_bucket": {b: v["accuracy"]["mean"] for b, v in m.items()}}
     s = run_demo(out, seeds=seeds, split="validation", samples=samples, progress=False, **kw)
     m = next(iter(s["methods"].values()))
     return {"overall": m["overall"]["mean"], "realism_fid": m["realism_fid"]["mean"],
@@ -63,17 +79,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=2, help="samples per validation prompt (default 2)")
     ap.add_argument("--assets", default=None, help="demo models to tune (default: the shipped ones)")
     ap.add_argument("--retriever-dir", default=None, help="their demo retriever (default data/retriever/demo_L)")
+    ap.add_argument("--world", default="shapes", choices=["shapes", "tail"], help="the demo world (default shapes)")
+    ap.add_argument("--skip-sampling", action="store_true", help="keep the current CFG weight and temperature")
     args = ap.parse_args(argv)
     models = {k: v for k, v in (("assets", args.assets), ("retriever_dir", args.retriever_dir)) if v}
+    # the current settings of the world, which a point must clearly beat to replace
+    cur_daid, cur_faid_k, cur_sampling = (TAIL_DAID, TAIL_FAID_K, TAIL_SAMPLING) if args.world == "tail" else \
+        (DEMO_DAID, DEMO_FAID_K, DEMO_SAMPLING)
     out, seeds = Path(args.out), tuple(int(s) for s in args.seeds.split(","))
-    point = functools.partial(_point, out / "run", seeds, args.samples, **models)
+    point = functools.partial(_point, out / "run", seeds, args.samples, world=args.world, **models)
     sampling = []
-    for cfg, temp in itertools.product(CFG_WEIGHTS, TEMPERATURES):
+    grid = [(cur_sampling["cfg_weight"], cur_sampling["temperature"])] if args.skip_sampling else \
+        itertools.product(CFG_WEIGHTS, TEMPERATURES)
+    for cfg, temp in grid:
         r = {"cfg_weight": cfg, "temperature": temp,
              **point(methods=("base",), sampling={"cfg_weight": cfg, "temperature": temp})}
         sampling.append(r)
         print(f"base cfg {cfg} temperature {temp}: {r['overall']:.3f} (FID {r['realism_fid']:.2f})")
-    best_sampling = choose(sampling, DEMO_SAMPLING)
+    best_sampling = choose(sampling, cur_sampling)
     chosen_sampling = {"cfg_weight": best_sampling["cfg_weight"], "temperature": best_sampling["temperature"]}
     point = functools.partial(point, sampling=chosen_sampling)  # every later point samples the same way
     runs = {"base": best_sampling}
@@ -83,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
              **point(methods=("daid",), daid={"daid_lambda": lam, "daid_tau": tau, "daid_k": 256})}
         daid.append(r)
         print(f"daid lambda {lam} tau {tau} k 256: {r['overall']:.3f} (FID {r['realism_fid']:.2f})")
-    best = choose(daid, {"daid_lambda": DEMO_DAID["daid_lambda"], "daid_tau": DEMO_DAID["daid_tau"]})
+    best = choose(daid, {"daid_lambda": cur_daid["daid_lambda"], "daid_tau": cur_daid["daid_tau"]})
     for k in DAID_KS:
         if k == 256:
             continue
@@ -98,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         faid.append(r)
         print(f"faid k {k}: {r['overall']:.3f} (FID {r['realism_fid']:.2f})")
     chosen = {"sampling": chosen_sampling,
-              "daid": {k: v for k, v in choose(daid, DEMO_DAID).items() if k.startswith("daid_")},
-              "faid_k": choose(faid, {"faid_k": DEMO_FAID_K})["faid_k"]}
+              "daid": {k: v for k, v in choose(daid, cur_daid).items() if k.startswith("daid_")},
+              "faid_k": choose(faid, {"faid_k": cur_faid_k})["faid_k"]}
     write_json(out / "tune.json", {"seeds": seeds, "samples": args.samples, "sampling": sampling, "base": runs["base"],
                                    "daid": daid, "faid": faid, "chosen": chosen})
     print(f"chosen: {chosen}")

@@ -59,13 +59,14 @@ def _check_inputs(model, retriever, store) -> None:
 def retrieval_gain(model, prompter, retriever, store, images: int = 256, k: int = DEFAULT_K,
                    lambdas: Sequence[float] = DEFAULT_LAMBDAS, taus: Sequence[float] = DEFAULT_TAUS,
                    aggregate: str = DEFAULT_AGGREGATE, cfg_weight: float = 1.0, batch_size: int = 16,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, groups: Sequence[str] | None = None) -> dict:
     """Teacher-forced nats per retrieval target for every (tau, lambda) on the first `images` of `store`.
 
     model: a JanusPro; prompter: its Prompter; retriever: a PatchRetriever checked against the model; store: a
-    CodeStore of held-out images.
+    CodeStore of held-out images; groups: a name per image (e.g. TailWorld's frequency bucket), to report the
+    same figures per group as well.
     Returns the table (rows of tau, lambda, nats, gain), the best row, and how often the true code is among the
-    hits, is p_ret's most likely code and is the model's.
+    hits, is p_ret's most likely code and is the model's; with groups, 'by_group' holds each group's.
     """
     from arrag.janus.faid_layers import full_sequence_logits
 
@@ -77,8 +78,13 @@ def retrieval_gain(model, prompter, retriever, store, images: int = 256, k: int 
         raise ArragError(f"code store {store.folder}: some of the first {n_total} images have no caption")
     codebook = store.codebook()
     grid = store.grid
-    nats = np.zeros((len(taus), len(lambdas)))
-    counts = {"targets": 0, "in_hits": 0, "ret_top1": 0, "model_top1": 0, "without_hits": 0}
+    names = ["all"]
+    if groups is not None:
+        if len(groups) < n_total:
+            raise ArragError(f"groups: {len(groups)} names for {n_total} images")
+        names += sorted(set(groups[:n_total]))
+    nats = {g: np.zeros((len(taus), len(lambdas))) for g in names}
+    counters = {g: {"targets": 0, "in_hits": 0, "ret_top1": 0, "model_top1": 0, "without_hits": 0} for g in names}
     bar = tqdm(range(0, n_total, batch_size), desc="retrieval gain", unit="batch", disable=not progress)
     for s in bar:
         idx = np.arange(s, min(s + batch_size, n_total))
@@ -98,30 +104,48 @@ def retrieval_gain(model, prompter, retriever, store, images: int = 256, k: int 
         queries = torch.from_numpy(np.ascontiguousarray(keys.reshape(-1, keys.shape[-1]))).to(model.device)
         dist, hit_codes, copies = (None if a is None else a.cpu() for a in retriever.search_counted(queries, k))
         missing = hit_codes[:, 0] < 0
-        counts["targets"] += len(target)
-        counts["in_hits"] += int((hit_codes == target[:, None]).any(1).sum())
-        counts["model_top1"] += int((p_model.argmax(1) == target).sum())
-        counts["without_hits"] += int(missing.sum())
+        per_image = len(pos)
+        owner = np.repeat(np.arange(len(idx)), per_image)  # the image of each target row
+        rows_of = {"all": slice(None)}
+        if groups is not None:
+            names_here = np.asarray([groups[i] for i in idx])[owner]
+            rows_of.update({g: torch.from_numpy(names_here == g) for g in names[1:]})
         p_true = p_model.gather(1, target[:, None]).squeeze(1).double()
-        for i, tau in enumerate(taus):
-            p_ret = retrieval_distribution(dist, hit_codes, p_model.shape[1], tau, aggregate, copies)
-            if i == 0:
-                counts["ret_top1"] += int(((p_ret.argmax(1) == target) & ~missing).sum())
-            r_true = p_ret.gather(1, target[:, None]).squeeze(1).double()
-            for j, lam in enumerate(lambdas):
-                # rows without hits keep the model's distribution, as DAiD decodes them
-                mix = torch.where(missing, p_true, (1 - lam) * p_true + lam * r_true)
-                nats[i, j] += float(-torch.log(mix.clamp_min(1e-300)).sum())
-    n = max(counts["targets"], 1)
-    nats /= n
-    base = nats[0, list(lambdas).index(0.0)]
-    table = [{"tau": float(t), "lambda": float(lam), "nats": float(nats[i, j]), "gain": float(base - nats[i, j])}
-             for i, t in enumerate(taus) for j, lam in enumerate(lambdas)]
-    best = max(table, key=lambda row: row["gain"])
-    return {"images": int(n_total), "targets": counts["targets"], "k": k, "aggregate": aggregate,
-            "cfg_weight": cfg_weight, "model_nats": float(base), "table": table, "best": best,
-            "true_code_in_hits": counts["in_hits"] / n, "retrieval_top1": counts["ret_top1"] / n,
-            "model_top1": counts["model_top1"] / n, "targets_without_hits": counts["without_hits"]}
+        hit = (hit_codes == target[:, None]).any(1)
+        model_right = p_model.argmax(1) == target
+        p_rets = [retrieval_distribution(dist, hit_codes, p_model.shape[1], tau, aggregate, copies) for tau in taus]
+        ret_right = (p_rets[0].argmax(1) == target) & ~missing
+        for g, rows in rows_of.items():
+            c = counters[g]
+            c["targets"] += int(target[rows].numel())
+            c["in_hits"] += int(hit[rows].sum())
+            c["model_top1"] += int(model_right[rows].sum())
+            c["without_hits"] += int(missing[rows].sum())
+            c["ret_top1"] += int(ret_right[rows].sum())
+            for i, p_ret in enumerate(p_rets):
+                r_true = p_ret.gather(1, target[:, None]).squeeze(1).double()
+                for j, lam in enumerate(lambdas):
+                    # rows without hits keep the model's distribution, as DAiD decodes them
+                    mix = torch.where(missing, p_true, (1 - lam) * p_true + lam * r_true)[rows]
+                    nats[g][i, j] += float(-torch.log(mix.clamp_min(1e-300)).sum())
+
+    def summary(g: str) -> dict:
+        c = counters[g]
+        n = max(c["targets"], 1)
+        table_nats = nats[g] / n
+        base = table_nats[0, list(lambdas).index(0.0)]
+        table = [{"tau": float(t), "lambda": float(lam), "nats": float(table_nats[i, j]),
+                  "gain": float(base - table_nats[i, j])} for i, t in enumerate(taus) for j, lam in enumerate(lambdas)]
+        return {"targets": c["targets"], "model_nats": float(base), "table": table,
+                "best": max(table, key=lambda row: row["gain"]), "true_code_in_hits": c["in_hits"] / n,
+                "retrieval_top1": c["ret_top1"] / n, "model_top1": c["model_top1"] / n,
+                "targets_without_hits": c["without_hits"]}
+
+    out = {"images": int(n_total), "k": k, "aggregate": aggregate, "cfg_weight": cfg_weight, **summary("all")}
+    if groups is not None:
+        out["by_group"] = {g: {"images": int(sum(1 for x in groups[:n_total] if x == g)), **summary(g)}
+                           for g in names[1:]}
+    return out
 
 
 def measure_folders(model_dir: str | Path, retriever_dir: str | Path, store, *, k: int = DEFAULT_K,

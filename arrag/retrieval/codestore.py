@@ -142,15 +142,19 @@ class RowReader:
         return got
 
     def rows(self, path: Path, rows: np.ndarray) -> np.ndarray:
-        """Rows `rows` (ints, any order) of a .npy file: [len(rows), *row shape]."""
+        """Rows `rows` (ints, any order) of a .npy file: [len(rows), *row shape]; consecutive rows in one read."""
         dtype, shape, offset = self.header(path)
         row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
         fd = self._fd(path)
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(rows) and np.all(np.diff(rows) == 1):  # one training sample, or a run of rows: one pread
+            data = os.pread(fd, row_bytes * len(rows), offset + int(rows[0]) * row_bytes)
+            if len(data) != row_bytes * len(rows):
+                raise EOFError(f"rows {rows[0]}-{rows[-1]} lie past the end of the file")
+            return np.frombuffer(data, dtype).reshape(len(rows), *shape[1:])
         out = np.empty((len(rows), *shape[1:]), dtype=dtype)
-        if len(rows) == 0:
-            return out
-        flat = out.reshape(len(rows), -1).view(np.uint8)
-        for i, r in enumerate(np.asarray(rows, dtype=np.int64).tolist()):
+        flat = out.reshape(len(rows), -1).view(np.uint8) if len(rows) else None
+        for i, r in enumerate(rows.tolist()):
             data = os.pread(fd, row_bytes, offset + r * row_bytes)
             if len(data) != row_bytes:
                 raise EOFError(f"row {r} lies past the end of the file")

@@ -1,0 +1,90 @@
+"""TailWorld: a seeded renderer, a scorer that reads pixels (1.00 on ground truth, worse on corruptions), the Zipf
+frequency split, and a control database that truly holds no tail pattern."""
+
+import numpy as np
+import pytest
+
+from arrag.demo.tail import BUCKETS, PATTERNS, Frequencies, TailWorld, bucket_of_caption, pattern_mask, zipf_weights
+from arrag.demo.tail_score import accuracy, prompt_records, read_discs, scene_from_dict
+
+
+@pytest.fixture(scope="module")
+def validation():
+    w = TailWorld("validation", size=64)
+    n = 4 * len(PATTERNS)
+    return w.images(0, n), [w.scene(i) for i in range(n)]
+
+
+def test_rendering_is_a_pure_function_of_seed_split_and_index():
+    a, b = TailWorld("train", seed=0), TailWorld("train", seed=0)
+    assert np.array_equal(a.image(17), b.image(17)) and a.scene(17) == b.scene(17)
+    assert not np.array_equal(a.image(17), TailWorld("train", seed=1).image(17))
+    assert not np.array_equal(a.image(17), TailWorld("database", seed=0).image(17))
+    assert a.image(17).shape == (64, 64, 3) and a.image(17).dtype == np.uint8
+
+
+def test_the_scorer_reads_every_ground_truth_image_right(validation):
+    images, scenes = validation
+    result = accuracy(images, scenes)
+    assert result["overall"] == 1.0 and set(result["by_bucket"]) == set(BUCKETS)
+    assert set(result["by_pattern"]) == set(PATTERNS)
+    d = read_discs(images[0])
+    assert len(d) == scenes[0].count and all(x.pattern == scenes[0].pattern and x.color == scenes[0].color
+                                             for x in d)
+
+
+def test_the_scorer_fails_wrong_patterns_colours_and_counts(validation):
+    images, scenes = validation
+    swapped = accuracy(images[..., ::-1].copy(), scenes)  # RGB -> BGR: red and blue trade places, orange goes
+    assert swapped["overall"] < 0.6
+    w = TailWorld("validation", size=64)
+    wrong = [scene_from_dict({**s.to_dict(), "pattern": PATTERNS[(PATTERNS.index(s.pattern) + 1) % len(PATTERNS)]})
+             for s in scenes]
+    assert accuracy(images, wrong)["overall"] == 0.0  # the pattern of the next name is never read instead
+    blank = images.copy()
+    for i, s in enumerate(scenes):  # the discs painted plain ink: no pattern to read
+        ink = np.array(w.image(i))
+        inside = (np.abs(ink.astype(int) - np.array(s.background)).sum(-1) > 30)
+        blank[i][inside] = ink[inside][0] if inside.any() else 0
+    assert accuracy(blank, scenes)["overall"] < 0.1
+
+
+def test_patterns_differ_from_each_other_at_every_shift():
+    """No pattern is another one moved: the scorer reads patterns at any shift, so they must stay apart."""
+    masks = {p: pattern_mask(p, 64, (32.0, 32.0)) for p in PATTERNS}
+    for a in PATTERNS:
+        for b in PATTERNS:
+            if a < b:
+                same = any(np.array_equal(np.roll(masks[a], (dy, dx), (0, 1))[16:48, 16:48], masks[b][16:48, 16:48])
+                           for dy in range(16) for dx in range(16))
+                assert not same, (a, b)
+
+
+def test_training_frequencies_follow_the_recipes_zipf_law():
+    f = Frequencies(zipf_s=2.0)
+    n = 20_000
+    w = TailWorld("train", frequencies=f)
+    counts = np.bincount([f.ranking.index(w.pattern_of(i)) for i in range(n)], minlength=len(PATTERNS))
+    expected = zipf_weights(len(PATTERNS), 2.0) * n
+    assert np.all(np.abs(counts - expected) <= 4 * np.sqrt(expected) + 2)
+    assert [len(f.patterns(b)) for b in BUCKETS] == [4, 6, 14]
+    assert counts[:4].sum() > 0.85 * n and counts[10:].sum() < 0.06 * n  # the head dominates, the tail is rare
+
+
+def test_the_database_holds_every_pattern_evenly_and_the_control_no_tail_pattern():
+    f = Frequencies()
+    db = [TailWorld("database", frequencies=f).scene(i).pattern for i in range(240)]
+    assert all(db.count(p) == 10 for p in PATTERNS)
+    control = {TailWorld("control_database", frequencies=f).scene(i).pattern for i in range(2000)}
+    assert control == set(f.patterns("head")) | set(f.patterns("torso"))
+    assert not control & set(f.patterns("tail"))
+
+
+def test_prompt_records_carry_scene_bucket_and_rank():
+    records = prompt_records("test", 2, 64)
+    assert len(records) == 2 * len(PATTERNS)
+    f = Frequencies()
+    for r in records:
+        scene = scene_from_dict(r["scene"])
+        assert r["prompt"] == scene.caption and r["tag"] == f.bucket(scene.pattern) == bucket_of_caption(r["prompt"])
+        assert r["rank"] == f.ranking.index(scene.pattern) + 1
