@@ -80,3 +80,22 @@ def test_every_module_imports_in_a_fresh_interpreter():
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
     p = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_retrieval_never_imports_the_stages_above_it():
+    """retrieval/ is a layer below build_retriever/, train/ and the CLI: what they share lives in retrieval/."""
+    graph = import_graph()
+    upward = sorted((m, t) for m, targets in graph.items() if m.startswith("arrag.retrieval") for t in targets
+                    if t.startswith(("arrag.build_retriever", "arrag.train", "arrag.cli", "arrag.demo")))
+    assert not upward, upward
+
+
+def test_no_function_is_longer_than_150_lines():
+    """A function the length of a screen or two: the CLI is one module per command group, not one parser."""
+    long = []
+    for path in sorted(ROOT.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 150:
+                long.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {node.name} "
+                            f"({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

@@ -88,3 +88,31 @@ def test_prompt_records_carry_scene_bucket_and_rank():
         scene = scene_from_dict(r["scene"])
         assert r["prompt"] == scene.caption and r["tag"] == f.bucket(scene.pattern) == bucket_of_caption(r["prompt"])
         assert r["rank"] == f.ranking.index(scene.pattern) + 1
+
+
+def test_tail_demo_smoke(tmp_path, capsys):
+    """`arrag demo` (TailWorld, the default) with the shipped weights on small databases: every method row of
+    scores.json holds accuracy (mean, se) and FID per bucket and overall; the plot, the grid and the table."""
+    import json
+
+    from arrag.cli import main
+
+    args = ["demo", "--out", str(tmp_path / "demo"), "--per-pattern", "1", "--seeds", "0,1", "--device", "cpu",
+            "--database-images", "48", "--retriever-dir", str(tmp_path / "tail_L")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    scores = json.loads((tmp_path / "demo" / "scores.json").read_text())
+    assert scores["world"] == "tail" and set(scores["methods"]) == {"base", "daid", "faid", "faid-noret",
+                                                                   "daid-control", "faid-control"}
+    for name, m in scores["methods"].items():
+        assert set(m["by_bucket"]) == {"head", "torso", "tail", "overall"}
+        for b in m["by_bucket"].values():
+            assert set(b["accuracy"]) == {"mean", "se"} and 0 <= b["accuracy"]["mean"] <= 1 and b["fid"] >= 0
+        if name != "base":
+            assert m["vs_base"]["tail"]["verdict"]
+    assert scores["ground_truth"]["accuracy"]["overall"] == 1.0
+    assert (tmp_path / "demo" / "accuracy_by_frequency.png").is_file() and (tmp_path / "demo" / "grid.png").is_file()
+    for name in ("FAiD, control db", "DAiD vs base: tail"):
+        assert name in printed
+    retrievers = scores["retrievers"]
+    assert set(retrievers) == {"world", "control"} and retrievers["control"]["folder"].endswith("tail_L_control/index")

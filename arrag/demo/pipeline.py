@@ -303,7 +303,6 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
     """TailWorld's demo: every pattern's prompts with base, DAiD, FAiD and their controls (FAiD's weights without
     retrieval; DAiD and FAiD with a database without the tail patterns), each seed a resumable layout run; accuracy
     and realism FID per frequency bucket, the accuracy-by-frequency plot, grid.png and scores.json."""
-    from arrag.demo.plot import frequency_plot
     from arrag.demo.tail import BUCKETS, Frequencies, TailWorld
     from arrag.demo.tail_score import accuracy as tail_accuracy
     from arrag.demo.tail_score import prompt_records as tail_records
@@ -429,7 +428,18 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
                "seconds": round(time.time() - t_start, 1)}
     write_json(out / "scores.json", {OUTPUT_FIELD: DEMO_KIND, **summary})
 
-    # The plot: accuracy against how often the base saw each pattern, binned on a log scale.
+    plot_path = _tail_plot(out, per_seed, methods, train_counts, frequencies, split, seeds)
+    grid = _tail_grid(out, records, truth, pooled, per_seed, methods, train_counts, samples, split, seeds)
+    _print_tail_table(summary, methods)
+    print(f"[demo] wrote {grid}, {plot_path} and {out / 'scores.json'} in {summary['seconds']:.0f} s")
+    return summary
+
+
+def _tail_plot(out: Path, per_seed: dict, methods, train_counts: dict, frequencies, split: str, seeds) -> Path:
+    """accuracy_by_frequency.png: each method's accuracy against how often the base saw the patterns, the patterns
+    binned on a log scale of their training counts (mean over seeds, with its standard error)."""
+    from arrag.demo.plot import frequency_plot
+
     edges = np.geomspace(min(train_counts.values()) * 0.999, max(train_counts.values()) * 1.001, 7)
     lines = {}
     for m in methods:
@@ -448,12 +458,17 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
     plot = frequency_plot(lines, [(tail_max, "tail | torso"), (head_min, "torso | head")],
                           title=f"TailWorld ({split}): accuracy by how often the base saw the pattern, "
                                 f"{len(seeds)} seed(s)")
-    plot_path = save_image(plot, out / "accuracy_by_frequency.png")
-    write_sidecar(plot_path, {"lines": {k: list(map(list, v)) for k, v in lines.items()}, "seeds": list(seeds)},
+    path = save_image(plot, out / "accuracy_by_frequency.png")
+    write_sidecar(path, {"lines": {k: list(map(list, v)) for k, v in lines.items()}, "seeds": list(seeds)},
                   kind=DEMO_KIND)
+    return path
 
-    # The grid: one prompt per bucket-ordered pattern (its first), ground truth then each method, seed 0.
-    first = {}
+
+def _tail_grid(out: Path, records: list[dict], truth: np.ndarray, pooled: dict, per_seed: dict, methods,
+               train_counts: dict, samples: int, split: str, seeds) -> Path:
+    """grid.png: the first prompt of every pattern, most frequent first; ground truth, then each method's first
+    sample of the first seed, framed green where the scorer passed it and red where it failed."""
+    first: dict = {}
     for i, r in enumerate(records):
         first.setdefault(r["scene"]["pattern"], i)
     order = sorted(first.values(), key=lambda i: records[i]["rank"])
@@ -466,9 +481,7 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
                       out / "grid.png")
     write_sidecar(grid, {"columns": ["ground truth", *methods], "rows": labels, "seed": seeds[0], "split": split,
                          "frames": "green: the scorer passed the image; red: it failed"}, kind=DEMO_KIND)
-    _print_tail_table(summary, methods)
-    print(f"[demo] wrote {grid}, {plot_path} and {out / 'scores.json'} in {summary['seconds']:.0f} s")
-    return summary
+    return grid
 
 
 def _framed(image: np.ndarray, passed: bool | None, width: int = 2) -> np.ndarray:
