@@ -22,7 +22,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+	@# Asked of pip's records, not by importing torch: numpy is not installed yet, and torch would warn about it.
+	@if ! $(PY) -c "import importlib.metadata as m; m.version('torch')" 2>/dev/null; then \
 	  if [ "$(CUDA)" = "1" ]; then \
 	    echo "arrag: CUDA found, installing torch==$(TORCH_VERSION) (CUDA build)"; \
 	    $(PIP) install "torch==$(TORCH_VERSION)"; \
@@ -33,7 +34,7 @@ $(STAMP): pyproject.toml Makefile
 	  fi; \
 	fi
 	@# Pin the torch just installed, so no dependency (accelerate, peft, ...) can swap in another build.
-	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PY) -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > $(VENV)/torch-constraint.txt
 	$(PIP) install -c $(VENV)/torch-constraint.txt -e ".[$(EXTRAS)]"
 	@if [ "$(CUDA)" = "1" ] && ! $(PY) -c "import faiss, sys; sys.exit(not hasattr(faiss, 'StandardGpuResources'))" 2>/dev/null; then \
 	  echo "arrag: CUDA found, replacing faiss-cpu with $(FAISS_GPU)"; \

@@ -150,3 +150,14 @@ def test_a_failed_capture_in_auto_mode_decodes_on_uncaptured(tiny_janus, monkeyp
     monkeypatch.setattr(loop, "make_step", lambda mode, *a, **kw: RefusedCapture(*a, **kw, fallback=False))
     with pytest.raises(RuntimeError, match="operation not permitted"):
         sample_codes(tiny_janus, prompts, cfg, progress=False)
+
+
+def test_the_python_api_is_quiet_unless_asked(tiny_janus, capfd):
+    """No progress bar from the API by default (the CLI keeps its own); progress=True shows the decoding bar."""
+    from arrag.decoding import Generator, generate
+
+    generate(tiny_janus, ["a red circle"], image_size=64, seed=0)
+    Generator(tiny_janus)(["a red circle"], image_size=64, seed=0)
+    assert capfd.readouterr().err == ""
+    generate(tiny_janus, ["a red circle"], image_size=64, seed=0, progress=True)
+    assert "decoding" in capfd.readouterr().err

@@ -5,7 +5,8 @@
 #
 # Settings (environment variables; an empty one takes the CLI's default, see `arrag encode --help` and
 # `arrag build-index --help`). Paths are passed to the CLI as they are: it resolves and checks them.
-#   IMAGES         image source: a folder, webdataset .tar shards, a saved HF dataset   (default data/retriever/images)
+#   IMAGES         image source: a folder, webdataset .tar shards, parquet files (img2dataset), a saved HF
+#                  dataset or a hub dataset name                               (default data/retriever/images)
 #   VQ_CKPT        the tokenizer: LlamaGen's vq_ds16_t2i.pt, a Janus-Pro model folder (its own VQ), an arrag
 #                  .safetensors, or a Hub id such as peizesun/llamagen_t2i/vq_ds16_t2i.pt
 #                                                              (default arrag/Janus/janus/vq_ds16_t2i.pt)

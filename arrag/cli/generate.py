@@ -109,7 +109,7 @@ def _generate_plain(args: argparse.Namespace, items: list, method, sampling) -> 
         generator = _load_generator(args, method, None)
         prompts = [it.text for it in items]
         sampling = sampling.for_model(generator.model)
-        images = generator.generate(prompts, sampling)
+        images = generator.generate(prompts, sampling, progress=True)
         try:
             files = write_plain(images, args.out, args.parallel_size, args.format, grid=args.grid, replace=earlier)
         except DiskFull as e:

@@ -146,7 +146,7 @@ def decode_n_tokens(model, state: DecodeState, batch, cache, sampling: SamplingC
 
 @torch.no_grad()
 def sample_codes(model, prompts: Sequence[str], sampling: SamplingConfig, *, hooks: Sequence[DecodingHook] = (),
-                 prompter=None, image_indices: Sequence[int] | None = None, progress: bool = True,
+                 prompter=None, image_indices: Sequence[int] | None = None, progress: bool = False,
                  step_mode: str = "auto") -> torch.Tensor:
     """Sample code grids for every prompt x parallel_size: Long [len(prompts) * parallel_size, h, w].
 

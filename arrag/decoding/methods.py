@@ -174,8 +174,9 @@ class Generator:
 
     # -- generating -----------------------------------------------------------------------------------------
     def sample_codes(self, prompts: Sequence[str], sampling: SamplingConfig, *,
-                     image_indices: Sequence[int] | None = None, progress: bool = True) -> torch.Tensor:
-        """Code grids Long [len(prompts) * parallel_size, h, w] (see loop.sample_codes)."""
+                     image_indices: Sequence[int] | None = None, progress: bool = False) -> torch.Tensor:
+        """Code grids Long [len(prompts) * parallel_size, h, w] (see loop.sample_codes); `progress`: a bar over the
+        decoding steps (the CLI's; the Python API is quiet unless asked)."""
         return sample_codes(self.model, prompts, sampling, hooks=self.hooks, prompter=self.prompter,
                             image_indices=image_indices, progress=progress, step_mode=self.step_mode)
 
@@ -227,8 +228,9 @@ def generate(model, prompts: Sequence[str], *, method: str = "base", retriever=N
              daid_lambda: float | None = None, daid_tau: float | None = None, daid_k: int | None = None,
              daid_aggregate: str = DEFAULT_AGGREGATE, faid_k: int = DEFAULT_FAID_K, allow_unknown_vq: bool = False,
              hooks: Sequence[DecodingHook] = (), prompter=None, batch_size: int | None = None,
-             image_index_offset: int = 0, progress: bool = True) -> np.ndarray:
+             image_index_offset: int = 0, progress: bool = False) -> np.ndarray:
     """Generate uint8 images [len(prompts) * parallel_size, H, W, 3] (image j*parallel_size+s = prompt j, sample s).
+    Quiet unless `progress=True` (a bar over the decoding steps).
 
     method: base, daid, faid or faid+daid (the last three need `retriever`: an index folder, or a PatchRetriever,
     built with this model's VQ; faid needs a FAiD checkpoint). daid_* left None take MethodConfig's defaults.

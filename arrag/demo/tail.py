@@ -38,7 +38,7 @@ def _grid_tile(period: int, fn) -> np.ndarray:
     return np.asarray(fn(x, y), dtype=bool)
 
 
-_HOUNDSTOOTH = _tile([
+_HOUNDSTOOTH = np.kron(_tile([  # the classic 8x8 tooth, drawn at 2 px a cell: a 16-px tile
     "####....",
     "#####...",
     "######..",
@@ -47,9 +47,10 @@ _HOUNDSTOOTH = _tile([
     "...#####",
     "..######",
     "#..####.",
-])
+]), np.ones((2, 2), dtype=bool))
 
-# Periodic patterns: a tile (repeated from the image origin). Features are 2-8 px; a token is 4 px.
+# Periodic patterns: a tile (repeated from the image origin). Features are 2-8 px; a token is 4 px. (The first
+# pilot's VQ read the 2-px houndstooth, crosshatch and dot grid as gingham: they are drawn coarser now.)
 TILES: dict[str, np.ndarray] = {
     "pinstripe": _grid_tile(8, lambda x, y: x % 8 < 2),
     "awning": _grid_tile(8, lambda x, y: x % 8 < 4),
@@ -62,7 +63,7 @@ TILES: dict[str, np.ndarray] = {
     "polka": _grid_tile(8, lambda x, y: (abs(x - 3.5) < 2) & (abs(y - 3.5) < 2)),
     "lattice": _grid_tile(8, lambda x, y: (x % 8 < 2) | (y % 8 < 2)),
     "windowpane": _grid_tile(16, lambda x, y: (x % 16 < 3) | (y % 16 < 3)),
-    "crosshatch": _grid_tile(8, lambda x, y: ((x + y) % 8 < 2) | ((x - y) % 8 < 2)),
+    "crosshatch": _grid_tile(12, lambda x, y: ((x + y) % 12 < 3) | ((x - y) % 12 < 3)),
     "chevron": _grid_tile(8, lambda x, y: (y + np.abs(x % 8 - 4)) % 8 < 4),
     "herringbone": _grid_tile(16, lambda x, y: np.where(x // 8 % 2 == 0, (x + y) % 8, (y - x) % 8) < 4),
     "brick": _grid_tile(16, lambda x, y: (y % 8 < 2) | (((x + 8 * (y // 8 % 2)) % 16) < 2)),
@@ -70,7 +71,7 @@ TILES: dict[str, np.ndarray] = {
     "houndstooth": _HOUNDSTOOTH,
     "argyle": _grid_tile(16, lambda x, y: np.abs(x - 7.5) + np.abs(y - 7.5) < 6),
     "tartan": _grid_tile(16, lambda x, y: (x % 16 < 4) ^ (y % 16 < 4)),
-    "dotgrid": _grid_tile(8, lambda x, y: (x % 8 < 2) & (y % 8 < 2)),
+    "dotgrid": _grid_tile(12, lambda x, y: (x % 12 < 4) & (y % 12 < 4)),
     "ripple": _grid_tile(16, lambda x, y: (y + np.round(2 * np.sin(2 * np.pi * x / 16))).astype(int) % 8 < 4),
     "zigzag": _grid_tile(16, lambda x, y: (y + np.abs(x % 16 - 8)) % 16 < 5),
 }

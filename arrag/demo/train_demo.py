@@ -434,11 +434,12 @@ def export_assets(src: Path, dst: Path) -> None:
 
 def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASSETS,
                retriever_dir: str | Path = DEMO_RETRIEVER, recipe: DemoRecipe | None = None,
-               progress: bool = True, device: str = "auto") -> dict:
+               progress: bool = True, device: str = "auto", stop_after: str | None = None) -> dict:
     """Stages 1-4 (see the module docstring); returns the report also written to <assets>/recipe.json.
 
     `device` ('auto', 'cpu', 'cuda', 'cuda:1') runs every stage there; each stage records the device it ran
-    on and its time, so a recipe.json says how its weights were made."""
+    on and its time, so a recipe.json says how its weights were made. `stop_after` ('vq', 'base'): stop once that
+    stage is done (a long recipe in steps that fit a session; the next run resumes from there)."""
     from arrag.provenance import environment, write_json
     from arrag.runtime import resolve_device
     from arrag.train.construct import construct_train
@@ -475,6 +476,8 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
     print(f"[train-demo] 1/4 VQ: {vq_report.get('validation_psnr', 0):.2f} dB PSNR, round trip accuracy "
           f"{vq_report.get('validation_round_trip', {}).get('overall', float('nan')):.2f} on validation",
           file=sys.stderr)
+    if stop_after == "vq":
+        return report
 
     train_store = encode_split(workdir, "train", "train", recipe.train_images, vq_path, recipe, str(dev))
     base_dir = workdir / "base"
@@ -494,6 +497,8 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
     print(f"[train-demo] 2/4 base AR: final loss {report['base']['final_loss']:.3f}; on the objects' cells "
           f"{held['train']['object_cells']:.3f} (training images) vs {held['validation']['object_cells']:.3f} "
           "(held out)", file=sys.stderr)
+    if stop_after == "base":
+        return report
 
     t0 = time.time()
     index = build_demo_retriever(base_dir, Path(retriever_dir), recipe.database_images, recipe.image_size,
@@ -579,8 +584,8 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
 
 
 # TailWorld's recipe: what differs from the ShapesWorld defaults above (every other field is shared).
-TAIL_RECIPE = {"world": "tail", "train_images": 48000, "base_steps": 8000, "database_images": 3000,
-               "faid_images": 4000, "faid_steps": 500}
+TAIL_RECIPE = {"world": "tail", "vq_steps": 2000, "train_images": 48000, "base_steps": 8000,
+               "database_images": 3000, "faid_images": 4000, "faid_steps": 500}
 # Where each world's run keeps its intermediate files, exports its weights and builds its demo retriever.
 WORLD_PATHS = {"shapes": ("data/demo_train", ASSETS, DEMO_RETRIEVER),
                "tail": ("data/tail_train", ASSETS / "tail", Path("data/retriever/tail_L"))}
@@ -606,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retriever-dir", default=None, help="the demo retriever (built if missing; default "
                                                           "data/retriever/demo_L, or tail_L)")
     ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    ap.add_argument("--stop-after", default=None, choices=["vq", "base"],
+                    help="stop once that stage is done (the next run resumes from there)")
     tail = recipe_for("tail")
     for f in DemoRecipe.__dataclass_fields__.values():
         other = getattr(tail, f.name)
@@ -616,11 +623,12 @@ def main(argv: list[str] | None = None) -> int:
     world = args.world or "shapes"
     if world not in WORLD_PATHS:
         raise SystemExit(f"error: --world {world!r}: choose shapes or tail")
-    given = {k: getattr(args, k) for k in DemoRecipe.__dataclass_fields__ if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in DemoRecipe.__dataclass_fields__
+             if getattr(args, k) is not None and k != "world"}
     recipe = recipe_for(world, **given)
     workdir, assets, retriever = WORLD_PATHS[world]
     run_recipe(args.workdir or workdir, args.assets or assets, args.retriever_dir or retriever, recipe,
-               device=args.device)
+               device=args.device, stop_after=args.stop_after)
     return 0
 
 

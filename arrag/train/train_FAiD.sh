@@ -9,7 +9,8 @@
 # Settings (environment variables; an empty one takes the CLI's default, see `arrag train-faid --help`).
 # Paths and Hub ids are passed to the CLI as they are: it resolves and checks them.
 #   BASE           base Janus-Pro folder or Hub id                        (default deepseek-ai/Janus-Pro-1B)
-#   TRAIN_DATA     captioned training images (webdataset .tar, saved HF dataset, folder with .txt captions)
+#   TRAIN_DATA     captioned training images (a folder with .txt captions, webdataset .tar shards, parquet
+#                  files (img2dataset), a saved HF dataset or a hub dataset name)
 #                                                                         (default data/train/images)
 #   TRAIN_STORE    their code store                                       (default data/train/codes)
 #   VQ_CKPT        tokenizer for encoding                                 (default: BASE, the model's own VQ)
@@ -21,7 +22,7 @@
 #   BATCH_SIZE GRAD_ACCUM LR EPOCHS MAX_STEPS                             (defaults 4, 8, 2e-4, 1, none)
 #   SCHEDULE WARMUP_RATIO WEIGHT_DECAY MAX_GRAD_NORM CFG_DROP MAX_TEXT_LEN (defaults constant, 0, 0, 1.0, 0, 512)
 #   LORA_R LORA_ALPHA LORA_DROPOUT LORA_TARGETS                           (defaults 128, 256, 0.05, q_proj,v_proj)
-#   SEED SAVE_EVERY KEEP_CHECKPOINTS NUM_WORKERS MIXED_PRECISION          (defaults 42, 500, 2, 2, bf16 on CUDA)
+#   SEED SAVE_EVERY KEEP_CHECKPOINTS NUM_WORKERS MIXED_PRECISION  (defaults 42, 500, 2, 2, bf16 on CUDA else no)
 #   DEEPSPEED      a DeepSpeed config, e.g. arrag/train/zero3.json        (default none)
 #   NUM_GPUS       processes on this machine                              (default 1)
 #   NUM_MACHINES MACHINE_RANK MAIN_IP MAIN_PORT  multi-machine through accelerate (defaults 1, 0, -, 29500)
@@ -77,7 +78,11 @@ add --warmup-ratio "${WARMUP_RATIO:-}"; add --weight-decay "${WEIGHT_DECAY:-}"; 
 add --cfg-drop "${CFG_DROP:-}"; add --max-text-len "${MAX_TEXT_LEN:-}"; add --lora-r "${LORA_R:-}"
 add --lora-alpha "${LORA_ALPHA:-}"; add --lora-dropout "${LORA_DROPOUT:-}"; add --lora-targets "${LORA_TARGETS:-}"
 add --seed "${SEED:-}"; add --save-every "${SAVE_EVERY:-}"; add --keep-checkpoints "${KEEP_CHECKPOINTS:-}"
-add --num-workers "${NUM_WORKERS:-}"; add --mixed-precision "${MIXED_PRECISION:-}"; add --deepspeed "${DEEPSPEED:-}"
+# Mixed precision said once, to arrag and to accelerate launch alike (else accelerate warns that it took its default)
+if [ -z "${MIXED_PRECISION:-}" ]; then
+  MIXED_PRECISION=$(nvidia-smi -L >/dev/null 2>&1 && echo bf16 || echo no)
+fi
+add --num-workers "${NUM_WORKERS:-}"; add --mixed-precision "$MIXED_PRECISION"; add --deepspeed "${DEEPSPEED:-}"
 [ "$RESUME" = "1" ] && TRAIN_ARGS+=(--resume)
 [ "${OVERWRITE:-0}" = "1" ] && TRAIN_ARGS+=(--overwrite)
 export ARRAG_OVERWRITE_HINT="rerun with OVERWRITE=1"  # what a refusal tells the user to type
@@ -87,10 +92,9 @@ if [ "$LAUNCHER" = "torchrun" ]; then
     ${MAIN_IP:+--master_addr "$MAIN_IP"} --master_port "$MAIN_PORT" -m arrag "${TRAIN_ARGS[@]}" ${EXTRA:-}
 else
   LAUNCH=(--num_processes $((NUM_GPUS * NUM_MACHINES)) --num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK"
-          --main_process_port "$MAIN_PORT" --dynamo_backend no)
+          --main_process_port "$MAIN_PORT" --dynamo_backend no --mixed_precision "$MIXED_PRECISION")
   [ -n "${MAIN_IP:-}" ] && LAUNCH+=(--main_process_ip "$MAIN_IP")
   [ $((NUM_GPUS * NUM_MACHINES)) -gt 1 ] && LAUNCH+=(--multi_gpu)
-  # accelerate's own mixed-precision default applies unless arrag's --mixed-precision is given
   accelerate launch "${LAUNCH[@]}" -m arrag "${TRAIN_ARGS[@]}" ${EXTRA:-}
 fi
 echo "== done: $OUT"
