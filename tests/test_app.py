@@ -44,6 +44,9 @@ def test_every_method_from_one_seed_and_what_a_cell_retrieved(session):
     a = daid.records[1].arrays
     step = int(np.flatnonzero(a["cells"] == 5 * 16 + 7)[0])
     assert f"sampled code {int(a['sampled'][step])}" in line and "p_ret's weight" in line
+    assert "row 5, column 7" in line and f"the model's own probability {a['daid_model_prob'][step]:.3f}" in line
+    alone = int(a["daid_model_choice"][step])
+    assert ("retrieval did not change the token" in line) == (alone == int(a["sampled"][step]))
     assert 1 <= len(patches) <= 8 and patches[0].image.shape == (96, 96, 3)
     assert f"p_ret {a['daid_hit_p_ret'][step, 0]:.3f}" in patches[0].caption
     assert f"d {a['daid_hit_distances'][step, 0]:.3f}" in patches[0].caption
@@ -51,15 +54,20 @@ def test_every_method_from_one_seed_and_what_a_cell_retrieved(session):
     first = int(a["daid_hit_images"][a["daid_hit_image_offsets"][step * a["daid_hit_entries"].shape[1]]])
     assert f"db image {first} ({first:06d}.png)" in patches[0].caption
     line, tops = session.contributors(daid, 1)
-    assert "retrieval mass" in line and len(tops) >= 1
+    assert "retrieval mass" in line and f"of a possible {len(a['cells'])}" in line and len(tops) >= 1
+    faid_line = session.retrieved(results["faid"], 0, 5, 7)[0]
+    assert "gates ≈ 0" in faid_line or "mean gate" in faid_line
     assert session.retrieved(results["base"], 0, 5, 7) == ("base does not retrieve; click a DAiD or FAiD image", [])
     assert "had no retrieval" in session.retrieved(daid, 0, 0, 7)[0]
     assert "FAiD sample 1" in session.retrieved(results["faid"], 0, 5, 7)[0]
 
 
 def test_bad_input_is_a_line_not_a_traceback(session, tmp_path):
-    with pytest.raises(ArragError, match="does not know 'dragon'"):
-        session.generate("a red dragon", ["base"])
+    # an unknown word: said with the words the model knows, as the CLI says it, and the images are made
+    out = session.generate("a red dragon", ["base"], samples=1)
+    assert out["base"].images.shape[0] == 1
+    assert len(session.notes) == 1 and "does not know 'dragon'" in session.notes[0]
+    assert "it knows these" in session.notes[0] and " circle " in session.notes[0]
     with pytest.raises(ArragError, match="enter a prompt"):
         session.generate("  ", ["base"])
     with pytest.raises(ArragError, match="choose at least one method"):
@@ -154,7 +162,9 @@ def test_the_page_generates_and_shows_database_crops_in_chromium(small_demo_inde
         x, y = (256 + 7.5 * 16) * scale, 5.5 * 16 * scale  # sample 2, cell (5, 7)
         ActionChains(driver).move_to_element_with_offset(
             strip_img, int(x - strip_img.size["width"] / 2), int(y - strip_img.size["height"] / 2)).click().perform()
-        wait.until(lambda d: "cell (5, 7)" in d.find_element(By.CSS_SELECTOR, "#cell-info").text)
+        wait.until(lambda d: "row 5, column 7" in d.find_element(By.CSS_SELECTOR, "#cell-info").text)
+        info = driver.find_element(By.CSS_SELECTOR, "#cell-info").text
+        assert "the model's own probability" in info and "the token" in info  # changed or not, and why
         crops = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#crops img"))
         assert len(crops) >= 1
         assert "DAiD sample 2" in driver.find_element(By.CSS_SELECTOR, "#cell-info").text

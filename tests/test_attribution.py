@@ -198,3 +198,29 @@ def test_bad_attribution_settings_are_refused(tiny_janus, db):
         Generator(tiny_janus, MethodConfig("daid"), r, step_mode="graph", attribution=AttributionSettings())
     with pytest.raises(ArragError, match="use it with --method daid"):
         Generator(tiny_janus, MethodConfig("base"), attribution=AttributionSettings())
+
+
+def test_daid_records_the_models_own_probability_and_what_retrieval_changed(tiny_janus, db):
+    """model_prob is the base's p of the sampled code (a base run with the same seed draws the same uniforms),
+    mixed_prob is DAiD's mix of it and p_ret's weight, and model_choice is what the model alone would have drawn
+    with the same uniform: every step at a vanishing lambda, and a plain base decode of the same prefix, agree."""
+    r = PatchRetriever.load(db / "dedup")
+    for lam in (1e-9, 0.9):
+        _, codes, records = _run(tiny_janus, r, daid_lambda=lam)
+        for rec in records:
+            a = rec.arrays
+            assert a["daid_model_prob"].shape == a["daid_weight"].shape == a["daid_model_choice"].shape
+            assert np.all((a["daid_model_prob"] >= 0) & (a["daid_model_prob"] <= 1))
+            np.testing.assert_allclose(a["daid_mixed_prob"], (1 - lam) * a["daid_model_prob"] + lam * a["daid_weight"],
+                                       rtol=1e-4, atol=1e-6)
+            if lam < 1e-6:  # (almost) nothing mixed in: the model's own draw is the sampled code at every step
+                np.testing.assert_array_equal(a["daid_model_choice"], a["sampled"])
+        changed = sum(int((rec.arrays["daid_model_choice"] != rec.arrays["sampled"]).sum()) for rec in records)
+        if lam == 0.9:
+            assert changed > 0  # a strong mix changes some tokens
+    # The first retrieval step of each image: the model alone, from the same seed, draws model_choice there.
+    base = Generator(tiny_janus).sample_codes(PROMPTS, SAMPLING, progress=False)
+    first = int(records[0].arrays["cells"][0])
+    for i, rec in enumerate(records):  # before the first DAiD step the images are the base's, token for token
+        assert np.array_equal(codes[i].reshape(-1)[:first].numpy(), base[i].reshape(-1)[:first].numpy())
+        assert rec.arrays["daid_model_choice"][0] == int(base[i].reshape(-1)[first])

@@ -61,20 +61,23 @@ def build_page(session: AppSession, defaults: dict | None = None):
         gr.Markdown("## arrag — see what retrieval did\nGenerate with each method from the same seed. Click a cell "
                     "of a DAiD or FAiD image to see the database patches its retrieval step found.")
         with gr.Row():
-            prompt = gr.Textbox(value=DEFAULT_PROMPT, label="prompt", scale=3, elem_id="prompt")
-            methods = gr.CheckboxGroup([(LABELS[m], m) for m in available],
-                                       value=[m for m in ("base", "daid") if m in available], label="methods",
-                                       elem_id="methods")
+            prompt = gr.Textbox(value=d.get("prompt", DEFAULT_PROMPT), label="prompt", scale=3, elem_id="prompt")
+            methods = gr.CheckboxGroup([(LABELS[m], m) for m in available], value=list(available),
+                                       label="methods", elem_id="methods")  # every method the session serves
         with gr.Row():
             samples = gr.Slider(1, 8, value=d["samples"], step=1, label="samples")
             seed = gr.Number(value=d["seed"], precision=0, label="seed", minimum=0)
             cfg = gr.Slider(0, 15, value=d["cfg_weight"], step=0.5, label="CFG")
             temperature = gr.Slider(0, 2, value=d["temperature"], step=0.05, label="temperature")
         with gr.Row():
-            lam = gr.Slider(0, 1, value=d["daid_lambda"], step=0.01, label="DAiD λ")
-            tau = gr.Slider(0.05, 5, value=d["daid_tau"], step=0.05, label="DAiD τ")
-            k = gr.Number(value=d["daid_k"], precision=0, minimum=1, label="DAiD k")
-            big_k = gr.Number(value=d["faid_k"], precision=0, minimum=1, label="FAiD K")
+            lam = gr.Slider(0, 1, value=d["daid_lambda"], step=0.01, label="DAiD λ",
+                            info="weight of the retrieved distribution: p = (1 − λ) p_model + λ p_ret")
+            tau = gr.Slider(0.05, 5, value=d["daid_tau"], step=0.05, label="DAiD τ",
+                            info="temperature of p_ret = softmax(−distance / τ): lower trusts the nearest hits more")
+            k = gr.Number(value=d["daid_k"], precision=0, minimum=1, label="DAiD k",
+                          info="database patches retrieved per step for DAiD")
+            big_k = gr.Number(value=d["faid_k"], precision=0, minimum=1, label="FAiD K",
+                              info="retrieved codes FAiD's blenders take per step")
         go = gr.Button("Generate", variant="primary", elem_id="generate")
         status = gr.Markdown(elem_id="status")
         state = gr.State({})
@@ -83,6 +86,7 @@ def build_page(session: AppSession, defaults: dict | None = None):
         cell_info = gr.Markdown(elem_id="cell-info")
         crops = gr.Gallery(label="database patches retrieved for the clicked cell (nearest first)", columns=8,
                            height=190, format="png", elem_id="crops")
+        crop_table = gr.Markdown(elem_id="crop-table")  # each crop's caption in full, a line each
         contrib_info = gr.Markdown(elem_id="contrib-info")
         contributors = gr.Gallery(label="database images that contributed most to this sample", columns=10,
                                   height=190, format="png", elem_id="contributors")
@@ -96,7 +100,7 @@ def build_page(session: AppSession, defaults: dict | None = None):
                                            daid_tau=float(tau_), daid_k=int(k_ or 1), faid_k=int(big_k_ or 1),
                                            progress=True)
             except (ArragError, ValueError, RuntimeError) as e:
-                return ({}, _message(e), *outputs.values(), "", [], "", [])
+                return ({}, _message(e), *outputs.values(), "", [], "", "", [])
             kept = {}
             for m, r in results.items():
                 picture, factor = strip(r.images)
@@ -104,15 +108,16 @@ def build_page(session: AppSession, defaults: dict | None = None):
                 kept[m] = (r, picture, factor)
             line = (f"{len(results)} method(s) × {int(samples_)} sample(s), seed {int(seed_ or 0)}. "
                     + ("Click a cell of a DAiD or FAiD image." if any(r.records for r in results.values()) else ""))
-            return (kept, line, *outputs.values(), "", [], "", [])
+            line += "".join(f"\n\n**Warning:** {note}" for note in session.notes)
+            return (kept, line, *outputs.values(), "", [], "", "", [])
 
         go.click(generate, [prompt, methods, samples, seed, cfg, temperature, lam, tau, k, big_k],
-                 [state, status, *shown.values(), cell_info, crops, contrib_info, contributors])
+                 [state, status, *shown.values(), cell_info, crops, crop_table, contrib_info, contributors])
 
         for method, image in shown.items():
             def on_select(kept, evt: gr.SelectData, method=method):
                 if method not in kept:
-                    return "generate first", [], "", [], gr.update()
+                    return "generate first", [], "", "", [], gr.update()
                 result, picture, factor = kept[method]
                 x, y = evt.index
                 px, grid = result.images.shape[2], session.grid()
@@ -122,11 +127,12 @@ def build_page(session: AppSession, defaults: dict | None = None):
                     line, patches = session.retrieved(result, sample, row, col)
                     top_line, tops = session.contributors(result, sample)
                 except ArragError as e:
-                    return _message(e), [], "", [], marked
-                return (line, [(p.image, p.caption) for p in patches], top_line,
+                    return _message(e), [], "", "", [], marked
+                table = "\n".join(f"{i + 1}. {p.caption}" for i, p in enumerate(patches))
+                return (line, [(p.image, p.caption) for p in patches], table, top_line,
                         [(p.image, p.caption) for p in tops], marked)
 
-            image.select(on_select, [state], [cell_info, crops, contrib_info, contributors, image])
+            image.select(on_select, [state], [cell_info, crops, crop_table, contrib_info, contributors, image])
     return page
 
 

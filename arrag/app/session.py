@@ -52,6 +52,7 @@ class AppSession:
         self.model, self.faid_model, self.retriever, self.store = model, faid_model, retriever, store
         self.image_size = image_size or model.vq.config.image_size
         self._decoded: OrderedDict[int, tuple] = OrderedDict()  # (codes, pixels) of database images decoded lately
+        self.notes: list[str] = []  # the last generate's warnings (unknown words), shown on the page
 
     @classmethod
     def load(cls, model: str | Path, faid_model: str | Path | None = None, retriever: str | Path | None = None,
@@ -79,15 +80,17 @@ class AppSession:
         return cls(base, faid, index, code_store, image_size)
 
     @classmethod
-    def demo(cls, device: str = "cpu", progress: bool = True) -> AppSession:
-        """The shipped demo models and the demo retriever (built on first use, as `make demo` does)."""
-        from arrag.demo.database import DEMO_RETRIEVER, build_demo_retriever
-        from arrag.demo.pipeline import ASSETS
+    def demo(cls, device: str = "cpu", progress: bool = True, world: str = "tail") -> AppSession:
+        """A demo world's shipped models and its demo retriever (built on first use, as `make demo` does)."""
+        from arrag.demo.database import build_demo_retriever
+        from arrag.demo.worlds import get_world
 
-        recipe = json.loads((ASSETS / "recipe.json").read_text())["recipe"]
-        index = build_demo_retriever(ASSETS / "base", DEMO_RETRIEVER, recipe["database_images"],
-                                     recipe["image_size"], progress=progress)
-        return cls.load(ASSETS / "base", ASSETS / "faid", index, device=device, image_size=recipe["image_size"])
+        w = get_world(world)
+        recipe = json.loads((w.assets / "recipe.json").read_text())["recipe"]
+        index = build_demo_retriever(w.assets / "base", w.retriever, recipe["database_images"],
+                                     recipe["image_size"], progress=progress, world=world,
+                                     zipf_s=recipe.get("zipf_s", 2.0))
+        return cls.load(w.assets / "base", w.assets / "faid", index, device=device, image_size=recipe["image_size"])
 
     @property
     def methods(self) -> list[str]:
@@ -101,6 +104,7 @@ class AppSession:
                  faid_k: int = 10, progress: bool = False) -> dict[str, MethodResult]:
         """Every method's `samples` images from the same seed (sample s of every method draws the same uniforms)."""
         prompt = (prompt or "").strip()
+        self.notes = []  # warnings of this call, for the page to show
         if not prompt:
             raise ArragError("enter a prompt")
         if not methods:
@@ -123,9 +127,9 @@ class AppSession:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 codes = gen.sample_codes([prompt], sampling, progress=progress)
-            for w in caught:
-                if "does not know" in str(w.message):  # a word outside the tokenizer: refuse, do not guess
-                    raise ArragError(str(w.message).split(":")[0] + ": use words the model was trained on")
+            for w in caught:  # a word outside the tokenizer: said, as the CLI says it, and generation goes on
+                if "does not know" in str(w.message) and str(w.message) not in self.notes:
+                    self.notes.append(str(w.message))
             out[method] = MethodResult(method, codes, gen.images(codes), gen.take_attribution() if retrieves else None)
         return out
 
@@ -154,9 +158,22 @@ class AppSession:
         a = result.records[sample].arrays
         m = result.method
         sampled = int(a["sampled"][step])
-        line = f"{LABELS[m]} sample {sample + 1}, cell ({row}, {col}): sampled code {sampled}"
+        line = f"{LABELS[m]} sample {sample + 1}, row {row}, column {col}: sampled code {sampled}"
         if m == "daid":
             line += f", p_ret's weight on it {float(a['daid_weight'][step]):.3f}"
+            if "daid_model_prob" in a:
+                line += (f"; the model's own probability {float(a['daid_model_prob'][step]):.3f}, mixed "
+                         f"{float(a['daid_mixed_prob'][step]):.3f}")
+            if "daid_model_choice" in a:
+                alone = int(a["daid_model_choice"][step])
+                line += ("; retrieval did not change the token (the model alone drew it too, with the same draw)"
+                         if alone == sampled else
+                         f"; retrieval changed the token: the model alone would have drawn code {alone}")
+        else:
+            gates = a["faid_hit_gates"][step]
+            mean = float(np.mean(gates)) if len(gates) else 0.0
+            line += (f"; gates ≈ 0 (mean {mean:.2g}): FAiD ignored its candidates here" if mean < 0.01 else
+                     f"; mean gate {mean:.3f} over its {len(gates)} candidates")
         if self.retriever.image_map == "none":
             return line + "; the original prebuilt database records no images for its entries", []
         offsets, images = a[f"{m}_hit_image_offsets"], a[f"{m}_hit_images"]
@@ -194,9 +211,10 @@ class AppSession:
         if top is None:
             return record.get("note", "no database images recorded"), []
         steps = len(result.records[sample].arrays["cells"])
-        line = (f"{LABELS[result.method]} sample {sample + 1}: retrieval mass {summary['mass']:.3f} summed over "
-                f"{steps} steps, {summary.get('diffuse_mass', 0):.3f} of it on common patterns; the images it came "
-                "from:")
+        line = (f"{LABELS[result.method]} sample {sample + 1}: retrieval mass {summary['mass']:.3f} of a possible "
+                f"{steps} (one per retrieval step: "
+                + ("p_ret's weight on the sampled code" if result.method == "daid" else "the mean gate")
+                + f"), {summary.get('diffuse_mass', 0):.3f} of it on common patterns; the images it came from:")
         pics = [Patch(self._thumb(t["image"]), f"db image {t['image']}" + (f" ({t['source']})" if t["source"] else "")
                       + f" · {100 * t['share']:.1f}%") for t in top if self.store is not None]
         return line, pics

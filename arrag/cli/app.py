@@ -28,10 +28,18 @@ def _app(args: argparse.Namespace) -> int:
                                   image_size=args.image_size)
         defaults = None
     else:
-        from arrag.demo.pipeline import DEMO_DAID, DEMO_FAID_K, DEMO_SAMPLING
+        from arrag.demo import pipeline
 
-        session = AppSession.demo(device=args.device)
-        defaults = {**DEMO_DAID, **DEMO_SAMPLING, "faid_k": DEMO_FAID_K}
+        session = AppSession.demo(device=args.device, world=args.world)
+        if args.world == "tail":
+            from arrag.demo.tail import Frequencies
+
+            defaults = {**pipeline.TAIL_DAID, **pipeline.TAIL_SAMPLING, "faid_k": pipeline.TAIL_FAID_K,
+                        # a pattern the base saw a few dozen times: the database completes what it begins
+                        "prompt": f"a red {Frequencies().patterns('tail')[0]}"}
+        else:
+            defaults = {**pipeline.DEMO_DAID, **pipeline.DEMO_SAMPLING, "faid_k": pipeline.DEMO_FAID_K,
+                        "prompt": "a red circle and a blue square"}
     launch(session, host=args.host, port=args.port, defaults=defaults)
     return 0
 
@@ -45,6 +53,9 @@ def add_parsers(sub) -> None:
                     "seed and shows, for a clicked cell, the database patches its retrieval step found (decoded from "
                     "the index's code store) and each image's top contributing database images. Without --model it "
                     "serves the demo models and the demo retriever (built on first use, as `make demo` does).")
+    app.add_argument("--world", default="tail", choices=["tail", "shapes"],
+                     help="without --model: the demo world whose models and retriever to serve (default tail: "
+                          "TailWorld, where the database completes patterns the base saw rarely; shapes: ShapesWorld)")
     app.add_argument("--model", default=None,
                      help="Janus-Pro checkpoint folder for base and DAiD (default: the demo's)")
     app.add_argument("--faid-model", default=None,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from arrag.decoding.hooks import DecodeState, DecodingHook
+from arrag.decoding.loop import filter_probs, sample_from
 from arrag.errors import ArragError
 from arrag.fileops import write_bytes
 from arrag.provenance import write_json
@@ -45,8 +46,13 @@ FIELDS = {
     "daid_hit_copies": "int32 [S, H]: occurrences each hit stands for in the full index's top k (1 without de-dup)",
     "daid_hit_p_ret": "float32 [S, H]: p_ret of each hit's code",
     "daid_weight": "float32 [S]: p_ret's weight on the sampled code",
+    "daid_model_prob": "float32 [S]: the model's own probability of the sampled code (after CFG and temperature)",
+    "daid_mixed_prob": "float32 [S]: the mixed distribution's probability of it, (1 - lambda) p_model + lambda p_ret",
+    "daid_model_choice": "int32 [S]: the code the model alone would have drawn with the same uniform (after the "
+                         "run's top-k / top-p); differs from sampled where retrieval changed the token",
     "faid_hit_gates": "float32 [S, H]: each candidate's blender gate (sigmoid, mean over the blender layers)",
 }
+STEP_FIELDS = ("weight", "model_prob", "mixed_prob", "model_choice")  # one value a step, not one a hit
 NO_IMAGE_MAP = ("the original prebuilt database records no images for its entries: attribution lists its hits "
                 "but no database images")
 
@@ -133,16 +139,17 @@ class AttributionRecorder(DecodingHook):
 
     def daid_step(self, target: int, query: torch.Tensor, dist: torch.Tensor, codes: torch.Tensor,
                   copies: torch.Tensor | None, ids: torch.Tensor, p_ret: torch.Tensor, tau: float,
-                  aggregate: str) -> None:
-        """One DAiD search: its hits [N, k] (copies None without de-duplication) and p_ret [N, V]. The previous
-        step was resolved in before_forward, which the loop calls before every step's hooks."""
+                  aggregate: str, p_model: torch.Tensor | None = None, p_mixed: torch.Tensor | None = None) -> None:
+        """One DAiD search: its hits [N, k] (copies None without de-duplication), p_ret [N, V], and the model's
+        distribution and the mixed one [N, V] (what retrieval changed). The previous step was resolved in
+        before_forward, which the loop calls before every step's hooks."""
         self.queries.setdefault(target, query.float().cpu().numpy())
         h = min(self.config.hits, codes.shape[1])
         copies_ = torch.ones_like(codes) if copies is None else copies.to(codes.device)
         p_hit = torch.where(codes[:, :h] >= 0, p_ret.gather(1, codes[:, :h].clamp_min(0).to(p_ret.device)).cpu(), 0)
         self.steps["daid"][target] = {**_hits(dist, codes, ids, h), "copies": _np(copies_[:, :h], np.int32),
                                       "p_ret": _np(p_hit, np.float32)}
-        self.pending = (target, dist, codes, copies_, ids, p_ret, tau, aggregate)
+        self.pending = (target, dist, codes, copies_, ids, p_ret, tau, aggregate, p_model, p_mixed)
 
     def faid_step(self, target: int, query: torch.Tensor, dist: torch.Tensor, codes: torch.Tensor,
                   ids: torch.Tensor) -> None:
@@ -180,13 +187,27 @@ class AttributionRecorder(DecodingHook):
     def _resolve_daid(self) -> None:
         if self.pending is None:
             return
-        target, dist, codes, copies, ids, p_ret, tau, aggregate = self.pending
+        target, dist, codes, copies, ids, p_ret, tau, aggregate, p_model, p_mixed = self.pending
         sampled = self.state.codes[:, target]
         if bool((sampled < 0).any()):
             return  # not sampled yet
         self.pending = None
         weight = p_ret.gather(1, sampled[:, None].to(p_ret.device))[:, 0].float().cpu()
-        self.steps["daid"][target]["weight"] = _np(weight, np.float32)
+        step = self.steps["daid"][target]
+        step["weight"] = _np(weight, np.float32)
+        if p_model is not None:
+            at = sampled[:, None].to(p_model.device)
+            step["model_prob"] = _np(p_model.gather(1, at)[:, 0].float().cpu(), np.float32)
+            mixed = p_mixed / p_mixed.sum(1, keepdim=True)
+            step["mixed_prob"] = _np(mixed.gather(1, at)[:, 0].float().cpu(), np.float32)
+            if self.state.uniforms is not None:  # the model alone, the same draw: what retrieval changed
+                cfg = self.state.sampling
+                alone = p_model if cfg is None else filter_probs(p_model, cfg.top_k, cfg.top_p)
+                if cfg is not None and cfg.temperature == 0:
+                    choice = p_model.argmax(1)
+                else:
+                    choice = sample_from(alone, self.state.uniforms[:, target])
+                step["model_choice"] = _np(choice.cpu(), np.int32)
         dist, codes, copies, ids = (t.cpu() for t in (dist.float(), codes, copies, ids))
         match = (codes == sampled.cpu()[:, None]) & (codes >= 0) & (copies > 0)
         d = torch.where(match, dist, float("inf"))
@@ -223,7 +244,7 @@ class AttributionRecorder(DecodingHook):
             for i in range(n):
                 arrays = per_image[i]
                 for k, v in stacked.items():
-                    arrays[f"{method}_{'weight' if k == 'weight' else 'hit_' + k}"] = v[i]
+                    arrays[f"{method}_{k if k in STEP_FIELDS else 'hit_' + k}"] = v[i]
                 if images is not None:
                     arrays[f"{method}_hit_occurrences"] = images[2][i]
                     arrays[f"{method}_hit_image_offsets"], arrays[f"{method}_hit_images"] = images[0][i], images[1][i]

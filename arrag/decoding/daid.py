@@ -168,11 +168,12 @@ class DAiD(DecodingHook):
         self.stats["steps_augmented"] += 1
         self.rows_searched += len(codes)
         self.misses = self.misses + missing.sum()  # counted on the device: no host sync per step
+        # (1 - lambda) p + lambda p_ret, and p unchanged where p_ret is an empty row (no hits).
+        mixed = torch.where(missing, probs, probs * (1 - self.lam) + p_ret * self.lam)
         if self.recorder is not None:
             self.recorder.daid_step(target, self.queries.query(state, target), distances, codes, copies, found[3],
-                                    p_ret, self.tau, self.aggregate)
-        # (1 - lambda) p + lambda p_ret, and p unchanged where p_ret is an empty row (no hits).
-        return torch.where(missing, probs, probs * (1 - self.lam) + p_ret * self.lam)
+                                    p_ret, self.tau, self.aggregate, p_model=probs, p_mixed=mixed)
+        return mixed
 
     def end(self, state: DecodeState) -> None:
         self.pending = None

@@ -16,6 +16,8 @@ class DecodeState:
     grid: tuple[int, int]
     codes: torch.Tensor
     cond_rows: torch.Tensor  # Long [N]: the conditional row of each image in the 2N-row batch
+    uniforms: torch.Tensor | None = None  # float64 [N, h*w]: each image's draw per step (what sampling uses)
+    sampling: Any = None  # the SamplingConfig (its top-k / top-p filter the distribution after the hooks)
 
     @property
     def n_images(self) -> int:

@@ -189,14 +189,14 @@ def _sample_chunk(model, prompter, captions: list[str], seeds: list[int], grid: 
     if batch.input_ids.shape[1] + steps > max_pos:
         raise ArragError(f"prompt ({batch.input_ids.shape[1]} tokens) + {steps} image tokens exceed the model's "
                          f"max_position_embeddings {max_pos}; shorten the prompt or lower --image-size")
+    uniforms = image_uniforms(seeds, steps)
     state = DecodeState(model, grid, torch.full((n, steps), -1, dtype=torch.long, device=device),
-                        torch.arange(0, 2 * n, 2, device=device))
+                        torch.arange(0, 2 * n, 2, device=device), uniforms, sampling)
     cache = model.llm.new_cache(2 * n, batch.input_ids.shape[1] + steps)
     for hook in hooks:
         hook.begin(state)
     try:
-        decode_n_tokens(model, state, batch, cache, sampling, image_uniforms(seeds, steps), hooks, progress,
-                        step_mode)
+        decode_n_tokens(model, state, batch, cache, sampling, uniforms, hooks, progress, step_mode)
     finally:  # hooks release what they hold even when decoding fails
         for hook in hooks:
             hook.end(state)

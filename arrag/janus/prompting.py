@@ -113,12 +113,21 @@ class Prompter:
             self._warned.add(text)
             unknown = [w for w in text.split() if unk in self.tokenizer.encode(w, add_special_tokens=False)]
             warnings.warn(f"the tokenizer does not know {', '.join(repr(w) for w in unknown) or 'some words'} in "
-                          f"{text!r}: they become its unknown token", stacklevel=3)
+                          f"{text!r}: they become its unknown token{self.known_words_hint()}", stacklevel=3)
         if not ids or ids[0] != self.bos_id:
             ids = [self.bos_id, *ids]
         if ids[-1] != self.image_start_id:
             raise ArragError(f"tokenised prompt does not end with {IMAGE_START_TAG}: is it Janus-Pro's tokenizer?")
         return ids
+
+    def known_words_hint(self, limit: int = 200) -> str:
+        """'; it knows these N words: ...' for a word-level tokenizer (the demo models'), '' for a large one."""
+        vocab = self.tokenizer.get_vocab()
+        if len(vocab) > limit:
+            return ""
+        special = set(self.tokenizer.all_special_tokens)
+        words = sorted(w for w in vocab if w not in special and w.isalpha())
+        return f"; it knows these {len(words)} words: {' '.join(words)}"
 
     def unconditional(self, cond: list[int]) -> list[int]:
         """The CFG twin of a conditional row: BOS and <begin_of_image> kept, every token between them padded."""
