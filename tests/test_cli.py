@@ -113,3 +113,18 @@ def test_warnings_are_one_line_and_small_indexes_say_their_choice(tmp_path, tiny
     codestore.write_store(tmp_path / "s", np.zeros((3, 4, 4), np.uint16), np.eye(8, dtype=np.float32))
     assert main(["build-index", str(tmp_path / "s"), "--out", str(tmp_path / "i")]) == 0
     assert re.search(r"\[build-index\] 18 entries .*: Flat \(", capsys.readouterr().out)
+
+
+def test_upscale_enlarges_plain_output_only(tmp_path, tiny_janus_dir, capsys):
+    args = ["generate", "--model", str(tiny_janus_dir), "--prompt", "a red circle", "--image-size", "64",
+            "--device", "cpu", "--parallel-size", "2"]
+    assert main([*args, "--out", str(tmp_path / "one"), "--grid", str(tmp_path / "one.png")]) == 0
+    assert main([*args, "--out", str(tmp_path / "big"), "--grid", str(tmp_path / "big.png"), "--upscale", "3"]) == 0
+    from arrag.image_io import load_rgb
+
+    small, big = (np.asarray(load_rgb(tmp_path / d / "0000_01.png")) for d in ("one", "big"))
+    assert small.shape == (64, 64, 3) and big.shape == (192, 192, 3)
+    np.testing.assert_array_equal(big[::3, ::3], small)  # nearest: every pixel repeated 3 x 3
+    assert np.asarray(load_rgb(tmp_path / "big.png")).shape[1] == 3 * np.asarray(load_rgb(tmp_path / "one.png")).shape[1]
+    assert main([*args, "--out", str(tmp_path / "l"), "--layout", "flat", "--upscale", "2"]) == 2
+    assert "--upscale enlarges plain output only" in capsys.readouterr().err

@@ -47,6 +47,9 @@ def _generate(args: argparse.Namespace) -> int:
     sampling.validate()
     if args.prompts_per_batch < 1:
         raise ArragError(f"--prompts-per-batch must be >= 1, got {args.prompts_per_batch}")
+    if args.upscale != 1 and args.layout:
+        raise ArragError("--upscale enlarges plain output only: benchmark layouts keep the native size their "
+                         "evaluators expect")
     if args.attribution and args.layout:
         raise ArragError("--attribution writes beside plain generate's images: leave out --layout")
     if not args.layout:
@@ -111,7 +114,8 @@ def _generate_plain(args: argparse.Namespace, items: list, method, sampling) -> 
         sampling = sampling.for_model(generator.model)
         images = generator.generate(prompts, sampling, progress=True)
         try:
-            files = write_plain(images, args.out, args.parallel_size, args.format, grid=args.grid, replace=earlier)
+            files = write_plain(images, args.out, args.parallel_size, args.format, grid=args.grid, replace=earlier,
+                                scale=args.upscale)
         except DiskFull as e:
             raise ArragError(disk_full_message(e.path, " (plain generate writes its images at the end and starts over; "
                                                        "--layout flat resumes)")) from None
@@ -201,6 +205,9 @@ def add_parsers(sub) -> None:
     gen.add_argument("--out", default="result/generated_imgs", help="output folder (default result/generated_imgs)")
     gen.add_argument("--format", default="png", choices=["png", "jpg", "webp"], help="image format (default png)")
     gen.add_argument("--grid", default=None, help="also write all images as one grid to this file")
+    gen.add_argument("--upscale", type=_int(1, 16), default=1,
+                     help="plain output: write every image (and the grid) enlarged N times, nearest, e.g. 4 for the "
+                          "64-px demo models (default 1: native size)")
     gen.add_argument("--overwrite", action="store_true",
                      help="without --layout: replace the images an earlier run left in --out (else refused)")
     _add_device(gen)

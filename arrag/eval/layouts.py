@@ -182,19 +182,24 @@ def check_plain_out(out: str | Path, names: list[str], overwrite: bool) -> list[
     return earlier
 
 
+def upscale(image: np.ndarray, factor: int) -> np.ndarray:
+    """uint8 [H, W, C] enlarged `factor` times by repeating pixels (nearest): small demo images made visible."""
+    return image if factor == 1 else np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
 def write_plain(images: np.ndarray, out: str | Path, parallel_size: int, fmt: str = "png",
-                grid: str | Path | None = None, replace: list[Path] = ()) -> list[str]:
+                grid: str | Path | None = None, replace: list[Path] = (), scale: int = 1) -> list[str]:
     """Plain `arrag generate` output: <out>/<prompt 4 digits>_<sample 2 digits>.<fmt>, plus an optional grid of
     all images (one row per prompt); returns the file names. `replace`: the earlier run's files (check_plain_out),
-    removed first."""
+    removed first. `scale` (--upscale): every written image enlarged that many times (nearest)."""
     out = Path(out)
     for p in replace:
         p.unlink(missing_ok=True)
     files = []
     for name, image in zip(plain_names(len(images) // parallel_size, parallel_size, fmt), images, strict=True):
-        files.append(save_image(image, out / name).name)
+        files.append(save_image(upscale(image, scale), out / name).name)
     if grid:
-        save_image(make_grid(images, ncol=parallel_size), grid)
+        save_image(upscale(make_grid(images, ncol=parallel_size), scale), grid)
     return files
 
 

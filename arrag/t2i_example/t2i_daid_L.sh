@@ -9,12 +9,17 @@
 #   PROMPT         the prompt                                     (default a photo of a red bicycle leaning on a wall)
 #   OUTPUT         the output image (a grid of PARALLEL_SIZE)     (default result/generated_imgs/example_t2i_daid.jpg)
 #   PARALLEL_SIZE  samples                                        (default 1, as the original example)
-#   DAID_LAMBDA DAID_TAU DAID_K DAID_AGGREGATE                    DAiD's settings
+#   DAID_LAMBDA DAID_TAU DAID_K DAID_AGGREGATE                    DAiD's settings (defaults 0.1, 1.0, 2048, nearest;
+#                  k 2048 is the original's, for its database of millions of images; the demo worlds' small
+#                  databases use 256, the value their validation sweeps chose: see docs/demo.md)
 #   NPROBE RETRIEVER_DEVICE ALLOW_UNKNOWN_VQ=1                    the index (ALLOW_UNKNOWN_VQ for the prebuilt database)
 #   CFG_WEIGHT TEMPERATURE TOP_K TOP_P SEED                       sampling (defaults 5, 1, off, off, 0)
 #   IMAGE_SIZE                                                    pixels per side (default: the model's)
 #   DEVICE DTYPE BATCH_SIZE DECODE_STEP                           where and how it runs
 #   OVERWRITE=1                                                   replace the images of an earlier run
+#   UPSCALE        write the images enlarged N times, nearest      (default 1; e.g. 4 for the 64-px demo models)
+#   ARRAG          the command that runs arrag                    (default arrag; e.g. ".venv/bin/arrag" or
+#                                                                  "python -m arrag")
 #   EXTRA                                                         any other `arrag generate` flags
 set -euo pipefail
 
@@ -35,6 +40,7 @@ add --top-p "${TOP_P:-}"; add --seed "${SEED:-}"; add --image-size "${IMAGE_SIZE
 add --dtype "${DTYPE:-}"; add --batch-size "${BATCH_SIZE:-}"; add --decode-step "${DECODE_STEP:-}"
 [ "${ALLOW_UNKNOWN_VQ:-0}" = "1" ] && ARGS+=(--allow-unknown-vq)
 [ "${OVERWRITE:-0}" = "1" ] && ARGS+=(--overwrite)
+add --upscale "${UPSCALE:-}"
 export ARRAG_OVERWRITE_HINT="rerun with OVERWRITE=1"  # what a refusal tells the user to type
 
 $ARRAG generate "${ARGS[@]}" ${EXTRA:-}

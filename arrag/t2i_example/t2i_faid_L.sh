@@ -18,6 +18,9 @@
 #   IMAGE_SIZE                                                    pixels per side (default: the model's)
 #   DEVICE DTYPE BATCH_SIZE DECODE_STEP                           where and how it runs
 #   OVERWRITE=1                                                   replace the images of an earlier run
+#   UPSCALE        write the images enlarged N times, nearest      (default 1; e.g. 4 for the 64-px demo models)
+#   ARRAG          the command that runs arrag                    (default arrag; e.g. ".venv/bin/arrag" or
+#                                                                  "python -m arrag")
 #   EXTRA                                                         any other `arrag generate` flags
 set -euo pipefail
 
@@ -40,6 +43,7 @@ add --device "${DEVICE:-}"; add --dtype "${DTYPE:-}"; add --batch-size "${BATCH_
 add --decode-step "${DECODE_STEP:-}"
 [ "${ALLOW_UNKNOWN_VQ:-0}" = "1" ] && ARGS+=(--allow-unknown-vq)
 [ "${OVERWRITE:-0}" = "1" ] && ARGS+=(--overwrite)
+add --upscale "${UPSCALE:-}"
 export ARRAG_OVERWRITE_HINT="rerun with OVERWRITE=1"  # what a refusal tells the user to type
 
 $ARRAG generate "${ARGS[@]}" ${EXTRA:-}
