@@ -125,6 +125,7 @@ def test_upscale_enlarges_plain_output_only(tmp_path, tiny_janus_dir, capsys):
     small, big = (np.asarray(load_rgb(tmp_path / d / "0000_01.png")) for d in ("one", "big"))
     assert small.shape == (64, 64, 3) and big.shape == (192, 192, 3)
     np.testing.assert_array_equal(big[::3, ::3], small)  # nearest: every pixel repeated 3 x 3
-    assert np.asarray(load_rgb(tmp_path / "big.png")).shape[1] == 3 * np.asarray(load_rgb(tmp_path / "one.png")).shape[1]
+    widths = [np.asarray(load_rgb(tmp_path / f"{d}.png")).shape[1] for d in ("one", "big")]
+    assert widths[1] == 3 * widths[0]
     assert main([*args, "--out", str(tmp_path / "l"), "--layout", "flat", "--upscale", "2"]) == 2
     assert "--upscale enlarges plain output only" in capsys.readouterr().err
