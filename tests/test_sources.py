@@ -291,3 +291,95 @@ def test_shard_under_a_launcher_is_refused(tmp_path, vq_file, monkeypatch, capsy
                     "--workers", 0, "--device", "cpu", "--shard", "0/2")
     assert "--shard 0/2 in one of 2 launched processes" in err and "job array" in err, err
     assert not (tmp_path / "s").exists()
+
+
+def _three_kinds(root):
+    """A folder of 3 PNGs (captions beside), a tar of 2 and a parquet file of 2: images 0..6 of WORLD."""
+    (root / "pngs").mkdir(parents=True)
+    for i in range(3):
+        save_image(WORLD.image(i), root / "pngs" / f"{i}.png")
+        (root / "pngs" / f"{i}.txt").write_text(WORLD.scene(i).caption)
+    write_tar(root / "a.tar", 3, 2)
+    _write_parquet(root / "b.parquet", [5, 6])
+    return [str(root / "pngs"), str(root / "a.tar"), str(root / "b.parquet")]
+
+
+def test_several_sources_go_into_one_store_in_order_and_resume_across_them(tmp_path, vq_file, monkeypatch):
+    sources = _three_kinds(tmp_path / "src")
+    kw = {**KW, "shard_size": 2}
+    whole = enc.encode(sources, tmp_path / "whole", vq_file, **kw)
+    st = CodeStore.open(whole.folder)
+    assert st.num_images == 7 and st.captions() == [WORLD.scene(i).caption for i in range(7)]
+    source = st.manifest["source"]
+    assert source["type"] == "multi" and [d["type"] for d in source["sources"]] == ["folder", "webdataset", "parquet"]
+    assert [d["images"] for d in source["sources"]] == [3, 2, 2]
+    assert [d["units"] for d in source["sources"]] == [[0, 2], [2, 3], [3, 4]]  # the folder's 3 images: 2 units
+    # interrupted after its second shard, then rerun: the same store, the finished shards kept
+    real, calls = enc._flush, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(enc, "_flush", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        enc.encode(sources, tmp_path / "resumed", vq_file, **kw)
+    monkeypatch.setattr(enc, "_flush", real)
+    again = enc.encode(sources, tmp_path / "resumed", vq_file, **kw)
+    assert len(again.shards_written) == 2 and again.complete
+    for k in range(4):
+        np.testing.assert_array_equal(np.load(tmp_path / "resumed" / f"codes-{k:05d}.npy"),
+                                      np.load(tmp_path / "whole" / f"codes-{k:05d}.npy"))
+    # two processes of a job array split the union of units and build the same store
+    for r in range(2):
+        enc.encode(sources, tmp_path / "split", vq_file, shard=f"{r}/2", **kw)
+    assert CodeStore.open(tmp_path / "split").captions() == st.captions()
+
+
+@pytest.fixture()
+def http_folder(tmp_path):
+    """A folder served over HTTP on 127.0.0.1 (a thread of this process) -> (folder, base URL)."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_remote_tars_over_http_and_pipe(tmp_path, vq_file, http_folder, capsys):
+    folder, url = http_folder
+    write_tar(folder / "shard-0.tar", 0, 2)
+    write_tar(folder / "shard-1.tar", 2, 3)
+    res = enc.encode([f"{url}/shard-{{0..1}}.tar", f"pipe:cat {folder / 'shard-0.tar'}"], tmp_path / "store",
+                     vq_file, **KW)
+    st = CodeStore.open(res.folder)
+    assert st.num_images == 7 and [s["count"] for s in st.manifest["shards"]] == [2, 3, 2]
+    assert st.captions() == [WORLD.scene(i).caption for i in (0, 1, 2, 3, 4, 0, 1)]
+    assert st.manifest["source"]["sources"][0]["shards"] == [f"{url}/shard-0.tar", f"{url}/shard-1.tar"]
+    # a URL that is not there, a pipe that fails: one line naming it, nothing half-written
+    for bad in (f"{url}/missing.tar", f"pipe:cat {folder / 'missing.tar'}"):
+        err = _one_line(capsys, "encode", bad, "--out", tmp_path / "bad", "--vq", vq_file, "--image-size", 64,
+                        "--workers", 0, "--device", "cpu")
+        assert f"cannot read {bad}" in err, err
+        assert not list((tmp_path / "bad").glob("shard-*.json"))
+
+
+def test_parquet_over_http(tmp_path, vq_file, http_folder):
+    pytest.importorskip("aiohttp")  # fsspec's http file system (the data extra)
+    folder, url = http_folder
+    _write_parquet(folder / "p.parquet", [0, 1, 2])
+    st = CodeStore.open(enc.encode(f"{url}/p.parquet", tmp_path / "store", vq_file, **KW).folder)
+    assert st.num_images == 3 and st.captions() == [WORLD.scene(i).caption for i in range(3)]

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Build a patch-level retrieval database: encode images into a code store, then index it with FAISS.
 #
-#   bash arrag/build_retriever/build_retriever.sh [IMAGES]
+#   bash arrag/build_retriever/build_retriever.sh [SOURCE ...]   # several sources go into one store, in order
 #
 # Settings (environment variables; an empty one takes the CLI's default, see `arrag encode --help` and
 # `arrag build-index --help`). Paths are passed to the CLI as they are: it resolves and checks them.
-#   IMAGES         image source: a folder, webdataset .tar shards, parquet files (img2dataset), a saved HF
+#   IMAGES         the image source when none is given on the command line: a folder, webdataset .tar shards
+#                  (also http(s):// URLs and pipe: commands), parquet files (img2dataset), a saved HF
 #                  dataset or a hub dataset name                               (default data/retriever/images)
 #   VQ_CKPT        the tokenizer: LlamaGen's vq_ds16_t2i.pt, a Janus-Pro model folder (its own VQ), an arrag
 #                  .safetensors, or a Hub id such as peizesun/llamagen_t2i/vq_ds16_t2i.pt
@@ -38,7 +39,7 @@
 # rebuilds the index (--overwrite).
 set -euo pipefail
 
-IMAGES=${1:-${IMAGES:-data/retriever/images}}
+if [ $# -gt 0 ]; then SOURCES=("$@"); else SOURCES=("${IMAGES:-data/retriever/images}"); fi
 VQ_CKPT=${VQ_CKPT:-arrag/Janus/janus/vq_ds16_t2i.pt}
 STORE=${STORE:-data/retriever/codes}
 INDEX=${INDEX:-data/retriever/index_L}
@@ -56,7 +57,7 @@ if [ "$MACHINE_RANK" -ge "$NUM_MACHINES" ]; then
 fi
 WORLD=$((NUM_MACHINES * NUM_PROCS))
 
-ENCODE_ARGS=("$IMAGES" --out "$STORE" --vq "$VQ_CKPT")
+ENCODE_ARGS=("${SOURCES[@]}" --out "$STORE" --vq "$VQ_CKPT")
 add_encode() { [ -n "${2:-}" ] && ENCODE_ARGS+=("$1" "$2") || true; }
 add_encode --vq-preset "${VQ_PRESET:-}"; add_encode --image-size "${IMAGE_SIZE:-}"; add_encode --resize "${RESIZE:-}"
 add_encode --batch-size "${BATCH_SIZE:-}"; add_encode --shard-size "${SHARD_SIZE:-}"; add_encode --workers "${WORKERS:-}"
@@ -82,7 +83,7 @@ stage() {
   fi
 }
 
-echo "== 1/3 encode $IMAGES -> $STORE ($WORLD process(es) in all)"
+echo "== 1/3 encode ${SOURCES[*]} -> $STORE ($WORLD process(es) in all)"
 stage "$MASTER_PORT" encode "${ENCODE_ARGS[@]}" ${EXTRA_ENCODE:-}
 echo "== 2/3 build-index $STORE -> $INDEX ($WORLD process(es) in all)"
 stage "$((MASTER_PORT + 1))" build-index "${INDEX_ARGS[@]}" --overwrite ${EXTRA_INDEX:-}

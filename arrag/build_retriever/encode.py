@@ -13,6 +13,7 @@ every shard done writes it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import warnings
@@ -24,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from arrag import fileops
-from arrag.build_retriever.sources import SourceError, Unit, decode, local_workers, open_source
+from arrag.build_retriever.sources import SourceError, Unit, decode, local_workers, open_sources
 from arrag.distributed import DEFAULT_TIMEOUT, join
 from arrag.errors import ArragError
 from arrag.image_io import RESIZE_MODES, ImageRejected, psnr, resize_crop, to_tensor, to_uint8
@@ -57,7 +58,7 @@ class _Units(torch.utils.data.IterableDataset):
             if unit.stop:  # a range: batch b of all of them goes to worker b mod nw
                 for s in range(unit.start, unit.stop, self.batch):
                     if b % nw == wid:
-                        part = Unit(unit.index, unit.label, s, min(s + self.batch, unit.stop))
+                        part = dataclasses.replace(unit, start=s, stop=min(s + self.batch, unit.stop))
                         try:
                             items = enumerate(self.source.read(part), start=s - unit.start)
                             rows = [self._row(p, item) for p, item in items]
@@ -124,13 +125,14 @@ class EncodeResult:
                 + trip)
 
 
-def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str | None = None,
+def encode(source: str | list[str], out: str | Path, vq_path: str | Path, *, vq_preset: str | None = None,
            image_size: int | None = None,
            batch_size: int = 32, shard_size: int = 4096, num_workers: int | None = None, save_latents: bool = False,
            shard: str | None = None, device: str = "auto", min_size: int = 64, progress: bool = True,
            max_images: int | None = None, resize: str = "original", trust_checkpoint: bool = False,
            dist_timeout: float = DEFAULT_TIMEOUT) -> EncodeResult:
-    """Encode every image of `source` into a code store at `out` (resumable; see the module docstring).
+    """Encode every image of `source` (one, or a list of several: their units numbered one after the other) into a
+    code store at `out` (resumable; see the module docstring).
 
     image_size: the crop size; None takes the tokenizer's (its config's image_size: 384 for VQ-16, the size
     Janus-Pro generates at), so the store's grid matches the models that will use it.
@@ -154,7 +156,7 @@ def encode(source: str, out: str | Path, vq_path: str | Path, *, vq_preset: str 
     fileops.check_out_dir(out, what="code store", is_ours=codestore.is_store_folder(out))  # before any loading
     group, rank, world = join(shard, dist_timeout)
     num_workers = local_workers(num_workers, available_cpus())
-    src = open_source(source, shard_size)
+    src = open_sources(source, shard_size)
     if max_images is not None:
         if not hasattr(src, "limit"):
             raise ArragError("--max-images needs a source of known length (a folder or a saved dataset); pass fewer "

@@ -20,6 +20,7 @@ file handles left, an I/O error, a file that vanished) is a SourceError: fatal, 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -53,7 +54,9 @@ class Unit:
     label: str
     start: int = 0
     stop: int = 0
-    path: str = ""
+    path: str = ""  # a file's path or URL (streamed units)
+    source: int = 0  # which of several sources (MultiSource) the unit belongs to
+    local: int = 0  # the unit's index within that source
 
 
 class Item(NamedTuple):
@@ -193,43 +196,61 @@ def _row_item(key: str, row: dict, image_col: str, caption_col: str | None) -> I
 # -- streamed sources: one unit per file -----------------------------------------------------------------------
 
 
-class TarSource:
-    """webdataset shards, one unit each, streamed: each tar is opened once, read front to back, and closed."""
+def is_url(spec: str) -> bool:
+    """A remote or piped location (http(s)://, s3:// and the like, or a `pipe:` command), not a local path."""
+    return spec.startswith("pipe:") or "://" in spec
 
-    def __init__(self, tars: list[Path]):
-        self.tars = tars
+
+class TarSource:
+    """webdataset shards, one unit each, streamed: each tar (a path, an http(s):// URL or a `pipe:` command) is
+    opened once through webdataset's gopen, read front to back with its tar iterator, and closed."""
+
+    def __init__(self, tars: list):
+        self.tars = [str(t) for t in tars]
 
     def describe(self) -> dict:
-        return {"type": "webdataset", "shards": [str(t) for t in self.tars], "count": None}
+        return {"type": "webdataset", "shards": self.tars, "count": None}
 
     def units(self) -> list[Unit]:
-        return [Unit(k, str(t), path=str(t)) for k, t in enumerate(self.tars)]
+        return [Unit(k, t, path=t, local=k) for k, t in enumerate(self.tars)]
 
     def read(self, unit: Unit) -> Iterator[Item]:
-        path = Path(unit.path)
+        import webdataset as wds
+        from webdataset.tariterators import tar_file_iterator
+
+        where = unit.path
         sample: dict[str, bytes] = {}
         key = None
+        stream = None
         try:
-            with tarfile.open(path, mode="r|*") as tf:
-                for m in tf:
-                    name = m.name.split("/")[-1]
-                    if not m.isfile() or "." not in name:
-                        continue
-                    ext = name.split(".", 1)[1].lower()
-                    this = m.name[: len(m.name) - len(ext) - 1]
-                    if this != key:
-                        if sample:
-                            yield self._item(path, key, sample)
-                        sample, key = {}, this
-                    if ext in TAR_IMAGE_EXTS or ext in CAPTION_KEYS or ext == "json":
-                        sample[ext] = tf.extractfile(m).read()
-                if sample:
-                    yield self._item(path, key, sample)
-        except (OSError, tarfile.TarError, EOFError) as e:
-            raise _read_error(path, e) from None
+            stream = wds.gopen(where, "rb")
+            for member in tar_file_iterator(stream, skip_meta=None):
+                name = member["fname"].split("/")[-1]
+                if "." not in name:
+                    continue
+                ext = name.split(".", 1)[1].lower()
+                this = member["fname"][: len(member["fname"]) - len(ext) - 1]
+                if this != key:
+                    if sample:
+                        yield self._item(where, key, sample)
+                    sample, key = {}, this
+                if ext in TAR_IMAGE_EXTS or ext in CAPTION_KEYS or ext == "json":
+                    sample[ext] = member["data"]
+            if sample:
+                yield self._item(where, key, sample)
+            stream.close()  # a pipe's command that failed says so here
+            stream = None
+        except (OSError, tarfile.TarError, EOFError, ValueError) as e:
+            raise _read_error(where, e) from None
+        finally:
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
 
     @staticmethod
-    def _item(path: Path, key: str, sample: dict[str, bytes]) -> Item:
+    def _item(where: str, key: str, sample: dict[str, bytes]) -> Item:
         image_ext = next((e for e in TAR_IMAGE_EXTS if e in sample), None)
         caption, error = None, None
         text_ext = next((e for e in CAPTION_KEYS if e in sample), None)
@@ -238,15 +259,16 @@ class TarSource:
         elif "json" in sample:
             caption, error = _caption_from_json(sample["json"])
         data = sample[image_ext] if image_ext else None
-        return Item(f"{path.name}/{key}", data, None, caption, error, _fmt("x." + (image_ext or "none")))
+        name = where.rstrip("/").split("/")[-1].split()[-1]  # a file's name, also of a URL or a pipe's last word
+        return Item(f"{name}/{key}", data, None, caption, error, _fmt("x." + (image_ext or "none")))
 
 
 class ParquetSource:
     """img2dataset parquet files (image bytes + caption columns), one unit each, read a row group at a time."""
 
-    def __init__(self, files: list[Path]):
-        self.files = files
-        cols = self._columns_of(files[0])
+    def __init__(self, files: list):
+        self.files = [str(f) for f in files]
+        cols = self._columns_of(self.files[0])
         try:
             self.image_col, self.caption_col = _columns(cols)
         except ArragError as e:
@@ -254,36 +276,52 @@ class ParquetSource:
         self.key_col = "key" if "key" in cols else None
 
     @staticmethod
-    def _columns_of(path: Path) -> list[str]:
+    def _open(where: str):
+        """A local parquet file as it is; a URL opened through fsspec (http(s):// needs fsspec[http])."""
+        if not is_url(where):
+            return where
+        try:
+            import fsspec
+        except ImportError:
+            raise ArragError("parquet over URLs needs fsspec: pip install 'arrag[data]'") from None
+        try:
+            return fsspec.open(where, "rb").open()
+        except ImportError as e:
+            raise ArragError(f"{where}: {one_line(e)}; pip install 'arrag[data]'") from None
+
+    @classmethod
+    def _columns_of(cls, where: str) -> list[str]:
         """The column names of a parquet file (its footer only); a file that is not whole parquet is one line."""
         pq = _pyarrow()
         try:
-            return list(pq.read_schema(path).names)
+            return list(pq.read_schema(cls._open(where)).names)
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid (no footer: truncated) is a ValueError
-            raise _read_error(path, e) from None
+            raise _read_error(where, e) from None
 
     def describe(self) -> dict:
-        return {"type": "parquet", "files": [str(f) for f in self.files], "count": None,
+        return {"type": "parquet", "files": self.files, "count": None,
                 "image_column": self.image_col, "caption_column": self.caption_col}
 
     def units(self) -> list[Unit]:
-        return [Unit(k, str(f), path=str(f)) for k, f in enumerate(self.files)]
+        return [Unit(k, f, path=f, local=k) for k, f in enumerate(self.files)]
 
     def read(self, unit: Unit) -> Iterator[Item]:
         pq = _pyarrow()
-        path = Path(unit.path)
+        path = unit.path
         columns = [c for c in (self.image_col, self.caption_col, self.key_col) if c]
         has = self._columns_of(path)  # every file of the set must have the columns the first one gave
         lacking = [c for c in columns if c not in has]
         if lacking:
             raise SourceError(f"{path} has no {', '.join(map(repr, lacking))} column (it has {', '.join(has)}), "
-                              f"which {self.files[0].name} gave this source; pass parquet files of one layout")
+                              f"which {self.files[0].split('/')[-1]} gave this source; pass parquet files of one "
+                              "layout")
         row = 0
+        name = path.rstrip("/").split("/")[-1]
         try:
-            with pq.ParquetFile(path) as f:
+            with pq.ParquetFile(self._open(path)) as f:
                 for batch in f.iter_batches(batch_size=256, columns=columns):
                     for record in batch.to_pylist():
-                        key = str(record[self.key_col]) if self.key_col else f"{path.name}/{row}"
+                        key = str(record[self.key_col]) if self.key_col else f"{name}/{row}"
                         yield _row_item(key, record, self.image_col, self.caption_col)
                         row += 1
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid/ArrowIOError are ValueError/OSError
@@ -327,17 +365,66 @@ class HFStreamSource:
 
 
 def _expand_braces(spec: str) -> list[str]:
-    """'shard-{000..009}.tar' -> the ten names (webdataset's brace notation)."""
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
-    if not m:
-        return [spec]
-    lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
-    return [n for i in range(lo, hi + 1) for n in _expand_braces(spec[:m.start()] + f"{i:0{width}d}" + spec[m.end():])]
+    """'shard-{000..009}.tar' -> the ten names; 'a-{x,y}.tar' too (webdataset's notation, by braceexpand)."""
+    try:
+        from braceexpand import braceexpand
+    except ImportError:  # without the data extra: numeric ranges only
+        m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
+        if not m:
+            return [spec]
+        lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
+        return [n for i in range(lo, hi + 1)
+                for n in _expand_braces(spec[:m.start()] + f"{i:0{width}d}" + spec[m.end():])]
+    return list(braceexpand(spec))
+
+
+def open_sources(specs: str | list[str], shard_size: int = 4096):
+    """One source (open_source) or, for several, a MultiSource over them in the order given."""
+    if isinstance(specs, (str, Path)):
+        return open_source(str(specs), shard_size)
+    if not specs:
+        raise ArragError("no image source given")
+    sources = [open_source(str(s), shard_size) for s in specs]
+    return sources[0] if len(sources) == 1 else MultiSource(sources)
+
+
+class MultiSource:
+    """Several sources encoded into one store: their units numbered one after the other (resume and --shard i/n
+    work over the union), each read by its own source; the manifest lists each source with its image count."""
+
+    def __init__(self, sources: list):
+        self.sources = sources
+        self._units: list[Unit] = []
+        for i, src in enumerate(sources):
+            for u in src.units():
+                self._units.append(dataclasses.replace(u, index=len(self._units), source=i, local=u.index))
+
+    def units(self) -> list[Unit]:
+        return list(self._units)
+
+    def describe(self) -> dict:
+        out, first = [], 0
+        for i, src in enumerate(self.sources):
+            n = sum(1 for u in self._units if u.source == i)
+            out.append({**src.describe(), "units": [first, first + n]})
+            first += n
+        counts = [d.get("count") for d in out]
+        return {"type": "multi", "sources": out, "count": sum(counts) if None not in counts else None}
+
+    def read(self, unit: Unit) -> Iterator[Item]:
+        return self.sources[unit.source].read(dataclasses.replace(unit, index=unit.local))
 
 
 def open_source(spec: str, shard_size: int = 4096):
     """A source from a folder (images, .tar shards, .parquet files or a saved dataset), a file or brace pattern of
     tar or parquet shards, or a hub dataset name (streamed; needs network)."""
+    if is_url(spec):  # remote shards (webdataset's gopen: http(s)://, pipe:..., s3 through pipe:) or parquet URLs
+        urls = _expand_braces(spec)
+        if all(".tar" in u for u in urls):
+            return TarSource(urls)
+        if all(".parquet" in u for u in urls):
+            return ParquetSource(urls)
+        raise ArragError(f"image source {spec}: a URL or pipe: source must name .tar or .parquet shards")
     path = Path(spec)
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "state.json").exists() \
@@ -346,8 +433,8 @@ def open_source(spec: str, shard_size: int = 4096):
         return _folder_source(path, shard_size)
     for suffix, cls in ((".tar", TarSource), (".parquet", ParquetSource)):
         if path.suffix == suffix or (suffix in spec and "{" in spec):
-            files = [Path(p) for p in _expand_braces(spec)]
-            missing = [str(f) for f in files if not f.exists()]
+            files = _expand_braces(spec)
+            missing = [f for f in files if not Path(f).exists()]
             if missing:
                 raise ArragError(f"{'webdataset' if suffix == '.tar' else 'parquet'} shard not found: {missing[0]}")
             return cls(files)

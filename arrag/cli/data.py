@@ -138,9 +138,12 @@ def add_parsers(sub) -> None:
         "encode", help="encode images into a code store (first half of build_retriever.sh)",
         description="Images -> resize + centre crop -> VQ codes, written as a sharded code store (manifest.json, "
                     "codes-*.npy). Resumable: finished shards are skipped on rerun.")
-    enc.add_argument("source", help="a folder of images (recursive), webdataset .tar shards (file, folder or "
-                                    "shard-{000..009}.tar), parquet files as img2dataset writes them (file, folder or "
-                                    "pattern), a saved HF dataset folder, or a hub dataset name")
+    enc.add_argument("source", nargs="+",
+                     help="one or more image sources, encoded into one store in the order given: a folder of images "
+                          "(recursive), webdataset .tar shards (file, folder or shard-{000..009}.tar; also "
+                          "http(s):// URLs and pipe: commands such as 'pipe:aws s3 cp s3://bucket/shard-0.tar -'), "
+                          "parquet files as img2dataset writes them (file, folder, pattern or URL), a saved HF "
+                          "dataset folder, or a hub dataset name")
     enc.add_argument("--out", required=True, help="code store folder")
     enc.add_argument("--vq", required=True,
                      help="the tokenizer: LlamaGen's vq_ds16_t2i.pt, an arrag .safetensors, a Janus-Pro model folder "

@@ -283,8 +283,10 @@ def empty_source_error(folder: str | Path, num_shards: int, source: dict) -> str
         return None
     skipped = sum(len(m.get("skipped", [])) for m in metas)
     fileops.remove_files([shard_meta_path(folder, k) for k in range(num_shards)])
-    where = source.get("path") or ", ".join(source.get("shards") or source.get("files") or []) or \
-        source.get("name", "the source")
+    def named(d: dict) -> str:
+        return d.get("path") or ", ".join(d.get("shards") or d.get("files") or []) or d.get("name", "the source")
+
+    where = "; ".join(named(d) for d in source["sources"]) if source.get("type") == "multi" else named(source)
     return (f"no images in {where} ({source.get('type', 'source')}" + (f"; {skipped:,} items could not be read as "
             "images" if skipped else "") + "): nothing to encode; pass a source that holds images")
 
@@ -310,6 +312,10 @@ def finalize(folder: str | Path, num_shards: int, info: dict) -> bool:
         reasons[why] = reasons.get(why, 0) + 1
     num_images = sum(s["count"] for s in shards)
     captioned = sum(s.get("captioned", s["count"] if "captions" in s else 0) for s in shards)
+    if info.get("source", {}).get("type") == "multi":  # each source's images: its units are a run of shards
+        info = {**info, "source": {**info["source"], "sources": [
+            {**d, "images": sum(s["count"] for s in shards[d["units"][0]:d["units"][1]])}
+            for d in info["source"]["sources"]]}}
     manifest = {
         "format": STORE_FORMAT,
         **info,
