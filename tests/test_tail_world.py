@@ -116,3 +116,13 @@ def test_tail_demo_smoke(tmp_path, capsys):
         assert name in printed
     retrievers = scores["retrievers"]
     assert set(retrievers) == {"world", "control"} and retrievers["control"]["folder"].endswith("tail_L_control/index")
+
+
+def test_two_disc_scenes_are_read_and_counted():
+    """With two_fraction > 0 some captions say "two": both discs are read, and one disc for "two" fails."""
+    w = TailWorld("validation", size=64, two_fraction=1.0)
+    images, scenes = w.images(0, 48), [w.scene(i) for i in range(48)]
+    assert all(s.count == 2 and s.caption.startswith("two ") for s in scenes)
+    assert accuracy(images, scenes)["overall"] == 1.0
+    one = TailWorld("validation", size=64)  # the same patterns and inks, one disc each
+    assert accuracy(one.images(0, 48), scenes)["overall"] == 0.0

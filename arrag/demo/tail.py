@@ -1,8 +1,8 @@
 """TailWorld: named textile patterns seen with long-tailed (Zipf) frequencies, for the demo where retrieval pays.
 
-Each image holds one or two discs filled with a pattern (gingham, chevron, houndstooth, ...) drawn in one ink
-colour on white, on a plain grey background; the caption names the colour, the pattern and the count ("a red
-gingham", "two blue chevrons"). A pattern is a binary tile repeated over the whole image from its origin (the
+Each image holds a disc near the middle filled with a pattern (gingham, chevron, houndstooth, ...) drawn in one ink
+colour on white, on a plain grey background; the caption names the colour and the pattern ("a red gingham"; with
+`two_fraction` > 0, some scenes hold two smaller discs: "two blue chevrons"). A pattern is a binary tile repeated over the whole image from its origin (the
 radial ones from the disc's centre), so its local structure, the texture a few tokens wide, is what tells one
 pattern from another: the structure AR-RAG's patch neighbourhoods see.
 
@@ -24,6 +24,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (235, 125, 20),
 }
 PAPER = (245, 243, 236)  # the pattern's light tone
+BACKGROUND = (148, 148, 148)  # a plain grey: the world is about the patterns
 NUMBER_WORDS = {1: "a", 2: "two"}
 SPLIT_SEEDS = {"train": 11, "database": 12, "control_database": 13, "validation": 14, "test": 15}
 
@@ -195,8 +196,13 @@ def render_scene(scene: TailScene, size: int = 64) -> np.ndarray:
 
 
 def _discs(rng: np.random.Generator, count: int) -> list[Disc]:
-    """Non-overlapping discs: one large (radius 16-24 px at 64 px) or two medium (11-14 px)."""
-    lo, hi = ((0.25, 0.37) if count == 1 else (0.17, 0.22))
+    """One large disc near the centre (radius 16-24 px at 64 px, centre within 2.5 px of the middle), or two medium
+    ones (11-14 px) anywhere, apart."""
+    if count == 1:
+        r = float(rng.uniform(0.25, 0.37))
+        c = 0.5 + rng.uniform(-0.04, 0.04, size=2)
+        return [Disc(float(c[0]), float(c[1]), r)]
+    lo, hi = 0.17, 0.22
     for _ in range(200):
         out: list[Disc] = []
         for _ in range(count):
@@ -217,7 +223,7 @@ class TailWorld:
     pattern evenly, so each bucket is measured on its own prompts."""
 
     def __init__(self, split: str = "train", seed: int = 0, size: int = 64, frequencies: Frequencies | None = None,
-                 two_fraction: float = 0.25):
+                 two_fraction: float = 0.0):
         if split not in SPLIT_SEEDS:
             raise ValueError(f"unknown TailWorld split {split!r}; choose one of {', '.join(SPLIT_SEEDS)}")
         self.split, self.seed, self.size = split, seed, size
@@ -243,8 +249,7 @@ class TailWorld:
         pattern = self.pattern_of(index)
         color = str(rng.choice(list(COLORS)))
         count = 2 if rng.random() < self.two_fraction else 1
-        grey = int(rng.integers(110, 175))
-        background = tuple(int(np.clip(grey + rng.integers(-12, 13), 0, 255)) for _ in range(3))
+        background = BACKGROUND
         discs = _discs(rng, count)
         return TailScene(pattern, color, discs, background, caption_for(pattern, color, count))
 

@@ -6,8 +6,8 @@ tone) or background; ink and paper together are the discs, found as connected co
   pattern  the pattern whose mask correlates with the disc's ink pixels best: tiles at every cyclic shift (so a
            pattern drawn out of phase still counts), radial ones about the disc's centre at a few offsets;
            correlation under 0.5 reads as no pattern
-A prompt is correct when the image holds exactly the caption's number of discs, each in the caption's colour and
-pattern. Figures are given per bucket (head, torso, tail: how often the base saw the pattern in training) and
+A prompt is correct when the image holds exactly the caption's number of discs (a fragment under a sixth of the
+largest disc's area is a stray blot, not a disc), each in the caption's colour and pattern. Figures are given per bucket (head, torso, tail: how often the base saw the pattern in training) and
 overall (every prompt; the evaluation splits hold every pattern evenly).
 """
 
@@ -130,7 +130,9 @@ def read_discs(image: np.ndarray) -> list[Disc]:
         side = image.shape[0]
         found.append(Disc(color, best if scores[best] >= MIN_AGREEMENT else None, scores[best], area, cx / side,
                           cy / side))
-    return sorted(found, key=lambda d: -d.area)
+    found = sorted(found, key=lambda d: -d.area)
+    # a fragment under a sixth of the largest disc's area is a stray blot, not another disc
+    return [d for d in found if d.area >= found[0].area / 6] if found else found
 
 
 def judge(scene: TailScene, discs: list[Disc]) -> bool:
