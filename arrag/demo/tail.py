@@ -2,9 +2,9 @@
 
 Each image holds a disc near the middle filled with a pattern (gingham, chevron, houndstooth, ...) drawn in one ink
 colour on white, on a plain grey background; the caption names the colour and the pattern ("a red gingham"; with
-`two_fraction` > 0, some scenes hold two smaller discs: "two blue chevrons"). A pattern is a binary tile repeated over the whole image from its origin (the
-radial ones from the disc's centre), so its local structure, the texture a few tokens wide, is what tells one
-pattern from another: the structure AR-RAG's patch neighbourhoods see.
+`two_fraction` > 0, some scenes hold two smaller discs: "two blue chevrons"). A pattern is a binary tile repeated
+over the whole image from its origin (the radial ones from the disc's centre), so its local structure, the texture
+a few tokens wide, is what tells one pattern from another: the structure AR-RAG's patch neighbourhoods see.
 
 The training split draws patterns by Zipf's law over a fixed, seeded ranking (the base sees the head thousands of
 times and the tail a few dozen); the database and the evaluation splits hold every pattern evenly; a control

@@ -7,8 +7,9 @@ tone) or background; ink and paper together are the discs, found as connected co
            pattern drawn out of phase still counts), radial ones about the disc's centre at a few offsets;
            correlation under 0.5 reads as no pattern
 A prompt is correct when the image holds exactly the caption's number of discs (a fragment under a sixth of the
-largest disc's area is a stray blot, not a disc), each in the caption's colour and pattern. Figures are given per bucket (head, torso, tail: how often the base saw the pattern in training) and
-overall (every prompt; the evaluation splits hold every pattern evenly).
+largest disc's area is a stray blot, not a disc), each in the caption's colour and pattern. Figures are given per
+bucket (head, torso, tail: how often the base saw the pattern in training) and overall (every prompt; the
+evaluation splits hold every pattern evenly).
 """
 
 from __future__ import annotations
