@@ -126,3 +126,25 @@ def test_two_disc_scenes_are_read_and_counted():
     assert accuracy(images, scenes)["overall"] == 1.0
     one = TailWorld("validation", size=64)  # the same patterns and inks, one disc each
     assert accuracy(one.images(0, 48), scenes)["overall"] == 0.0
+
+
+def test_eval_tail_scores_a_layout_folder_generated_from_its_prompt_file(tmp_path, vq_file, capsys):
+    """eval tail-prompts -> a geneval layout (here the ground truth stands in for a generator) -> eval tail."""
+    import json
+
+    from arrag.cli import main
+    from arrag.eval.layouts import make_layout
+    from arrag.eval.prompts import read_prompt_source
+
+    prompts = tmp_path / "p.jsonl"
+    assert main(["eval", "tail-prompts", "--out", str(prompts), "--per-pattern", "1", "--split", "validation"]) == 0
+    items = read_prompt_source(prompts)
+    assert len(items) == len(PATTERNS)
+    layout = make_layout("geneval", tmp_path / "gen", 1)
+    w = TailWorld("validation", size=64)
+    for it in items:
+        layout.write(it, w.image(it.index)[None])
+    assert main(["eval", "tail", str(tmp_path / "gen"), "--vq", str(vq_file), "--reference-images", "48"]) == 0
+    result = json.loads((tmp_path / "gen" / "tail_scores.json").read_text())
+    assert result["overall"] == 1.0 and set(result["by_bucket"]) == set(BUCKETS) and result["realism_fid"] >= 0
+    assert "tail 1.00" in capsys.readouterr().out

@@ -107,10 +107,39 @@ def _eval_shapes_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_tail(args: argparse.Namespace) -> int:
+    from arrag.demo.tail_score import score_folder
+
+    out = _result_file(args.out or Path(args.folder) / "tail_scores.json", "eval tail",
+                       lambda r: "by_bucket" in r and "realism_fid" in r)
+    result = score_folder(args.folder, args.vq, reference_count=args.reference_images,
+                          trust_checkpoint=args.trust_checkpoint)
+    _write_result(out, "eval tail", {**result, "settings": {k: v for k, v in vars(args).items() if k != "func"}})
+    per = "  ".join(f"{b} {v:.2f}" for b, v in result["by_bucket"].items())
+    print(f"{per}  overall {result['overall']:.3f}  realism FID {result['realism_fid']:.2f} "
+          f"({result['images']} images) -> {out}")
+    return 0
+
+
+def _eval_tail_prompts(args: argparse.Namespace) -> int:
+    from arrag.demo.score import write_prompt_file
+    from arrag.demo.tail import PATTERNS
+    from arrag.demo.tail_score import is_prompt_file, prompt_records
+    from arrag.fileops import check_out_file
+
+    check_out_file(args.out, what="prompt file", is_ours=is_prompt_file(args.out))
+    records = prompt_records(args.split, args.per_pattern, args.size, seed=args.seed)
+    path = write_prompt_file(args.out, records)
+    print(f"wrote {len(records)} TailWorld {args.split} prompts ({args.per_pattern} for each of the {len(PATTERNS)} "
+          f"patterns) to {path}; generate with `arrag generate --prompts {path} --layout geneval ...`, score with "
+          "`arrag eval tail`")
+    return 0
+
+
 def add_parsers(sub) -> None:
     """Add this group's subcommands to the CLI's subparsers."""
 
-    ev = sub.add_parser("eval", help="evaluate generated images (FID, ShapesWorld scores) and databases "
+    ev = sub.add_parser("eval", help="evaluate generated images (FID, TailWorld and ShapesWorld scores) and databases "
                         "(retrieval gain)", description="Evaluate generated images, or what a database adds.")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
     fid = ev_sub.add_parser(
@@ -138,12 +167,27 @@ def add_parsers(sub) -> None:
                     "score accuracy per category from the pixels (colour segmentation, components, shapes, "
                     "counts, positions) and a realism FID against rendered ground truth.")
     sh.add_argument("folder", help="generated folder (arrag generate --layout geneval --prompts <shapes jsonl>)")
-    sh.add_argument("--vq", default=str(Path(__file__).resolve().parent / "demo" / "assets" / "base"),
+    sh.add_argument("--vq", default=str(Path(__file__).resolve().parents[1] / "demo" / "assets" / "base"),
                     help="model folder whose VQ encoder gives the realism features (default: the shipped demo base)")
     sh.add_argument("--reference-images", type=_int(2), default=512, help="rendered reference images (default 512)")
     sh.add_argument("--out", default=None, help="result JSON (default <folder>/shapes_scores.json)")
     _add_trust(sh)
     sh.set_defaults(func=_eval_shapes)
+
+    tl = ev_sub.add_parser(
+        "tail", help="accuracy per frequency bucket and realism of TailWorld images generated with --layout geneval",
+        description="Read <folder>/<index>/metadata.jsonl (a TailWorld prompt file's records) and samples/*.png; read "
+                    "each disc's ink and pattern from the pixels and score accuracy per bucket (head, torso, tail: "
+                    "how often the base saw the pattern) and overall, and a realism FID against rendered ground "
+                    "truth.")
+    tl.add_argument("folder", help="generated folder (arrag generate --layout geneval --prompts <tail jsonl>)")
+    tl.add_argument("--vq", default=str(Path(__file__).resolve().parents[1] / "demo" / "assets" / "tail" / "base"),
+                    help="model folder whose VQ encoder gives the realism features (default: the shipped TailWorld "
+                         "base)")
+    tl.add_argument("--reference-images", type=_int(2), default=480, help="rendered reference images (default 480)")
+    tl.add_argument("--out", default=None, help="result JSON (default <folder>/tail_scores.json)")
+    _add_trust(tl)
+    tl.set_defaults(func=_eval_tail)
 
     rg = ev_sub.add_parser(
         "retrieval-gain", help="does a database know what the model does not? teacher-forced gain of DAiD's mix",
@@ -189,3 +233,17 @@ def add_parsers(sub) -> None:
                     help="image size the scenes are laid out for (default 64)")
     sp.add_argument("--seed", type=_int(0), default=0, help="ShapesWorld seed (default 0)")
     sp.set_defaults(func=_eval_shapes_prompts)
+
+    tp = ev_sub.add_parser(
+        "tail-prompts", help="write a TailWorld prompt file (GenEval-style jsonl with each scene and its bucket)",
+        description="Write GenEval-style records of TailWorld scenes (prompt, bucket, pattern and the full scene), the "
+                    "prompt file that `arrag generate --layout geneval` reads and `arrag eval tail` scores.")
+    tp.add_argument("--out", required=True, help="the .jsonl file to write")
+    tp.add_argument("--split", default="test", choices=["validation", "test"],
+                    help="which evaluation split's scenes (default test)")
+    tp.add_argument("--per-pattern", type=_int(1), default=4,
+                    help="prompts per pattern, 24 patterns (default 4)")
+    tp.add_argument("--size", type=_int(16, MAX_IMAGE_SIZE), default=64,
+                    help="image size the scenes are laid out for (default 64)")
+    tp.add_argument("--seed", type=_int(0), default=0, help="TailWorld seed (default 0)")
+    tp.set_defaults(func=_eval_tail_prompts)

@@ -176,3 +176,34 @@ def prompt_records(split: str, per_pattern: int, size: int, seed: int = 0, zipf_
 
 def scene_from_dict(d: dict) -> TailScene:
     return TailScene.from_dict(d)
+
+
+def is_prompt_file(path) -> bool:
+    """True when `path` is a TailWorld prompt file arrag wrote (its first record holds a TailWorld scene)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(first, dict) and first.get("world") == "tail" and "scene" in first
+
+
+def score_folder(folder, vq_source, reference_count: int = 480, trust_checkpoint: bool = False) -> dict:
+    """Accuracy per bucket and realism FID (VQ-encoder features, against rendered ground truth of the records'
+    split) of a geneval-layout folder generated from a TailWorld prompt file."""
+    from arrag.demo.score import VQEncoderFeatures, read_generated, realism_fid
+    from arrag.demo.tail import TailWorld
+    from arrag.vq import load_vq
+
+    images, scenes, records = read_generated(folder, scene_from_dict)
+    r = records[0]
+    frequencies = Frequencies(zipf_s=r.get("zipf_s", 2.0), seed=r.get("seed", 0))
+    result = accuracy(images, scenes, frequencies)
+    world = TailWorld(r["split"], seed=r.get("seed", 0), size=images.shape[1], frequencies=frequencies)
+    reference = world.images(10_000, reference_count)
+    features = VQEncoderFeatures(load_vq(vq_source, trust_checkpoint=trust_checkpoint), images.shape[1])
+    result.pop("correct")
+    return {**result, "realism_fid": realism_fid(images, reference, features), "images": len(images),
+            "reference_images": reference_count}
