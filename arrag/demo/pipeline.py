@@ -93,7 +93,7 @@ def check_settings(*, seeds, per_category: int, samples: int, methods, daid: dic
             raise ArragError(f"{flag} must be >= 1, got {value}")
     if not seeds or any(s < 0 for s in seeds):
         raise ArragError(f"--seeds must be integers >= 0, got {list(seeds)}")
-    DAiD.check_settings(daid["daid_lambda"], daid["daid_tau"], daid["daid_k"], "nearest")
+    DAiD.check_settings(daid["daid_lambda"], daid["daid_tau"], daid["daid_k"], daid.get("daid_aggregate", "nearest"))
     SamplingConfig(cfg_weight=sampling["cfg_weight"], temperature=sampling["temperature"]).validate()
 
 
@@ -346,7 +346,7 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
                                                                        "control_database")):
         if name in wanted:
             index = build_demo_retriever(assets / "base", folder, database_images, size, progress=progress,
-                                         world="tail", split=part, zipf_s=zipf_s)
+                                         world="tail", split=part, shape=settings.get("shape", "L"), zipf_s=zipf_s)
             retrievers[name] = PatchRetriever.load(index)
 
     frequencies = Frequencies(zipf_s=zipf_s)

@@ -163,6 +163,8 @@ class DemoRecipe:
     lora_r: int = 16
     lora_alpha: int = 32
     zipf_s: float = 2.0  # TailWorld only: training frequency of the pattern of rank k is proportional to k^-zipf_s
+    shape: str = "L"  # the demo retriever's neighbourhood (L, as the original; 2hop: 12 neighbours)
+    faid_start: int = 0  # the first train-split item of FAiD's images (past train_images: images the base never saw)
 
     def split(self, name: str):
         """This recipe's world's split `name` (seeded, at the recipe's image size)."""
@@ -173,6 +175,8 @@ class DemoRecipe:
 RECIPE_HELP = {
     "world": "the demo world: shapes (ShapesWorld) or tail (TailWorld, the long tail)",
     "zipf_s": "TailWorld: Zipf exponent of the patterns' training frequencies (rank k drawn with weight k^-s)",
+    "shape": "the demo retriever's neighbourhood: L (the original's 4 neighbours) or 2hop (12)",
+    "faid_start": "first training-split item of FAiD's images (from train_images on: images the base never saw)",
     "seed": "seed of every random choice (scenes, initialisation, batches)",
     "image_size": "image side in pixels (64 = 16x16 tokens with VQ-tiny-4)",
     "vq_preset": "VQ architecture preset (arrag.vq presets)",
@@ -196,8 +200,8 @@ RECIPE_HELP = {
 
 
 def encode_split(workdir: Path, name: str, split: str, count: int, vq_path: Path, recipe: DemoRecipe,
-                 device: str = "auto") -> Path:
-    """Render + `arrag encode` a split into a code store with captions (resumable)."""
+                 device: str = "auto", start: int = 0) -> Path:
+    """Render + `arrag encode` items start..start+count-1 of a split into a code store with captions (resumable)."""
     from arrag.build_retriever.encode import encode
     from arrag.retrieval.codestore import CodeStore
 
@@ -205,7 +209,7 @@ def encode_split(workdir: Path, name: str, split: str, count: int, vq_path: Path
     if (store / "manifest.json").exists():
         return store
     images = render_split(workdir / f"{name}_images", split, count, recipe.image_size, recipe.seed, recipe.world,
-                          zipf_s=recipe.zipf_s)
+                          start=start, zipf_s=recipe.zipf_s)
     encode(images, store, vq_path, image_size=recipe.image_size, batch_size=64, num_workers=0, min_size=8,
            shard_size=4096, device=device, progress=True)
     CodeStore.open(store)
@@ -300,23 +304,25 @@ def train_base(out: Path, store_dir: Path, vq_path: Path, recipe: DemoRecipe, pr
             "seconds_this_run": round(time.time() - t0, 1)}
 
 
-def object_cell_weights(captions: list[str | None], recipe: DemoRecipe, grid: int) -> torch.Tensor:
-    """float [N, T]: recipe.shape_weight on the cells of training image i's objects (the world's train item i), 1
-    elsewhere. The store must hold items 0..N-1 in order; their captions are checked against the scenes."""
+def object_cell_weights(captions: list[str | None], recipe: DemoRecipe, grid: int, start: int = 0) -> torch.Tensor:
+    """float [N, T]: recipe.shape_weight on the cells of row i's objects (the world's train item start + i), 1
+    elsewhere. The store must hold items start..start+N-1 in order; their captions are checked against the
+    scenes."""
     world = recipe.split("train")
     out = np.ones((len(captions), grid * grid), dtype=np.float32)
     for i, caption in enumerate(captions):
-        scene = world.scene(i)
+        scene = world.scene(start + i)
         if caption != scene.caption:
             raise SystemExit(f"error: training store row {i} has caption {caption!r}, not the world's train item "
-                             f"{i}'s {scene.caption!r}; --shape-weight needs the store train_demo rendered")
+                             f"{start + i}'s {scene.caption!r}; --shape-weight needs the store train_demo rendered")
         out[i, scene.object_cells(grid).reshape(-1)] = recipe.shape_weight
     return torch.from_numpy(out)
 
 
 def faid_token_weights_path(workdir: Path, recipe: DemoRecipe) -> Path | None:
     """Where FAiD's token weights for this recipe live; None when the recipe weighs nothing (shape weight 1)."""
-    return None if recipe.shape_weight == 1.0 else workdir / f"faid_token_weights_{recipe.shape_weight:g}.npy"
+    tag = f"{recipe.shape_weight:g}" + (f"_from{recipe.faid_start}" if recipe.faid_start else "")
+    return None if recipe.shape_weight == 1.0 else workdir / f"faid_token_weights_{tag}.npy"
 
 
 def faid_token_weights(workdir: Path, faid_store: Path, recipe: DemoRecipe) -> Path | None:
@@ -327,7 +333,7 @@ def faid_token_weights(workdir: Path, faid_store: Path, recipe: DemoRecipe) -> P
     path = faid_token_weights_path(workdir, recipe)
     if path is not None and not path.exists():
         store = CodeStore.open(faid_store)
-        fileops.save_npy(path, object_cell_weights(store.captions(), recipe, store.grid[0]).numpy())
+        fileops.save_npy(path, object_cell_weights(store.captions(), recipe, store.grid[0], recipe.faid_start).numpy())
     return path
 
 
@@ -392,10 +398,12 @@ def base_retrieval_gain(base_dir: Path, index: Path, workdir: Path, vq_path: Pat
     from arrag.demo.tail import bucket_of_caption
 
     groups = [bucket_of_caption(store.caption(i), recipe.seed) for i in range(min(images, store.num_images))]
-    out = {"split": "validation"}
+    settings.update(lambdas=(0.0, 0.03, 0.1, 0.3, 0.6), taus=(0.03, 0.1, 0.3, 1.0))
+    out = {"split": "validation", "aggregate": TAIL_DAID.get("daid_aggregate", "nearest")}
     for name, folder in (("world_database", index), ("control_database", control_index)):
         if folder is not None:
-            out[name], _ = measure_folders(base_dir, folder, store, k=TAIL_DAID["daid_k"], groups=groups, **settings)
+            out[name], _ = measure_folders(base_dir, folder, store, k=TAIL_DAID["daid_k"], groups=groups,
+                                           aggregate=out["aggregate"], **settings)
     return out
 
 
@@ -502,16 +510,19 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
 
     t0 = time.time()
     index = build_demo_retriever(base_dir, Path(retriever_dir), recipe.database_images, recipe.image_size,
-                                 recipe.seed, device=str(dev), world=recipe.world, zipf_s=recipe.zipf_s)
+                                 recipe.seed, device=str(dev), world=recipe.world, shape=recipe.shape,
+                                 zipf_s=recipe.zipf_s)
     control = None
     if recipe.world == "tail":  # the control database: the same number of images, no tail pattern
         control = build_demo_retriever(base_dir, Path(retriever_dir).with_name(Path(retriever_dir).name + "_control"),
                                        recipe.database_images, recipe.image_size, recipe.seed, device=str(dev),
-                                       world="tail", split="control_database", zipf_s=recipe.zipf_s)
+                                       world="tail", split="control_database", shape=recipe.shape,
+                                       zipf_s=recipe.zipf_s)
         if "train_counts" not in report:
             report["train_counts"] = train_counts(recipe)
     if "retrieval_gain" not in report["base"]:
         report["base"]["retrieval_gain"] = base_retrieval_gain(base_dir, index, workdir, vq_path, recipe, dev,
+                                                               images=384 if recipe.world == "tail" else 256,
                                                                control_index=control)
         write_json(report_path, report)
     gain = report["base"]["retrieval_gain"]
@@ -525,7 +536,9 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
                           if r["tau"] == 1.0 and r["lambda"] > 0)
         print(f"[train-demo] the database on held-out images: mixing its distribution into the base's changes the "
               f"teacher-forced loss by {gains} nats (tau 1)", file=sys.stderr)
-    faid_store = encode_split(workdir, "faid", "train", recipe.faid_images, vq_path, recipe, str(dev))
+    faid_name = "faid" if recipe.faid_start == 0 else f"faid_from{recipe.faid_start}"
+    faid_store = encode_split(workdir, faid_name, "train", recipe.faid_images, vq_path, recipe, str(dev),
+                              start=recipe.faid_start)
     construct_train(faid_store, index, retrieved_key_num=recipe.k, progress=progress)
     faid_dir = workdir / "faid"
     faid_base = report.get("faid", {}).get("base_steps")
@@ -584,8 +597,8 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
 
 
 # TailWorld's recipe: what differs from the ShapesWorld defaults above (every other field is shared).
-TAIL_RECIPE = {"world": "tail", "vq_steps": 2000, "train_images": 48000, "base_steps": 8000,
-               "database_images": 3000, "faid_images": 4000, "faid_steps": 500}
+TAIL_RECIPE = {"world": "tail", "vq_steps": 2000, "train_images": 48000, "base_steps": 10000,
+               "database_images": 3000, "faid_images": 4000, "faid_steps": 500, "faid_start": 48000}
 # Where each world's run keeps its intermediate files, exports its weights and builds its demo retriever.
 WORLD_PATHS = {"shapes": ("data/demo_train", ASSETS, DEMO_RETRIEVER),
                "tail": ("data/tail_train", ASSETS / "tail", Path("data/retriever/tail_L"))}
