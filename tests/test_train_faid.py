@@ -313,6 +313,18 @@ def test_candidate_gain_is_the_loss_without_minus_with_candidates(trained, world
     for key, value in losses.items():
         assert gain[key] == pytest.approx(value, rel=1e-5)
     assert gain["gain"] == pytest.approx(losses["without_candidates"] - losses["with_candidates"], rel=1e-4, abs=1e-6)
+    assert gain["relative_gain"] == pytest.approx(gain["gain"] / gain["without_candidates"])
+    # the mean gate: every blender's gate over the candidates it was given, one batch of all six images here
+    from arrag.janus.faid_layers import full_sequence_logits
+
+    gates: list = []
+    with torch.no_grad():
+        full_sequence_logits(model, batch["input_ids"], batch["attention_mask"], batch["codes"], batch["candidates"],
+                             store.grid, gates=gates)
+    given = batch["candidates"] >= 0
+    want = sum(float(g[given].sum()) for g in gates) / (len(gates) * int(given.sum()))
+    assert len(gates) == model.config.language.num_hidden_layers // model.config.language.num_SmoothPatchBlender
+    assert 0 < gain["mean_gate"] < 1 and gain["mean_gate"] == pytest.approx(want, rel=1e-5)
 
 
 def test_zero_blender_init_adds_nothing_at_first_but_learns(world):

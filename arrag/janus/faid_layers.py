@@ -140,7 +140,7 @@ def attach_blenders(model) -> None:
 
 def full_sequence_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, codes: torch.Tensor,
                          candidates: torch.Tensor | None, grid: tuple[int, int], shape: str = "L",
-                         row_mask: torch.Tensor | None = None) -> torch.Tensor:
+                         row_mask: torch.Tensor | None = None, gates: list | None = None) -> torch.Tensor:
     """Teacher-forced logits for every image token: fp32 [B, T, V].
 
     input_ids/attention_mask [B, L]: left-padded prompts ending with <begin_of_image>; codes [B, T] the
@@ -149,7 +149,8 @@ def full_sequence_logits(model, input_ids: torch.Tensor, attention_mask: torch.T
     their candidates; the model's `faid_cells` says whether they still get the blender output (the original
     does). Rows where `row_mask` [B] is False (training's caption-dropped rows, like decoding's
     unconditional CFG rows) get no features. With candidates None (or a model without blenders) this is
-    plain teacher forcing: the base AR loss.
+    plain teacher forcing: the base AR loss. `gates`, a list: each blender appends its gates [S, P, K] (the
+    conditioned rows, every blended cell, each candidate).
     """
     b, length = input_ids.shape
     t = grid[0] * grid[1]
@@ -161,5 +162,5 @@ def full_sequence_logits(model, input_ids: torch.Tensor, attention_mask: torch.T
     if row_mask is None:
         row_mask = torch.ones(b, dtype=torch.bool, device=embeds.device)
     context = FaidContext("full", grid, candidates, row_mask.to(embeds.device).bool(), centre_cells=centre,
-                          cells=model.config.language.faid_cells, image_start=length)
+                          cells=model.config.language.faid_cells, image_start=length, gates=gates)
     return model.image_logits(model.llm(embeds, mask, context=context)[:, length - 1:length - 1 + t])

@@ -573,10 +573,11 @@ def candidate_gain(model_dir: str | Path, store_dir: str | Path, retrieved: str 
                    retrieved_key_num: int = 10, images: int = 256, batch_size: int = 16,
                    device: str | torch.device = "cpu") -> dict:
     """Mean image-token cross-entropy of a trained FAiD model on the first `images` of a training store, with
-    its retrieved candidates and with the blenders given none (every row unconditioned on retrieval).
+    its retrieved candidates and with the blenders given none (every row unconditioned on retrieval), and the
+    blenders' mean gate over the candidates they were given (at cells with retrieval).
 
     The difference is what the blenders learned to take from the candidates; near zero means FAiD
-    ignores retrieval. Captions are never dropped here.
+    ignores retrieval (and its gates are near zero). Captions are never dropped here.
     """
     janus = JanusPro.from_pretrained(model_dir, dtype=torch.float32, device=device, quiet=True).eval()
     if not janus.has_faid:
@@ -586,15 +587,27 @@ def candidate_gain(model_dir: str | Path, store_dir: str | Path, retrieved: str 
     store, dataset, collate = _open_data(cfg, janus)  # the training run's own checks and prompts
     objective, n = FaidObjective(janus, store.grid), min(images, len(dataset))
     totals = {"with_candidates": 0.0, "without_candidates": 0.0}
+    gate_sum, gate_n = 0.0, 0
     for s in range(0, n, batch_size):
         items = [dataset[i] for i in range(s, min(s + batch_size, n))]
         batch = {k: v.to(janus.device) for k, v in collate(items).items()}
         inputs = (batch["input_ids"], batch["attention_mask"], batch["codes"], batch["candidates"])
-        for key, rows in (("with_candidates", batch["features"]), ("without_candidates", ~batch["features"])):
-            totals[key] += objective(*inputs, rows).item() * batch["codes"].numel()
+        totals["without_candidates"] += objective(*inputs, ~batch["features"]).item() * batch["codes"].numel()
+        gates: list = []
+        logits = full_sequence_logits(janus, *inputs, store.grid, row_mask=batch["features"], gates=gates)
+        codes = batch["codes"]
+        totals["with_candidates"] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1),
+                                                     reduction="sum").item()
+        given = batch["candidates"][batch["features"]] >= 0  # [S, T, K]: the candidates the blenders were given
+        for g in gates:  # each blender's gates over every blended cell
+            if g.shape == given.shape:
+                gate_sum += float(g[given].sum())
+                gate_n += int(given.sum())
     tokens = n * store.grid[0] * store.grid[1]
     out = {k: v / tokens for k, v in totals.items()}
-    out.update(gain=out["without_candidates"] - out["with_candidates"], images=n)
+    out.update(gain=out["without_candidates"] - out["with_candidates"], images=n,
+               mean_gate=gate_sum / gate_n if gate_n else None)
+    out["relative_gain"] = out["gain"] / out["without_candidates"]
     return out
 
 
