@@ -62,6 +62,9 @@ def test_demo_smoke(tmp_path, capsys):
         line = next(row for row in printed.splitlines() if row.startswith(f"{name:14}"))
         assert f"{m['overall']['mean']:.2f}" in line and f"{m['realism_fid']['mean']:.2f}" in line
     assert (tmp_path / "demo" / "grid.png").is_file() and (tmp_path / "demo" / "grid.png.json").is_file()
+    # a verdict line per method against base, for accuracy and realism; the grid's frames say what the scorer decided
+    assert re.search(r"DAiD vs base: accuracy [+-]\d\.\d\d±0\.00 \(.*\); realism FID [+-]\d", printed), printed
+    assert "frames" in json.loads((tmp_path / "demo" / "grid.png.json").read_text())["settings"]
     assert sorted(p.name for p in (tmp_path / "demo" / "faid" / "seed0").iterdir() if p.is_dir()) == \
         [f"{i:05d}" for i in range(6)]
     assert scores["sampling"] == {"cfg_weight": 5.0, "temperature": 1.0}

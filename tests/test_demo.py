@@ -124,3 +124,21 @@ def test_tune_keeps_the_current_setting_unless_another_is_clearly_better():
     # More images shrink the band: the same 0.06 lead wins at 4,800 images a point.
     many = [{**point(4, 0.46), "images": 4800}, {**point(10, 0.40), "images": 4800}]
     assert choose(many, {"faid_k": 10})["faid_k"] == 4
+
+
+def test_the_time_left_counts_only_runs_that_generated():
+    """After a resume the reused runs took no time: the estimate is the generating runs' pace times the runs left."""
+    from arrag.demo.pipeline import eta
+
+    assert eta(0.0, 0, 4) == ""  # nothing generated yet (all reused so far): no estimate, not '0.0 min'
+    assert eta(120.0, 1, 4) == ", about 8.0 min left"  # one generated run of 2 min, four to go
+    assert eta(120.0, 1, 0) == ""
+
+
+def test_frames_mark_the_scorers_verdict():
+    from arrag.demo.pipeline import _framed
+
+    image = np.full((8, 8, 3), 128, np.uint8)
+    passed, failed = _framed(image, True), _framed(image, False)
+    assert passed[0, 0].tolist() == [40, 170, 60] and failed[-1, -1].tolist() == [220, 40, 40]
+    assert (passed[3:5, 3:5] == 128).all() and _framed(image, None) is image  # inside untouched; truth unframed

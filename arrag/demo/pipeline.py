@@ -154,8 +154,11 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = DE
         score = accuracy(images, scenes)
         score["realism_fid"] = realism_fid(images, reference, features)
         score["seconds"] = round(seconds, 1)
+        correct = score.pop("correct")
         results[method].append(score)
-        first_images.setdefault(method, images[::samples])
+        # the grid shows each prompt's first sample of the first seed, framed by the scorer's verdict
+        first_images.setdefault(method, [_framed(im, ok) for im, ok in zip(images[::samples], correct[::samples],
+                                                                            strict=True)])
 
     def generator_for(method: str):
         model = models["faid" if method.startswith("faid") else "base"]
@@ -168,10 +171,12 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = DE
 
     print("[demo] 3/3 scores", file=sys.stderr)
     truth_score = accuracy(truth, truth_scenes)
+    truth_score.pop("correct")
     truth_score["realism_fid"] = realism_fid(truth, reference, features)
     # The tokenizer's ceiling: the same ground truth after a VQ round trip (what a perfect AR model could reach).
     recon = models["base"].vq.round_trip(truth, "janus")
     recon_score = accuracy(recon, truth_scenes)
+    recon_score.pop("correct")
     recon_score["realism_fid"] = realism_fid(recon, reference, features)
     summary = {"split": split, "prompts": len(items), "samples_per_prompt": samples, "seeds": list(seeds),
                "daid": daid, "faid_k": faid_k, "sampling": sampling,
@@ -180,6 +185,7 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = DE
                              "factory": retriever.manifest.get("factory")},
                "ground_truth": truth_score, "vq_reconstruction": recon_score,
                "methods": {m: _aggregate(results[m]) for m in methods},
+               "vs_base": _shapes_verdicts(results, methods),
                "per_seed": results, "seconds": round(time.time() - t_start, 1)}
     write_json(out / "scores.json", {OUTPUT_FIELD: DEMO_KIND, **summary})
     rows = [truth] + [first_images[m] for m in methods]
@@ -187,7 +193,8 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = DE
     grid = save_image(labeled_grid([list(col) for col in zip(*rows, strict=True)], [r["prompt"] for r in records],
                                    columns), out / "grid.png")
     write_sidecar(grid, {"columns": ["ground truth", *methods], "rows": [r["prompt"] for r in records],
-                         "seed": seeds[0], "split": split}, kind=DEMO_KIND)
+                         "seed": seeds[0], "split": split,
+                         "frames": "green: the scorer passed the image; red: it failed"}, kind=DEMO_KIND)
     _print_table(summary, methods)
     if len(seeds) == 1:  # a quick look: its noise, next to its table
         n = len(items) * samples
@@ -225,9 +232,15 @@ def generate_runs(out: Path, methods, seeds, items, prompt_file: Path, samples: 
                 t_gen, generated = t_gen + seconds, generated + 1
             score_run(method, folder, seconds)
             done += 1
-            left = runs - done
-            pace = f", about {t_gen / generated * left / 60:.1f} min left" if generated and left else ""
-            print(f"[demo] {done}/{runs} runs done ({label}){pace}", file=sys.stderr)
+            print(f"[demo] {done}/{runs} runs done ({label}){eta(t_gen, generated, runs - done)}", file=sys.stderr)
+
+
+def eta(generating_seconds: float, generated_runs: int, runs_left: int) -> str:
+    """', about N min left' at the pace of the runs that generated images ('' before one has, or when none is
+    left): runs reused from an earlier demo take no time and would make the estimate far too short."""
+    if not generated_runs or not runs_left:
+        return ""
+    return f", about {generating_seconds / generated_runs * runs_left / 60:.1f} min left"
 
 
 def _generate(generator, items, layout, config: SamplingConfig, prompt_file: Path, desc: str, progress: bool) -> int:
@@ -237,15 +250,39 @@ def _generate(generator, items, layout, config: SamplingConfig, prompt_file: Pat
     return int(record.get("generated", len(items))) if isinstance(record, dict) else len(items)
 
 
+def _mean_se(values) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0}
+
+
+def _verdict(diff: dict) -> str:
+    """'within noise' or 'better/worse by N SE' for a paired difference {mean, se} (over seeds)."""
+    if diff["se"] <= 0:
+        return "one seed: no standard error" if diff["mean"] else "no difference"
+    z = diff["mean"] / diff["se"]
+    return "within noise" if abs(z) < 2 else f"{'better' if z > 0 else 'worse'} by {abs(z):.1f} SE"
+
+
 def _aggregate(per_seed: list[dict]) -> dict:
     """Mean and standard error over seeds of every figure."""
-    def ms(values):
-        v = np.asarray(values, dtype=np.float64)
-        return {"mean": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0}
-
     cats = per_seed[0]["per_category"]
-    return {"per_category": {c: ms([s["per_category"][c] for s in per_seed]) for c in cats},
-            "overall": ms([s["overall"] for s in per_seed]), "realism_fid": ms([s["realism_fid"] for s in per_seed])}
+    return {"per_category": {c: _mean_se([s["per_category"][c] for s in per_seed]) for c in cats},
+            "overall": _mean_se([s["overall"] for s in per_seed]),
+            "realism_fid": _mean_se([s["realism_fid"] for s in per_seed])}
+
+
+def _shapes_verdicts(results: dict, methods) -> dict:
+    """Per method, its paired difference from base over the seeds: accuracy (higher is better) and realism FID
+    (lower is better), each with its standard error and verdict."""
+    out = {}
+    for m in methods:
+        if m == "base" or "base" not in results:
+            continue
+        pairs = list(zip(results[m], results["base"], strict=True))
+        acc = _mean_se([r["overall"] - q["overall"] for r, q in pairs])
+        fid = _mean_se([q["realism_fid"] - r["realism_fid"] for r, q in pairs])
+        out[m] = {"overall": {**acc, "verdict": _verdict(acc)}, "realism_fid": {**fid, "verdict": _verdict(fid)}}
+    return out
 
 
 def _print_table(summary: dict, methods: tuple[str, ...]) -> None:
@@ -263,6 +300,10 @@ def _print_table(summary: dict, methods: tuple[str, ...]) -> None:
         a = summary["methods"][m]
         print(f"{m:14}" + "".join(f"{cell(a['per_category'][c]):>10}" for c in cats) +
               f"{cell(a['overall']):>10}{cell(a['realism_fid']):>13}")
+    for m, vs in summary.get("vs_base", {}).items():
+        acc, fid = vs["overall"], vs["realism_fid"]
+        print(f"{LABELS.get(m, m)} vs base: accuracy {acc['mean']:+.2f}±{acc['se']:.2f} ({acc['verdict']}); "
+              f"realism FID {-fid['mean']:+.2f}±{fid['se']:.2f} ({fid['verdict']})")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,19 +319,6 @@ TAIL_FAID_K = 10
 TAIL_SAMPLING = {"cfg_weight": 5.0, "temperature": 1.0}
 TAIL_DATABASE_IMAGES = 3000
 TAIL_CONTROL_RETRIEVER = Path("data/retriever/tail_control_L")
-
-
-def _mean_se(values) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    return {"mean": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0}
-
-
-def _verdict(diff: dict) -> str:
-    """'within noise' or 'better/worse by N SE' for a paired difference {mean, se} (over seeds)."""
-    if diff["se"] <= 0:
-        return "one seed: no standard error" if diff["mean"] else "no difference"
-    z = diff["mean"] / diff["se"]
-    return "within noise" if abs(z) < 2 else f"{'better' if z > 0 else 'worse'} by {abs(z):.1f} SE"
 
 
 def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = DEMO_SEEDS, split: str = "test",
@@ -387,6 +415,7 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
         images, scns, recs = read_generated(folder, scene_from_dict)
         bucket_of = np.array([frequencies.bucket(sc.pattern) for sc in scns])
         result = score(images, scns)
+        result["realism_fid"] = realism_fid(images, reference, features)  # this seed's images, all buckets
         result["seconds"] = round(seconds, 1)
         per_seed[method].append(result)
         pooled[method].append((images, bucket_of))
@@ -405,6 +434,7 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
         summary_methods[m] = {"by_bucket": by_bucket,
                               "by_pattern": {p: float(np.mean([r["by_pattern"][p] for r in per_seed[m]]))
                                              for p in per_seed[m][0]["by_pattern"]},
+                              "realism_fid": _mean_se([r["realism_fid"] for r in per_seed[m]]),
                               "seconds": [r["seconds"] for r in per_seed[m]]}
         if m != "base" and "base" in methods:  # paired by seed: the same prompts and seeds
             summary_methods[m]["vs_base"] = {}
@@ -412,6 +442,9 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
                 diff = _mean_se([r["accuracy"][b] - q["accuracy"][b]
                                  for r, q in zip(per_seed[m], per_seed["base"], strict=True)])
                 summary_methods[m]["vs_base"][b] = {**diff, "verdict": _verdict(diff)}
+            diff = _mean_se([q["realism_fid"] - r["realism_fid"]  # lower FID is better: base minus method
+                             for r, q in zip(per_seed[m], per_seed["base"], strict=True)])
+            summary_methods[m]["vs_base"]["realism_fid"] = {**diff, "verdict": _verdict(diff)}
     gt = score(truth, scenes)
     recon = models["base"].vq.round_trip(truth, "janus")
     rt = score(recon, scenes)
@@ -514,7 +547,9 @@ def _print_tail_table(summary: dict, methods: tuple[str, ...]) -> None:
     for m in methods:
         vs = summary["methods"][m].get("vs_base")
         if vs:
+            fid = vs["realism_fid"]
             print(f"{TAIL_LABELS[m]} vs base: tail {vs['tail']['mean']:+.2f}±{vs['tail']['se']:.2f} "
                   f"({vs['tail']['verdict']}), head {vs['head']['mean']:+.2f}±{vs['head']['se']:.2f} "
                   f"({vs['head']['verdict']}), overall {vs['overall']['mean']:+.2f}±{vs['overall']['se']:.2f} "
-                  f"({vs['overall']['verdict']})")
+                  f"({vs['overall']['verdict']}); realism FID {-fid['mean']:+.2f}±{fid['se']:.2f} "
+                  f"({fid['verdict']})")

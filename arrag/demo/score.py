@@ -145,11 +145,13 @@ def judge(scene: Scene, found: list[Detection]) -> bool:
 def accuracy(images: np.ndarray, scenes: list[Scene]) -> dict:
     """Per-category and overall accuracy (overall = mean over categories, as GenEval) of images [N, H, W, 3]."""
     hits: dict[str, list[bool]] = {c: [] for c in CATEGORIES}
+    correct = []  # each image's verdict, in order
     for image, scene in zip(images, scenes, strict=True):
-        hits[scene.category].append(judge(scene, detect(image)))
+        correct.append(judge(scene, detect(image)))
+        hits[scene.category].append(correct[-1])
     per = {c: float(np.mean(v)) for c, v in hits.items() if v}
     return {"per_category": per, "overall": float(np.mean(list(per.values()))),
-            "counts": {c: len(v) for c, v in hits.items() if v}}
+            "counts": {c: len(v) for c, v in hits.items() if v}, "correct": correct}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -268,6 +270,8 @@ def score_folder(folder: str | Path, vq_source: str | Path, reference_count: int
     r = records[0]
     reference = reference_images(r["split"], reference_count, images.shape[1], r["seed"], start=10_000)
     features = VQEncoderFeatures(load_vq(vq_source, trust_checkpoint=trust_checkpoint), images.shape[1])
-    return {**accuracy(images, scenes), "realism_fid": realism_fid(images, reference, features),
+    result = accuracy(images, scenes)
+    result.pop("correct")
+    return {**result, "realism_fid": realism_fid(images, reference, features),
             "images": len(images), "reference_images": reference_count}
 

@@ -54,7 +54,9 @@ def round_trip_accuracy(model: VQModel, split, count: int) -> dict:
     from arrag.demo.scorers import scorer_for
 
     scenes = [split.scene(i) for i in range(count)]
-    return scorer_for(split).accuracy(model.round_trip(split.images(0, count), "janus"), scenes)
+    out = scorer_for(split).accuracy(model.round_trip(split.images(0, count), "janus"), scenes)
+    out.pop("correct", None)  # each image's verdict: not for the record
+    return out
 
 
 def shape_weighted_mse(rec: torch.Tensor, x: torch.Tensor, weight: float = 10.0, margin: int = 2) -> torch.Tensor:

@@ -34,6 +34,8 @@ from arrag.provenance import write_json
 
 LAMBDAS = (0.1, 0.3, 0.6, 1.0)
 TAUS = (0.3, 1.0)
+TAIL_LAMBDAS = (0.1, 0.3, 0.6)  # TailWorld's kNN-LM-style p_ret is sharp: lower temperatures, no lambda 1
+TAIL_TAUS = (0.03, 0.1, 0.3)
 DAID_KS = (64, 256, 2048)
 FAID_KS = (4, 10, 20)
 CFG_WEIGHTS = (3.0, 5.0, 7.5, 10.0)
@@ -101,16 +103,19 @@ def main(argv: list[str] | None = None) -> int:
     point = functools.partial(point, sampling=chosen_sampling)  # every later point samples the same way
     runs = {"base": best_sampling}
     daid = []
-    for lam, tau in itertools.product(LAMBDAS, TAUS):
-        r = {"daid_lambda": lam, "daid_tau": tau, "daid_k": 256,
-             **point(methods=("daid",), daid={"daid_lambda": lam, "daid_tau": tau, "daid_k": 256})}
+    lambdas, taus = (TAIL_LAMBDAS, TAIL_TAUS) if args.world == "tail" else (LAMBDAS, TAUS)
+    agg = {"daid_aggregate": cur_daid["daid_aggregate"]} if "daid_aggregate" in cur_daid else {}
+    for lam, tau in itertools.product(lambdas, taus):
+        d = {"daid_lambda": lam, "daid_tau": tau, "daid_k": 256, **agg}
+        r = {**d, **point(methods=("daid",), daid=d)}
         daid.append(r)
-        print(f"daid lambda {lam} tau {tau} k 256: {r['overall']:.3f} (FID {r['realism_fid']:.2f})")
+        print(f"daid lambda {lam} tau {tau} k 256: {r['overall']:.3f} (FID {r['realism_fid']:.2f})"
+              + (f" {r['per_bucket']}" if "per_bucket" in r else ""), flush=True)
     best = choose(daid, {"daid_lambda": cur_daid["daid_lambda"], "daid_tau": cur_daid["daid_tau"]})
     for k in DAID_KS:
         if k == 256:
             continue
-        d = {"daid_lambda": best["daid_lambda"], "daid_tau": best["daid_tau"], "daid_k": k}
+        d = {"daid_lambda": best["daid_lambda"], "daid_tau": best["daid_tau"], "daid_k": k, **agg}
         r = {**d, **point(methods=("daid",), daid=d)}
         daid.append(r)
         print(f"daid lambda {d['daid_lambda']} tau {d['daid_tau']} k {k}: {r['overall']:.3f} "
@@ -119,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     for k in FAID_KS:
         r = {"faid_k": k, **point(methods=("faid",), faid_k=k)}
         faid.append(r)
-        print(f"faid k {k}: {r['overall']:.3f} (FID {r['realism_fid']:.2f})")
+        print(f"faid k {k}: {r['overall']:.3f} (FID {r['realism_fid']:.2f})"
+              + (f" {r['per_bucket']}" if "per_bucket" in r else ""), flush=True)
     chosen = {"sampling": chosen_sampling,
               "daid": {k: v for k, v in choose(daid, cur_daid).items() if k.startswith("daid_")},
               "faid_k": choose(faid, {"faid_k": cur_faid_k})["faid_k"]}
