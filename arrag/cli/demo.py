@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from arrag.cli.common import (
     _add_device,
@@ -11,7 +10,16 @@ from arrag.cli.common import (
     _int,
     _ints,
 )
-from arrag.demo import DEMO_SAMPLES, DEMO_SEEDS
+from arrag.demo import (
+    DEMO_DAID,
+    DEMO_FAID_K,
+    DEMO_SAMPLES,
+    DEMO_SAMPLING,
+    DEMO_SEEDS,
+    TAIL_DAID,
+    TAIL_FAID_K,
+    TAIL_SAMPLING,
+)
 from arrag.errors import ArragError
 
 
@@ -23,20 +31,21 @@ def _demo(args: argparse.Namespace) -> int:
     if any(s < 0 for s in seeds):
         raise ArragError(f"--seeds must be >= 0, got {args.seeds!r}")
     daid = {k: v for k, v in (("daid_lambda", args.daid_lambda), ("daid_tau", args.daid_tau),
-                              ("daid_k", args.daid_k)) if v is not None}
+                              ("daid_k", args.daid_k),
+                              ("daid_aggregate", args.daid_aggregate)) if v is not None}
     sampling = {k: v for k, v in (("cfg_weight", args.cfg_weight), ("temperature", args.temperature))
                 if v is not None}
-    common = dict(seeds=seeds, split=args.split, daid=daid, faid_k=args.faid_k, sampling=sampling,
+    common = dict(seeds=seeds, split=args.split, daid=daid, sampling=sampling,
                   device=resolve_device(args.device), overwrite=args.overwrite)
+    if args.faid_k is not None:
+        common["faid_k"] = args.faid_k
     if args.methods is not None:
         common["methods"] = tuple(args.methods.split(","))
     if args.database_images is not None:
         common["database_images"] = args.database_images
     if args.world == "tail":
-        if args.retriever_dir:  # the control database lives beside the world's
-            common.update(retriever_dir=args.retriever_dir,
-                          control_dir=str(Path(args.retriever_dir).with_name(Path(args.retriever_dir).name
-                                                                             + "_control")))
+        if args.retriever_dir:  # the control database lives beside the world's: <retriever-dir>_control
+            common["retriever_dir"] = args.retriever_dir
         run_tail_demo(args.out or "result/demo", per_pattern=args.per_pattern, samples=args.samples or 1,
                       assets=args.assets, **common)
     else:
@@ -78,17 +87,28 @@ def add_parsers(sub) -> None:
                       help="comma-separated. TailWorld: base, daid, faid, faid-noret (FAiD's weights without "
                            "retrieval), daid-control and faid-control (a database without the tail patterns); "
                            "default all six. ShapesWorld: base, daid, faid, faid-noret; default base,daid,faid")
-    demo.add_argument("--daid-lambda", type=_float(0, 1), default=None,
-                      help="DAiD lambda (default: the world's tuned value: 0.3 TailWorld, 0.1 ShapesWorld)")
-    demo.add_argument("--daid-tau", type=_float(0, open_low=True), default=None,
-                      help="DAiD tau (default: the world's tuned value: 0.3 TailWorld, 1.0 ShapesWorld)")
-    demo.add_argument("--daid-k", type=_int(1), default=None,
-                      help="DAiD neighbours (default: the world's tuned value: 256 for both)")
-    demo.add_argument("--faid-k", type=_int(1), default=10, help="FAiD candidates per step (default 10)")
+    def tuned(key: str, tail: dict, shapes: dict) -> str:
+        """The world's tuned value of a setting, for its --help."""
+        t, sh = tail.get(key, "nearest"), shapes.get(key, "nearest")
+        return f"{t} TailWorld, {sh} ShapesWorld" if t != sh else f"{t} for both"
+
+    for flag, key, kind in (("--daid-lambda", "daid_lambda", _float(0, 1)),
+                            ("--daid-tau", "daid_tau", _float(0, open_low=True)),
+                            ("--daid-k", "daid_k", _int(1))):
+        demo.add_argument(flag, type=kind, default=None,
+                          help=f"DAiD {key[5:]} (default: the world's tuned value: {tuned(key, TAIL_DAID, DEMO_DAID)})")
+    demo.add_argument("--daid-aggregate", default=None, choices=["nearest", "sum"],
+                      help="how p_ret weighs a code proposed by several hits (default: the world's tuned value: "
+                           f"{tuned('daid_aggregate', TAIL_DAID, DEMO_DAID)})")
+    demo.add_argument("--faid-k", type=_int(1), default=None,
+                      help="FAiD candidates per step (default: the world's tuned value: "
+                           f"{tuned('k', {'k': TAIL_FAID_K}, {'k': DEMO_FAID_K})})")
     demo.add_argument("--cfg-weight", type=_float(0), default=None,
-                      help="CFG weight for every method (default: the world's tuned value, 5.0 for both)")
+                      help="CFG weight for every method (default: the world's tuned value, "
+                           f"{tuned('cfg_weight', TAIL_SAMPLING, DEMO_SAMPLING)})")
     demo.add_argument("--temperature", type=_float(0), default=None,
-                      help="sampling temperature for every method (default: the world's tuned value, 1.0 for both)")
+                      help="sampling temperature for every method (default: the world's tuned value, "
+                           f"{tuned('temperature', TAIL_SAMPLING, DEMO_SAMPLING)})")
     demo.add_argument("--database-images", type=_int(1), default=None,
                       help="database images in each demo retriever (default 3000 for TailWorld = 630,000 entries; "
                            "4800 for ShapesWorld = 1,008,000 entries)")

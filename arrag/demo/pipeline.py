@@ -21,7 +21,16 @@ import torch
 
 from arrag.decoding.loop import SamplingConfig
 from arrag.decoding.methods import Generator, MethodConfig
-from arrag.demo import DEMO_SAMPLES, DEMO_SEEDS
+from arrag.demo import (  # the tuned settings live there, free of imports, for the CLI's --help
+    DEMO_DAID,
+    DEMO_FAID_K,
+    DEMO_SAMPLES,
+    DEMO_SAMPLING,
+    DEMO_SEEDS,
+    TAIL_DAID,
+    TAIL_FAID_K,
+    TAIL_SAMPLING,
+)
 from arrag.demo.database import DEMO_RETRIEVER, build_demo_retriever
 from arrag.demo.score import (
     VQEncoderFeatures,
@@ -49,14 +58,6 @@ DEFAULT_METHODS = ("base", "daid", "faid")
 # faid-noret is a control: the FAiD model's weights (LoRA merged) decoding without retrieval, so its difference
 # from FAiD is what the retrieved candidates add and its difference from base is what the fine-tuning adds.
 LABELS = {"base": "base", "daid": "DAiD", "faid": "FAiD", "faid-noret": "FAiD, no retrieval"}
-# Tuned on the validation prompts (`python -m arrag.demo.tune`; see README, "ShapesWorld results"); lambda 0.1 is
-# also the library default.
-DEMO_DAID = {"daid_lambda": 0.1, "daid_tau": 1.0, "daid_k": 256}
-DEMO_FAID_K = 10
-# Sampling for every method: Janus-Pro's own. On validation a higher CFG (7.5-10) scored higher for the base only
-# within noise, at a worse realism FID (README, "ShapesWorld results"; `python -m arrag.demo.tune` repeats the sweep
-# for retrained models).
-DEMO_SAMPLING = {"cfg_weight": 5.0, "temperature": 1.0}
 
 
 def load_demo_models(assets: Path, device: torch.device):
@@ -313,19 +314,14 @@ TAIL_METHODS = ("base", "daid", "faid", "faid-noret", "daid-control", "faid-cont
 TAIL_LABELS = {"base": "base", "daid": "DAiD", "faid": "FAiD", "faid-noret": "FAiD, no retrieval",
                "daid-control": "DAiD, control db", "faid-control": "FAiD, control db"}
 LABELS.update(TAIL_LABELS)
-# Tuned on the validation prompts (`python -m arrag.demo.tune --world tail`; README, "TailWorld results").
-TAIL_DAID = {"daid_lambda": 0.3, "daid_tau": 0.3, "daid_k": 256}
-TAIL_FAID_K = 10
-TAIL_SAMPLING = {"cfg_weight": 5.0, "temperature": 1.0}
 TAIL_DATABASE_IMAGES = 3000
-TAIL_CONTROL_RETRIEVER = Path("data/retriever/tail_control_L")
 
 
 def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = DEMO_SEEDS, split: str = "test",
                   per_pattern: int = 4, samples: int = 1, methods: tuple[str, ...] = TAIL_METHODS,
                   daid: dict | None = None, faid_k: int = TAIL_FAID_K, sampling: dict | None = None,
                   database_images: int = TAIL_DATABASE_IMAGES, retriever_dir: str | Path | None = None,
-                  control_dir: str | Path = TAIL_CONTROL_RETRIEVER, assets: str | Path | None = None,
+                  control_dir: str | Path | None = None, assets: str | Path | None = None,
                   reference_images: int = 480, device: str | torch.device = "cpu", progress: bool = True,
                   overwrite: bool = False) -> dict:
     """TailWorld's demo: every pattern's prompts with base, DAiD, FAiD and their controls (FAiD's weights without
@@ -341,6 +337,7 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
     world = WORLDS["tail"]
     out, assets = Path(out_dir), Path(assets or world.assets)
     retriever_dir = Path(retriever_dir or world.retriever)
+    control_dir = Path(control_dir or retriever_dir.with_name(retriever_dir.name + "_control"))  # beside the world's
     device = torch.device(device)
     daid = {**TAIL_DAID, **(daid or {})}
     sampling = {**TAIL_SAMPLING, **(sampling or {})}

@@ -391,12 +391,12 @@ def base_retrieval_gain(base_dir: Path, index: Path, workdir: Path, vq_path: Pat
     store = CodeStore.open(encode_split(workdir, "validation", "validation", images, vq_path, recipe, str(device)))
     settings = dict(device=str(device), images=images, lambdas=(0.0, 0.01, 0.03, 0.1, 0.3), taus=(0.3, 1.0))
     if recipe.world != "tail":
-        from arrag.demo.pipeline import DEMO_DAID
+        from arrag.demo import DEMO_DAID
 
         out, _ = measure_folders(base_dir, index, store, k=DEMO_DAID["daid_k"], **settings)
         out["split"] = "validation"
         return out
-    from arrag.demo.pipeline import TAIL_DAID
+    from arrag.demo import TAIL_DAID
     from arrag.demo.tail import bucket_of_caption
 
     groups = [bucket_of_caption(store.caption(i), recipe.seed) for i in range(min(images, store.num_images))]

@@ -1,6 +1,6 @@
-"""Tune DAiD's lambda, tau and K (and FAiD's K) on the ShapesWorld validation prompts.
+"""Tune DAiD's lambda, tau and K (and FAiD's K) on a demo world's validation prompts.
 
-    python -m arrag.demo.tune [--out result/demo_tune] [--seeds 0] [--samples 2]
+    python -m arrag.demo.tune [--world tail] [--out result/demo_tune] [--seeds 0] [--samples 2]
 
 First the sampling (CFG weight x temperature) for the base; then, at that sampling, a coarse DAiD grid: lambda x
 tau at K 256, then K at the best (lambda, tau); FAiD's K over a few values.
@@ -9,7 +9,8 @@ accuracy (realism FID breaks ties). A point replaces the current demo setting on
 than two standard errors of the difference (48 images a point differ by ~0.1 by chance, and a dozen points
 against one make a one-SE win likely by luck alone; more --seeds or --samples narrow the band), so a rerun
 does not move the demo's settings on noise. Results go to <out>/tune.json; the chosen values are what
-arrag/demo/pipeline.py uses (DEMO_SAMPLING, DEMO_DAID, DEMO_FAID_K) and what the README reports.
+arrag/demo/__init__.py holds (DEMO_SAMPLING, DEMO_DAID, DEMO_FAID_K; TAIL_... for TailWorld) and docs/demo.md
+reports.
 """
 
 from __future__ import annotations
@@ -20,16 +21,8 @@ import itertools
 import math
 from pathlib import Path
 
-from arrag.demo.pipeline import (
-    DEMO_DAID,
-    DEMO_FAID_K,
-    DEMO_SAMPLING,
-    TAIL_DAID,
-    TAIL_FAID_K,
-    TAIL_SAMPLING,
-    run_demo,
-    run_tail_demo,
-)
+from arrag.demo import DEMO_DAID, DEMO_FAID_K, DEMO_SAMPLING, TAIL_DAID, TAIL_FAID_K, TAIL_SAMPLING
+from arrag.demo.pipeline import run_demo, run_tail_demo
 from arrag.provenance import write_json
 
 LAMBDAS = (0.1, 0.3, 0.6, 1.0)
