@@ -97,4 +97,5 @@ def test_defaults_are_given_as_values(command):
     for action in parser._actions:
         text = action.help or ""
         if "tuned value" in text:
-            assert re.search(r"tuned value[^)]*\d", text), text
+            # each world's value is printed: "<value> TailWorld, <value> ShapesWorld" or "<value> for both"
+            assert re.search(r"tuned value[,:] [\w.]+ (TailWorld, [\w.]+ ShapesWorld|for both)", text), text

@@ -78,15 +78,24 @@ def _eval_retrieval_gain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_shapes(args: argparse.Namespace) -> int:
-    from arrag.demo.score import score_folder
+# Each world's image scorer: the module with score_folder, its result file and the key its summary line reads.
+_WORLD_SCORERS = {"shapes": ("arrag.demo.score", "shapes_scores.json", "per_category"),
+                  "tail": ("arrag.demo.tail_score", "tail_scores.json", "by_bucket")}
 
-    out = _result_file(args.out or Path(args.folder) / "shapes_scores.json", "eval shapes",
-                       lambda r: "overall" in r and "realism_fid" in r)
-    result = score_folder(args.folder, args.vq, reference_count=args.reference_images,
-                          trust_checkpoint=args.trust_checkpoint)
-    _write_result(out, "eval shapes", {**result, "settings": {k: v for k, v in vars(args).items() if k != "func"}})
-    per = "  ".join(f"{c} {v:.2f}" for c, v in result["per_category"].items())
+
+def _eval_world_images(args: argparse.Namespace) -> int:
+    """`eval shapes` / `eval tail`: score a generated folder from its pixels and write the result JSON."""
+    import importlib
+
+    module, file_name, parts = _WORLD_SCORERS[args.eval_command]
+    command = f"eval {args.eval_command}"
+    out = _result_file(args.out or Path(args.folder) / file_name, command,
+                       lambda r: parts in r and "realism_fid" in r)
+    result = importlib.import_module(module).score_folder(args.folder, args.vq,
+                                                          reference_count=args.reference_images,
+                                                          trust_checkpoint=args.trust_checkpoint)
+    _write_result(out, command, {**result, "settings": {k: v for k, v in vars(args).items() if k != "func"}})
+    per = "  ".join(f"{c} {v:.2f}" for c, v in result[parts].items())
     print(f"{per}  overall {result['overall']:.3f}  realism FID {result['realism_fid']:.2f} "
           f"({result['images']} images) -> {out}")
     return 0
@@ -107,20 +116,6 @@ def _eval_shapes_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_tail(args: argparse.Namespace) -> int:
-    from arrag.demo.tail_score import score_folder
-
-    out = _result_file(args.out or Path(args.folder) / "tail_scores.json", "eval tail",
-                       lambda r: "by_bucket" in r and "realism_fid" in r)
-    result = score_folder(args.folder, args.vq, reference_count=args.reference_images,
-                          trust_checkpoint=args.trust_checkpoint)
-    _write_result(out, "eval tail", {**result, "settings": {k: v for k, v in vars(args).items() if k != "func"}})
-    per = "  ".join(f"{b} {v:.2f}" for b, v in result["by_bucket"].items())
-    print(f"{per}  overall {result['overall']:.3f}  realism FID {result['realism_fid']:.2f} "
-          f"({result['images']} images) -> {out}")
-    return 0
-
-
 def _eval_tail_prompts(args: argparse.Namespace) -> int:
     from arrag.demo.score import write_prompt_file
     from arrag.demo.tail import PATTERNS
@@ -134,6 +129,19 @@ def _eval_tail_prompts(args: argparse.Namespace) -> int:
           f"patterns) to {path}; generate with `arrag generate --prompts {path} --layout geneval ...`, score with "
           "`arrag eval tail`")
     return 0
+
+
+def _add_world_scorer_flags(parser, world: str, title: str, vq_name: str, vq_parts: tuple[str, ...],
+                            references: int) -> None:
+    """The flags `eval shapes` and `eval tail` share."""
+    parser.add_argument("folder", help=f"generated folder (arrag generate --layout geneval --prompts <{world} jsonl>)")
+    parser.add_argument("--vq", default=str(Path(__file__).resolve().parents[1].joinpath("demo", "assets", *vq_parts)),
+                        help=f"model folder whose VQ encoder gives the realism features (default: {vq_name})")
+    parser.add_argument("--reference-images", type=_int(2), default=references,
+                        help=f"rendered reference images (default {references})")
+    parser.add_argument("--out", default=None, help=f"result JSON (default <folder>/{_WORLD_SCORERS[world][1]})")
+    _add_trust(parser)
+    parser.set_defaults(func=_eval_world_images)
 
 
 def add_parsers(sub) -> None:
@@ -166,13 +174,7 @@ def add_parsers(sub) -> None:
         description="Read <folder>/<index>/metadata.jsonl (a ShapesWorld prompt file's records) and samples/*.png; "
                     "score accuracy per category from the pixels (colour segmentation, components, shapes, "
                     "counts, positions) and a realism FID against rendered ground truth.")
-    sh.add_argument("folder", help="generated folder (arrag generate --layout geneval --prompts <shapes jsonl>)")
-    sh.add_argument("--vq", default=str(Path(__file__).resolve().parents[1] / "demo" / "assets" / "base"),
-                    help="model folder whose VQ encoder gives the realism features (default: the shipped demo base)")
-    sh.add_argument("--reference-images", type=_int(2), default=512, help="rendered reference images (default 512)")
-    sh.add_argument("--out", default=None, help="result JSON (default <folder>/shapes_scores.json)")
-    _add_trust(sh)
-    sh.set_defaults(func=_eval_shapes)
+    _add_world_scorer_flags(sh, "shapes", "ShapesWorld", "the shipped demo base", ("base",), 512)
 
     tl = ev_sub.add_parser(
         "tail", help="accuracy per frequency bucket and realism of TailWorld images generated with --layout geneval",
@@ -180,14 +182,7 @@ def add_parsers(sub) -> None:
                     "each disc's ink and pattern from the pixels and score accuracy per bucket (head, torso, tail: "
                     "how often the base saw the pattern) and overall, and a realism FID against rendered ground "
                     "truth.")
-    tl.add_argument("folder", help="generated folder (arrag generate --layout geneval --prompts <tail jsonl>)")
-    tl.add_argument("--vq", default=str(Path(__file__).resolve().parents[1] / "demo" / "assets" / "tail" / "base"),
-                    help="model folder whose VQ encoder gives the realism features (default: the shipped TailWorld "
-                         "base)")
-    tl.add_argument("--reference-images", type=_int(2), default=480, help="rendered reference images (default 480)")
-    tl.add_argument("--out", default=None, help="result JSON (default <folder>/tail_scores.json)")
-    _add_trust(tl)
-    tl.set_defaults(func=_eval_tail)
+    _add_world_scorer_flags(tl, "tail", "TailWorld", "the shipped TailWorld base", ("tail", "base"), 480)
 
     rg = ev_sub.add_parser(
         "retrieval-gain", help="does a database know what the model does not? teacher-forced gain of DAiD's mix",

@@ -442,6 +442,65 @@ def export_assets(src: Path, dst: Path) -> None:
                               owned=CHECKPOINT_FILES, overwrite=True)
 
 
+def _faid_stage(workdir: Path, index: Path, vq_path: Path, recipe: DemoRecipe, report: dict, dev,
+                progress: bool) -> Path:
+    """Stage 3: encode FAiD's images, construct their candidates, fine-tune FAiD and measure its candidate gain;
+    records it all in `report` (written to <workdir>/report.json) and returns FAiD's folder."""
+    from arrag.provenance import write_json
+    from arrag.train.construct import construct_train
+    from arrag.train.train_faid import FaidTrainConfig, candidate_gain, train_faid
+
+    report_path, where, t0 = workdir / "report.json", _device_label(dev), time.time()
+    faid_name = "faid" if recipe.faid_start == 0 else f"faid_from{recipe.faid_start}"
+    faid_store = encode_split(workdir, faid_name, "train", recipe.faid_images, vq_path, recipe, str(dev),
+                              start=recipe.faid_start)
+    construct_train(faid_store, index, retrieved_key_num=recipe.k, progress=progress)
+    faid_dir = workdir / "faid"
+    faid_base = report.get("faid", {}).get("base_steps")
+    weights_path = faid_token_weights_path(workdir, recipe)
+    weights_name = None if weights_path is None else weights_path.name
+    earlier_base = faid_base != report["base"]["steps"]
+    other_loss = report.get("faid", {}).get("token_weights") != weights_name
+    if (faid_dir / "settings.json").exists() and (earlier_base or other_loss):
+        # That FAiD was fine-tuned from an earlier (shorter) base, or with another loss weighting (FAiDs from
+        # before the recipe weighted its loss record none): keep it aside and train a new one.
+        aside, n = workdir / f"faid.base{faid_base or 'earlier'}", 1
+        while aside.exists():  # never overwrite an earlier one
+            aside, n = workdir / f"faid.base{faid_base or 'earlier'}.{n}", n + 1
+        faid_dir.rename(aside)
+        report.pop("faid", None)
+        why = "from an earlier base" if earlier_base else "with another loss weighting"
+        print(f"[train-demo] FAiD was trained {why}; moved to {aside}", file=sys.stderr)
+    if not (faid_dir / "settings.json").exists():
+        weights = faid_token_weights(workdir, faid_store, recipe)
+        train_faid(FaidTrainConfig(base=str(workdir / "base"), store=str(faid_store), out=str(faid_dir),
+                                   token_weights=None if weights is None else str(weights),
+                                   num_blender=recipe.num_blender, num_hop=recipe.num_hop, retrieved_key_num=recipe.k,
+                                   blender_init=recipe.faid_blender_init,
+                                   lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lr=recipe.faid_lr,
+                                   batch_size=recipe.faid_batch, grad_accum=1, max_steps=recipe.faid_steps,
+                                   schedule="cosine", warmup_ratio=0.05, cfg_drop=recipe.cfg_drop, seed=recipe.seed,
+                                   save_every=100, num_workers=0, cpu=dev.type == "cpu", resume=True,
+                                   progress=progress))
+        history = json.loads((faid_dir / "settings.json").read_text())["loss_history"]
+        report["faid"] = {"final_loss": float(np.mean([v for _, v in history[-50:]])),
+                          "losses": [v for _, v in history[::10]], "seconds": round(time.time() - t0),
+                          "device": where, "base_steps": report["base"]["steps"],
+                          # what the losses are: the plain mean, or weighted like the base's (--token-weights)
+                          "token_weights": weights_name}
+        write_json(report_path, report)
+    if "candidate_gain" not in report["faid"]:
+        # What FAiD takes from retrieval: its training loss with its candidates against without them.
+        report["faid"]["candidate_gain"] = candidate_gain(faid_dir, faid_store, retrieved_key_num=recipe.k,
+                                                          images=min(256, recipe.faid_images), device=dev)
+        write_json(report_path, report)
+    gain = report["faid"]["candidate_gain"]
+    print(f"[train-demo] 3/4 FAiD: final loss {report['faid']['final_loss']:.3f}; on its training images "
+          f"{gain['with_candidates']:.3f} with candidates, {gain['without_candidates']:.3f} without",
+          file=sys.stderr)
+    return faid_dir
+
+
 def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASSETS,
                retriever_dir: str | Path = DEMO_RETRIEVER, recipe: DemoRecipe | None = None,
                progress: bool = True, device: str = "auto", stop_after: str | None = None) -> dict:
@@ -452,8 +511,6 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
     stage is done (a long recipe in steps that fit a session; the next run resumes from there)."""
     from arrag.provenance import environment, write_json
     from arrag.runtime import resolve_device
-    from arrag.train.construct import construct_train
-    from arrag.train.train_faid import FaidTrainConfig, candidate_gain, train_faid
 
     recipe = recipe or DemoRecipe()
     dev = resolve_device(device)
@@ -538,53 +595,7 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
                           if r["tau"] == 1.0 and r["lambda"] > 0)
         print(f"[train-demo] the database on held-out images: mixing its distribution into the base's changes the "
               f"teacher-forced loss by {gains} nats (tau 1)", file=sys.stderr)
-    faid_name = "faid" if recipe.faid_start == 0 else f"faid_from{recipe.faid_start}"
-    faid_store = encode_split(workdir, faid_name, "train", recipe.faid_images, vq_path, recipe, str(dev),
-                              start=recipe.faid_start)
-    construct_train(faid_store, index, retrieved_key_num=recipe.k, progress=progress)
-    faid_dir = workdir / "faid"
-    faid_base = report.get("faid", {}).get("base_steps")
-    weights_path = faid_token_weights_path(workdir, recipe)
-    weights_name = None if weights_path is None else weights_path.name
-    earlier_base = faid_base != report["base"]["steps"]
-    other_loss = report.get("faid", {}).get("token_weights") != weights_name
-    if (faid_dir / "settings.json").exists() and (earlier_base or other_loss):
-        # That FAiD was fine-tuned from an earlier (shorter) base, or with another loss weighting (FAiDs from
-        # before the recipe weighted its loss record none): keep it aside and train a new one.
-        aside, n = workdir / f"faid.base{faid_base or 'earlier'}", 1
-        while aside.exists():  # never overwrite an earlier one
-            aside, n = workdir / f"faid.base{faid_base or 'earlier'}.{n}", n + 1
-        faid_dir.rename(aside)
-        report.pop("faid", None)
-        why = "from an earlier base" if earlier_base else "with another loss weighting"
-        print(f"[train-demo] FAiD was trained {why}; moved to {aside}", file=sys.stderr)
-    if not (faid_dir / "settings.json").exists():
-        weights = faid_token_weights(workdir, faid_store, recipe)
-        train_faid(FaidTrainConfig(base=str(base_dir), store=str(faid_store), out=str(faid_dir),
-                                   token_weights=None if weights is None else str(weights),
-                                   num_blender=recipe.num_blender, num_hop=recipe.num_hop, retrieved_key_num=recipe.k,
-                                   blender_init=recipe.faid_blender_init,
-                                   lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lr=recipe.faid_lr,
-                                   batch_size=recipe.faid_batch, grad_accum=1, max_steps=recipe.faid_steps,
-                                   schedule="cosine", warmup_ratio=0.05, cfg_drop=recipe.cfg_drop, seed=recipe.seed,
-                                   save_every=100, num_workers=0, cpu=dev.type == "cpu", resume=True,
-                                   progress=progress))
-        history = json.loads((faid_dir / "settings.json").read_text())["loss_history"]
-        report["faid"] = {"final_loss": float(np.mean([v for _, v in history[-50:]])),
-                          "losses": [v for _, v in history[::10]], "seconds": round(time.time() - t0),
-                          "device": where, "base_steps": report["base"]["steps"],
-                          # what the losses are: the plain mean, or weighted like the base's (--token-weights)
-                          "token_weights": weights_name}
-        write_json(report_path, report)
-    if "candidate_gain" not in report["faid"]:
-        # What FAiD takes from retrieval: its training loss with its candidates against without them.
-        report["faid"]["candidate_gain"] = candidate_gain(faid_dir, faid_store, retrieved_key_num=recipe.k,
-                                                          images=min(256, recipe.faid_images), device=dev)
-        write_json(report_path, report)
-    gain = report["faid"]["candidate_gain"]
-    print(f"[train-demo] 3/4 FAiD: final loss {report['faid']['final_loss']:.3f}; on its training images "
-          f"{gain['with_candidates']:.3f} with candidates, {gain['without_candidates']:.3f} without",
-          file=sys.stderr)
+    faid_dir = _faid_stage(workdir, index, vq_path, recipe, report, dev, progress)
 
     assets.mkdir(parents=True, exist_ok=True)
     export_assets(base_dir, assets / "base")
