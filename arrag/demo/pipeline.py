@@ -35,6 +35,7 @@ from arrag.demo.database import DEMO_RETRIEVER, build_demo_retriever
 from arrag.demo.score import (
     VQEncoderFeatures,
     accuracy,
+    image_features,
     prompt_records,
     read_generated,
     realism_fid,
@@ -139,8 +140,8 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = DE
     records = prompt_records(split, per_category * len(CATEGORIES), size)  # item i has category i mod 6
     prompt_file = write_prompt_file(out / f"prompts_{split}.jsonl", records)
     items = read_prompt_source(prompt_file)
-    reference = render_reference(split, reference_images, size, start=10_000)
     features = VQEncoderFeatures(models["base"].vq, size)
+    reference = image_features(render_reference(split, reference_images, size, start=10_000), features)
     world = ShapesWorld(split, size=size)
     truth = np.stack([world.image(r["index"]) for r in records])
     truth_scenes = [world.scene(r["index"]) for r in records]
@@ -382,13 +383,16 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
     buckets = np.array([r["tag"] for r in records])
     test_world = TailWorld(split, size=size, frequencies=frequencies)
     truth = np.stack([test_world.image(r["index"]) for r in records])
-    reference = test_world.images(10_000, reference_images)  # rendered ground truth beyond the prompts
-    ref_buckets = np.array([frequencies.bucket(test_world.scene(10_000 + i).pattern) for i in range(reference_images)])
     features = VQEncoderFeatures(models["base"].vq, size)
+    # rendered ground truth beyond the prompts, as features: computed once for every FID below
+    reference = image_features(test_world.images(10_000, reference_images), features)
+    ref_buckets = np.array([frequencies.bucket(test_world.scene(10_000 + i).pattern) for i in range(reference_images)])
 
-    def fids(images: np.ndarray, bucket_of: np.ndarray) -> dict:
-        out_ = {b: realism_fid(images[bucket_of == b], reference[ref_buckets == b], features) for b in BUCKETS}
-        out_["overall"] = realism_fid(images, reference, features)
+    def fids(feats: torch.Tensor, bucket_of: np.ndarray) -> dict:
+        """Realism FID per bucket and overall, from the images' features [N, D]."""
+        out_ = {b: realism_fid(feats[torch.from_numpy(bucket_of == b)], reference[torch.from_numpy(ref_buckets == b)],
+                               features) for b in BUCKETS}
+        out_["overall"] = realism_fid(feats, reference, features)
         return out_
 
     def score(images: np.ndarray, scns) -> dict:
@@ -412,10 +416,11 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
         images, scns, recs = read_generated(folder, scene_from_dict)
         bucket_of = np.array([frequencies.bucket(sc.pattern) for sc in scns])
         result = score(images, scns)
-        result["realism_fid"] = realism_fid(images, reference, features)  # this seed's images, all buckets
+        feats = image_features(images, features)
+        result["realism_fid"] = realism_fid(feats, reference, features)  # this seed's images, all buckets
         result["seconds"] = round(seconds, 1)
         per_seed[method].append(result)
-        pooled[method].append((images, bucket_of))
+        pooled[method].append((images, bucket_of, feats))
 
     generate_runs(out, methods, seeds, items, prompt_file, samples, size, sampling, generator_for, score_run,
                   progress)
@@ -423,9 +428,8 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
     print("[demo] 3/3 scores", file=sys.stderr)
     summary_methods = {}
     for m in methods:
-        images = np.concatenate([x for x, _ in pooled[m]])
-        bucket_of = np.concatenate([b for _, b in pooled[m]])
-        fid = fids(images, bucket_of)
+        bucket_of = np.concatenate([b for _, b, _ in pooled[m]])
+        fid = fids(torch.cat([f for _, _, f in pooled[m]]), bucket_of)
         by_bucket = {b: {"accuracy": _mean_se([r["accuracy"][b] for r in per_seed[m]]), "fid": fid[b]}
                      for b in (*BUCKETS, "overall")}
         summary_methods[m] = {"by_bucket": by_bucket,
@@ -451,8 +455,9 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
                "seeds": list(seeds), "daid": daid, "faid_k": faid_k, "sampling": sampling, "zipf_s": zipf_s,
                "buckets": {b: frequencies.patterns(b) for b in BUCKETS}, "train_counts": train_counts,
                "retrievers": {name: {"folder": str(r.folder), "entries": r.entries} for name, r in retrievers.items()},
-               "ground_truth": {"accuracy": gt["accuracy"], "fid": fids(truth, buckets)},
-               "vq_reconstruction": {"accuracy": rt["accuracy"], "fid": fids(recon, buckets)},
+               "ground_truth": {"accuracy": gt["accuracy"], "fid": fids(image_features(truth, features), buckets)},
+               "vq_reconstruction": {"accuracy": rt["accuracy"],
+                                     "fid": fids(image_features(recon, features), buckets)},
                "methods": summary_methods,
                "per_seed": {m: [{k: v for k, v in r.items() if k != "correct"} for r in per_seed[m]] for m in methods},
                "seconds": round(time.time() - t_start, 1)}

@@ -175,16 +175,24 @@ class VQEncoderFeatures(nn.Module):
         return torch.cat([z.mean((2, 3)), z.std((2, 3))], 1).double()
 
 
-def realism_fid(images: np.ndarray, reference: np.ndarray, features: nn.Module) -> float:
-    """FID (arrag.eval.fid's statistics) between uint8 [N, H, W, 3] images and reference images, over `features`."""
+def image_features(images: np.ndarray, features: nn.Module) -> torch.Tensor:
+    """float64 [N, D]: `features` of uint8 [N, H, W, 3] images, 64 at a time (computed once, reused by every FID
+    the images take part in: a demo's reference takes part in dozens)."""
+    out = [features(torch.from_numpy(np.ascontiguousarray(images[s:s + 64])).permute(0, 3, 1, 2))
+           for s in range(0, len(images), 64)]
+    return torch.cat(out)
+
+
+def realism_fid(images: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor, features: nn.Module) -> float:
+    """FID (arrag.eval.fid's statistics) between uint8 [N, H, W, 3] images and reference images, over `features`;
+    either side may be given as its `image_features` [N, D] instead."""
     from arrag.eval.fid import FeatureStats, frechet_distance
 
-    def stats(arr: np.ndarray) -> FeatureStats:
-        out = None
-        for s in range(0, len(arr), 64):
-            f = features(torch.from_numpy(np.ascontiguousarray(arr[s:s + 64])).permute(0, 3, 1, 2))
-            out = out or FeatureStats(f.shape[1], type(features).__name__, None)
-            out.add(f)
+    def stats(arr: np.ndarray | torch.Tensor) -> FeatureStats:
+        f = arr if isinstance(arr, torch.Tensor) and arr.ndim == 2 else image_features(arr, features)
+        out = FeatureStats(f.shape[1], type(features).__name__, None)
+        for s in range(0, len(f), 64):  # summed in the same chunks either way: the same FID to the last bit
+            out.add(f[s:s + 64])
         return out
 
     return frechet_distance(stats(reference), stats(images))
