@@ -1,6 +1,7 @@
 # arrag: two commands on a fresh machine.
 #   make test   create .venv if missing, install arrag with its dev, train, eval, data and app extras, run the tests
-#   make demo   same set-up, then run the main job on the embedded default (ShapesWorld)
+#   make demo   same set-up, then run the main job on the embedded default (TailWorld;
+#               make demo ARGS="--world shapes" for ShapesWorld)
 # On a machine without CUDA the venv gets the CPU torch wheel (never a multi-GB CUDA build) and faiss-cpu.
 # On a CUDA machine it gets PyPI's CUDA torch and GPU FAISS (faiss-gpu-cu12 replaces faiss-cpu).
 
@@ -46,7 +47,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 demo: $(STAMP)
-	$(VENV)/bin/arrag demo
+	$(VENV)/bin/arrag demo $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check arrag tests bench

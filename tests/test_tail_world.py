@@ -98,7 +98,7 @@ def test_tail_demo_smoke(tmp_path, capsys):
     from arrag.cli import main
 
     args = ["demo", "--out", str(tmp_path / "demo"), "--per-pattern", "1", "--seeds", "0,1", "--device", "cpu",
-            "--database-images", "48", "--retriever-dir", str(tmp_path / "tail_L")]
+            "--database-images", "48", "--retriever-dir", str(tmp_path / "tail")]
     assert main(args) == 0
     printed = capsys.readouterr().out
     scores = json.loads((tmp_path / "demo" / "scores.json").read_text())
@@ -115,7 +115,7 @@ def test_tail_demo_smoke(tmp_path, capsys):
     for name in ("FAiD, control db", "DAiD vs base: tail"):
         assert name in printed
     retrievers = scores["retrievers"]
-    assert set(retrievers) == {"world", "control"} and retrievers["control"]["folder"].endswith("tail_L_control/index")
+    assert set(retrievers) == {"world", "control"} and retrievers["control"]["folder"].endswith("tail_control/index")
 
 
 def test_two_disc_scenes_are_read_and_counted():

@@ -110,10 +110,10 @@ def add_parsers(sub) -> None:
                       help="sampling temperature for every method (default: the world's tuned value, "
                            f"{tuned('temperature', TAIL_SAMPLING, DEMO_SAMPLING)})")
     demo.add_argument("--database-images", type=_int(1), default=None,
-                      help="database images in each demo retriever (default 3000 for TailWorld = 630,000 entries; "
+                      help="database images in each demo retriever (default 3000 for TailWorld = 504,000 entries; "
                            "4800 for ShapesWorld = 1,008,000 entries)")
     demo.add_argument("--retriever-dir", default=None,
-                      help="where the demo retriever is built and reused (default data/retriever/tail_L; "
+                      help="where the demo retriever is built and reused (default data/retriever/tail; "
                            "data/retriever/demo_L for ShapesWorld); TailWorld's control database goes beside it")
     demo.add_argument("--assets", default=None,
                       help="folder with base/ and faid/ demo models, e.g. the --assets of your own "

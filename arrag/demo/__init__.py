@@ -11,8 +11,9 @@ DEMO_SEEDS, DEMO_SAMPLES = (0, 1, 2), 4
 DEMO_DAID = {"daid_lambda": 0.1, "daid_tau": 1.0, "daid_k": 256}
 DEMO_FAID_K = 10
 DEMO_SAMPLING = {"cfg_weight": 5.0, "temperature": 1.0}
-# TailWorld: p_ret sums the weights of every hit proposing a code ("sum"), which the pilots measured clearly above
-# "nearest" on tail images (docs/demo.md, "TailWorld").
-TAIL_DAID = {"daid_lambda": 0.3, "daid_tau": 0.1, "daid_k": 256, "daid_aggregate": "sum"}
+# TailWorld: its database is indexed with the wider causal "2hop" neighbourhood (12 cells, two rows up and two
+# columns left), which the pilots measured at 3x the L's gain on tail images; p_ret sums the weights of every hit
+# proposing a code ("sum": above "nearest" with the L, level with it with the 2hop). docs/demo.md, "TailWorld".
+TAIL_DAID = {"daid_lambda": 0.3, "daid_tau": 0.03, "daid_k": 256, "daid_aggregate": "sum"}
 TAIL_FAID_K = 10
 TAIL_SAMPLING = {"cfg_weight": 5.0, "temperature": 1.0}

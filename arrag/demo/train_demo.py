@@ -167,6 +167,7 @@ class DemoRecipe:
     zipf_s: float = 2.0  # TailWorld only: training frequency of the pattern of rank k is proportional to k^-zipf_s
     shape: str = "L"  # the demo retriever's neighbourhood (L, as the original; 2hop: 12 neighbours)
     faid_start: int = 0  # the first train-split item of FAiD's images (past train_images: images the base never saw)
+    faid_split: str = "train"  # the split FAiD's images come from (TailWorld: database, every pattern evenly)
 
     def split(self, name: str):
         """This recipe's world's split `name` (seeded, at the recipe's image size)."""
@@ -178,7 +179,9 @@ RECIPE_HELP = {
     "world": "the demo world: shapes (ShapesWorld) or tail (TailWorld, the long tail)",
     "zipf_s": "TailWorld: Zipf exponent of the patterns' training frequencies (rank k drawn with weight k^-s)",
     "shape": "the demo retriever's neighbourhood: L (the original's 4 neighbours) or 2hop (12)",
-    "faid_start": "first training-split item of FAiD's images (from train_images on: images the base never saw)",
+    "faid_start": "first item of FAiD's images in --faid-split (past the images the base or the database holds)",
+    "faid_split": "the world split FAiD's images come from: train (the base's distribution) or database (TailWorld: "
+                  "every pattern evenly, past the demo database's own images)",
     "seed": "seed of every random choice (scenes, initialisation, batches)",
     "image_size": "image side in pixels (64 = 16x16 tokens with VQ-tiny-4)",
     "vq_preset": "VQ architecture preset (arrag.vq presets)",
@@ -306,16 +309,17 @@ def train_base(out: Path, store_dir: Path, vq_path: Path, recipe: DemoRecipe, pr
             "seconds_this_run": round(time.time() - t0, 1)}
 
 
-def object_cell_weights(captions: list[str | None], recipe: DemoRecipe, grid: int, start: int = 0) -> torch.Tensor:
-    """float [N, T]: recipe.shape_weight on the cells of row i's objects (the world's train item start + i), 1
+def object_cell_weights(captions: list[str | None], recipe: DemoRecipe, grid: int, start: int = 0,
+                        split: str = "train") -> torch.Tensor:
+    """float [N, T]: recipe.shape_weight on the cells of row i's objects (the world's `split` item start + i), 1
     elsewhere. The store must hold items start..start+N-1 in order; their captions are checked against the
     scenes."""
-    world = recipe.split("train")
+    world = recipe.split(split)
     out = np.ones((len(captions), grid * grid), dtype=np.float32)
     for i, caption in enumerate(captions):
         scene = world.scene(start + i)
         if caption != scene.caption:
-            raise SystemExit(f"error: training store row {i} has caption {caption!r}, not the world's train item "
+            raise SystemExit(f"error: training store row {i} has caption {caption!r}, not the world's {split} item "
                              f"{start + i}'s {scene.caption!r}; --shape-weight needs the store train_demo rendered")
         out[i, scene.object_cells(grid).reshape(-1)] = recipe.shape_weight
     return torch.from_numpy(out)
@@ -323,7 +327,8 @@ def object_cell_weights(captions: list[str | None], recipe: DemoRecipe, grid: in
 
 def faid_token_weights_path(workdir: Path, recipe: DemoRecipe) -> Path | None:
     """Where FAiD's token weights for this recipe live; None when the recipe weighs nothing (shape weight 1)."""
-    tag = f"{recipe.shape_weight:g}" + (f"_from{recipe.faid_start}" if recipe.faid_start else "")
+    tag = f"{recipe.shape_weight:g}" + (f"_{recipe.faid_split}" if recipe.faid_split != "train" else "") + \
+        (f"_from{recipe.faid_start}" if recipe.faid_start else "")
     return None if recipe.shape_weight == 1.0 else workdir / f"faid_token_weights_{tag}.npy"
 
 
@@ -335,7 +340,8 @@ def faid_token_weights(workdir: Path, faid_store: Path, recipe: DemoRecipe) -> P
     path = faid_token_weights_path(workdir, recipe)
     if path is not None and not path.exists():
         store = CodeStore.open(faid_store)
-        fileops.save_npy(path, object_cell_weights(store.captions(), recipe, store.grid[0], recipe.faid_start).numpy())
+        fileops.save_npy(path, object_cell_weights(store.captions(), recipe, store.grid[0], recipe.faid_start,
+                                                  recipe.faid_split).numpy())
     return path
 
 
@@ -400,7 +406,7 @@ def base_retrieval_gain(base_dir: Path, index: Path, workdir: Path, vq_path: Pat
     from arrag.demo.tail import bucket_of_caption
 
     groups = [bucket_of_caption(store.caption(i), recipe.seed) for i in range(min(images, store.num_images))]
-    settings.update(lambdas=(0.0, 0.03, 0.1, 0.3, 0.6), taus=(0.03, 0.1, 0.3, 1.0))
+    settings.update(lambdas=(0.0, 0.03, 0.1, 0.3, 0.6), taus=(0.01, 0.03, 0.1, 0.3, 1.0))
     out = {"split": "validation", "aggregate": TAIL_DAID.get("daid_aggregate", "nearest")}
     for name, folder in (("world_database", index), ("control_database", control_index)):
         if folder is not None:
@@ -451,8 +457,9 @@ def _faid_stage(workdir: Path, index: Path, vq_path: Path, recipe: DemoRecipe, r
     from arrag.train.train_faid import FaidTrainConfig, candidate_gain, train_faid
 
     report_path, where, t0 = workdir / "report.json", _device_label(dev), time.time()
-    faid_name = "faid" if recipe.faid_start == 0 else f"faid_from{recipe.faid_start}"
-    faid_store = encode_split(workdir, faid_name, "train", recipe.faid_images, vq_path, recipe, str(dev),
+    faid_name = "faid" + (f"_{recipe.faid_split}" if recipe.faid_split != "train" else "") + \
+        (f"_from{recipe.faid_start}" if recipe.faid_start else "")
+    faid_store = encode_split(workdir, faid_name, recipe.faid_split, recipe.faid_images, vq_path, recipe, str(dev),
                               start=recipe.faid_start)
     construct_train(faid_store, index, retrieved_key_num=recipe.k, progress=progress)
     faid_dir = workdir / "faid"
@@ -611,10 +618,11 @@ def run_recipe(workdir: str | Path = "data/demo_train", assets: str | Path = ASS
 
 # TailWorld's recipe: what differs from the ShapesWorld defaults above (every other field is shared).
 TAIL_RECIPE = {"world": "tail", "vq_steps": 2000, "train_images": 48000, "base_steps": 10000,
-               "database_images": 3000, "faid_images": 4000, "faid_steps": 500, "faid_start": 48000}
+               "database_images": 3000, "faid_images": 4000, "faid_steps": 500,
+               "faid_split": "database", "faid_start": 3000, "shape": "2hop"}
 # Where each world's run keeps its intermediate files, exports its weights and builds its demo retriever.
 WORLD_PATHS = {"shapes": ("data/demo_train", ASSETS, DEMO_RETRIEVER),
-               "tail": ("data/tail_train", ASSETS / "tail", Path("data/retriever/tail_L"))}
+               "tail": ("data/tail_train", ASSETS / "tail", Path("data/retriever/tail"))}
 
 
 def recipe_for(world: str, **changes) -> DemoRecipe:
@@ -635,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--assets", default=None, help="where the exported weights go (default: the shipped folder of "
                                                    "the world)")
     ap.add_argument("--retriever-dir", default=None, help="the demo retriever (built if missing; default "
-                                                          "data/retriever/demo_L, or tail_L)")
+                                                          "data/retriever/demo_L, or data/retriever/tail)")
     ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     ap.add_argument("--stop-after", default=None, choices=["vq", "base"],
                     help="stop once that stage is done (the next run resumes from there)")

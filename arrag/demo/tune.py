@@ -28,7 +28,7 @@ from arrag.provenance import write_json
 LAMBDAS = (0.1, 0.3, 0.6, 1.0)
 TAUS = (0.3, 1.0)
 TAIL_LAMBDAS = (0.1, 0.3, 0.6)  # TailWorld's kNN-LM-style p_ret is sharp: lower temperatures, no lambda 1
-TAIL_TAUS = (0.03, 0.1, 0.3)
+TAIL_TAUS = (0.01, 0.03, 0.1)
 DAID_KS = (64, 256, 2048)
 FAID_KS = (4, 10, 20)
 CFG_WEIGHTS = (3.0, 5.0, 7.5, 10.0)

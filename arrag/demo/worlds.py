@@ -60,7 +60,7 @@ WORLDS: dict[str, World] = {
     "shapes": World("shapes", "ShapesWorld", _shapes_split, _shapes_vocabulary, ASSETS_ROOT,
                     Path("data/retriever/demo_L")),
     "tail": World("tail", "TailWorld", _tail_split, _tail_vocabulary, ASSETS_ROOT / "tail",
-                  Path("data/retriever/tail_L")),
+                  Path("data/retriever/tail")),
 }
 
 
