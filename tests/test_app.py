@@ -184,3 +184,27 @@ def test_the_page_generates_and_shows_database_crops_in_chromium(small_demo_inde
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.mark.parametrize("world", ["tail", "shapes"])
+def test_the_app_builds_the_demo_retriever_the_demo_builds(world, monkeypatch):
+    """The page's demo retriever has the neighbourhood of the world's recipe (TailWorld's is 2hop): with another,
+    the app and `arrag demo` would rebuild the same folder in turn, each over the other's index."""
+    import json
+
+    import arrag.demo.database as database
+    from arrag.app.session import AppSession
+    from arrag.demo.worlds import get_world
+
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        raise StopIteration  # the arguments are what this test is about; building 3,000 images is not
+
+    monkeypatch.setattr(database, "build_demo_retriever", record)
+    with pytest.raises(StopIteration):
+        AppSession.demo(world=world, progress=False)
+    recipe = json.loads((get_world(world).assets / "recipe.json").read_text())["recipe"]
+    assert seen["shape"] == recipe.get("shape", "L") and seen["world"] == world
+    assert (world == "tail") == (seen["shape"] == "2hop")

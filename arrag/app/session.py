@@ -89,7 +89,7 @@ class AppSession:
         recipe = json.loads((w.assets / "recipe.json").read_text())["recipe"]
         index = build_demo_retriever(w.assets / "base", w.retriever, recipe["database_images"],
                                      recipe["image_size"], progress=progress, world=world,
-                                     zipf_s=recipe.get("zipf_s", 2.0))
+                                     zipf_s=recipe.get("zipf_s", 2.0), shape=recipe.get("shape", "L"))
         return cls.load(w.assets / "base", w.assets / "faid", index, device=device, image_size=recipe["image_size"])
 
     @property
