@@ -208,3 +208,45 @@ def test_the_app_builds_the_demo_retriever_the_demo_builds(world, monkeypatch):
     recipe = json.loads((get_world(world).assets / "recipe.json").read_text())["recipe"]
     assert seen["shape"] == recipe.get("shape", "L") and seen["world"] == world
     assert (world == "tail") == (seen["shape"] == "2hop")
+
+
+@pytest.mark.parametrize("world", ["tail", "shapes"])
+def test_the_page_starts_at_each_worlds_tuned_values_within_its_controls(world, session):
+    """Every starting value lies inside its control: Gradio refuses a slider value below its minimum at Generate,
+    so a τ slider starting at 0.05 turned the TailWorld page's first click (τ 0.03) into an error."""
+    pytest.importorskip("gradio")
+    import gradio as gr
+
+    from arrag.app.page import build_page
+    from arrag.cli.app import page_defaults
+
+    defaults = page_defaults(world)
+    page = build_page(session, defaults)
+    by_label = {getattr(b, "label", None): b for b in page.blocks.values()}
+    for b in page.blocks.values():
+        if isinstance(b, gr.Slider):
+            assert b.minimum <= b.value <= b.maximum, (b.label, b.value, b.minimum, b.maximum)
+    assert by_label["DAiD τ"].value == defaults["daid_tau"] and by_label["DAiD λ"].value == defaults["daid_lambda"]
+    aggregate = by_label["DAiD hits of one code"]
+    assert aggregate.value == defaults.get("daid_aggregate", "nearest")
+    assert aggregate.value in [c[1] for c in aggregate.choices]
+
+
+def test_the_page_passes_daids_aggregate_through(session):
+    """The page's DAiD weighs hits of one code as its aggregate says (TailWorld's tuned DAiD sums them)."""
+    with pytest.raises(ArragError, match="daid-aggregate 'mean'"):
+        session.generate("a red circle", ["daid"], samples=1, daid_aggregate="mean")
+    for aggregate in ("sum", "nearest"):
+        a = session.generate("a red circle", ["daid"], samples=1, seed=2, daid_k=16, daid_tau=0.3,
+                             daid_aggregate=aggregate)["daid"].records[0].arrays
+        assert a["daid_hit_codes"].shape[1] >= 16  # every hit recorded: p_ret can be recomputed from them
+        for step in range(0, len(a["cells"]), 37):
+            codes, d = a["daid_hit_codes"][step], a["daid_hit_distances"][step].astype(np.float64)
+            ok = (codes >= 0) & (a["daid_hit_copies"][step] > 0)
+            w = np.exp((d[ok].min() - d) / 0.3)
+            if aggregate == "sum":
+                w = w * a["daid_hit_copies"][step]
+            per_code = {c: (w[ok & (codes == c)].sum() if aggregate == "sum" else w[ok & (codes == c)].max())
+                        for c in set(codes[ok].tolist())}
+            expected = per_code.get(int(a["sampled"][step]), 0.0) / sum(per_code.values())
+            assert a["daid_weight"][step] == pytest.approx(expected, rel=1e-4, abs=1e-6), (aggregate, step)

@@ -11,10 +11,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from arrag.app.session import APP_METHODS, LABELS, AppSession, MethodResult
+from arrag.decoding.daid import DEFAULT_AGGREGATE
 from arrag.errors import ArragError
 
 STRIP_MIN_PX = 256  # each sample is enlarged (nearest) to at least this many pixels a side
 DEFAULT_PROMPT = "a red circle and a blue square"
+TAU_RANGE = (0.01, 5.0)  # DAiD τ on the slider: TailWorld's tuned 0.03 sits near the bottom, ShapesWorld's 1.0 mid
 
 
 def strip(images: np.ndarray) -> tuple[np.ndarray, int]:
@@ -55,7 +57,7 @@ def build_page(session: AppSession, defaults: dict | None = None):
     import gradio as gr
 
     d = {"samples": 4, "seed": 0, "cfg_weight": 5.0, "temperature": 1.0, "daid_lambda": 0.1, "daid_tau": 1.0,
-         "daid_k": 256, "faid_k": 10, **(defaults or {})}
+         "daid_k": 256, "daid_aggregate": DEFAULT_AGGREGATE, "faid_k": 10, **(defaults or {})}
     available = session.methods
     with gr.Blocks(title="arrag: see what retrieval did", analytics_enabled=False) as page:
         gr.Markdown("## arrag — see what retrieval did\nGenerate with each method from the same seed. Click a cell "
@@ -72,10 +74,13 @@ def build_page(session: AppSession, defaults: dict | None = None):
         with gr.Row():
             lam = gr.Slider(0, 1, value=d["daid_lambda"], step=0.01, label="DAiD λ",
                             info="weight of the retrieved distribution: p = (1 − λ) p_model + λ p_ret")
-            tau = gr.Slider(0.05, 5, value=d["daid_tau"], step=0.05, label="DAiD τ",
+            tau = gr.Slider(TAU_RANGE[0], TAU_RANGE[1], value=d["daid_tau"], step=0.01, label="DAiD τ",
                             info="temperature of p_ret = softmax(−distance / τ): lower trusts the nearest hits more")
             k = gr.Number(value=d["daid_k"], precision=0, minimum=1, label="DAiD k",
                           info="database patches retrieved per step for DAiD")
+            aggregate = gr.Radio(["nearest", "sum"], value=d["daid_aggregate"], label="DAiD hits of one code",
+                                 info="nearest: a code weighs as its nearest hit (the original); sum: as all its "
+                                      "hits together (kNN-LM)")
             big_k = gr.Number(value=d["faid_k"], precision=0, minimum=1, label="FAiD K",
                               info="retrieved codes FAiD's blenders take per step")
         go = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -91,14 +96,14 @@ def build_page(session: AppSession, defaults: dict | None = None):
         contributors = gr.Gallery(label="database images that contributed most to this sample", columns=10,
                                   height=190, format="png", elem_id="contributors")
 
-        def generate(prompt_, methods_, samples_, seed_, cfg_, temp_, lam_, tau_, k_, big_k_,
+        def generate(prompt_, methods_, samples_, seed_, cfg_, temp_, lam_, tau_, k_, agg_, big_k_,
                      progress=gr.Progress(track_tqdm=True)):  # noqa: B008  (Gradio's way to show tqdm bars)
             outputs = {m: gr.update(value=None, visible=False) for m in APP_METHODS}
             try:
                 results = session.generate(prompt_, list(methods_ or []), samples=int(samples_), seed=int(seed_ or 0),
                                            cfg_weight=float(cfg_), temperature=float(temp_), daid_lambda=float(lam_),
                                            daid_tau=float(tau_), daid_k=int(k_ or 1), faid_k=int(big_k_ or 1),
-                                           progress=True)
+                                           daid_aggregate=agg_ or DEFAULT_AGGREGATE, progress=True)
             except (ArragError, ValueError, RuntimeError) as e:
                 return ({}, _message(e), *outputs.values(), "", [], "", "", [])
             kept = {}
@@ -111,7 +116,7 @@ def build_page(session: AppSession, defaults: dict | None = None):
             line += "".join(f"\n\n**Warning:** {note}" for note in session.notes)
             return (kept, line, *outputs.values(), "", [], "", "", [])
 
-        go.click(generate, [prompt, methods, samples, seed, cfg, temperature, lam, tau, k, big_k],
+        go.click(generate, [prompt, methods, samples, seed, cfg, temperature, lam, tau, k, aggregate, big_k],
                  [state, status, *shown.values(), cell_info, crops, crop_table, contrib_info, contributors])
 
         for method, image in shown.items():

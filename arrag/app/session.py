@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from arrag.decoding.attribution import AttributionSettings, ImageAttribution
+from arrag.decoding.daid import DEFAULT_AGGREGATE
 from arrag.decoding.loop import SamplingConfig, decode_images
 from arrag.decoding.methods import Generator, MethodConfig
 from arrag.errors import ArragError
@@ -101,8 +102,10 @@ class AppSession:
     # -- generating ---------------------------------------------------------------------------------------------
     def generate(self, prompt: str, methods: list[str], samples: int = 4, seed: int = 0, cfg_weight: float = 5.0,
                  temperature: float = 1.0, daid_lambda: float = 0.1, daid_tau: float = 1.0, daid_k: int = 256,
-                 faid_k: int = 10, progress: bool = False) -> dict[str, MethodResult]:
-        """Every method's `samples` images from the same seed (sample s of every method draws the same uniforms)."""
+                 faid_k: int = 10, progress: bool = False, daid_aggregate: str = DEFAULT_AGGREGATE,
+                 ) -> dict[str, MethodResult]:
+        """Every method's `samples` images from the same seed (sample s of every method draws the same uniforms);
+        `daid_aggregate` is how DAiD weighs hits that share a code (nearest, the original's; or sum)."""
         prompt = (prompt or "").strip()
         self.notes = []  # warnings of this call, for the page to show
         if not prompt:
@@ -120,7 +123,7 @@ class AppSession:
         for method in methods:
             model = self.faid_model if method == "faid" else self.model
             config = MethodConfig(method, daid_lambda=daid_lambda, daid_tau=daid_tau, daid_k=int(daid_k),
-                                  faid_k=int(faid_k))
+                                  daid_aggregate=daid_aggregate, faid_k=int(faid_k))
             retrieves = config.uses_retrieval
             gen = Generator(model, config, self.retriever if retrieves else None,
                             attribution=AttributionSettings() if retrieves else None)

@@ -28,20 +28,23 @@ def _app(args: argparse.Namespace) -> int:
                                   image_size=args.image_size)
         defaults = None
     else:
-        from arrag.demo import pipeline
-
         session = AppSession.demo(device=args.device, world=args.world)
-        if args.world == "tail":
-            from arrag.demo.tail import Frequencies
-
-            defaults = {**pipeline.TAIL_DAID, **pipeline.TAIL_SAMPLING, "faid_k": pipeline.TAIL_FAID_K,
-                        # a pattern the base saw a few dozen times: the database completes what it begins
-                        "prompt": f"a red {Frequencies().patterns('tail')[0]}"}
-        else:
-            defaults = {**pipeline.DEMO_DAID, **pipeline.DEMO_SAMPLING, "faid_k": pipeline.DEMO_FAID_K,
-                        "prompt": "a red circle and a blue square"}
+        defaults = page_defaults(args.world)
     launch(session, host=args.host, port=args.port, defaults=defaults)
     return 0
+
+
+def page_defaults(world: str) -> dict:
+    """The page's starting values for a demo world: its tuned DAiD, sampling and FAiD K, and a prompt."""
+    from arrag.demo import DEMO_DAID, DEMO_FAID_K, DEMO_SAMPLING, TAIL_DAID, TAIL_FAID_K, TAIL_SAMPLING
+
+    if world == "tail":
+        from arrag.demo.tail import Frequencies
+
+        # a pattern the base saw a few dozen times: the database completes what it begins
+        prompt = f"a red {Frequencies().patterns('tail')[0]}"
+        return {**TAIL_DAID, **TAIL_SAMPLING, "faid_k": TAIL_FAID_K, "prompt": prompt}
+    return {**DEMO_DAID, **DEMO_SAMPLING, "faid_k": DEMO_FAID_K, "prompt": "a red circle and a blue square"}
 
 
 def add_parsers(sub) -> None:
