@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     scenes = [validation.scene(i) for i in items]
     with torch.no_grad():
         real = model.vq.encode_to_codes(to_tensor(np.stack([validation.image(i) for i in items])))
+    width = real.shape[2]  # codes [N, h, w]: a row is `width` steps
     real = real.reshape(len(items), -1)
-    width = real.shape[1] // int(np.sqrt(real.shape[1]))
     prompts = [s.caption for s in scenes]
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = {"base": (MethodConfig("base"), None),

@@ -6,7 +6,6 @@ Database images are decoded by the model's VQ from the index's code store, so th
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -84,13 +83,13 @@ class AppSession:
     def demo(cls, device: str = "cpu", progress: bool = True, world: str = "tail") -> AppSession:
         """A demo world's shipped models and its demo retriever (built on first use, as `make demo` does)."""
         from arrag.demo.database import build_demo_retriever
-        from arrag.demo.worlds import get_world
+        from arrag.demo.worlds import assets_report, get_world, recipe_settings
 
         w = get_world(world)
-        recipe = json.loads((w.assets / "recipe.json").read_text())["recipe"]
+        recipe = recipe_settings(assets_report(w.assets))
         index = build_demo_retriever(w.assets / "base", w.retriever, recipe["database_images"],
                                      recipe["image_size"], progress=progress, world=world,
-                                     zipf_s=recipe.get("zipf_s", 2.0), shape=recipe.get("shape", "L"))
+                                     zipf_s=recipe["zipf_s"], shape=recipe["shape"])
         return cls.load(w.assets / "base", w.assets / "faid", index, device=device, image_size=recipe["image_size"])
 
     @property

@@ -11,7 +11,6 @@ prints the table. Every number is measured on the images of this run.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from arrag.demo.score import (
 )
 from arrag.demo.score import reference_images as render_reference
 from arrag.demo.shapes import CATEGORIES, ShapesWorld
+from arrag.demo.worlds import assets_report, recipe_settings
 from arrag.errors import ArragError
 from arrag.eval.batch_generate import run_layout
 from arrag.eval.layouts import make_layout
@@ -130,8 +130,7 @@ def run_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...] = DE
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "demo.json", run)
     models = load_demo_models(assets, device)
-    recipe = assets / "recipe.json"
-    size = json.loads(recipe.read_text())["recipe"]["image_size"] if recipe.is_file() else 64
+    size = recipe_settings(assets_report(assets))["image_size"]
 
     print("[demo] 1/3 retriever", file=sys.stderr)
     index_dir = build_demo_retriever(assets / "base", Path(retriever_dir), database_images, size, progress=progress)
@@ -349,9 +348,9 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
     check_settings(seeds=seeds, per_category=per_pattern, samples=samples, methods=("base",), daid=daid,
                    faid_k=faid_k, sampling=sampling, database_images=database_images)
     check_out_dir(out, what="demo folder", is_ours=is_demo_folder(out))
-    recipe = json.loads((assets / "recipe.json").read_text()) if (assets / "recipe.json").is_file() else {}
-    settings = recipe.get("recipe", {})
-    size, zipf_s = settings.get("image_size", 64), settings.get("zipf_s", 2.0)
+    recipe = assets_report(assets)
+    settings = recipe_settings(recipe)
+    size, zipf_s = settings["image_size"], settings["zipf_s"]
     run = {OUTPUT_FIELD: DEMO_KIND, "world": "tail", "seeds": list(seeds), "split": split, "per_pattern": per_pattern,
            "samples": samples, "methods": list(methods), "daid": daid, "faid_k": faid_k, "sampling": sampling,
            "assets": str(assets.resolve()), "database_images": database_images}
@@ -372,7 +371,7 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
                                                                        "control_database")):
         if name in wanted:
             index = build_demo_retriever(assets / "base", folder, database_images, size, progress=progress,
-                                         world="tail", split=part, shape=settings.get("shape", "L"), zipf_s=zipf_s)
+                                         world="tail", split=part, shape=settings["shape"], zipf_s=zipf_s)
             retrievers[name] = PatchRetriever.load(index)
 
     frequencies = Frequencies(zipf_s=zipf_s)

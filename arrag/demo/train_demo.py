@@ -169,6 +169,13 @@ class DemoRecipe:
     faid_start: int = 0  # the first train-split item of FAiD's images (past train_images: images the base never saw)
     faid_split: str = "train"  # the split FAiD's images come from (TailWorld: database, every pattern evenly)
 
+    @property
+    def faid_images_tag(self) -> str:
+        """What names FAiD's images in the workdir (its code store, its token weights): their split unless train,
+        and their first item unless 0, e.g. '_database_from3000'."""
+        return (f"_{self.faid_split}" if self.faid_split != "train" else "") + \
+            (f"_from{self.faid_start}" if self.faid_start else "")
+
     def split(self, name: str):
         """This recipe's world's split `name` (seeded, at the recipe's image size)."""
         return get_world(self.world).split(name, seed=self.seed, size=self.image_size, zipf_s=self.zipf_s)
@@ -327,8 +334,7 @@ def object_cell_weights(captions: list[str | None], recipe: DemoRecipe, grid: in
 
 def faid_token_weights_path(workdir: Path, recipe: DemoRecipe) -> Path | None:
     """Where FAiD's token weights for this recipe live; None when the recipe weighs nothing (shape weight 1)."""
-    tag = f"{recipe.shape_weight:g}" + (f"_{recipe.faid_split}" if recipe.faid_split != "train" else "") + \
-        (f"_from{recipe.faid_start}" if recipe.faid_start else "")
+    tag = f"{recipe.shape_weight:g}{recipe.faid_images_tag}"
     return None if recipe.shape_weight == 1.0 else workdir / f"faid_token_weights_{tag}.npy"
 
 
@@ -457,10 +463,8 @@ def _faid_stage(workdir: Path, index: Path, vq_path: Path, recipe: DemoRecipe, r
     from arrag.train.train_faid import FaidTrainConfig, candidate_gain, train_faid
 
     report_path, where, t0 = workdir / "report.json", _device_label(dev), time.time()
-    faid_name = "faid" + (f"_{recipe.faid_split}" if recipe.faid_split != "train" else "") + \
-        (f"_from{recipe.faid_start}" if recipe.faid_start else "")
-    faid_store = encode_split(workdir, faid_name, recipe.faid_split, recipe.faid_images, vq_path, recipe, str(dev),
-                              start=recipe.faid_start)
+    faid_store = encode_split(workdir, f"faid{recipe.faid_images_tag}", recipe.faid_split, recipe.faid_images,
+                              vq_path, recipe, str(dev), start=recipe.faid_start)
     construct_train(faid_store, index, retrieved_key_num=recipe.k, progress=progress)
     faid_dir = workdir / "faid"
     faid_base = report.get("faid", {}).get("base_steps")

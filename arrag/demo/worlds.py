@@ -8,6 +8,7 @@ one flag away.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,22 @@ from pathlib import Path
 ASSETS_ROOT = Path(__file__).resolve().parent / "assets"
 WORLD_NAMES = ("tail", "shapes")
 DEFAULT_WORLD = "tail"
+
+
+# What a demo model folder's recipe.json leaves out (models made elsewhere have none): the recipe's defaults.
+RECIPE_DEFAULTS = {"image_size": 64, "zipf_s": 2.0, "shape": "L"}
+
+
+def assets_report(assets: Path) -> dict:
+    """<assets>/recipe.json as written by the recipe (settings, losses, train_counts, ...), or {} without one."""
+    path = Path(assets) / "recipe.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def recipe_settings(report: dict) -> dict:
+    """The settings in an assets_report over RECIPE_DEFAULTS: one reader, so the demo and the app build the same
+    retriever for the same models (image size, Zipf law, neighbourhood)."""
+    return {**RECIPE_DEFAULTS, **report.get("recipe", {})}
 
 
 @dataclass(frozen=True)
