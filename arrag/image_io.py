@@ -127,7 +127,10 @@ def to_tensor(images: Image.Image | Sequence[Image.Image] | np.ndarray) -> torch
     arr = np.stack([np.asarray(im.convert("RGB")) for im in images]) if not isinstance(images, np.ndarray) else images
     if arr.ndim == 3:
         arr = arr[None]
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float()
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # a read-only view (a PIL image's buffer, a cached render): torch wants its own
+        arr = arr.copy()
+    t = torch.from_numpy(arr).permute(0, 3, 1, 2).float()
     return t / 127.5 - 1.0
 
 

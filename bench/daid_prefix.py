@@ -4,10 +4,11 @@
 
 DAiD completes what the model has begun; the shipped base begins tail patterns wrong (bench/daid_queries.py).
 This gives every method the same right beginning: for each validation scene (4 a pattern, tail and head), the
-first R rows of codes are those of the real image (its VQ encoding), forced through a decoding hook; the base,
-DAiD with the world's database and DAiD with the control database (no tail pattern) draw the rest at the demo's
-settings, and the pixel scorer reads the result. Prints accuracy per bucket (mean ± SE over seeds) and each DAiD
-minus the base on the tail, paired by seed. Needs both demo retrievers (`make demo` builds them). Writes
+first R rows of codes are those of the real image (its VQ encoding), forced through
+decoding.beginning.GivenBeginning (as `arrag demo`'s completion table does on the test split, at one R); the
+base, DAiD with the world's database and DAiD with the control database (no tail pattern) draw the rest at the
+demo's settings, and the pixel scorer reads the result. Prints accuracy per bucket (mean ± SE over seeds) and
+each DAiD minus the base on the tail, paired by seed. Needs both demo retrievers (`make demo` builds them). Writes
 bench/out/daid_prefix.json.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from arrag.decoding import Generator, MethodConfig
-from arrag.decoding.hooks import DecodeState, DecodingHook
+from arrag.decoding.beginning import GivenBeginning
 from arrag.decoding.loop import SamplingConfig
 from arrag.demo import TAIL_DAID, TAIL_SAMPLING
 from arrag.demo.tail import Frequencies, TailWorld
@@ -31,21 +32,6 @@ from arrag.image_io import to_tensor
 from arrag.retrieval.retriever import PatchRetriever
 
 OUT = Path(__file__).resolve().parent / "out" / "daid_prefix.json"
-
-
-class ForcedPrefix(DecodingHook):
-    """Draws the given codes Long [N, P] at the first P steps (a one-hot distribution), whatever the model says."""
-
-    def __init__(self, codes: torch.Tensor):
-        super().__init__()
-        self.codes = codes
-
-    def adjust_probs(self, state: DecodeState, target: int, probs: torch.Tensor) -> torch.Tensor:
-        if target >= self.codes.shape[1]:
-            return probs
-        forced = torch.zeros_like(probs)
-        forced[torch.arange(len(forced)), self.codes[:, target]] = 1.0
-        return forced
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
@@ -84,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, (method, retriever) in methods.items():
             per_seed = []
             for seed in seeds:
-                gen = Generator(model, method, retriever, extra_hooks=[ForcedPrefix(real[:, :rows * width])])
+                gen = Generator(model, method, retriever, extra_hooks=[GivenBeginning(real[:, :rows * width])])
                 sampling = SamplingConfig(parallel_size=1, seed=seed, image_size=64, **TAIL_SAMPLING)
                 per_seed.append(accuracy(gen.images(gen.sample_codes(prompts, sampling)), scenes, freq)["by_bucket"])
             per_method[name] = per_seed

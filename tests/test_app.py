@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from arrag.app.page import click_to_cell, mark_cell, strip
 from arrag.app.session import AppSession, crop_cell
@@ -250,3 +251,41 @@ def test_the_page_passes_daids_aggregate_through(session):
                         for c in set(codes[ok].tolist())}
             expected = per_code.get(int(a["sampled"][step]), 0.0) / sum(per_code.values())
             assert a["daid_weight"][step] == pytest.approx(expected, rel=1e-4, abs=1e-6), (aggregate, step)
+
+
+def test_every_method_can_begin_from_an_images_top_rows(session):
+    """With rows given, every method's images begin with the beginning image's VQ codes (the image resized to the
+    session's size) and draw the rest; a cell of a given row says so. Bad requests are one line."""
+    from arrag.demo.shapes import ShapesWorld
+    from arrag.image_io import to_tensor
+
+    image = ShapesWorld("validation", size=SIZE).image(0)
+    with torch.no_grad():
+        real = session.model.vq.encode_to_codes(to_tensor(image[None]))[0]  # [16, 16]
+    big = np.repeat(np.repeat(image, 2, axis=0), 2, axis=1)  # 128 px: resized back to 64 by the session
+    results = session.generate("a red circle", ["base", "daid", "faid"], samples=2, seed=1, daid_k=16,
+                               begin_image=big, begin_rows=5)
+    for r in results.values():
+        assert (r.codes[:, :5] == real[:5]).float().mean() > 0.95  # bicubic down from nearest-up: near-identical
+        assert torch.equal(r.codes[0, :5], r.codes[1, :5]) and r.given_rows == 5
+    exact = session.generate("a red circle", ["base"], samples=1, seed=1, begin_image=image, begin_rows=5)["base"]
+    assert torch.equal(exact.codes[0, :5], real[:5])
+    line, _ = session.retrieved(results["daid"], 0, 3, 5)
+    assert "given: this row is the beginning image's" in line
+    assert "given" not in session.retrieved(results["daid"], 0, 9, 5)[0]
+    with pytest.raises(ArragError, match="needs a beginning image"):
+        session.generate("a red circle", ["base"], samples=1, begin_rows=3)
+    with pytest.raises(ArragError, match="17 rows given: an image has 16 rows"):
+        session.generate("a red circle", ["base"], samples=1, begin_image=image, begin_rows=17)
+
+
+def test_the_tail_pages_beginning_image_is_a_real_one_of_its_prompt():
+    """The TailWorld page starts from a rendered image of its prompt, which the world's scorer reads as the prompt."""
+    from arrag.cli.app import page_defaults
+    from arrag.demo.tail_score import read_discs
+
+    d = page_defaults("tail")
+    discs = read_discs(d["begin_image"])
+    assert d["begin_rows"] == 5 and d["prompt"] == "a red argyle" and d["begin_image"].shape == (SIZE, SIZE, 3)
+    assert [f"a {disc.color} {disc.pattern}" for disc in discs] == [d["prompt"]]
+

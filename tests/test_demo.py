@@ -130,7 +130,7 @@ def test_tune_keeps_the_current_setting_unless_another_is_clearly_better():
 
 def test_the_time_left_counts_only_runs_that_generated():
     """After a resume the reused runs took no time: the estimate is the generating runs' pace times the runs left."""
-    from arrag.demo.pipeline import eta
+    from arrag.demo.runs import eta
 
     assert eta(0.0, 0, 4) == ""  # nothing generated yet (all reused so far): no estimate, not '0.0 min'
     assert eta(120.0, 1, 4) == ", about 8.0 min left"  # one generated run of 2 min, four to go
@@ -138,9 +138,9 @@ def test_the_time_left_counts_only_runs_that_generated():
 
 
 def test_frames_mark_the_scorers_verdict():
-    from arrag.demo.pipeline import _framed
+    from arrag.demo.plot import framed
 
     image = np.full((8, 8, 3), 128, np.uint8)
-    passed, failed = _framed(image, True), _framed(image, False)
+    passed, failed = framed(image, True), framed(image, False)
     assert passed[0, 0].tolist() == [40, 170, 60] and failed[-1, -1].tolist() == [220, 40, 40]
-    assert (passed[3:5, 3:5] == 128).all() and _framed(image, None) is image  # inside untouched; truth unframed
+    assert (passed[3:5, 3:5] == 128).all() and framed(image, None) is image  # inside untouched; truth unframed

@@ -161,3 +161,40 @@ def test_the_python_api_is_quiet_unless_asked(tiny_janus, capfd):
     assert capfd.readouterr().err == ""
     generate(tiny_janus, ["a red circle"], image_size=64, seed=0, progress=True)
     assert "decoding" in capfd.readouterr().err
+
+
+def test_a_given_beginning_is_drawn_and_the_rest_follows_from_it(tiny_janus):
+    """GivenBeginning forces each image's first codes by its index in the run; forcing the codes the model drew
+    anyway changes nothing (the rest of the image is the same draw), other codes change the rest."""
+    from arrag.decoding.beginning import GivenBeginning
+
+    prompts = ["a square", "an orange diamond"]
+    cfg = SamplingConfig(image_size=64, seed=3)  # 4 x 4 codes
+    free = sample_codes(tiny_janus, prompts, cfg, image_indices=[2, 0]).reshape(2, -1)
+    p = 6
+    own = torch.zeros(3, p, dtype=torch.long)
+    own[2], own[0] = free[0, :p], free[1, :p]  # image index 2 is prompt 0 here, index 0 prompt 1
+    again = sample_codes(tiny_janus, prompts, cfg, hooks=[GivenBeginning(own)], image_indices=[2, 0])
+    assert torch.equal(again.reshape(2, -1), free)
+
+    other = (own + 1) % tiny_janus.vq.config.codebook_size
+    hook = GivenBeginning(other)
+    forced = sample_codes(tiny_janus, prompts, cfg, hooks=[hook], image_indices=[2, 0]).reshape(2, -1)
+    assert torch.equal(forced[0, :p], other[2]) and torch.equal(forced[1, :p], other[0])
+    assert not torch.equal(forced[:, p:], free[:, p:])  # the rest is drawn after the given beginning
+    assert hook.stats["forced_steps"] == p
+    assert hook.settings()["given_beginning"]["steps"] == p
+    assert hook.settings() != GivenBeginning(own).settings()  # a layout run's record tells beginnings apart
+
+
+def test_a_given_beginning_refuses_what_cannot_be_drawn(tiny_janus):
+    from arrag.decoding.beginning import GivenBeginning
+
+    cfg = SamplingConfig(image_size=32, seed=3)
+    with pytest.raises(ArragError, match="no given beginning for image 5: 2 were given"):
+        sample_codes(tiny_janus, ["a"], cfg, hooks=[GivenBeginning(torch.zeros(2, 3, dtype=torch.long))],
+                     image_indices=[5])
+    with pytest.raises(ArragError, match="beyond the codebook"):
+        sample_codes(tiny_janus, ["a"], cfg, hooks=[GivenBeginning(torch.full((1, 3), 10**6))])
+    with pytest.raises(ArragError, match="Long tensor"):
+        GivenBeginning(torch.zeros(3))

@@ -83,6 +83,13 @@ def build_page(session: AppSession, defaults: dict | None = None):
                                       "hits together (kNN-LM)")
             big_k = gr.Number(value=d["faid_k"], precision=0, minimum=1, label="FAiD K",
                               info="retrieved codes FAiD's blenders take per step")
+        with gr.Row():
+            begin = gr.Image(value=d.get("begin_image"), label="beginning image (optional)", type="numpy",
+                             format="png", sources=["upload", "clipboard"], height=160, elem_id="begin-image")
+            begin_rows = gr.Slider(0, session.grid()[0], value=d.get("begin_rows", 0), step=1,
+                                   label="rows given from the beginning image", elem_id="begin-rows",
+                                   info="the top rows of codes come from the image (its VQ codes) and every "
+                                        "method draws the rest: image completion. 0: text to image")
         go = gr.Button("Generate", variant="primary", elem_id="generate")
         status = gr.Markdown(elem_id="status")
         state = gr.State({})
@@ -96,14 +103,15 @@ def build_page(session: AppSession, defaults: dict | None = None):
         contributors = gr.Gallery(label="database images that contributed most to this sample", columns=10,
                                   height=190, format="png", elem_id="contributors")
 
-        def generate(prompt_, methods_, samples_, seed_, cfg_, temp_, lam_, tau_, k_, agg_, big_k_,
+        def generate(prompt_, methods_, samples_, seed_, cfg_, temp_, lam_, tau_, k_, agg_, big_k_, begin_, rows_,
                      progress=gr.Progress(track_tqdm=True)):  # noqa: B008  (Gradio's way to show tqdm bars)
             outputs = {m: gr.update(value=None, visible=False) for m in APP_METHODS}
             try:
                 results = session.generate(prompt_, list(methods_ or []), samples=int(samples_), seed=int(seed_ or 0),
                                            cfg_weight=float(cfg_), temperature=float(temp_), daid_lambda=float(lam_),
                                            daid_tau=float(tau_), daid_k=int(k_ or 1), faid_k=int(big_k_ or 1),
-                                           daid_aggregate=agg_ or DEFAULT_AGGREGATE, progress=True)
+                                           daid_aggregate=agg_ or DEFAULT_AGGREGATE, begin_image=begin_,
+                                           begin_rows=int(rows_ or 0), progress=True)
             except (ArragError, ValueError, RuntimeError) as e:
                 return ({}, _message(e), *outputs.values(), "", [], "", "", [])
             kept = {}
@@ -111,12 +119,15 @@ def build_page(session: AppSession, defaults: dict | None = None):
                 picture, factor = strip(r.images)
                 outputs[m] = gr.update(value=picture, visible=True)
                 kept[m] = (r, picture, factor)
-            line = (f"{len(results)} method(s) × {int(samples_)} sample(s), seed {int(seed_ or 0)}. "
+            given = (f"the top {int(rows_)} rows given from the beginning image (0 rows: text to image), "
+                     if int(rows_ or 0) else "")
+            line = (f"{len(results)} method(s) × {int(samples_)} sample(s), {given}seed {int(seed_ or 0)}. "
                     + ("Click a cell of a DAiD or FAiD image." if any(r.records for r in results.values()) else ""))
             line += "".join(f"\n\n**Warning:** {note}" for note in session.notes)
             return (kept, line, *outputs.values(), "", [], "", "", [])
 
-        go.click(generate, [prompt, methods, samples, seed, cfg, temperature, lam, tau, k, aggregate, big_k],
+        go.click(generate, [prompt, methods, samples, seed, cfg, temperature, lam, tau, k, aggregate, big_k, begin,
+                            begin_rows],
                  [state, status, *shown.values(), cell_info, crops, crop_table, contrib_info, contributors])
 
         for method, image in shown.items():

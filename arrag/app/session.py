@@ -16,10 +16,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from arrag.decoding.attribution import AttributionSettings, ImageAttribution
+from arrag.decoding.beginning import GivenBeginning
 from arrag.decoding.daid import DEFAULT_AGGREGATE
 from arrag.decoding.loop import SamplingConfig, decode_images
 from arrag.decoding.methods import Generator, MethodConfig
 from arrag.errors import ArragError
+from arrag.image_io import to_tensor
 
 APP_METHODS = ("base", "daid", "faid")
 LABELS = {"base": "base", "daid": "DAiD", "faid": "FAiD"}
@@ -35,6 +37,7 @@ class MethodResult:
     codes: torch.Tensor
     images: np.ndarray
     records: list[ImageAttribution] | None
+    given_rows: int = 0  # the top rows of codes came from the beginning image, not from the method
 
 
 @dataclass
@@ -102,9 +105,11 @@ class AppSession:
     def generate(self, prompt: str, methods: list[str], samples: int = 4, seed: int = 0, cfg_weight: float = 5.0,
                  temperature: float = 1.0, daid_lambda: float = 0.1, daid_tau: float = 1.0, daid_k: int = 256,
                  faid_k: int = 10, progress: bool = False, daid_aggregate: str = DEFAULT_AGGREGATE,
-                 ) -> dict[str, MethodResult]:
+                 begin_image: np.ndarray | None = None, begin_rows: int = 0) -> dict[str, MethodResult]:
         """Every method's `samples` images from the same seed (sample s of every method draws the same uniforms);
-        `daid_aggregate` is how DAiD weighs hits that share a code (nearest, the original's; or sum)."""
+        `daid_aggregate` is how DAiD weighs hits that share a code (nearest, the original's; or sum). With
+        `begin_rows`, every image begins with the top rows of codes of `begin_image` (uint8 [H, W, 3]; its VQ
+        codes) and the methods draw the rest: image completion, where DAiD's neighbourhoods start out real."""
         prompt = (prompt or "").strip()
         self.notes = []  # warnings of this call, for the page to show
         if not prompt:
@@ -118,13 +123,15 @@ class AppSession:
         sampling = SamplingConfig(parallel_size=int(samples), cfg_weight=cfg_weight, temperature=temperature,
                                   seed=int(seed), image_size=self.image_size)
         sampling.validate()
+        given = self.beginning(begin_image, int(begin_rows or 0))
+        hooks = [] if given is None else [GivenBeginning(given.repeat(int(samples), 1))]
         out = {}
         for method in methods:
             model = self.faid_model if method == "faid" else self.model
             config = MethodConfig(method, daid_lambda=daid_lambda, daid_tau=daid_tau, daid_k=int(daid_k),
                                   daid_aggregate=daid_aggregate, faid_k=int(faid_k))
             retrieves = config.uses_retrieval
-            gen = Generator(model, config, self.retriever if retrieves else None,
+            gen = Generator(model, config, self.retriever if retrieves else None, extra_hooks=hooks,
                             attribution=AttributionSettings() if retrieves else None)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -132,8 +139,27 @@ class AppSession:
             for w in caught:  # a word outside the tokenizer: said, as the CLI says it, and generation goes on
                 if "does not know" in str(w.message) and str(w.message) not in self.notes:
                     self.notes.append(str(w.message))
-            out[method] = MethodResult(method, codes, gen.images(codes), gen.take_attribution() if retrieves else None)
+            out[method] = MethodResult(method, codes, gen.images(codes), gen.take_attribution() if retrieves else None,
+                                       int(begin_rows or 0))
         return out
+
+    def beginning(self, image: np.ndarray | None, rows: int) -> torch.Tensor | None:
+        """The VQ codes of an image's top `rows` rows, Long [1, rows * w] (None for 0 rows): the image is taken
+        as RGB and resized to the session's image size."""
+        if rows <= 0:
+            return None
+        h, w = self.grid()
+        if image is None:
+            raise ArragError(f"{rows} rows given needs a beginning image: choose one, or set the rows to 0")
+        if rows > h:
+            raise ArragError(f"{rows} rows given: an image has {h} rows of codes; give fewer")
+        picture = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
+        if picture.size != (self.image_size, self.image_size):
+            picture = picture.resize((self.image_size, self.image_size), Image.BICUBIC)
+        with torch.no_grad():
+            weight = next(self.model.vq.parameters())
+            codes = self.model.vq.encode_to_codes(to_tensor(np.array(picture)[None]).to(weight.device, weight.dtype))
+        return codes[:, :rows].reshape(1, rows * w).cpu()
 
     # -- what retrieval did -------------------------------------------------------------------------------------
     def grid(self) -> tuple[int, int]:
@@ -161,6 +187,8 @@ class AppSession:
         m = result.method
         sampled = int(a["sampled"][step])
         line = f"{LABELS[m]} sample {sample + 1}, row {row}, column {col}: sampled code {sampled}"
+        if row < result.given_rows:
+            line += " (given: this row is the beginning image's; what retrieval proposed was not drawn)"
         if m == "daid":
             line += f", p_ret's weight on it {float(a['daid_weight'][step]):.3f}"
             if "daid_model_prob" in a:

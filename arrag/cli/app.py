@@ -35,15 +35,21 @@ def _app(args: argparse.Namespace) -> int:
 
 
 def page_defaults(world: str) -> dict:
-    """The page's starting values for a demo world: its tuned DAiD, sampling and FAiD K, and a prompt."""
+    """The page's starting values for a demo world: its tuned DAiD, sampling and FAiD K, a prompt and, for
+    TailWorld, a real image of the prompt whose top rows every method is given (0 rows on the page: text to image)."""
     from arrag.demo import DEMO_DAID, DEMO_FAID_K, DEMO_SAMPLING, TAIL_DAID, TAIL_FAID_K, TAIL_SAMPLING
 
     if world == "tail":
-        from arrag.demo.tail import Frequencies
+        from arrag.demo import TAIL_COMPLETION_ROWS
+        from arrag.demo.tail import Frequencies, TailWorld
 
-        # a pattern the base saw a few dozen times: the database completes what it begins
+        # a pattern the base saw a few dozen times: the base begins it wrong, so DAiD alone cannot complete it;
+        # given the top rows of a real one (the completion table's TAIL_COMPLETION_ROWS), the database does
         prompt = f"a red {Frequencies().patterns('tail')[0]}"
-        return {**TAIL_DAID, **TAIL_SAMPLING, "faid_k": TAIL_FAID_K, "prompt": prompt}
+        validation = TailWorld("validation")
+        example = next(i for i in range(20_000) if validation.scene(i).caption == prompt)
+        return {**TAIL_DAID, **TAIL_SAMPLING, "faid_k": TAIL_FAID_K, "prompt": prompt,
+                "begin_image": validation.image(example), "begin_rows": TAIL_COMPLETION_ROWS}
     return {**DEMO_DAID, **DEMO_SAMPLING, "faid_k": DEMO_FAID_K, "prompt": "a red circle and a blue square"}
 
 

@@ -16,6 +16,7 @@ from arrag.demo import (
     DEMO_SAMPLES,
     DEMO_SAMPLING,
     DEMO_SEEDS,
+    TAIL_COMPLETION_ROWS,
     TAIL_DAID,
     TAIL_FAID_K,
     TAIL_SAMPLING,
@@ -24,7 +25,8 @@ from arrag.errors import ArragError
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from arrag.demo.pipeline import ASSETS, run_demo, run_tail_demo
+    from arrag.demo.pipeline import ASSETS, run_demo
+    from arrag.demo.tail_demo import run_tail_demo
     from arrag.runtime import resolve_device
 
     seeds = tuple(_ints(args.seeds, "--seeds"))
@@ -47,7 +49,7 @@ def _demo(args: argparse.Namespace) -> int:
         if args.retriever_dir:  # the control database lives beside the world's: <retriever-dir>_control
             common["retriever_dir"] = args.retriever_dir
         run_tail_demo(args.out or "result/demo", per_pattern=args.per_pattern, samples=args.samples or 1,
-                      assets=args.assets, **common)
+                      assets=args.assets, completion_rows=args.completion_rows, **common)
     else:
         run_demo(args.out or "result/demo_shapes", per_category=args.per_category,
                  samples=args.samples or DEMO_SAMPLES, retriever_dir=args.retriever_dir or "data/retriever/demo_L",
@@ -87,6 +89,11 @@ def add_parsers(sub) -> None:
                       help="comma-separated. TailWorld: base, daid, faid, faid-noret (FAiD's weights without "
                            "retrieval), daid-control and faid-control (a database without the tail patterns); "
                            "default all six. ShapesWorld: base, daid, faid, faid-noret; default base,daid,faid")
+    demo.add_argument("--completion-rows", type=_int(0), default=TAIL_COMPLETION_ROWS,
+                      help="TailWorld: after the table, give each test prompt its real image's top N rows of codes "
+                           "(of 16) and let base, DAiD and DAiD with the control database draw the rest (the "
+                           "completion table and completion.png; 0 skips it) (default %(default)s)")
+
     def tuned(key: str, tail: dict, shapes: dict) -> str:
         """The world's tuned value of a setting, for its --help."""
         t, sh = tail.get(key, "nearest"), shapes.get(key, "nearest")

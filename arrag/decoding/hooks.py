@@ -18,6 +18,7 @@ class DecodeState:
     cond_rows: torch.Tensor  # Long [N]: the conditional row of each image in the 2N-row batch
     uniforms: torch.Tensor | None = None  # float64 [N, h*w]: each image's draw per step (what sampling uses)
     sampling: Any = None  # the SamplingConfig (its top-k / top-p filter the distribution after the hooks)
+    image_indices: torch.Tensor | None = None  # Long [N]: each image's index in the whole run (its seed's key)
 
     @property
     def n_images(self) -> int:

@@ -175,13 +175,13 @@ def sample_codes(model, prompts: Sequence[str], sampling: SamplingConfig, *, hoo
     out = []
     for s in range(0, len(captions), chunk):
         out.append(_sample_chunk(model, prompter, captions[s:s + chunk], seeds[s:s + chunk], (h, w), sampling,
-                                 hooks, progress, step_mode))
+                                 hooks, progress, step_mode, indices[s:s + chunk]))
     return torch.cat(out).reshape(len(captions), h, w)
 
 
 def _sample_chunk(model, prompter, captions: list[str], seeds: list[int], grid: tuple[int, int],
                   sampling: SamplingConfig, hooks: Sequence[DecodingHook], progress: bool,
-                  step_mode: str) -> torch.Tensor:
+                  step_mode: str, indices: Sequence[int]) -> torch.Tensor:
     device = model.device
     n, steps = len(captions), grid[0] * grid[1]
     batch = prompter.batch(captions, device)
@@ -191,7 +191,8 @@ def _sample_chunk(model, prompter, captions: list[str], seeds: list[int], grid: 
                          f"max_position_embeddings {max_pos}; shorten the prompt or lower --image-size")
     uniforms = image_uniforms(seeds, steps)
     state = DecodeState(model, grid, torch.full((n, steps), -1, dtype=torch.long, device=device),
-                        torch.arange(0, 2 * n, 2, device=device), uniforms, sampling)
+                        torch.arange(0, 2 * n, 2, device=device), uniforms, sampling,
+                        torch.as_tensor(list(indices), dtype=torch.long))
     cache = model.llm.new_cache(2 * n, batch.input_ids.shape[1] + steps)
     for hook in hooks:
         hook.begin(state)

@@ -17,3 +17,6 @@ DEMO_SAMPLING = {"cfg_weight": 5.0, "temperature": 1.0}
 TAIL_DAID = {"daid_lambda": 0.3, "daid_tau": 0.03, "daid_k": 256, "daid_aggregate": "sum"}
 TAIL_FAID_K = 10
 TAIL_SAMPLING = {"cfg_weight": 5.0, "temperature": 1.0}
+# TailWorld's completion table: the real top rows of codes given (of 16), the rest drawn. 5 rows: DAiD's largest
+# tail gain over the base on validation (bench/daid_prefix.py at 0, 5 and 7 rows; docs/demo.md).
+TAIL_COMPLETION_ROWS = 5

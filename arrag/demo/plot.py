@@ -1,4 +1,5 @@
-"""Accuracy against training frequency, one line per method: a small line plot drawn with PIL (no plotting library)."""
+"""The demo's pictures, drawn with PIL (no plotting library): accuracy against training frequency, one line per
+method, and the frames that mark the scorer's verdict on a grid's images."""
 
 from __future__ import annotations
 
@@ -76,3 +77,13 @@ def frequency_plot(lines: dict[str, tuple[Sequence[float], Sequence[float], Sequ
         draw.line([x1 + 14, ly + 8, x1 + 38, ly + 8], fill=color, width=3)
         draw.text((x1 + 44, ly), label, fill="black", font=small)
     return np.asarray(img)
+
+
+def framed(image: np.ndarray, passed: bool | None, width: int = 2) -> np.ndarray:
+    """The image with a thin green (passed) or red (failed) frame; None: unframed (ground truth)."""
+    if passed is None:
+        return image
+    out = image.copy()
+    color = np.array((40, 170, 60) if passed else (220, 40, 40), np.uint8)
+    out[:width], out[-width:], out[:, :width], out[:, -width:] = color, color, color, color
+    return out

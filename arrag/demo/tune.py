@@ -22,7 +22,8 @@ import math
 from pathlib import Path
 
 from arrag.demo import DEMO_DAID, DEMO_FAID_K, DEMO_SAMPLING, TAIL_DAID, TAIL_FAID_K, TAIL_SAMPLING
-from arrag.demo.pipeline import run_demo, run_tail_demo
+from arrag.demo.pipeline import run_demo
+from arrag.demo.tail_demo import run_tail_demo
 from arrag.provenance import write_json
 
 LAMBDAS = (0.1, 0.3, 0.6, 1.0)

@@ -1,0 +1,53 @@
+"""A given beginning: each image's first codes come from a real image (image completion), the rest is sampled."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from arrag.decoding.hooks import DecodeState, DecodingHook
+from arrag.errors import ArragError
+
+
+class GivenBeginning(DecodingHook):
+    """Draws image i's first P codes as codes[i] (Long [M, P], e.g. the VQ codes of a real image's top rows, in
+    raster order), whatever the model or retrieval propose; later codes are sampled as usual and see these in
+    their context (DAiD's and FAiD's queries included). i is the image's index in the whole run
+    (DecodeState.image_indices), so a resumed or split run completes the same beginnings."""
+
+    def __init__(self, codes: torch.Tensor):
+        super().__init__()
+        if codes.ndim != 2 or codes.dtype not in (torch.int32, torch.int64) or (codes.numel() and codes.min() < 0):
+            raise ArragError(f"a given beginning is a Long tensor [images, steps] of codes >= 0, got "
+                             f"{codes.dtype} {tuple(codes.shape)}")
+        self.codes = codes.long().cpu()
+        self._mine: torch.Tensor | None = None
+        self.stats = {"forced_steps": 0}
+
+    def begin(self, state: DecodeState) -> None:
+        n = state.n_images
+        index = state.image_indices if state.image_indices is not None else torch.arange(n)
+        if len(index) and int(index.max()) >= len(self.codes):
+            raise ArragError(f"no given beginning for image {int(index.max())}: {len(self.codes)} were given, one per "
+                             "image of the run (prompt j, sample s is image j * samples + s)")
+        if self.codes.shape[1] > state.codes.shape[1]:
+            raise ArragError(f"a given beginning of {self.codes.shape[1]} codes is longer than the image's "
+                             f"{state.codes.shape[1]}")
+        self._mine = self.codes[index.cpu()].to(state.codes.device)
+
+    def adjust_probs(self, state: DecodeState, target: int, probs: torch.Tensor) -> torch.Tensor:
+        if self._mine is None or target >= self._mine.shape[1]:
+            return probs
+        if int(self._mine[:, target].max()) >= probs.shape[1]:
+            raise ArragError(f"a given beginning holds code {int(self._mine[:, target].max())}, beyond the "
+                             f"codebook's {probs.shape[1]}: were its codes made with this model's VQ?")
+        self.stats["forced_steps"] += 1
+        return torch.zeros_like(probs).scatter_(1, self._mine[:, target:target + 1], 1.0)
+
+    def end(self, state: DecodeState) -> None:
+        self._mine = None
+
+    def settings(self) -> dict:
+        digest = hashlib.sha256(self.codes.numpy().astype("<i8").tobytes()).hexdigest()
+        return {"given_beginning": {"images": len(self.codes), "steps": self.codes.shape[1], "sha256": digest}}

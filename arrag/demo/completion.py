@@ -1,0 +1,117 @@
+"""TailWorld's completion table: each test image's top rows of codes are given (the real image's), and the base,
+DAiD and DAiD with the control database draw the rest.
+
+DAiD completes what the model has begun; in text-to-image the shipped base begins tail patterns wrong, so DAiD
+has nothing right to complete (bench/daid_queries.py). Given a right beginning, the database's continuations of
+it are the pattern's, and the table shows what that is worth, beside the control database that lacks the tail
+patterns. The given rows are forced through decoding.beginning.GivenBeginning, so every method sees the same.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from arrag.decoding.beginning import GivenBeginning
+from arrag.demo.plot import framed
+from arrag.demo.runs import generate_runs, mean_se, paired
+from arrag.image_io import labeled_grid, save_image, to_tensor
+from arrag.provenance import write_sidecar
+
+COMPLETION_METHODS = ("base", "daid", "daid-control")
+LABELS = {"base": "base", "daid": "DAiD", "daid-control": "DAiD, control db"}
+
+
+def given_codes(vq, truth: np.ndarray, rows: int, samples: int) -> torch.Tensor:
+    """The VQ codes of each real image's first `rows` rows of the grid: uint8 [N, H, W, 3] -> Long
+    [N * samples, rows * w] (sample s of prompt j is image j * samples + s, as the layout runs number them)."""
+    with torch.no_grad():
+        codes = vq.encode_to_codes(to_tensor(truth))  # [N, h, w]
+    return codes[:, :rows].reshape(len(codes), -1).repeat_interleave(samples, 0)
+
+
+def run_completion(out: Path, *, rows: int, methods, seeds, items, prompt_file: Path, records: list[dict],
+                   truth: np.ndarray, vq, samples: int, size: int, sampling: dict, generator_for, score, read_run,
+                   progress: bool, kind: str) -> dict:
+    """Every completion method and seed as a resumable layout run under out/completion/rows<R>/<method>/seed<n>;
+    returns {rows, of_rows, methods: {m: {by_bucket: {b: {accuracy: {mean, se}}}, vs_base}}, daid_vs_control}.
+
+    generator_for(method, extra_hooks) makes a method's generator; score(images, scenes) gives {"accuracy": {bucket:
+    x}, "correct": [...]}; read_run(folder) gives (images, scenes)."""
+    grid_rows = vq.grid_size(size)
+    print(f"[demo] completion: the real top {rows} of {grid_rows} rows of codes given; {len(items)} prompts x seeds "
+          f"{list(seeds)} x {', '.join(methods)}", file=sys.stderr)
+    given = given_codes(vq, truth, rows, samples)
+    hook = GivenBeginning(given)
+    per_seed: dict = {m: [] for m in methods}
+    first: dict = {}
+
+    def score_run(method: str, folder: Path, seconds: float) -> None:
+        images, scenes = read_run(folder)
+        result = score(images, scenes)
+        per_seed[method].append({"accuracy": result["accuracy"], "seconds": round(seconds, 1)})
+        first.setdefault(method, (images, result["correct"]))
+
+    generate_runs(out / "completion" / f"rows{rows}", methods, seeds, items, prompt_file, samples, size, sampling,
+                  lambda m: generator_for(m, [hook]), score_run, progress, LABELS)
+    buckets = list(per_seed[methods[0]][0]["accuracy"])
+    summary = {"rows": rows, "of_rows": grid_rows, "methods": {}}
+    for m in methods:
+        entry = {"by_bucket": {b: {"accuracy": mean_se([r["accuracy"][b] for r in per_seed[m]])} for b in buckets},
+                 "seconds": [r["seconds"] for r in per_seed[m]]}
+        if m != "base" and "base" in methods:
+            entry["vs_base"] = _paired(per_seed[m], per_seed["base"], buckets)
+        summary["methods"][m] = entry
+    if {"daid", "daid-control"} <= set(methods):
+        summary["daid_vs_control"] = _paired(per_seed["daid"], per_seed["daid-control"], buckets)
+    summary["grid"] = str(_completion_grid(out, records, truth, rows, grid_rows, first, methods, samples, kind))
+    return summary
+
+
+def _paired(runs: list[dict], others: list[dict], buckets) -> dict:
+    """Per bucket, runs minus others paired by seed (the same prompts and seeds), with its verdict."""
+    return {b: paired([r["accuracy"][b] for r in runs], [q["accuracy"][b] for q in others]) for b in buckets}
+
+
+def _completion_grid(out: Path, records: list[dict], truth: np.ndarray, rows: int, grid_rows: int, first: dict,
+                     methods, samples: int, kind: str) -> Path:
+    """completion.png: the first prompt of every pattern, most frequent first; the given beginning (the real top
+    rows, the rest grey), each method's first sample of the first seed (framed green where the scorer passed it,
+    red where it failed) and the ground truth."""
+    firsts: dict = {}
+    for i, r in enumerate(records):
+        firsts.setdefault(r["scene"]["pattern"], i)
+    order = sorted(firsts.values(), key=lambda i: records[i]["rank"])
+    given = truth[order].copy()
+    given[:, truth.shape[1] * rows // grid_rows:] = 128
+    columns = [given] + [first[m][0][[i * samples for i in order]] for m in methods] + [truth[order]]
+    marks = [None] + [[bool(first[m][1][i * samples]) for i in order] for m in methods] + [None]
+    cells = [[framed(col[j], None if marks[c] is None else marks[c][j]) for c, col in enumerate(columns)]
+             for j in range(len(order))]
+    labels = [f"{records[i]['prompt']} ({records[i]['tag']})" for i in order]
+    path = save_image(labeled_grid(cells, labels, [f"given: top {rows} of {grid_rows} rows",
+                                                   *(LABELS[m] for m in methods), "ground truth"]),
+                      out / "completion.png")
+    write_sidecar(path, {"rows": rows, "columns": ["given", *methods, "ground truth"], "rows_shown": labels,
+                         "frames": "green: the scorer passed the image; red: it failed"}, kind=kind)
+    return path
+
+
+def print_completion(summary: dict, seeds: int, prompts: int) -> None:
+    """The completion table: accuracy per bucket, mean ± SE over seeds, and DAiD's paired differences."""
+    buckets = list(next(iter(summary["methods"].values()))["by_bucket"])
+    cell = lambda d: f"{d['mean']:.2f}" + (f"±{d['se']:.2f}" if seeds > 1 else "")  # noqa: E731
+    print(f"\nCompletion: the real image's top {summary['rows']} of {summary['of_rows']} rows of codes given, the rest "
+          f"drawn ({prompts} prompts x {seeds} seed(s)): accuracy per bucket")
+    print(f"{'method':20}" + "".join(f"{b:>12}" for b in buckets))
+    for m, entry in summary["methods"].items():
+        print(f"{LABELS[m]:20}" + "".join(f"{cell(entry['by_bucket'][b]['accuracy']):>12}" for b in buckets))
+    lines = [(f"{LABELS[m]} vs base", e["vs_base"]) for m, e in summary["methods"].items() if "vs_base" in e]
+    if "daid_vs_control" in summary:
+        lines.append(("DAiD vs DAiD, control db", summary["daid_vs_control"]))
+    for label, d in lines:
+        print(f"{label}: tail {d['tail']['mean']:+.2f}±{d['tail']['se']:.2f} ({d['tail']['verdict']}), head "
+              f"{d['head']['mean']:+.2f}±{d['head']['se']:.2f} ({d['head']['verdict']})")
