@@ -116,19 +116,21 @@ def test_tail_demo_smoke(tmp_path, capsys):
         assert name in printed
     retrievers = scores["retrievers"]
     assert set(retrievers) == {"world", "control"} and retrievers["control"]["folder"].endswith("tail_control/index")
-    # The completion table: the real top 5 rows given (forced in every run, as its record says), the rest drawn.
+    # The completion table: the tail prompts, their real top 5 rows given (forced in every run, as its record
+    # says), the rest drawn.
     completion = scores["completion"]
-    assert completion["rows"] == 5 and completion["of_rows"] == 16
+    assert completion["rows"] == 5 and completion["of_rows"] == 16 and completion["bucket"] == "tail"
+    assert completion["prompts"] == len(Frequencies().patterns("tail"))
     assert set(completion["methods"]) == {"base", "daid", "daid-control"}
     for name, m in completion["methods"].items():
-        assert set(m["by_bucket"]) == {"head", "torso", "tail", "overall"}
-        assert ("vs_base" in m) == (name != "base")
-    assert completion["daid_vs_control"]["tail"]["verdict"]
+        assert set(m["accuracy"]) == {"mean", "se"} and ("vs_base" in m) == (name != "base")
+    assert completion["daid_vs_control"]["verdict"]
     for method in completion["methods"]:
         run = tmp_path / "demo" / "completion" / "rows5" / method / "seed1"
         record = json.loads((run / "settings.json").read_text())
-        assert record["given_beginning"]["steps"] == 5 * 16 and record["given_beginning"]["images"] == 24
-    assert (tmp_path / "demo" / "completion.png").is_file() and "Completion: the real image's top 5" in printed
+        assert record["given_beginning"] == {**record["given_beginning"], "steps": 5 * 16,
+                                             "images": completion["prompts"]}
+    assert (tmp_path / "demo" / "completion.png").is_file() and "Completion (14 tail prompts x 2 seed(s))" in printed
 
 
 def test_two_disc_scenes_are_read_and_counted():

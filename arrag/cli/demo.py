@@ -90,7 +90,7 @@ def add_parsers(sub) -> None:
                            "retrieval), daid-control and faid-control (a database without the tail patterns); "
                            "default all six. ShapesWorld: base, daid, faid, faid-noret; default base,daid,faid")
     demo.add_argument("--completion-rows", type=_int(0), default=TAIL_COMPLETION_ROWS,
-                      help="TailWorld: after the table, give each test prompt its real image's top N rows of codes "
+                      help="TailWorld: after the table, give each tail prompt its real image's top N rows of codes "
                            "(of 16) and let base, DAiD and DAiD with the control database draw the rest (the "
                            "completion table and completion.png; 0 skips it) (default %(default)s)")
 

@@ -1,4 +1,4 @@
-"""TailWorld's completion table: each test image's top rows of codes are given (the real image's), and the base,
+"""TailWorld's completion table: each tail prompt's top rows of codes are given (its real image's), and the base,
 DAiD and DAiD with the control database draw the rest.
 
 DAiD completes what the model has begun; in text-to-image the shipped base begins tail patterns wrong, so DAiD
@@ -18,6 +18,8 @@ import torch
 from arrag.decoding.beginning import GivenBeginning
 from arrag.demo.plot import framed
 from arrag.demo.runs import generate_runs, mean_se, paired
+from arrag.demo.score import write_prompt_file
+from arrag.eval.prompts import read_prompt_source
 from arrag.image_io import labeled_grid, save_image, to_tensor
 from arrag.provenance import write_sidecar
 
@@ -33,17 +35,24 @@ def given_codes(vq, truth: np.ndarray, rows: int, samples: int) -> torch.Tensor:
     return codes[:, :rows].reshape(len(codes), -1).repeat_interleave(samples, 0)
 
 
-def run_completion(out: Path, *, rows: int, methods, seeds, items, prompt_file: Path, records: list[dict],
+def run_completion(out: Path, *, rows: int, methods, seeds, prompt_file: Path, records: list[dict],
                    truth: np.ndarray, vq, samples: int, size: int, sampling: dict, generator_for, score, read_run,
-                   progress: bool, kind: str) -> dict:
-    """Every completion method and seed as a resumable layout run under out/completion/rows<R>/<method>/seed<n>;
-    returns {rows, of_rows, methods: {m: {by_bucket: {b: {accuracy: {mean, se}}}, vs_base}}, daid_vs_control}.
+                   progress: bool, kind: str, bucket: str = "tail") -> dict:
+    """The demo's prompts of one frequency bucket (`bucket`, the tail: where the base lacks what the database
+    holds), every completion method and seed a resumable layout run under out/completion/rows<R>/<method>/seed<n>;
+    returns {rows, of_rows, bucket, prompts, methods: {m: {accuracy: {mean, se}, vs_base}}, daid_vs_control}.
 
-    generator_for(method, extra_hooks) makes a method's generator; score(images, scenes) gives {"accuracy": {bucket:
-    x}, "correct": [...]}; read_run(folder) gives (images, scenes)."""
+    records and truth: the demo's prompt records and their real images uint8 [N, H, W, 3] (prompt_file holds the
+    records; the bucket's go to a file beside it). generator_for(method, extra_hooks) makes a method's generator;
+    score(images, scenes) gives {"accuracy": {bucket: x}, "correct": [...]}; read_run(folder) gives (images,
+    scenes)."""
+    keep = [i for i, r in enumerate(records) if r["tag"] == bucket]
+    records, truth = [records[i] for i in keep], truth[keep]
+    prompt_file = write_prompt_file(prompt_file.with_name(f"{prompt_file.stem}_{bucket}.jsonl"), records)
+    items = read_prompt_source(prompt_file)
     grid_rows = vq.grid_size(size)
-    print(f"[demo] completion: the real top {rows} of {grid_rows} rows of codes given; {len(items)} prompts x seeds "
-          f"{list(seeds)} x {', '.join(methods)}", file=sys.stderr)
+    print(f"[demo] completion: the real top {rows} of {grid_rows} rows of codes given; {len(items)} {bucket} prompts "
+          f"x seeds {list(seeds)} x {', '.join(methods)}", file=sys.stderr)
     given = given_codes(vq, truth, rows, samples)
     hook = GivenBeginning(given)
     per_seed: dict = {m: [] for m in methods}
@@ -57,23 +66,22 @@ def run_completion(out: Path, *, rows: int, methods, seeds, items, prompt_file: 
 
     generate_runs(out / "completion" / f"rows{rows}", methods, seeds, items, prompt_file, samples, size, sampling,
                   lambda m: generator_for(m, [hook]), score_run, progress, LABELS)
-    buckets = list(per_seed[methods[0]][0]["accuracy"])
-    summary = {"rows": rows, "of_rows": grid_rows, "methods": {}}
+    summary = {"rows": rows, "of_rows": grid_rows, "bucket": bucket, "prompts": len(items), "methods": {}}
     for m in methods:
-        entry = {"by_bucket": {b: {"accuracy": mean_se([r["accuracy"][b] for r in per_seed[m]])} for b in buckets},
+        entry = {"accuracy": mean_se([r["accuracy"][bucket] for r in per_seed[m]]),
                  "seconds": [r["seconds"] for r in per_seed[m]]}
         if m != "base" and "base" in methods:
-            entry["vs_base"] = _paired(per_seed[m], per_seed["base"], buckets)
+            entry["vs_base"] = _paired(per_seed[m], per_seed["base"], bucket)
         summary["methods"][m] = entry
     if {"daid", "daid-control"} <= set(methods):
-        summary["daid_vs_control"] = _paired(per_seed["daid"], per_seed["daid-control"], buckets)
+        summary["daid_vs_control"] = _paired(per_seed["daid"], per_seed["daid-control"], bucket)
     summary["grid"] = str(_completion_grid(out, records, truth, rows, grid_rows, first, methods, samples, kind))
     return summary
 
 
-def _paired(runs: list[dict], others: list[dict], buckets) -> dict:
-    """Per bucket, runs minus others paired by seed (the same prompts and seeds), with its verdict."""
-    return {b: paired([r["accuracy"][b] for r in runs], [q["accuracy"][b] for q in others]) for b in buckets}
+def _paired(runs: list[dict], others: list[dict], bucket: str) -> dict:
+    """The bucket's accuracy of runs minus others, paired by seed (the same prompts and seeds), with its verdict."""
+    return paired([r["accuracy"][bucket] for r in runs], [q["accuracy"][bucket] for q in others])
 
 
 def _completion_grid(out: Path, records: list[dict], truth: np.ndarray, rows: int, grid_rows: int, first: dict,
@@ -100,18 +108,15 @@ def _completion_grid(out: Path, records: list[dict], truth: np.ndarray, rows: in
     return path
 
 
-def print_completion(summary: dict, seeds: int, prompts: int) -> None:
-    """The completion table: accuracy per bucket, mean ± SE over seeds, and DAiD's paired differences."""
-    buckets = list(next(iter(summary["methods"].values()))["by_bucket"])
+def print_completion(summary: dict, seeds: int) -> None:
+    """The completion table: accuracy, mean ± SE over seeds, and DAiD's paired differences."""
     cell = lambda d: f"{d['mean']:.2f}" + (f"±{d['se']:.2f}" if seeds > 1 else "")  # noqa: E731
-    print(f"\nCompletion: the real image's top {summary['rows']} of {summary['of_rows']} rows of codes given, the rest "
-          f"drawn ({prompts} prompts x {seeds} seed(s)): accuracy per bucket")
-    print(f"{'method':20}" + "".join(f"{b:>12}" for b in buckets))
+    print(f"\nCompletion ({summary['prompts']} {summary['bucket']} prompts x {seeds} seed(s)): the real image's top "
+          f"{summary['rows']} of {summary['of_rows']} rows of codes given, the rest drawn; accuracy")
     for m, entry in summary["methods"].items():
-        print(f"{LABELS[m]:20}" + "".join(f"{cell(entry['by_bucket'][b]['accuracy']):>12}" for b in buckets))
+        print(f"{LABELS[m]:20}{cell(entry['accuracy']):>12}")
     lines = [(f"{LABELS[m]} vs base", e["vs_base"]) for m, e in summary["methods"].items() if "vs_base" in e]
     if "daid_vs_control" in summary:
         lines.append(("DAiD vs DAiD, control db", summary["daid_vs_control"]))
     for label, d in lines:
-        print(f"{label}: tail {d['tail']['mean']:+.2f}±{d['tail']['se']:.2f} ({d['tail']['verdict']}), head "
-              f"{d['head']['mean']:+.2f}±{d['head']['se']:.2f} ({d['head']['verdict']})")
+        print(f"{label}: {summary['bucket']} {d['mean']:+.2f}±{d['se']:.2f} ({d['verdict']})")

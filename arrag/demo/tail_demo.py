@@ -168,7 +168,7 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
     completing = [m for m in COMPLETION_METHODS if m in methods]
     if completion_rows and completing:
         summary["completion"] = run_completion(
-            out, rows=completion_rows, methods=completing, seeds=seeds, items=items, prompt_file=prompt_file,
+            out, rows=completion_rows, methods=completing, seeds=seeds, prompt_file=prompt_file,
             records=records, truth=truth, vq=models["base"].vq, samples=samples, size=size, sampling=sampling,
             generator_for=generator_for, score=score, read_run=lambda f: read_generated(f, scene_from_dict)[:2],
             progress=progress, kind=DEMO_KIND)
@@ -179,7 +179,7 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
     grid = _tail_grid(out, records, truth, pooled, per_seed, methods, train_counts, samples, split, seeds)
     _print_tail_table(summary, methods)
     if "completion" in summary:
-        print_completion(summary["completion"], len(seeds), len(items))
+        print_completion(summary["completion"], len(seeds))
     print(f"[demo] wrote {grid}, {plot_path}, {'completion.png, ' if 'completion' in summary else ''}"
           f"{out / 'scores.json'} in {summary['seconds']:.0f} s")
     return summary

@@ -176,10 +176,12 @@ def _conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return y.reshape(m, o, o, -1).permute(0, 3, 1, 2)
 
 
-def gather_windows(grid: torch.Tensor, window_index: torch.Tensor, zero_row: bool = False) -> torch.Tensor:
+def gather_windows(grid: torch.Tensor, window_index: torch.Tensor, zero_row: bool = False,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
     """grid [B, C, D] (C = h*w cells), window_index [T, S, S] (-1 = zero) -> windows [B*T, D, S, S].
 
-    zero_row=True: grid already ends with an all-zero row (C = h*w + 1), so no padded copy is made.
+    zero_row=True: grid already ends with an all-zero row (C = h*w + 1), so no padded copy is made. rows (Long
+    [R]): the windows of those rows of grid only ([R*T, D, S, S]), gathered without copying the rows first.
     """
     b, c, d = grid.shape
     t, s, _ = window_index.shape
@@ -187,5 +189,8 @@ def gather_windows(grid: torch.Tensor, window_index: torch.Tensor, zero_row: boo
         grid = torch.cat([grid, grid.new_zeros(b, 1, d)], 1)
         c += 1
     idx = torch.where(window_index >= 0, window_index, torch.full_like(window_index, c - 1))  # -1 -> zero row
-    win = grid[:, idx.reshape(-1)]  # [B, T*S*S, D]
+    if rows is None:
+        win = grid[:, idx.reshape(-1)]  # [B, T*S*S, D]
+    else:
+        win, b = grid[rows[:, None], idx.reshape(1, -1)], rows.shape[0]  # [R, T*S*S, D]
     return win.reshape(b * t, s, s, d).permute(0, 3, 1, 2)

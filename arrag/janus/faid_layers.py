@@ -100,7 +100,7 @@ class FaidLayerHook:
         # last position, which belongs to no cell, goes to the scratch row).
         cell = torch.where(ctx.target > 0, ctx.target - 1, torch.full_like(ctx.target, scratch))
         buf.index_copy_(1, cell, normed[:, -1:].to(buf.dtype))
-        windows = gather_windows(buf.index_select(0, sel), index.index_select(0, ctx.target), zero_row=True)
+        windows = gather_windows(buf, index.index_select(0, ctx.target), zero_row=True, rows=sel)
         mean = self._blend(self.model.llm.layers[layer_idx], ctx, windows, ctx.candidates.index_select(0, sel)[:, None],
                            ctx.has_centre, h.dtype)[:, 0]
         if ctx.cells == "valid":  # arrag's variant: nothing is added where there is no retrieval
