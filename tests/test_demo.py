@@ -137,6 +137,18 @@ def test_the_time_left_counts_only_runs_that_generated():
     assert eta(120.0, 1, 0) == ""
 
 
+def test_verdicts_on_paired_differences_over_seeds():
+    """Two SE decide; no spread is said as what it is: one seed, or the same difference at every seed."""
+    from arrag.demo.runs import paired, verdict
+
+    assert paired([0.5, 0.6, 0.7], [0.1, 0.2, 0.3])["verdict"] == "better at every seed by the same amount"
+    assert paired([0.1, 0.2], [0.1, 0.2])["verdict"] == "no difference at any seed"
+    assert verdict({"mean": 0.1, "se": 0.0}, 1) == "one seed: no standard error"
+    d = paired([0.30, 0.25, 0.20], [0.10, 0.12, 0.08])  # differences 0.20, 0.13, 0.12: mean 0.15, se 0.025
+    assert d["mean"] == pytest.approx(0.15) and d["verdict"] == "better by 6.0 SE"
+    assert paired([0.1, 0.3, 0.2], [0.2, 0.1, 0.2])["verdict"] == "within noise"
+
+
 def test_frames_mark_the_scorers_verdict():
     from arrag.demo.plot import framed
 

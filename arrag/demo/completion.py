@@ -40,12 +40,13 @@ def run_completion(out: Path, *, rows: int, methods, seeds, prompt_file: Path, r
                    progress: bool, kind: str, bucket: str = "tail") -> dict:
     """The demo's prompts of one frequency bucket (`bucket`, the tail: where the base lacks what the database
     holds), every completion method and seed a resumable layout run under out/completion/rows<R>/<method>/seed<n>;
-    returns {rows, of_rows, bucket, prompts, methods: {m: {accuracy: {mean, se}, vs_base}}, daid_vs_control}.
+    returns {rows, of_rows, bucket, prompts, methods: {m: {accuracy: {mean, se}, by_pattern, vs_base}},
+    daid_vs_control}.
 
     records and truth: the demo's prompt records and their real images uint8 [N, H, W, 3] (prompt_file holds the
     records; the bucket's go to a file beside it). generator_for(method, extra_hooks) makes a method's generator;
-    score(images, scenes) gives {"accuracy": {bucket: x}, "correct": [...]}; read_run(folder) gives (images,
-    scenes)."""
+    score(images, scenes) gives {"accuracy": {bucket: x}, "by_pattern": {...}, "correct": [...]};
+    read_run(folder) gives (images, scenes)."""
     keep = [i for i, r in enumerate(records) if r["tag"] == bucket]
     records, truth = [records[i] for i in keep], truth[keep]
     prompt_file = write_prompt_file(prompt_file.with_name(f"{prompt_file.stem}_{bucket}.jsonl"), records)
@@ -61,7 +62,8 @@ def run_completion(out: Path, *, rows: int, methods, seeds, prompt_file: Path, r
     def score_run(method: str, folder: Path, seconds: float) -> None:
         images, scenes = read_run(folder)
         result = score(images, scenes)
-        per_seed[method].append({"accuracy": result["accuracy"], "seconds": round(seconds, 1)})
+        per_seed[method].append({"accuracy": result["accuracy"], "by_pattern": result["by_pattern"],
+                                 "seconds": round(seconds, 1)})
         first.setdefault(method, (images, result["correct"]))
 
     generate_runs(out / "completion" / f"rows{rows}", methods, seeds, items, prompt_file, samples, size, sampling,
@@ -69,6 +71,8 @@ def run_completion(out: Path, *, rows: int, methods, seeds, prompt_file: Path, r
     summary = {"rows": rows, "of_rows": grid_rows, "bucket": bucket, "prompts": len(items), "methods": {}}
     for m in methods:
         entry = {"accuracy": mean_se([r["accuracy"][bucket] for r in per_seed[m]]),
+                 "by_pattern": {p: float(np.mean([r["by_pattern"][p] for r in per_seed[m]]))
+                                for p in per_seed[m][0]["by_pattern"]},
                  "seconds": [r["seconds"] for r in per_seed[m]]}
         if m != "base" and "base" in methods:
             entry["vs_base"] = _paired(per_seed[m], per_seed["base"], bucket)

@@ -230,7 +230,8 @@ def _shapes_verdicts(results: dict, methods) -> dict:
         pairs = list(zip(results[m], results["base"], strict=True))
         acc = mean_se([r["overall"] - q["overall"] for r, q in pairs])
         fid = mean_se([q["realism_fid"] - r["realism_fid"] for r, q in pairs])
-        out[m] = {"overall": {**acc, "verdict": verdict(acc)}, "realism_fid": {**fid, "verdict": verdict(fid)}}
+        out[m] = {"overall": {**acc, "verdict": verdict(acc, len(pairs))},
+                  "realism_fid": {**fid, "verdict": verdict(fid, len(pairs))}}
     return out
 
 

@@ -66,10 +66,13 @@ def mean_se(values) -> dict:
     return {"mean": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0}
 
 
-def verdict(diff: dict) -> str:
-    """'within noise' or 'better/worse by N SE' for a paired difference {mean, se} (over seeds)."""
-    if diff["se"] <= 0:
-        return "one seed: no standard error" if diff["mean"] else "no difference"
+def verdict(diff: dict, seeds: int) -> str:
+    """'within noise' or 'better/worse by N SE' for a paired difference {mean, se} over `seeds` seeds."""
+    if diff["se"] <= 1e-9 * max(1.0, abs(diff["mean"])):  # no spread (float rounding of equal differences aside)
+        if seeds < 2:
+            return "one seed: no standard error" if diff["mean"] else "no difference"
+        return f"{'better' if diff['mean'] > 0 else 'worse'} at every seed by the same amount" \
+            if abs(diff["mean"]) > 1e-12 else "no difference at any seed"
     z = diff["mean"] / diff["se"]
     return "within noise" if abs(z) < 2 else f"{'better' if z > 0 else 'worse'} by {abs(z):.1f} SE"
 
@@ -77,4 +80,4 @@ def verdict(diff: dict) -> str:
 def paired(values, others) -> dict:
     """{mean, se, verdict} of values minus others, paired by seed (the same prompts and seeds in both)."""
     diff = mean_se([a - b for a, b in zip(values, others, strict=True)])
-    return {**diff, "verdict": verdict(diff)}
+    return {**diff, "verdict": verdict(diff, len(values))}
