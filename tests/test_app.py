@@ -282,10 +282,12 @@ def test_every_method_can_begin_from_an_images_top_rows(session):
 def test_the_tail_pages_beginning_image_is_a_real_one_of_its_prompt():
     """The TailWorld page starts from a rendered image of its prompt, which the world's scorer reads as the prompt."""
     from arrag.cli.app import page_defaults
+    from arrag.demo.tail import Frequencies
     from arrag.demo.tail_score import read_discs
 
     d = page_defaults("tail")
+    assert Frequencies().bucket(d["prompt"].split()[-1]) == "tail"
     discs = read_discs(d["begin_image"])
-    assert d["begin_rows"] == 5 and d["prompt"] == "a red argyle" and d["begin_image"].shape == (SIZE, SIZE, 3)
+    assert d["begin_rows"] == 5 and d["prompt"] == "a red twill" and d["begin_image"].shape == (SIZE, SIZE, 3)
     assert [f"a {disc.color} {disc.pattern}" for disc in discs] == [d["prompt"]]
 

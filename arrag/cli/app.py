@@ -41,11 +41,12 @@ def page_defaults(world: str) -> dict:
 
     if world == "tail":
         from arrag.demo import TAIL_COMPLETION_ROWS
-        from arrag.demo.tail import Frequencies, TailWorld
+        from arrag.demo.tail import TailWorld
 
-        # a pattern the base saw a few dozen times: the base begins it wrong, so DAiD alone cannot complete it;
-        # given the top rows of a real one (the completion table's TAIL_COMPLETION_ROWS), the database does
-        prompt = f"a red {Frequencies().patterns('tail')[0]}"
+        # twill, a tail pattern the base saw 88 times: it begins it wrong, so DAiD alone cannot complete it; given
+        # the top rows of a real one (the completion table's TAIL_COMPLETION_ROWS), the database's diagonal
+        # strokes continue it (one of the patterns the completion table shows DAiD completing, docs/demo.md)
+        prompt = "a red twill"
         validation = TailWorld("validation")
         example = next(i for i in range(20_000) if validation.scene(i).caption == prompt)
         return {**TAIL_DAID, **TAIL_SAMPLING, "faid_k": TAIL_FAID_K, "prompt": prompt,
