@@ -180,7 +180,7 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
     _print_tail_table(summary, methods)
     if "completion" in summary:
         print_completion(summary["completion"], len(seeds))
-    print(f"[demo] wrote {grid}, {plot_path}, {'completion.png, ' if 'completion' in summary else ''}"
+    print(f"[demo] wrote {grid}, {plot_path}, {str(out / 'completion.png') + ', ' if 'completion' in summary else ''}"
           f"{out / 'scores.json'} in {summary['seconds']:.0f} s")
     return summary
 

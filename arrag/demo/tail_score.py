@@ -41,7 +41,9 @@ class Disc:
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """4-connected labels [H, W] (0 = none, then 1..count) of a boolean mask: each pixel takes the smallest index
-    among its 4-neighbours until nothing changes (as many rounds as a component is long; vectorised, no SciPy)."""
+    among its 4-neighbours, then the label of the pixel its label names (pointer jumping), until nothing changes;
+    the fixed point is every pixel holding its component's smallest index (vectorised, no SciPy; the jumps make
+    it a few rounds where plain propagation took as many as a component is long)."""
     h, w = mask.shape
     big = h * w
     lab = np.where(mask, np.arange(big).reshape(h, w), big)
@@ -52,6 +54,8 @@ def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
         nxt[:, 1:] = np.minimum(nxt[:, 1:], lab[:, :-1])
         nxt[:, :-1] = np.minimum(nxt[:, :-1], lab[:, 1:])
         nxt = np.where(mask, nxt, big)
+        for _ in range(4):  # a label is a pixel of the same component: take that pixel's label
+            nxt = np.append(nxt.ravel(), big)[nxt]
         if np.array_equal(nxt, lab):
             break
         lab = nxt
@@ -69,6 +73,16 @@ def _shifted_tiles(name: str) -> np.ndarray:
     return np.stack([np.roll(t, (dy, dx), axis=(0, 1)) for dy in range(p) for dx in range(p)])
 
 
+@cache
+def _tiles_of_period(p: int) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """The tiles of period p: their names, every shift of each stacked as float64 [sum of shifts, p*p], and where
+    each tile's shifts start in that stack (the tiles sharing a period share the phase counts they are read on)."""
+    names = tuple(n for n in TILES if TILES[n].shape[0] == p)
+    stacked = np.concatenate([_shifted_tiles(n).reshape(-1, p * p) for n in names]).astype(np.float64)
+    starts = np.cumsum([0] + [p * p for _ in names[:-1]])
+    return names, stacked, starts
+
+
 def _correlation(n: float, ink: float, template, both) -> np.ndarray:
     """Pearson correlation of two binary maps over n pixels from their sums (0 where either is constant)."""
     num = n * both - ink * template
@@ -84,13 +98,15 @@ def _pattern_agreements(ink: np.ndarray, region: np.ndarray, cx: float, cy: floa
     on = ink[ys, xs].astype(np.float64)
     n, total = float(len(ys)), float(on.sum())
     out = {}
-    for name in TILES:
-        p = TILES[name].shape[0]
+    for p in sorted({t.shape[0] for t in TILES.values()}):
         phase = (ys % p) * p + (xs % p)
         ink_at = np.bincount(phase, weights=on, minlength=p * p)      # ink pixels at each tile phase
         all_at = np.bincount(phase, minlength=p * p).astype(np.float64)
-        t = _shifted_tiles(name).reshape(-1, p * p).astype(np.float64)
-        out[name] = float(_correlation(n, total, t @ all_at, t @ ink_at).max())
+        names, t, starts = _tiles_of_period(p)
+        # sums of whole counts: exact in float64 whatever the order, so the same numbers as one tile at a time
+        best = np.maximum.reduceat(_correlation(n, total, t @ all_at, t @ ink_at), starts)
+        out.update({name: float(b) for name, b in zip(names, best, strict=True)})
+    out = {name: out[name] for name in TILES}  # the tiles' own order: max() breaks ties by it
     dx, dy = xs + 0.5 - cx, ys + 0.5 - cy
     ring, angle = np.hypot(dx, dy), np.arctan2(dy, dx)
     candidates = {"bullseye": [(ring + s) % 8 < 4 for s in range(8)],
