@@ -133,6 +133,7 @@ def test_the_page_generates_and_shows_database_crops_in_chromium(small_demo_inde
     from selenium import webdriver
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     port = _free_port()
@@ -172,6 +173,19 @@ def test_the_page_generates_and_shows_database_crops_in_chromium(small_demo_inde
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#contributors img"))
         SHOTS.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(SHOTS / "app.png"))
+        # image completion through the page: a beginning image uploaded, 5 rows given, every method begins with it
+        from arrag.demo.shapes import ShapesWorld
+        from arrag.image_io import save_image
+
+        begin = save_image(ShapesWorld("validation", size=SIZE).image(0), tmp_path / "begin.png")
+        driver.find_element(By.CSS_SELECTOR, "#begin-image input[type=file]").send_keys(str(begin))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#begin-image img"))
+        rows = driver.find_element(By.CSS_SELECTOR, "#begin-rows input[type=number]")
+        rows.send_keys(Keys.CONTROL, "a")
+        rows.send_keys("5", Keys.TAB)
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        wait.until(lambda d: "the top 5 rows given from the beginning image" in
+                   d.find_element(By.CSS_SELECTOR, "#status").text)
         # bad input becomes a line on the page
         box.clear()
         box.send_keys("a red dragon")
