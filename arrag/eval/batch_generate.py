@@ -201,7 +201,7 @@ def run_layout(generator: Generator, items: Sequence[PromptItem], layout: Layout
                 "prompts": str(Path(prompts_source).resolve()) if prompts_source else None,
                 "num_prompts": len(items), "prompts_sha256": prompts_digest(items)}
     settings.pop("device", None)  # processes of one run use different devices
-    settings.pop("decode_step", None)  # eager, static and graph steps give the same images
+    settings.pop("decode_step", None)  # eager, static and graph steps: the same images up to float rounding
     settings.pop("batch_size", None)  # does not change the images
     layout.check_out()
     lock = SettingsLock(layout.out / "settings.json", settings, what="images", has_results=layout.has_results,
