@@ -289,7 +289,7 @@ def test_every_method_can_begin_from_an_images_top_rows(session):
     assert "given" not in session.retrieved(results["daid"], 0, 9, 5)[0]
     with pytest.raises(ArragError, match="needs a beginning image"):
         session.generate("a red circle", ["base"], samples=1, begin_rows=3)
-    with pytest.raises(ArragError, match="17 rows given: an image has 16 rows"):
+    with pytest.raises(ArragError, match="17 rows given: an image of 64 px has 16 rows of codes; give 1 to 16"):
         session.generate("a red circle", ["base"], samples=1, begin_image=image, begin_rows=17)
 
 

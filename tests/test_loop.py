@@ -198,3 +198,35 @@ def test_a_given_beginning_refuses_what_cannot_be_drawn(tiny_janus):
         sample_codes(tiny_janus, ["a"], cfg, hooks=[GivenBeginning(torch.full((1, 3), 10**6))])
     with pytest.raises(ArragError, match="Long tensor"):
         GivenBeginning(torch.zeros(3))
+
+
+def test_cli_generate_completes_a_beginning_image(tmp_path, tiny_janus_dir, tiny_janus, capsys):
+    """`generate --begin-image F --begin-rows N` gives every image F's top N rows of codes: the images equal the
+    Python API's with GivenBeginning(beginning_codes(...)), the record says so; bad use is one line."""
+    from PIL import Image
+
+    from arrag.decoding.beginning import GivenBeginning, beginning_codes
+    from arrag.decoding.methods import Generator, MethodConfig
+
+    picture = (np.random.default_rng(0).random((48, 48, 3)) * 255).astype(np.uint8)  # resized to 64 px
+    Image.fromarray(picture).save(tmp_path / "begin.png")
+    out = tmp_path / "out"
+    args = ["generate", "--model", str(tiny_janus_dir), "--prompt", "a red circle", "--prompt", "two squares",
+            "--parallel-size", "2", "--image-size", "64", "--seed", "5", "--device", "cpu"]
+    assert main([*args, "--out", str(out), "--begin-image", str(tmp_path / "begin.png"), "--begin-rows", "2"]) == 0
+    codes = beginning_codes(tiny_janus.vq, picture, 2, 64)
+    assert codes.shape == (1, 2 * 4)
+    api = Generator(tiny_janus, MethodConfig("base"), extra_hooks=[GivenBeginning(codes)])
+    expected = api.generate(["a red circle", "two squares"], SamplingConfig(parallel_size=2, image_size=64, seed=5))
+    written = np.stack([np.asarray(Image.open(out / f"{j:04d}_{s:02d}.png")) for j in range(2) for s in range(2)])
+    np.testing.assert_array_equal(written, expected)
+    meta = json.loads((out / "settings.json").read_text())["settings"]
+    assert meta["given_beginning"]["steps"] == 8 and meta["given_beginning"]["images"] == 1
+    for extra, message in ((["--begin-rows", "2"], "--begin-rows 2 needs --begin-image FILE"),
+                           (["--begin-image", str(tmp_path / "begin.png")], "--begin-image is used with --begin-rows"),
+                           (["--begin-image", str(tmp_path / "prompts.txt"), "--begin-rows", "1"], "not a readable"),
+                           (["--begin-image", str(tmp_path / "begin.png"), "--begin-rows", "5"],
+                            "5 rows given: an image of 64 px has 4 rows of codes")):
+        (tmp_path / "prompts.txt").write_text("not an image\n")
+        assert main([*args, "--out", str(tmp_path / "bad"), *extra]) == 2
+        assert message in capsys.readouterr().err

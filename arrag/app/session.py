@@ -16,12 +16,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from arrag.decoding.attribution import AttributionSettings, ImageAttribution
-from arrag.decoding.beginning import GivenBeginning
+from arrag.decoding.beginning import GivenBeginning, beginning_codes
 from arrag.decoding.daid import DEFAULT_AGGREGATE
 from arrag.decoding.loop import SamplingConfig, decode_images
 from arrag.decoding.methods import Generator, MethodConfig
 from arrag.errors import ArragError
-from arrag.image_io import to_tensor
 
 APP_METHODS = ("base", "daid", "faid")
 LABELS = {"base": "base", "daid": "DAiD", "faid": "FAiD"}
@@ -148,18 +147,7 @@ class AppSession:
         as RGB and resized to the session's image size."""
         if rows <= 0:
             return None
-        h, w = self.grid()
-        if image is None:
-            raise ArragError(f"{rows} rows given needs a beginning image: choose one, or set the rows to 0")
-        if rows > h:
-            raise ArragError(f"{rows} rows given: an image has {h} rows of codes; give fewer")
-        picture = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
-        if picture.size != (self.image_size, self.image_size):
-            picture = picture.resize((self.image_size, self.image_size), Image.BICUBIC)
-        with torch.no_grad():
-            weight = next(self.model.vq.parameters())
-            codes = self.model.vq.encode_to_codes(to_tensor(np.array(picture)[None]).to(weight.device, weight.dtype))
-        return codes[:, :rows].reshape(1, rows * w).cpu()
+        return beginning_codes(self.model.vq, image, rows, self.image_size, what="a beginning image")
 
     # -- what retrieval did -------------------------------------------------------------------------------------
     def grid(self) -> tuple[int, int]:

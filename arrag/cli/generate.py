@@ -80,10 +80,37 @@ def _attribution_settings(args: argparse.Namespace):
 def _load_generator(args: argparse.Namespace, method, local_rank: int | None):
     from arrag.decoding import Generator
 
-    return Generator.load(args.model, method, retriever=args.retriever, device=args.device, dtype=args.dtype,
-                          retriever_device=args.retriever_device, nprobe=args.nprobe,
-                          verify_index=_index_check(args), local_rank=local_rank, step_mode=args.decode_step,
-                          trust_checkpoint=args.trust_checkpoint, attribution=_attribution_settings(args))
+    beginning = _read_beginning(args)  # a bad image fails before minutes of loading
+    generator = Generator.load(args.model, method, retriever=args.retriever, device=args.device, dtype=args.dtype,
+                               retriever_device=args.retriever_device, nprobe=args.nprobe,
+                               verify_index=_index_check(args), local_rank=local_rank, step_mode=args.decode_step,
+                               trust_checkpoint=args.trust_checkpoint, attribution=_attribution_settings(args))
+    if args.begin_rows:
+        from arrag.decoding.beginning import GivenBeginning, beginning_codes
+
+        size = args.image_size or generator.model.vq.config.image_size  # as SamplingConfig.for_model decides
+        codes = beginning_codes(generator.model.vq, beginning, args.begin_rows, size, what="--begin-image")
+        generator.hooks.insert(0, GivenBeginning(codes))  # before the attribution recorder, which reads the draw
+    return generator
+
+
+def _read_beginning(args: argparse.Namespace):
+    """--begin-image as uint8 [H, W, 3] (None without --begin-rows), or one line naming the file."""
+    if not args.begin_rows:
+        if args.begin_image:
+            raise ArragError("--begin-image is used with --begin-rows N (N > 0): give how many rows of codes to keep")
+        return None
+    if not args.begin_image:
+        raise ArragError(f"--begin-rows {args.begin_rows} needs --begin-image FILE (the image to complete)")
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(args.begin_image) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise ArragError(f"--begin-image {args.begin_image}: not a readable image ({type(e).__name__}); give a "
+                         "PNG, JPEG or WebP file") from None
 
 
 def _generate_plain(args: argparse.Namespace, items: list, method, sampling) -> int:
@@ -218,6 +245,11 @@ def add_parsers(sub) -> None:
                           "CUDA refuses the capture; eager elsewhere), eager (the reference), static (fixed shapes, "
                           "no graph), graph (CUDA graph replay; a refused capture is an error)")
     _add_trust(gen)
+    gen.add_argument("--begin-image", default=None,
+                     help="image completion: every image begins with this image's top --begin-rows rows of codes "
+                          "(its VQ codes, the image resized to --image-size) and the method draws the rest")
+    gen.add_argument("--begin-rows", type=_int(0), default=0,
+                     help="rows of codes taken from --begin-image (0: text to image) (default 0)")
     A_ = AttributionSettings
     gen.add_argument("--attribution", action="store_true",
                      help="record what every retrieval step found (hits, distances, codes, p_ret weight or FAiD gates, "

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
+from PIL import Image
 
 from arrag.decoding.hooks import DecodeState, DecodingHook
 from arrag.errors import ArragError
+from arrag.image_io import to_tensor
 
 
 class GivenBeginning(DecodingHook):
     """Draws image i's first P codes as codes[i] (Long [M, P], e.g. the VQ codes of a real image's top rows, in
     raster order), whatever the model or retrieval propose; later codes are sampled as usual and see these in
     their context (DAiD's and FAiD's queries included). i is the image's index in the whole run
-    (DecodeState.image_indices), so a resumed or split run completes the same beginnings."""
+    (DecodeState.image_indices), so a resumed or split run completes the same beginnings. One row (M = 1) is
+    every image's beginning."""
 
     def __init__(self, codes: torch.Tensor):
         super().__init__()
@@ -28,6 +32,8 @@ class GivenBeginning(DecodingHook):
     def begin(self, state: DecodeState) -> None:
         n = state.n_images
         index = state.image_indices if state.image_indices is not None else torch.arange(n)
+        if len(self.codes) == 1:  # one beginning for every image
+            index = torch.zeros(n, dtype=torch.long)
         if len(index) and int(index.max()) >= len(self.codes):
             raise ArragError(f"no given beginning for image {int(index.max())}: {len(self.codes)} were given, one per "
                              "image of the run (prompt j, sample s is image j * samples + s)")
@@ -51,3 +57,21 @@ class GivenBeginning(DecodingHook):
     def settings(self) -> dict:
         digest = hashlib.sha256(self.codes.numpy().astype("<i8").tobytes()).hexdigest()
         return {"given_beginning": {"images": len(self.codes), "steps": self.codes.shape[1], "sha256": digest}}
+
+
+def beginning_codes(vq, image: np.ndarray | None, rows: int, image_size: int, what: str = "a beginning image"
+                    ) -> torch.Tensor:
+    """The VQ codes of an image's top `rows` rows of the grid, Long [1, rows * w]: the image (uint8 [H, W, 3],
+    or RGBA / grey) is taken as RGB and resized (bicubic) to the generated size first."""
+    side = vq.grid_size(image_size)
+    if image is None:
+        raise ArragError(f"{rows} rows given needs {what}; give one, or give 0 rows")
+    if not 0 < rows <= side:
+        raise ArragError(f"{rows} rows given: an image of {image_size} px has {side} rows of codes; give 1 to {side}")
+    picture = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
+    if picture.size != (image_size, image_size):
+        picture = picture.resize((image_size, image_size), Image.BICUBIC)
+    weight = next(vq.parameters())
+    with torch.no_grad():
+        codes = vq.encode_to_codes(to_tensor(np.array(picture)[None]).to(weight.device, weight.dtype))
+    return codes[:, :rows].reshape(1, rows * side).cpu()
