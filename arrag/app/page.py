@@ -67,7 +67,7 @@ def build_page(session: AppSession, defaults: dict | None = None):
             methods = gr.CheckboxGroup([(LABELS[m], m) for m in available], value=list(available),
                                        label="methods", elem_id="methods")  # every method the session serves
         with gr.Row():
-            samples = gr.Slider(1, 8, value=d["samples"], step=1, label="samples")
+            samples = gr.Slider(1, 8, value=d["samples"], step=1, label="samples", elem_id="samples")
             seed = gr.Number(value=d["seed"], precision=0, label="seed", minimum=0)
             cfg = gr.Slider(0, 15, value=d["cfg_weight"], step=0.5, label="CFG")
             temperature = gr.Slider(0, 2, value=d["temperature"], step=0.05, label="temperature")
