@@ -216,6 +216,8 @@ def test_cli_generate_completes_a_beginning_image(tmp_path, tiny_janus_dir, tiny
     assert main([*args, "--out", str(out), "--begin-image", str(tmp_path / "begin.png"), "--begin-rows", "2"]) == 0
     codes = beginning_codes(tiny_janus.vq, picture, 2, 64)
     assert codes.shape == (1, 2 * 4)
+    # several images at once (the demo's completion table), each resized as one alone is
+    assert torch.equal(beginning_codes(tiny_janus.vq, np.stack([picture, picture]), 2, 64), codes.repeat(2, 1))
     api = Generator(tiny_janus, MethodConfig("base"), extra_hooks=[GivenBeginning(codes)])
     expected = api.generate(["a red circle", "two squares"], SamplingConfig(parallel_size=2, image_size=64, seed=5))
     written = np.stack([np.asarray(Image.open(out / f"{j:04d}_{s:02d}.png")) for j in range(2) for s in range(2)])

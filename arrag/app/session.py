@@ -123,7 +123,7 @@ class AppSession:
                                   seed=int(seed), image_size=self.image_size)
         sampling.validate()
         given = self.beginning(begin_image, int(begin_rows or 0))
-        hooks = [] if given is None else [GivenBeginning(given.repeat(int(samples), 1))]
+        hooks = [] if given is None else [GivenBeginning(given)]  # one row: every sample's beginning
         out = {}
         for method in methods:
             model = self.faid_model if method == "faid" else self.model

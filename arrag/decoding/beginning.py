@@ -59,19 +59,22 @@ class GivenBeginning(DecodingHook):
         return {"given_beginning": {"images": len(self.codes), "steps": self.codes.shape[1], "sha256": digest}}
 
 
-def beginning_codes(vq, image: np.ndarray | None, rows: int, image_size: int, what: str = "a beginning image"
+def beginning_codes(vq, images: np.ndarray | None, rows: int, image_size: int, what: str = "a beginning image"
                     ) -> torch.Tensor:
-    """The VQ codes of an image's top `rows` rows of the grid, Long [1, rows * w]: the image (uint8 [H, W, 3],
-    or RGBA / grey) is taken as RGB and resized (bicubic) to the generated size first."""
+    """The VQ codes of the top `rows` rows of the grid of one image (uint8 [H, W, 3], or RGBA / grey) or of
+    several (uint8 [N, H, W, 3]): Long [N, rows * w] (N = 1 for one). Each is taken as RGB and resized (bicubic)
+    to the generated size where it differs, then all are encoded in one batch."""
     side = vq.grid_size(image_size)
-    if image is None:
+    if images is None:
         raise ArragError(f"{rows} rows given needs {what}; give one, or give 0 rows")
     if not 0 < rows <= side:
         raise ArragError(f"{rows} rows given: an image of {image_size} px has {side} rows of codes; give 1 to {side}")
-    picture = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
-    if picture.size != (image_size, image_size):
-        picture = picture.resize((image_size, image_size), Image.BICUBIC)
+    batch = np.asarray(images, dtype=np.uint8)
+    if batch.ndim != 4 or batch.shape[1:] != (image_size, image_size, 3):
+        pictures = [Image.fromarray(im).convert("RGB") for im in (batch if batch.ndim == 4 else [batch])]
+        batch = np.stack([np.array(im if im.size == (image_size, image_size) else
+                                   im.resize((image_size, image_size), Image.BICUBIC)) for im in pictures])
     weight = next(vq.parameters())
     with torch.no_grad():
-        codes = vq.encode_to_codes(to_tensor(np.array(picture)[None]).to(weight.device, weight.dtype))
-    return codes[:, :rows].reshape(1, rows * side).cpu()
+        codes = vq.encode_to_codes(to_tensor(batch).to(weight.device, weight.dtype))
+    return codes[:, :rows].reshape(len(batch), rows * side).cpu()

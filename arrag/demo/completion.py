@@ -13,26 +13,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from arrag.decoding.beginning import GivenBeginning
+from arrag.decoding.beginning import GivenBeginning, beginning_codes
 from arrag.demo.plot import framed
 from arrag.demo.runs import generate_runs, mean_se, paired
 from arrag.demo.score import write_prompt_file
 from arrag.eval.prompts import read_prompt_source
-from arrag.image_io import labeled_grid, save_image, to_tensor
+from arrag.image_io import labeled_grid, save_image
 from arrag.provenance import write_sidecar
 
 COMPLETION_METHODS = ("base", "daid", "daid-control")
 LABELS = {"base": "base", "daid": "DAiD", "daid-control": "DAiD, control db"}
-
-
-def given_codes(vq, truth: np.ndarray, rows: int, samples: int) -> torch.Tensor:
-    """The VQ codes of each real image's first `rows` rows of the grid: uint8 [N, H, W, 3] -> Long
-    [N * samples, rows * w] (sample s of prompt j is image j * samples + s, as the layout runs number them)."""
-    with torch.no_grad():
-        codes = vq.encode_to_codes(to_tensor(truth))  # [N, h, w]
-    return codes[:, :rows].reshape(len(codes), -1).repeat_interleave(samples, 0)
 
 
 def run_completion(out: Path, *, rows: int, methods, seeds, prompt_file: Path, records: list[dict],
@@ -54,8 +45,8 @@ def run_completion(out: Path, *, rows: int, methods, seeds, prompt_file: Path, r
     grid_rows = vq.grid_size(size)
     print(f"[demo] completion: the real top {rows} of {grid_rows} rows of codes given; {len(items)} {bucket} prompts "
           f"x seeds {list(seeds)} x {', '.join(methods)}", file=sys.stderr)
-    given = given_codes(vq, truth, rows, samples)
-    hook = GivenBeginning(given)
+    # sample s of prompt j is image j * samples + s, as the layout runs number them
+    hook = GivenBeginning(beginning_codes(vq, truth, rows, size).repeat_interleave(samples, 0))
     per_seed: dict = {m: [] for m in methods}
     first: dict = {}
 
