@@ -30,7 +30,7 @@ from arrag.demo import (  # the tuned settings live there, free of imports, for 
 )
 from arrag.demo.database import DEMO_RETRIEVER, build_demo_retriever
 from arrag.demo.plot import framed
-from arrag.demo.runs import generate_runs, mean_se, verdict
+from arrag.demo.runs import generate_runs, mean_se, paired
 from arrag.demo.score import (
     VQEncoderFeatures,
     accuracy,
@@ -227,11 +227,10 @@ def _shapes_verdicts(results: dict, methods) -> dict:
     for m in methods:
         if m == "base" or "base" not in results:
             continue
-        pairs = list(zip(results[m], results["base"], strict=True))
-        acc = mean_se([r["overall"] - q["overall"] for r, q in pairs])
-        fid = mean_se([q["realism_fid"] - r["realism_fid"] for r, q in pairs])
-        out[m] = {"overall": {**acc, "verdict": verdict(acc, len(pairs))},
-                  "realism_fid": {**fid, "verdict": verdict(fid, len(pairs))}}
+        runs, base = results[m], results["base"]
+        out[m] = {"overall": paired([r["overall"] for r in runs], [q["overall"] for q in base]),
+                  # lower FID is better: base minus method
+                  "realism_fid": paired([q["realism_fid"] for q in base], [r["realism_fid"] for r in runs])}
     return out
 
 

@@ -163,8 +163,7 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
                "vq_reconstruction": {"accuracy": rt["accuracy"],
                                      "fid": fids(image_features(recon, features), buckets)},
                "methods": summary_methods,
-               "per_seed": {m: [{k: v for k, v in r.items() if k != "correct"} for r in per_seed[m]] for m in methods},
-               "seconds": round(time.time() - t_start, 1)}
+               "per_seed": {m: [{k: v for k, v in r.items() if k != "correct"} for r in per_seed[m]] for m in methods}}
     completing = [m for m in COMPLETION_METHODS if m in methods]
     if completion_rows and completing:
         summary["completion"] = run_completion(
@@ -172,7 +171,7 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
             records=records, truth=truth, vq=models["base"].vq, samples=samples, size=size, sampling=sampling,
             generator_for=generator_for, score=score, read_run=lambda f: read_generated(f, scene_from_dict)[:2],
             progress=progress, kind=DEMO_KIND)
-        summary["seconds"] = round(time.time() - t_start, 1)
+    summary["seconds"] = round(time.time() - t_start, 1)
     write_json(out / "scores.json", {OUTPUT_FIELD: DEMO_KIND, **summary})
 
     plot_path = _tail_plot(out, per_seed, methods, train_counts, frequencies, split, seeds)
@@ -180,10 +179,9 @@ def run_tail_demo(out_dir: str | Path = "result/demo", *, seeds: tuple[int, ...]
     _print_tail_table(summary, methods)
     if "completion" in summary:
         print_completion(summary["completion"], len(seeds))
-    print(f"[demo] wrote {grid}, {plot_path}, {str(out / 'completion.png') + ', ' if 'completion' in summary else ''}"
-          f"{out / 'scores.json'} in {summary['seconds']:.0f} s")
+    completion_grid = f"{summary['completion']['grid']}, " if "completion" in summary else ""
+    print(f"[demo] wrote {grid}, {plot_path}, {completion_grid}{out / 'scores.json'} in {summary['seconds']:.0f} s")
     return summary
-
 
 
 def _method_summaries(methods, per_seed: dict, pooled: dict, fids, buckets) -> dict:
