@@ -364,6 +364,17 @@ def test_the_demo_render_is_removed_when_interrupted(tmp_path, monkeypatch):
     assert list((tmp_path / "demo_L").iterdir()) == []
 
 
+def test_a_demo_retriever_built_without_progress_draws_no_bars(tmp_path, capsys):
+    """progress=False reaches every stage: the render of the database images drew its bar regardless."""
+    from arrag.demo import database
+    from arrag.demo.pipeline import ASSETS
+
+    database.build_demo_retriever(ASSETS / "tail" / "base", tmp_path / "tail", 6, 64, progress=False, world="tail",
+                                  shape="2hop")
+    err = capsys.readouterr().err
+    assert "render" not in err and "%|" not in err, err
+
+
 def test_plain_generate_on_a_full_disk_promises_no_resume(tmp_path, tiny_janus_dir, capsys, monkeypatch):
     from arrag.eval import layouts
     from arrag.fileops import no_space_error

@@ -21,12 +21,13 @@ DEMO_RETRIEVER = Path("data/retriever/demo_L")
 
 
 def render_split(folder: Path, split: str, count: int, size: int, seed: int, world: str = "shapes",
-                 start: int = 0, **params) -> Path:
+                 start: int = 0, progress: bool = True, **params) -> Path:
     """Render items start..start+count-1 of a world's split as PNGs (named from 000000) with same-named .txt captions
     (for `arrag encode`); `params` are the world's own settings (TailWorld: zipf_s)."""
     folder.mkdir(parents=True, exist_ok=True)
     world = get_world(world).split(split, seed=seed, size=size, **params)
-    for i in tqdm(range(count), desc=f"render {split}", unit="img", leave=False):
+    for i in tqdm(range(count), desc=f"render {split}", unit="img", leave=False,
+                  disable=not progress):
         png = folder / f"{i:06d}.png"
         if not png.exists():
             (folder / f"{i:06d}.txt").write_text(world.scene(start + i).caption)
@@ -57,7 +58,7 @@ def build_demo_retriever(vq_source: Path, folder: Path, images: int, image_size:
     if not (made and vq.matches(made.get("vq_fingerprint")) and made.get("num_images") == images):
         rendered = temp_path(folder / "render")
         try:
-            render_split(rendered, split, images, image_size, seed, world, **params)
+            render_split(rendered, split, images, image_size, seed, world, progress=progress, **params)
             remove_owned_dir(store, what="code store", owned=STORE_FILES)
             encode(str(rendered), store, vq_source, image_size=image_size, batch_size=64, num_workers=0, min_size=8,
                    device=device, progress=progress)
