@@ -19,16 +19,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from arrag.decoding import Generator, MethodConfig
-from arrag.decoding.beginning import GivenBeginning
+from arrag.decoding.beginning import GivenBeginning, beginning_codes
 from arrag.decoding.loop import SamplingConfig
 from arrag.demo import TAIL_DAID, TAIL_FAID_K, TAIL_SAMPLING
 from arrag.demo.tail import Frequencies, TailWorld
 from arrag.demo.tail_score import accuracy
 from arrag.demo.worlds import get_world
-from arrag.image_io import to_tensor
 from arrag.retrieval.retriever import PatchRetriever
 
 OUT = Path(__file__).resolve().parent / "out" / "daid_prefix.json"
@@ -58,10 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     n = len(freq.ranking)
     items = [i for i in range(n * args.per_pattern) if freq.bucket(validation.pattern_of(i)) in ("tail", "head")]
     scenes = [validation.scene(i) for i in items]
-    with torch.no_grad():
-        real = model.vq.encode_to_codes(to_tensor(np.stack([validation.image(i) for i in items])))
-    width = real.shape[2]  # codes [N, h, w]: a row is `width` steps
-    real = real.reshape(len(items), -1)
+    side = model.vq.grid_size(64)  # a row of codes is `side` steps
+    real = beginning_codes(model.vq, np.stack([validation.image(i) for i in items]), side, 64)  # [N, side * side]
     prompts = [s.caption for s in scenes]
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = {"base": (model, MethodConfig("base"), None),
@@ -77,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, (net, method, retriever) in methods.items():
             per_seed = []
             for seed in seeds:
-                gen = Generator(net, method, retriever, extra_hooks=[GivenBeginning(real[:, :rows * width])])
+                gen = Generator(net, method, retriever, extra_hooks=[GivenBeginning(real[:, :rows * side])])
                 sampling = SamplingConfig(parallel_size=1, seed=seed, image_size=64, **TAIL_SAMPLING)
                 per_seed.append(accuracy(gen.images(gen.sample_codes(prompts, sampling)), scenes, freq)["by_bucket"])
             per_method[name] = per_seed
