@@ -46,7 +46,7 @@ def test_tiny_recipe_runs_end_to_end_records_its_device_and_resumes(tmp_path):
     assert 0.0 <= saved["vq"]["validation_round_trip"]["overall"] <= 1.0
     held = saved["base"]["held_out"]
     assert held["images"] == 12  # capped at the training images: later train items were never seen
-    for split in ("train", "validation"):  # the overall loss is a mix of the object cells and the background
+    for split in ("train", "unseen", "validation"):  # overall: a mix of the object cells and the background
         lo, hi = sorted((held[split]["object_cells"], held[split]["background"]))
         assert 0 < lo - 1e-3 <= held[split]["all"] <= hi + 1e-3
     gain = saved["faid"]["candidate_gain"]
