@@ -224,11 +224,11 @@ def test_cli_generate_completes_a_beginning_image(tmp_path, tiny_janus_dir, tiny
     np.testing.assert_array_equal(written, expected)
     meta = json.loads((out / "settings.json").read_text())["settings"]
     assert meta["given_beginning"]["steps"] == 8 and meta["given_beginning"]["images"] == 1
+    (tmp_path / "prompts.txt").write_text("not an image\n")
     for extra, message in ((["--begin-rows", "2"], "--begin-rows 2 needs --begin-image FILE"),
                            (["--begin-image", str(tmp_path / "begin.png")], "--begin-image is used with --begin-rows"),
                            (["--begin-image", str(tmp_path / "prompts.txt"), "--begin-rows", "1"], "not a readable"),
                            (["--begin-image", str(tmp_path / "begin.png"), "--begin-rows", "5"],
                             "5 rows given: an image of 64 px has 4 rows of codes")):
-        (tmp_path / "prompts.txt").write_text("not an image\n")
         assert main([*args, "--out", str(tmp_path / "bad"), *extra]) == 2
         assert message in capsys.readouterr().err

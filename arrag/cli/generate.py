@@ -57,7 +57,7 @@ def _generate(args: argparse.Namespace) -> int:
     slot = ProcessSlot.from_env()
     layout = make_layout(args.layout, args.out, args.parallel_size, args.format, grid=args.prompt_grids)
     layout.check_out()
-    generator = _load_generator(args, method, slot.local_rank if slot.world > 1 else None)
+    generator = _load_generator(args, method, sampling, slot.local_rank if slot.world > 1 else None)
     stats = run_layout(generator, items, layout, sampling, prompts_source=args.prompts, slot=slot,
                        prompts_per_batch=args.prompts_per_batch)
     print(f"{args.layout}: {stats['generated']} prompts generated, {stats['skipped']} already done"
@@ -77,7 +77,7 @@ def _attribution_settings(args: argparse.Namespace):
                                diffuse_above=args.attribution_diffuse_above)
 
 
-def _load_generator(args: argparse.Namespace, method, local_rank: int | None):
+def _load_generator(args: argparse.Namespace, method, sampling, local_rank: int | None):
     from arrag.decoding import Generator
 
     beginning = _read_beginning(args)  # a bad image fails before minutes of loading
@@ -88,7 +88,7 @@ def _load_generator(args: argparse.Namespace, method, local_rank: int | None):
     if args.begin_rows:
         from arrag.decoding.beginning import GivenBeginning, beginning_codes
 
-        size = args.image_size or generator.model.vq.config.image_size  # as SamplingConfig.for_model decides
+        size = sampling.for_model(generator.model).image_size  # the size the images will be drawn at
         codes = beginning_codes(generator.model.vq, beginning, args.begin_rows, size, what="--begin-image")
         generator.hooks.insert(0, GivenBeginning(codes))  # before the attribution recorder, which reads the draw
     return generator
@@ -136,7 +136,7 @@ def _generate_plain(args: argparse.Namespace, items: list, method, sampling) -> 
         raise ArragError(f"another arrag generate is writing into {args.out}; wait for it to finish or pass another "
                          "--out")
     try:
-        generator = _load_generator(args, method, None)
+        generator = _load_generator(args, method, sampling, None)
         prompts = [it.text for it in items]
         sampling = sampling.for_model(generator.model)
         images = generator.generate(prompts, sampling, progress=True)

@@ -31,9 +31,10 @@ class GivenBeginning(DecodingHook):
 
     def begin(self, state: DecodeState) -> None:
         n = state.n_images
-        index = state.image_indices if state.image_indices is not None else torch.arange(n)
         if len(self.codes) == 1:  # one beginning for every image
             index = torch.zeros(n, dtype=torch.long)
+        else:
+            index = state.image_indices if state.image_indices is not None else torch.arange(n)
         if len(index) and int(index.max()) >= len(self.codes):
             raise ArragError(f"no given beginning for image {int(index.max())}: {len(self.codes)} were given, one per "
                              "image of the run (prompt j, sample s is image j * samples + s)")
